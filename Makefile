@@ -1,0 +1,44 @@
+# Two entry points: `make run` (the pipeline on the built-in corpus) and `make test`.
+# Both create .venv/ and install torch first (pinned CPU build by default; override
+# with e.g. `make run TORCH=torch` to keep a CUDA build), then the project.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Quiet and offline: no telemetry from DVC, MLflow, Prefect or Hugging Face.
+export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export HF_HUB_DISABLE_TELEMETRY := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# DVC stages call `python -m stages.<name>`: make that the venv's python.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup run test bench clean-outputs
+
+# Reinstall only when pyproject.toml or the torch spec changed (idempotent set-up).
+setup:
+	@want="$(TORCH) $$(cksum < pyproject.toml)"; \
+	if [ ! -x "$(BIN)/python" ] || [ "$$(cat $(STAMP) 2>/dev/null)" != "$$want" ]; then \
+		$(PYTHON) -m venv $(VENV); \
+		$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }; \
+		$(BIN)/python -m pip install --quiet "$(TORCH)" 2>&1 | { grep -v "^WARNING: Location" || true; }; \
+		$(BIN)/python -m pip install --quiet -e ".[dev]" 2>&1 | { grep -v "^WARNING: Location" || true; }; \
+		$(BIN)/python -c "import torch, lmforge, stages" ; \
+		echo "$$want" > $(STAMP); \
+	fi
+
+run: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/data_prep.py

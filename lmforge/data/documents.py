@@ -1,0 +1,69 @@
+"""The document contract every data stage shares: schema, content-derived ids, the split.
+
+A document is a dict with `id`, `text`, `source` and the metadata columns below; the
+train/val split is a pure function of `id`, so every stage agrees on what is held out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pyarrow as pa
+
+# Metadata columns every source fills (None where it does not apply), so the raw
+# Parquet file has one schema whatever the source.
+DOCUMENT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.large_string()),
+        ("source", pa.string()),
+        ("module", pa.string()),  # builtin: dotted module path, e.g. "json.decoder"
+        ("package", pa.string()),  # builtin: top-level package, e.g. "json"
+        ("kind", pa.string()),  # builtin: module | class | function | topic
+        ("name", pa.string()),  # builtin: qualified name; files: path; hf: dataset name
+        ("signature", pa.string()),  # builtin functions: "def f(a, b=1) -> int"
+    ]
+)
+METADATA_COLUMNS = [name for name in DOCUMENT_SCHEMA.names if name not in ("id", "text", "source")]
+
+Document = dict[str, Any]
+
+
+def document_id(text: str) -> str:
+    """Stable, content-derived id: the same text always gets the same id (and split)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def make_document(text: str, source: str, **metadata: Any) -> Document:
+    unknown = set(metadata) - set(METADATA_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown document metadata {sorted(unknown)}; allowed: {METADATA_COLUMNS}")
+    doc: Document = {"id": document_id(text), "text": text, "source": source}
+    doc.update({column: metadata.get(column) for column in METADATA_COLUMNS})
+    return doc
+
+
+def split_of(doc_id: str, val_fraction: float) -> str:
+    """'val' or 'train', from the id's hash alone (the id is already a uniform hash)."""
+    bucket = int(doc_id[:8], 16) / 0x1_0000_0000
+    return "val" if bucket < val_fraction else "train"
+
+
+def to_record_batch(docs: list[Document]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist(docs, schema=DOCUMENT_SCHEMA)
+
+
+def iter_rows(batch: pa.RecordBatch) -> Iterator[Document]:
+    yield from batch.to_pylist()
+
+
+def check_columns(columns: list[str], path: str, required: Mapping[str, str]) -> None:
+    """Raise a clear error when a file lacks a column a stage needs."""
+    from lmforge.errors import LmforgeError
+
+    missing = [name for name in required if name not in columns]
+    if missing:
+        hints = "; ".join(f"'{name}': {required[name]}" for name in missing)
+        raise LmforgeError(f"{path} has no column(s) {missing} (it has {columns}); {hints}")

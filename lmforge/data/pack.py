@@ -1,0 +1,116 @@
+"""The tokenize pipeline: stream cleaned documents, route each to its split by id, encode
+in batches with the Rust tokenizer (already multithreaded), pack and shard, then the manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from lmforge.data.documents import split_of
+from lmforge.data.io import open_documents
+from lmforge.data.shards import Packer, ShardWriter, SplitSummary, token_dtype, write_manifest
+from lmforge.errors import LmforgeError
+from lmforge.params import TokenizerParams
+
+SPLITS = ("train", "val")
+
+
+def _id_text_batches(path: Path, batch_size: int) -> Iterator[tuple[list[str], pa.Array]]:
+    parquet = open_documents(path, "clean")
+    try:
+        for batch in parquet.iter_batches(batch_size=batch_size, columns=["id", "text"]):
+            yield batch.column(0).to_pylist(), batch.column(1)
+    except (pa.ArrowException, OSError) as exc:
+        raise LmforgeError(f"{path} is corrupt ({exc}); rerun `dvc repro -f clean`") from None
+
+
+def train_split_texts(path: Path, val_fraction: float, batch_size: int) -> Iterator[str]:
+    """Texts of the train split only: the tokenizer never sees held-out documents."""
+    for ids, texts in _id_text_batches(path, batch_size):
+        for doc_id, text in zip(ids, texts.to_pylist()):
+            if split_of(doc_id, val_fraction) == "train":
+                yield text
+
+
+def encode_to_shards(
+    path: Path,
+    tokenizer: Tokenizer,
+    tokenizer_sha256: str,
+    params: TokenizerParams,
+    val_fraction: float,
+    root: Path,
+) -> dict[str, Any]:
+    """Encode every document of `path` into shards under `root`; returns the stage's stats."""
+    eos_id = tokenizer.token_to_id(params.eos_token)
+    vocab_size = tokenizer.get_vocab_size()
+    dtype = token_dtype(vocab_size)
+    packers = {split: Packer(params.seq_len, eos_id, dtype) for split in SPLITS}
+    writers = {split: ShardWriter(root, split, params.seq_len, dtype, params.shard_rows) for split in SPLITS}
+    total_docs = open_documents(path, "clean").metadata.num_rows
+    bytes_in = 0
+    start = time.perf_counter()
+    with tqdm(total=total_docs, unit="doc", desc="tokenize", disable=None) as bar:
+        for ids, texts in _id_text_batches(path, params.encode_batch_size):
+            routed: dict[str, list[str]] = {split: [] for split in SPLITS}
+            for doc_id, text in zip(ids, texts.to_pylist()):
+                routed[split_of(doc_id, val_fraction)].append(text)
+            for split, batch in routed.items():
+                if batch:
+                    encodings = tokenizer.encode_batch_fast(batch, add_special_tokens=False)
+                    writers[split].add(packers[split].add([enc.ids for enc in encodings]))
+            bytes_in += pc.sum(pc.binary_length(texts)).as_py() or 0
+            bar.update(len(ids))
+    seconds = time.perf_counter() - start
+
+    summaries = {}
+    for split in SPLITS:
+        packer = packers[split]
+        shards = writers[split].close()
+        if not shards:
+            hint = "raise data.val_fraction" if split == "val" else "add documents"
+            raise LmforgeError(
+                f"the {split} split has {packer.tokens} tokens from {packer.documents} documents, fewer than "
+                f"one row of tokenizer.seq_len+1 = {params.seq_len + 1}; {hint} or lower tokenizer.seq_len"
+            )
+        summaries[split] = SplitSummary(
+            documents=packer.documents,
+            tokens_encoded=packer.tokens,
+            tail_tokens_dropped=packer.tail_tokens,
+            rows=sum(s.rows for s in shards),
+            tokens=sum(s.tokens for s in shards),
+            shards=shards,
+        )
+    write_manifest(
+        root,
+        tokenizer_sha256=tokenizer_sha256,
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        seq_len=params.seq_len,
+        dtype=dtype,
+        splits=summaries,
+    )
+    tokens = sum(packer.tokens for packer in packers.values())
+    return {
+        "vocab_size": vocab_size,
+        "dtype": dtype.name,
+        "encode_seconds": round(seconds, 3),
+        "bytes_in": bytes_in,
+        "mb_per_s": bytes_in / 1e6 / seconds if seconds else 0.0,
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "bytes_per_token": bytes_in / tokens if tokens else 0.0,
+        **{
+            f"{split}.{key}": value
+            for split, summary in summaries.items()
+            for key, value in vars(summary).items()
+            if key != "shards"
+        },
+        **{f"{split}.shards": len(summary.shards) for split, summary in summaries.items()},
+    }

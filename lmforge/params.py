@@ -1,0 +1,165 @@
+"""Typed params: one pydantic model per params.yaml section, validated at load.
+
+An unknown key or a bad value is an `LmforgeError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lmforge.errors import LmforgeError
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+
+class Section(BaseModel):
+    """Base for every params section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HfSourceParams(Section):
+    """A Hugging Face Hub dataset, streamed (never used by the tests or the default run)."""
+
+    name: str = "Salesforce/wikitext"
+    config: str | None = "wikitext-103-raw-v1"
+    split: str = "train"
+    revision: str | None = None
+    max_documents: int | None = Field(None, gt=0)
+
+
+class DataParams(Section):
+    """`ingest`: where documents come from and how the train/val split is drawn."""
+
+    source: Literal["builtin", "files", "hf"] = "builtin"
+    files: list[str] = []
+    text_field: str = "text"
+    # None: one document per .txt file; otherwise the string that separates documents.
+    txt_separator: str | None = None
+    hf: HfSourceParams = HfSourceParams()
+    val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    batch_size: int = Field(2000, gt=0)
+
+    @model_validator(mode="after")
+    def _files_need_globs(self) -> DataParams:
+        if self.source == "files" and not self.files:
+            raise ValueError("data.source is 'files' but data.files is empty: list at least one glob")
+        return self
+
+
+class CleanParams(Section):
+    """`clean`: thresholds of each filter (Gopher-style quality rules, then dedup)."""
+
+    min_chars: int = Field(16, ge=0)
+    max_chars: int = Field(200_000, gt=0)
+    min_words: int = Field(3, ge=0)
+    max_words: int = Field(50_000, gt=0)
+    min_mean_word_length: float = Field(2.0, ge=0)
+    max_mean_word_length: float = Field(15.0, gt=0)
+    # Fraction of characters that are neither letters, digits nor whitespace.
+    max_symbol_ratio: float = Field(0.35, ge=0, le=1)
+    # Fraction of words that contain at least one letter.
+    min_alpha_word_ratio: float = Field(0.5, ge=0, le=1)
+    # Fraction of characters in lines that occur more than once.
+    # Gopher's web values are 0.3 / {2: .20, 3: .18, 4: .16} / {5: .15 ... 10: .10}; docstrings
+    # with doctest examples repeat legitimately, so the defaults are looser (README: clean).
+    max_duplicate_line_char_fraction: float = Field(0.5, ge=0, le=1)
+    # n -> max fraction of characters covered by the single most frequent n-gram (n = 2..4).
+    max_top_ngram_char_fraction: dict[int, float] = {2: 0.30, 3: 0.30, 4: 0.30}
+    # n -> max fraction of characters covered by n-grams that occur more than once (n = 5..10).
+    max_duplicate_ngram_char_fraction: dict[int, float] = {
+        5: 0.50, 6: 0.45, 7: 0.40, 8: 0.35, 9: 0.30, 10: 0.30
+    }
+    exact_dedup: bool = True
+    near_dedup: bool = True
+    minhash_threshold: float = Field(0.8, gt=0, le=1)
+    minhash_num_perm: int = Field(128, ge=16, le=1024)
+    minhash_shingle_size: int = Field(5, ge=1)
+    minhash_seed: int = 42
+    rejected_samples_per_reason: int = Field(5, ge=0)
+    batch_size: int = Field(2000, gt=0)
+
+    @field_validator("max_top_ngram_char_fraction", "max_duplicate_ngram_char_fraction")
+    @classmethod
+    def _fractions(cls, value: dict[int, float]) -> dict[int, float]:
+        for n, fraction in value.items():
+            if n < 1 or not 0 <= fraction <= 1:
+                raise ValueError(f"entry {n}: {fraction} needs n >= 1 and a fraction in [0, 1]")
+        return value
+
+
+class TokenizerParams(Section):
+    """`tokenize`: the byte-level BPE and how its ids are packed into shards."""
+
+    vocab_size: int = Field(8192, ge=300, le=2**32)
+    seq_len: int = Field(256, ge=8)
+    min_frequency: int = Field(2, ge=1)
+    eos_token: str = "<|endoftext|>"
+    special_tokens: list[str] = ["<|endoftext|>", "<|pad|>"]
+    encode_batch_size: int = Field(4096, gt=0)
+    shard_rows: int = Field(4096, gt=0)
+
+    @model_validator(mode="after")
+    def _eos_is_special(self) -> TokenizerParams:
+        if self.eos_token not in self.special_tokens:
+            raise ValueError(
+                f"tokenizer.eos_token {self.eos_token!r} must be listed in tokenizer.special_tokens"
+            )
+        return self
+
+
+class Params(BaseModel):
+    """The whole params.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: DataParams = DataParams()
+    clean: CleanParams = CleanParams()
+    tokenizer: TokenizerParams = TokenizerParams()
+
+
+def _format_error(error: dict[str, Any], model: type[BaseModel]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, error["loc"][:-1])
+        return f"unknown key '{key}'" + (f" (allowed here: {', '.join(allowed)})" if allowed else "")
+    got = error.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{key or '<top level>'}: {error['msg']}{got_text}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; errors name every bad key at once."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        lines = [_format_error(err, Params) for err in exc.errors()]
+        raise LmforgeError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_PATH) -> Params:
+    """Read and validate params.yaml (DVC edits this file for `dvc exp run -S`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"{path} not found: run from the repository root, where params.yaml lives")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise LmforgeError(f"{path} is not valid YAML: {exc}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise LmforgeError(f"{path} must be a mapping of sections (data, clean, tokenizer, ...)")
+    return parse_params(raw, str(path))
