@@ -1,0 +1,93 @@
+"""Shared fixtures: small deterministic corpora, and a copy of the repository where real
+DVC and MLflow run the stages (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = (
+    "the a model data token river stone light quick brown fox jumps over lazy dog in of and to "
+    "with from read write value function returns number string list file path system object "
+    "class method error raise python module stream batch shard train loss learn small large"
+).split()
+
+
+def make_texts(n_docs: int, seed: int = 0, words_per_doc: tuple[int, int] = (20, 80)) -> list[str]:
+    """English-like documents: random sentences over a small vocabulary, all distinct."""
+    rng = random.Random(seed)
+    texts = []
+    for i in range(n_docs):
+        sentences = []
+        remaining = rng.randint(*words_per_doc)
+        while remaining > 0:
+            length = min(remaining, rng.randint(5, 12))
+            sentence = " ".join(rng.choice(WORDS) for _ in range(length))
+            sentences.append(sentence.capitalize() + ".")
+            remaining -= length
+        texts.append(f"Document {i}. " + " ".join(sentences))
+    return texts
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """The environment stage subprocesses see: venv first on PATH, quiet, no outside store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(DO_NOT_TRACK="1", MLFLOW_DISABLE_TELEMETRY="true", DVC_NO_ANALYTICS="1")
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=tool_env(**extra_env), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+TINY_PARAMS = {
+    "data": {"source": "files", "files": ["data/corpus/*.txt"], "val_fraction": 0.2, "batch_size": 64},
+    "clean": {"batch_size": 64},
+    "tokenizer": {"vocab_size": 320, "seq_len": 32, "encode_batch_size": 50, "shard_rows": 16},
+}
+
+
+def make_repo(root: Path, params: dict | None = None, n_docs: int = 200) -> Path:
+    """A copy of this repository's files (tracked and untracked, not ignored) with a tiny
+    corpus and tiny params, committed to a fresh git repo so `dvc exp run` works too."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    for name in listed:
+        source = REPO / name
+        if source.is_file() and not name.startswith(("tests/", "bench/")):
+            target = root / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    (root / "dvc.lock").unlink(missing_ok=True)
+    corpus = root / "data" / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(make_texts(n_docs)):
+        (corpus / f"doc{i:04d}.txt").write_text(text, encoding="utf-8")
+    (root / "params.yaml").write_text(yaml.safe_dump(params or TINY_PARAMS), encoding="utf-8")
+    run(["git", "init", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny repository on which `dvc repro` has run once (shared: it takes ~15 s)."""
+    root = make_repo(tmp_path_factory.mktemp("repo"))
+    run(["dvc", "repro"], root)
+    return root

@@ -1,0 +1,43 @@
+import pyarrow.parquet as pq
+import pytest
+
+from lmforge.data.documents import make_document
+from lmforge.data.io import DocumentWriter, atomic_path, iter_document_batches, write_json
+from lmforge.errors import LmforgeError
+
+
+def test_writer_interrupted_midway_leaves_the_previous_file_untouched(tmp_path):
+    path = tmp_path / "documents.parquet"
+    with DocumentWriter(path) as writer:
+        writer.write([make_document("old text here", "files")])
+    with pytest.raises(KeyboardInterrupt):
+        with DocumentWriter(path) as writer:
+            writer.write([make_document("new text", "files")])
+            raise KeyboardInterrupt
+    assert pq.read_table(path).column("text").to_pylist() == ["old text here"]
+    assert [p.name for p in tmp_path.iterdir()] == ["documents.parquet"]  # no temp file left
+
+
+def test_atomic_path_only_publishes_complete_files(tmp_path):
+    with pytest.raises(ValueError):
+        with atomic_path(tmp_path / "x.json") as tmp:
+            tmp.write_text("partial")
+            raise ValueError
+    assert not (tmp_path / "x.json").exists()
+    write_json(tmp_path / "x.json", {"a": 1})
+    assert (tmp_path / "x.json").read_text() == '{\n  "a": 1\n}\n'
+
+
+def test_corrupt_parquet_names_the_file_and_the_stage_to_rerun(tmp_path):
+    path = tmp_path / "documents.parquet"
+    path.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(LmforgeError, match="documents.parquet is not a readable Parquet file.*dvc repro -f ingest"):
+        list(iter_document_batches(path, 10, "ingest"))
+
+
+def test_documents_file_without_text_column_is_a_clear_error(tmp_path):
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"id": ["a"], "body": ["x"]}), tmp_path / "d.parquet")
+    with pytest.raises(LmforgeError, match=r"no column\(s\) \['text'\]"):
+        list(iter_document_batches(tmp_path / "d.parquet", 10, "ingest"))

@@ -1,0 +1,161 @@
+"""Packing, shard writing and the memory-mapped reader (the contract with training)."""
+
+import glob
+import json
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lmforge.data.documents import make_document, split_of
+from lmforge.data.io import DocumentWriter
+from lmforge.data.pack import encode_to_shards
+from lmforge.data.shards import Packer, ShardReader, token_dtype
+from lmforge.data.tokenizer import file_sha256, save_tokenizer, train_tokenizer
+from lmforge.errors import LmforgeError
+from lmforge.params import TokenizerParams
+
+from conftest import make_texts
+
+PARAMS = TokenizerParams(vocab_size=400, seq_len=16, shard_rows=8, encode_batch_size=32)
+VAL_FRACTION = 0.2
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Clean documents -> tokenizer -> shards, as the tokenize stage does it."""
+    root = tmp_path_factory.mktemp("shards")
+    texts = make_texts(150, seed=1)
+    with DocumentWriter(root / "documents.parquet") as writer:
+        writer.write([make_document(text, "files") for text in texts])
+    tokenizer = train_tokenizer(texts, PARAMS)
+    save_tokenizer(tokenizer, root / "tokenizer.json")
+    stats = encode_to_shards(
+        root / "documents.parquet", tokenizer, file_sha256(root / "tokenizer.json"), PARAMS, VAL_FRACTION, root / "shards"
+    )
+    return root, texts, tokenizer, stats
+
+
+def test_packer_loses_no_token():
+    packer = Packer(seq_len=4, eos_id=0, dtype=np.dtype(np.uint16))
+    rows = np.concatenate([packer.add([[1, 2, 3], [4, 5]]), packer.add([[6, 7, 8, 9, 10, 11]])])
+    assert rows.shape == (2, 5)
+    assert rows.ravel().tolist() == [1, 2, 3, 0, 4, 5, 0, 6, 7, 8]
+    assert packer.tokens == rows.size + packer.tail_tokens == 14  # 11 ids + 3 EOS
+
+
+def test_dtype_is_uint16_only_when_the_vocabulary_fits():
+    assert token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+
+
+def test_no_token_lost_between_encoding_and_shards(built):
+    root, texts, tokenizer, _ = built
+    manifest = json.loads((root / "shards" / "manifest.json").read_text())
+    for split in ("train", "val"):
+        docs = [make_document(t, "files") for t in texts]
+        expected = sum(len(tokenizer.encode(d["text"]).ids) + 1 for d in docs if split_of(d["id"], VAL_FRACTION) == split)
+        summary = manifest["splits"][split]
+        assert summary["tokens_encoded"] == expected
+        assert summary["tokens"] + summary["tail_tokens_dropped"] == expected
+        assert summary["tail_tokens_dropped"] < PARAMS.seq_len + 1
+
+
+def test_rows_hold_the_documents_in_order_separated_by_eos(built):
+    root, texts, tokenizer, _ = built
+    reader = ShardReader(root / "shards", "train", tokenizer_path=root / "tokenizer.json")
+    stream = np.concatenate([reader[i] for i in range(len(reader))]).tolist()
+    train = [t for t in texts if split_of(make_document(t, "files")["id"], VAL_FRACTION) == "train"]
+    expected = []
+    for text in train:
+        expected += tokenizer.encode(text).ids + [reader.eos_id]
+    assert stream == expected[: len(stream)]
+
+
+def test_reader_rows_are_zero_copy_views_of_the_memory_map(built):
+    root, *_ = built
+    reader = ShardReader(root / "shards", "train")
+    row = reader[3]
+    assert row.shape == (PARAMS.seq_len + 1,) and row.dtype == np.uint16
+    assert not row.flags.owndata and not row.flags.writeable
+    assert reader.rows([0, 3]).dtype == np.int64
+    assert len(reader) > PARAMS.shard_rows  # spans several shards
+    with pytest.raises(IndexError):
+        reader[len(reader)]
+
+
+def test_shards_read_back_with_pyarrow_and_datasets(built):
+    root, *_ = built
+    files = sorted(glob.glob(str(root / "shards" / "train" / "*.arrow")))
+    table = pa.concat_tables(pa.ipc.open_file(f).read_all() for f in files)
+    reader = ShardReader(root / "shards", "train")
+    assert table.num_rows == len(reader)
+    assert table.column("input_ids")[5].as_py() == reader[5].tolist()
+    dataset = datasets.load_dataset("arrow", data_files={"train": files}, split="train")
+    assert dataset[5]["input_ids"] == reader[5].tolist()
+
+
+def test_corrupt_shard_fails_its_checksum_naming_the_file(built, tmp_path):
+    import shutil
+
+    root, *_ = built
+    shards = shutil.copytree(root / "shards", tmp_path / "shards")
+    victim = sorted((shards / "train").glob("*.arrow"))[1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(LmforgeError, match=f"{victim.name} fails its checksum"):
+        ShardReader(shards, "train")
+
+
+def test_truncated_shard_is_detected_by_size(built, tmp_path):
+    import shutil
+
+    root, *_ = built
+    shards = shutil.copytree(root / "shards", tmp_path / "shards")
+    victim = sorted((shards / "val").glob("*.arrow"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(LmforgeError, match=f"{victim.name} has 100 bytes"):
+        ShardReader(shards, "val", verify="size")
+
+
+def test_manifest_from_another_tokenizer_is_rejected(built, tmp_path):
+    root, texts, *_ = built
+    other = tmp_path / "other.json"
+    save_tokenizer(train_tokenizer(texts[:50], PARAMS), other)
+    with pytest.raises(LmforgeError, match="another tokenizer"):
+        ShardReader(root / "shards", "train", tokenizer_path=other)
+
+
+def test_seq_len_mismatch_is_rejected(built):
+    root, *_ = built
+    with pytest.raises(LmforgeError, match="seq_len 16, not 32"):
+        ShardReader(root / "shards", "train", seq_len=32)
+
+
+def test_shards_without_manifest_are_unfinished(built, tmp_path):
+    import shutil
+
+    root, *_ = built
+    shards = shutil.copytree(root / "shards", tmp_path / "shards")
+    (shards / "manifest.json").unlink()
+    with pytest.raises(LmforgeError, match="unfinished"):
+        ShardReader(shards, "train")
+
+
+def test_val_split_smaller_than_one_row_is_a_clear_error(tmp_path):
+    texts = make_texts(20, seed=3, words_per_doc=(3, 4))
+    with DocumentWriter(tmp_path / "documents.parquet") as writer:
+        writer.write([make_document(t, "files") for t in texts])
+    tokenizer = train_tokenizer(texts, PARAMS)
+    params = TokenizerParams(vocab_size=400, seq_len=512)
+    with pytest.raises(LmforgeError, match="lower tokenizer.seq_len"):
+        encode_to_shards(tmp_path / "documents.parquet", tokenizer, "x", params, 0.05, tmp_path / "shards")
+    assert not (tmp_path / "shards" / "manifest.json").exists()
+
+
+def test_stats_report_throughput(built):
+    *_, stats = built
+    assert stats["tokens_per_s"] > 0 and stats["mb_per_s"] > 0
+    assert stats["train.rows"] > 0 and stats["val.rows"] > 0

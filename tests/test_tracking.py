@@ -1,0 +1,50 @@
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lmforge.params import DataParams
+from lmforge.tracking import content_hash, flatten, input_hashes, stage_run
+
+
+def test_flatten_nests_keys_with_dots():
+    assert flatten({"a": {"b": 1, "c": {"d": [2]}}, "e": 3}) == {"a.b": 1, "a.c.d": [2], "e": 3}
+
+
+def test_directory_hash_changes_with_any_file(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.txt").write_text("one")
+    before = content_hash(tmp_path / "d")
+    (tmp_path / "d" / "x.txt").write_text("two")
+    assert content_hash(tmp_path / "d") != before and before.endswith(".dir")
+
+
+def test_input_hash_prefers_dvc_lock(tmp_path):
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  a:\n    cmd: x\n    outs:\n    - path: data/x.parquet\n      md5: abc123\n"
+    )
+    (tmp_path / "y.txt").write_text("y")
+    hashes = input_hashes(["data/x.parquet", "y.txt"], tmp_path)
+    assert hashes["data/x.parquet"] == "abc123"
+    assert hashes["y.txt"] == content_hash(tmp_path / "y.txt")
+
+
+def test_tracking_uri_from_the_environment_is_used(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with stage_run("ingest", {"data": DataParams()}, inputs=[], root=tmp_path) as run:
+        run.log_metrics({"documents": 3, "nested": {"x": 1.5}, "label": "skipped"})
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("lmforge").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_name == "ingest"
+    assert runs[0].data.metrics == {"documents": 3.0, "nested.x": 1.5}
+    assert runs[0].data.params["data.source"] == "builtin"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_failed_stage_marks_its_run_failed(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(RuntimeError):
+        with stage_run("clean", {}, inputs=[], root=tmp_path):
+            raise RuntimeError("boom")
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
+    assert run.info.status == "FAILED"
