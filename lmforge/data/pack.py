@@ -5,10 +5,13 @@ in batches with the Rust tokenizer (already multithreaded), pack and shard, then
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from tokenizers import Tokenizer
@@ -30,6 +33,47 @@ def _id_text_batches(path: Path, batch_size: int) -> Iterator[tuple[list[str], p
             yield batch.column(0).to_pylist(), batch.column(1)
     except (pa.ArrowException, OSError) as exc:
         raise LmforgeError(f"{path} is corrupt ({exc}); rerun `dvc repro -f clean`") from None
+
+
+@dataclass
+class _Texts:
+    """A batch of one split's texts, with its UTF-8 size (counted once, by Arrow)."""
+
+    items: list[str]
+    nbytes: int
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _routed(path: Path, batch_size: int, val_fraction: float) -> Iterator[tuple[str, _Texts]]:
+    """(split, texts) batches in file order: each document goes to the split of its id."""
+    for ids, texts in _id_text_batches(path, batch_size):
+        is_val = np.fromiter((split_of(doc_id, val_fraction) == "val" for doc_id in ids), bool, len(ids))
+        sizes = pc.binary_length(texts).to_numpy(zero_copy_only=False)
+        items = texts.to_pylist()
+        for split, mask in (("train", ~is_val), ("val", is_val)):
+            if mask.any():
+                yield split, _Texts([t for t, keep in zip(items, mask) if keep], int(sizes[mask].sum()))
+
+
+def _encode_ahead(
+    batches: Iterator[tuple[str, _Texts]], tokenizer: Tokenizer
+) -> Iterator[tuple[str, _Texts, list]]:
+    """Encode batch k+1 in a thread while the caller packs and writes batch k.
+
+    The Rust encoder releases the GIL, so reading Parquet and packing (Python) overlap
+    with encoding instead of leaving the encoder's cores idle (see bench/data_prep.py).
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for split, texts in batches:
+            future = pool.submit(tokenizer.encode_batch_fast, texts.items, add_special_tokens=False)
+            if pending is not None:
+                yield pending[0], pending[1], pending[2].result()
+            pending = (split, texts, future)
+        if pending is not None:
+            yield pending[0], pending[1], pending[2].result()
 
 
 def train_split_texts(path: Path, val_fraction: float, batch_size: int) -> Iterator[str]:
@@ -58,16 +102,10 @@ def encode_to_shards(
     bytes_in = 0
     start = time.perf_counter()
     with tqdm(total=total_docs, unit="doc", desc="tokenize", disable=None) as bar:
-        for ids, texts in _id_text_batches(path, params.encode_batch_size):
-            routed: dict[str, list[str]] = {split: [] for split in SPLITS}
-            for doc_id, text in zip(ids, texts.to_pylist()):
-                routed[split_of(doc_id, val_fraction)].append(text)
-            for split, batch in routed.items():
-                if batch:
-                    encodings = tokenizer.encode_batch_fast(batch, add_special_tokens=False)
-                    writers[split].add(packers[split].add([enc.ids for enc in encodings]))
-            bytes_in += pc.sum(pc.binary_length(texts)).as_py() or 0
-            bar.update(len(ids))
+        for split, texts, encodings in _encode_ahead(_routed(path, params.encode_batch_size, val_fraction), tokenizer):
+            writers[split].add(packers[split].add([enc.ids for enc in encodings]))
+            bytes_in += texts.nbytes
+            bar.update(len(texts))
     seconds = time.perf_counter() - start
 
     summaries = {}
