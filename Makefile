@@ -28,7 +28,7 @@ setup:
 	if [ ! -x "$(BIN)/python" ] || [ "$$(cat $(STAMP) 2>/dev/null)" != "$$want" ]; then \
 		$(PYTHON) -m venv $(VENV); \
 		$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }; \
-		$(BIN)/python -m pip install --quiet "$(TORCH)" 2>&1 | { grep -v "^WARNING: Location" || true; }; \
+		$(BIN)/python -m pip install --quiet $(TORCH) 2>&1 | { grep -v "^WARNING: Location" || true; }; \
 		$(BIN)/python -m pip install --quiet -e ".[dev]" 2>&1 | { grep -v "^WARNING: Location" || true; }; \
 		$(BIN)/python -c "import torch, lmforge, stages" ; \
 		echo "$$want" > $(STAMP); \
