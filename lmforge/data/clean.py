@@ -1,7 +1,8 @@
 """The clean pipeline: normalize, run each quality filter, then exact and near dedup,
 counting for every step what it kept and dropped (documents, bytes, reasons).
 
-Streams batch by batch; `CleanStats.to_dict()` is what becomes data/clean/stats.json.
+Streams batch by batch (each step vectorized over the batch; only the dedup indexes
+outlive it); `CleanStats.to_dict()` is what becomes data/clean/stats.json.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmforge.data.dedup import ExactDedup, NearDedup
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lmforge.data.dedup import CanonicalTexts, ExactDedup, NearDedup
 from lmforge.data.documents import Document
-from lmforge.data.filters import build_filters, normalize, split_words
+from lmforge.data.filters import TextBatch, build_filters, normalize_batch
 from lmforge.params import CleanParams
 
 SAMPLE_TEXT_CHARS = 2000
@@ -59,7 +64,11 @@ class CleanStats:
 
 
 class Cleaner:
-    """Applies the configured steps to documents; keeps its dedup indexes across batches."""
+    """Applies the configured steps to documents; keeps its dedup indexes across batches.
+
+    Each step sees a whole batch (only the documents still alive count), so the filters
+    run vectorized; drops are then booked in document order, as if one document at a time.
+    """
 
     def __init__(self, params: CleanParams) -> None:
         self.params = params
@@ -99,33 +108,73 @@ class Cleaner:
 
     def clean_one(self, doc: Document) -> Document | None:
         """The cleaned document, or None when a step dropped it (and counted why)."""
-        raw = doc["text"] or ""
-        size = len(raw.encode("utf-8", "surrogatepass"))
-        self.stats.documents_in += 1
-        self.stats.bytes_in += size
-        text = normalize(raw)
-        if text != raw:
-            self.stats.normalized_changed += 1
-        words = split_words(text)
+        kept = self.clean_batch([doc])
+        return kept[0] if kept else None
+
+    def clean_batch(self, docs: list[Document]) -> list[Document]:
+        """The documents of `docs` that every step keeps, cleaned, in order."""
+        if not docs:
+            return []
+        raw_texts = [doc["text"] or "" for doc in docs]
+        raw = _to_arrow(raw_texts)
+        sizes = pc.binary_length(raw).to_numpy(zero_copy_only=False).astype(np.int64)
+        self.stats.documents_in += len(docs)
+        self.stats.bytes_in += int(sizes.sum())
+        normalized = normalize_batch(raw)
+        changed = pc.fill_null(pc.not_equal(normalized, raw), True).to_numpy(zero_copy_only=False)
+        self.stats.normalized_changed += int(changed.sum())
+        batch = TextBatch(normalized)
+
+        alive = np.ones(len(docs), dtype=bool)
+        dropped_by = np.full(len(docs), -1, dtype=np.int64)  # index of the step
+        codes = np.zeros(len(docs), dtype=np.int64)
+        steps: list[tuple[str, tuple[str, ...]]] = []
+
+        def book(step_codes: np.ndarray, name: str, reasons: tuple[str, ...]) -> None:
+            dropped = alive & (step_codes > 0)
+            dropped_by[dropped] = len(steps)
+            codes[dropped] = step_codes[dropped]
+            steps.append((name, tuple(reasons)))
+            alive[dropped] = False
+            self.stats.steps[name].kept += int(alive.sum())
+
         for step in self.filters:
-            reason = step.reject_reason(text, words)
-            if reason is not None:
-                self._reject(step.name, reason, doc, size)
-                return None
-            self.stats.steps[step.name].kept += 1
-        for dedup in self.dedups:
-            reason = dedup.reject_reason(text)
-            if reason is not None:
-                self._reject(dedup.name, reason, doc, size)
-                return None
-            self.stats.steps[dedup.name].kept += 1
+            book(step.reject_codes(batch, alive), step.name, step.reasons)
+
+        texts = list(raw_texts)
+        for index, text in zip(np.flatnonzero(changed).tolist(), normalized.filter(pa.array(changed)).to_pylist()):
+            texts[index] = text
+        if self.dedups and alive.any():
+            survivors = np.flatnonzero(alive)
+            canonical = CanonicalTexts([texts[index] for index in survivors.tolist()])
+            for dedup in self.dedups:
+                step_codes = np.zeros(len(docs), dtype=np.int64)
+                step_codes[survivors] = dedup.reject_codes(canonical, alive[survivors])
+                book(step_codes, dedup.name, dedup.reasons)
+        else:
+            for dedup in self.dedups:
+                book(np.zeros(len(docs), dtype=np.int64), dedup.name, dedup.reasons)
+
+        for index in np.flatnonzero(dropped_by >= 0).tolist():
+            name, reasons = steps[dropped_by[index]]
+            self._reject(name, reasons[codes[index] - 1], docs[index], int(sizes[index]))
         # The id stays the raw document's: it decides the split, which must not move
         # when cleaning thresholds change.
-        cleaned = dict(doc, text=text)
-        self.stats.documents_out += 1
-        self.stats.bytes_out += len(text.encode("utf-8", "surrogatepass"))
-        return cleaned
+        kept = [dict(docs[index], text=texts[index]) for index in np.flatnonzero(alive).tolist()]
+        self.stats.documents_out += len(kept)
+        self.stats.bytes_out += int(pc.sum(pc.binary_length(normalized.filter(pa.array(alive)))).as_py() or 0)
+        return kept
 
     def clean_batches(self, batches: Iterable[list[Document]]) -> Iterator[list[Document]]:
         for batch in batches:
-            yield [cleaned for doc in batch if (cleaned := self.clean_one(doc)) is not None]
+            yield self.clean_batch(batch)
+
+
+def _to_arrow(texts: list[str]) -> pa.Array:
+    try:
+        return pa.array(texts, pa.large_string())
+    except (pa.ArrowException, UnicodeEncodeError):
+        # Lone surrogates cannot be Arrow strings: they are replaced by U+FFFD first.
+        return pa.array(
+            [text.encode("utf-8", "replace").decode("utf-8") for text in texts], pa.large_string()
+        )

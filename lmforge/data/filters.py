@@ -1,6 +1,13 @@
 """Quality filters for the clean stage, datatrove-style: each a small class with one
-decision, `reject_reason(text) -> str | None`, composed from params by `build_filters`.
+decision, composed from params by `build_filters`, run over a whole batch at once.
 
+A filter sees a `TextBatch` (the normalized texts of a batch as Arrow strings, with
+per-character, per-word and per-line views computed on first use in numpy) and an
+`alive` mask; `reject_codes` returns one code per document: 0 keeps it, k > 0 drops it
+for `reasons[k - 1]`. `reject_reason(text)` is the same decision for one text.
+
+Character classes (whitespace, `\\w`, letters) are tables built from Python's own `re`,
+so the decisions are exactly those of the per-document rules written in the docstrings.
 Thresholds follow Gopher (Rae et al. 2021) rules, loosened so that docstrings and
 language-reference prose (which quote code) pass; see README "clean" for the defaults.
 """
@@ -8,9 +15,15 @@ language-reference prose (which quote code) pass; see README "clean" for the def
 from __future__ import annotations
 
 import re
+import sys
 import unicodedata
-from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from typing import ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from lmforge.params import CleanParams
 
@@ -19,15 +32,48 @@ _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u3000]+")
 _TRAILING = re.compile(r"[ \t]+\n")
 _BLANK_LINES = re.compile(r"\n{3,}")
 _WORD = re.compile(r"\S+")
-_SYMBOL = re.compile(r"[^\w\s]")
-_LETTER = re.compile(r"[^\W\d_]")
+
+# The same rules in RE2 (Arrow) syntax, for whole batches.
+_RE2_CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x{9f}\x{200b}\x{feff}]"
+_RE2_SPACE = r"[ \t\x{a0}\x{2000}-\x{200a}\x{3000}]"
+# A lone " " is already normalized: only longer runs and other spaces are rewritten (fast).
+_RE2_SPACES = rf"{_RE2_SPACE}{_RE2_SPACE}+|[\t\x{{a0}}\x{{2000}}-\x{{200a}}\x{{3000}}]"
+# A superset of the texts that `normalize` changes; the others skip the rewrite passes.
+_RE2_MAY_CHANGE = r"[^\n\x20-\x7e]|  | \n|\n\n\n|^[ \n]|[ \n]$"
+
+# Bits of the per-code-point class table (see `char_classes`).
+WHITESPACE = 1  # Python `\s` (str.isspace)
+WORD_CHAR = 2  # Python `\w`
+LETTER = 4  # Python `[^\W\d_]`
+ALNUM = 8  # Python `[^\W_]`
+
+
+@lru_cache(maxsize=1)
+def char_classes() -> np.ndarray:
+    """uint8 flags for every code point, taken from Python's `re` so the semantics match."""
+    table = np.zeros(sys.maxunicode + 1, dtype=np.uint8)
+    codepoints = np.r_[np.arange(0xD800), np.arange(0xE000, sys.maxunicode + 1)].astype("<u4")
+    every = codepoints.tobytes().decode("utf-32-le")  # every code point but the surrogates
+    for bit, pattern in ((WHITESPACE, r"\s+"), (WORD_CHAR, r"\w+"), (LETTER, r"[^\W\d_]+"), (ALNUM, r"[^\W_]+")):
+        spans = np.array([match.span() for match in re.finditer(pattern, every)], dtype=np.int64).reshape(-1, 2)
+        marks = np.zeros(len(every) + 1, dtype=np.int64)
+        np.add.at(marks, spans[:, 0], 1)
+        np.add.at(marks, spans[:, 1], -1)
+        table[codepoints[np.cumsum(marks[:-1]) > 0]] |= bit
+    return table
+
+
+@lru_cache(maxsize=1)
+def python_whitespace() -> str:
+    """Every character `str.strip()` removes."""
+    return "".join(chr(c) for c in np.flatnonzero(char_classes() & WHITESPACE))
 
 
 def normalize(text: str) -> str:
     """NFC, control characters removed, runs of spaces collapsed, at most one blank line.
 
     Newlines are kept: line structure is what the repetition filters (and code in
-    docstrings) rely on.
+    docstrings) rely on. `normalize_batch` does the same to a whole Arrow array.
     """
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
     text = _CONTROL.sub("", text)
@@ -37,65 +83,301 @@ def normalize(text: str) -> str:
     return text.strip()
 
 
+def normalize_batch(texts: pa.Array) -> pa.Array:
+    """`normalize` applied to every string of `texts` (large_string), with Arrow kernels."""
+    may_change = pc.match_substring_regex(texts, _RE2_MAY_CHANGE)
+    if not pc.any(may_change).as_py():
+        return texts
+    part = texts.filter(may_change)
+    part = pc.replace_substring(pc.replace_substring(part, "\r\n", "\n"), "\r", "\n")
+    part = _nfc(part)
+    part = pc.replace_substring_regex(part, _RE2_CONTROL, "")
+    part = pc.replace_substring_regex(part, _RE2_SPACES, " ")
+    part = pc.replace_substring_regex(part, r"[ \t]+\n", "\n")
+    part = pc.replace_substring_regex(part, r"\n\n\n+", "\n\n")
+    part = pc.utf8_trim(part, python_whitespace())
+    return pc.replace_with_mask(texts, may_change, part.cast(texts.type))
+
+
+def _nfc(texts: pa.Array) -> pa.Array:
+    """NFC of the non-ASCII strings, in Python: Arrow 25's utf8_normalize("NFC") decomposes
+    ("\xf6" -> "o\u0308") instead of composing."""
+    non_ascii = pc.invert(pc.string_is_ascii(texts))
+    if not pc.any(non_ascii).as_py():
+        return texts
+    composed = [unicodedata.normalize("NFC", text) for text in texts.filter(non_ascii).to_pylist()]
+    return pc.replace_with_mask(texts, non_ascii, pa.array(composed, texts.type))
+
+
+def split_words(text: str) -> list[str]:
+    return _WORD.findall(text)
+
+
+def segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Sum of `values[offsets[k]:offsets[k + 1]]` for every k (empty segments give 0)."""
+    cumulative = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(values, out=cumulative[1:])
+    return cumulative[offsets[1:]] - cumulative[offsets[:-1]]
+
+
+def _dense_ids(strings: pa.Array) -> np.ndarray:
+    return pc.dictionary_encode(strings).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+class TextBatch:
+    """Normalized texts of one batch, with the numpy views the filters share.
+
+    Code points of all texts are concatenated; `char_offsets[d]:char_offsets[d + 1]` is
+    document d. Words are Python's `text.split()`; lines are `text.split("\\n")`.
+    """
+
+    def __init__(self, texts: pa.Array) -> None:
+        self.texts = texts.cast(pa.large_string())
+        self.size = len(self.texts)
+
+    @classmethod
+    def from_strings(cls, texts: list[str]) -> TextBatch:
+        return cls(pa.array(texts, pa.large_string()))
+
+    @cached_property
+    def _data(self) -> tuple[pa.Buffer, int, bytes]:
+        offsets = np.frombuffer(self.texts.buffers()[1], dtype=np.int64)[self.texts.offset :]
+        start, end = int(offsets[0]), int(offsets[self.size])
+        data = self.texts.buffers()[2]
+        raw = b"" if data is None else data[start:end].to_pybytes()
+        return data, start, raw
+
+    @cached_property
+    def codepoints(self) -> np.ndarray:
+        return np.frombuffer(self._data[2].decode("utf-8").encode("utf-32-le"), dtype=np.uint32)
+
+    @cached_property
+    def char_offsets(self) -> np.ndarray:
+        lengths = pc.utf8_length(self.texts).to_numpy(zero_copy_only=False)
+        offsets = np.zeros(self.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return offsets
+
+    @cached_property
+    def char_counts(self) -> np.ndarray:
+        return np.diff(self.char_offsets)
+
+    @cached_property
+    def flags(self) -> np.ndarray:
+        return char_classes()[self.codepoints]
+
+    @cached_property
+    def _wide_chars(self) -> list[np.ndarray]:
+        cps = self.codepoints
+        return [np.flatnonzero(cps >= bound) for bound in (0x80, 0x800, 0x10000)]
+
+    def byte_positions(self, positions: np.ndarray) -> np.ndarray:
+        """Byte offset (in the Arrow data buffer) of code point positions (len(codepoints) allowed)."""
+        result = positions + self._data[1]
+        for wide in self._wide_chars:  # each non-ASCII character adds one byte per bound it passes
+            if len(wide):
+                result = result + np.searchsorted(wide, positions)
+        return result
+
+    def _substring_ids(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Dense ids of the substrings [starts, ends) (code point positions): equal strings, equal ids."""
+        if len(starts) == 0:
+            return np.zeros(0, dtype=np.int64)
+        bounds = np.empty(2 * len(starts), dtype=np.int64)
+        bounds[0::2] = self.byte_positions(starts)
+        bounds[1::2] = self.byte_positions(ends)
+        # Strings alternate: substring, gap, substring, ...; the gaps are encoded and ignored.
+        strings = pa.LargeStringArray.from_buffers(len(bounds) - 1, pa.py_buffer(bounds), self._data[0])
+        return _dense_ids(strings)[0::2]
+
+    # Words: maximal runs of non-whitespace inside a document.
+    @cached_property
+    def _words(self) -> tuple[np.ndarray, np.ndarray]:
+        space = (self.flags & WHITESPACE).astype(bool)
+        n = len(space)
+        boundary = np.zeros(n + 1, dtype=bool)
+        boundary[self.char_offsets] = True
+        before = np.ones(n, dtype=bool)
+        before[1:] = space[:-1]
+        after = np.ones(n, dtype=bool)
+        after[:-1] = space[1:]
+        starts = np.flatnonzero(~space & (before | boundary[:-1]))
+        ends = np.flatnonzero(~space & (after | boundary[1:])) + 1
+        return starts, ends
+
+    @property
+    def word_starts(self) -> np.ndarray:
+        return self._words[0]
+
+    @cached_property
+    def word_lengths(self) -> np.ndarray:
+        return self._words[1] - self._words[0]
+
+    @cached_property
+    def word_offsets(self) -> np.ndarray:
+        """Words of document d are `word_offsets[d]:word_offsets[d + 1]`."""
+        return np.searchsorted(self.word_starts, self.char_offsets)
+
+    @cached_property
+    def word_counts(self) -> np.ndarray:
+        return np.diff(self.word_offsets)
+
+    @cached_property
+    def word_doc(self) -> np.ndarray:
+        return np.repeat(np.arange(self.size), self.word_counts)
+
+    @cached_property
+    def word_chars(self) -> np.ndarray:
+        """Sum of word lengths per document."""
+        return segment_sums(self.word_lengths, self.word_offsets)
+
+    @cached_property
+    def word_ids(self) -> np.ndarray:
+        return self._substring_ids(*self._words)
+
+    def repeated_ngrams(self, alive: np.ndarray, n_max: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`repeated_ngrams` for n = 1..n_max, shared by the n-gram filters: computed for the
+        first `alive` asked, which later (smaller) alive sets reuse by filtering positions."""
+        cached = self.__dict__.get("_ngrams")
+        if cached is None or (alive & ~cached[0]).any():
+            cached = (alive.copy(), repeated_ngrams(self, alive, 10**9), [])
+            self.__dict__["_ngrams"] = cached
+        base, generator, results = cached
+        while len(results) < n_max:
+            results.append(next(generator))
+        if (alive == base).all():
+            return results[:n_max]
+        return [(positions[keep], counts[keep]) for positions, counts in results[:n_max]
+                for keep in [alive[self.word_doc[positions]]]]
+
+    def count_chars(self, mask: np.ndarray) -> np.ndarray:
+        """Per document, how many of its characters are in `mask`."""
+        return np.diff(np.searchsorted(np.flatnonzero(mask), self.char_offsets))
+
+    def count_in_spans(self, mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Per span [starts, ends) of code points, how many are in `mask`."""
+        marked = np.flatnonzero(mask)
+        return np.searchsorted(marked, ends) - np.searchsorted(marked, starts)
+
+
+def words_alive(batch: TextBatch, alive: np.ndarray) -> np.ndarray:
+    return np.repeat(alive, batch.word_counts)
+
+
+def repeated_ngrams(batch: TextBatch, alive: np.ndarray, n_max: int):
+    """For n = 1..n_max: (start positions, counts) of the n-grams of alive documents that
+    occur more than once in their document (n-grams never cross documents).
+
+    Exact: n-gram ids are dense ranks of (id of the (n-1)-gram, id of the last word), and
+    only starts whose (n-1)-grams at i and i+1 both repeat are candidates.
+    """
+    word_ids = batch.word_ids
+    doc_end = batch.word_offsets[1:][batch.word_doc]
+    n_words = len(word_ids)
+    keys = batch.word_doc * (int(word_ids.max(initial=0)) + 1) + word_ids
+    positions = np.flatnonzero(words_alive(batch, alive))
+    ranks = np.zeros(0, dtype=np.int64)
+    n_first = 1
+    word_rank = np.zeros(n_words + 1, dtype=np.int64)
+    for n in range(1, n_max + 1):
+        if n > 1 and len(positions) == 0:
+            yield positions, positions
+            continue
+        if n == 1:
+            combined = keys[positions]
+        else:
+            repeated = np.zeros(n_words + 1, dtype=bool)
+            repeated[positions] = True
+            select = (positions + n <= doc_end[positions]) & repeated[positions + 1]
+            positions = positions[select]
+            combined = ranks[select] * n_first + word_rank[positions + n - 1]
+        if len(positions) == 0:
+            ranks = np.zeros(0, dtype=np.int64)
+            yield positions, ranks
+            continue
+        _, inverse, counts = np.unique(combined, return_inverse=True, return_counts=True)
+        counts = counts[inverse]
+        keep = counts > 1
+        positions, ranks, counts = positions[keep], inverse[keep], counts[keep]
+        if n == 1:
+            n_first = int(ranks.max(initial=0)) + 1
+            word_rank[positions] = ranks
+        yield positions, counts
+
+
 class Filter:
-    """One decision about a document's (normalized) text."""
+    """One decision about each document of a batch."""
 
     name: str = "filter"
+    reasons: tuple[str, ...] = ()
 
-    def reject_reason(self, text: str, words: list[str]) -> str | None:
-        """None to keep the document, else the reason it is dropped."""
+    def reject_codes(self, batch: TextBatch, alive: np.ndarray) -> np.ndarray:
+        """Per document: 0 to keep it, k to drop it for `reasons[k - 1]` (0 where not alive)."""
         raise NotImplementedError
+
+    def reject_reason(self, text: str) -> str | None:
+        """The decision for one normalized text: None to keep it, else the reason."""
+        code = int(self.reject_codes(TextBatch.from_strings([text]), np.ones(1, dtype=bool))[0])
+        return self.reasons[code - 1] if code else None
+
+
+def _first_reason(conditions: list[np.ndarray], alive: np.ndarray) -> np.ndarray:
+    codes = np.zeros(len(alive), dtype=np.int16)
+    for code, condition in reversed(list(enumerate(conditions, start=1))):
+        codes[condition] = code
+    codes[~alive] = 0
+    return codes
 
 
 @dataclass
 class LengthFilter(Filter):
+    """Characters and words within bounds (checked in that order)."""
+
     min_chars: int
     max_chars: int
     min_words: int
     max_words: int
     name: str = "length"
+    reasons: ClassVar[tuple[str, ...]] = ("too_few_chars", "too_many_chars", "too_few_words", "too_many_words")
 
-    def reject_reason(self, text: str, words: list[str]) -> str | None:
-        if len(text) < self.min_chars:
-            return "too_few_chars"
-        if len(text) > self.max_chars:
-            return "too_many_chars"
-        if len(words) < self.min_words:
-            return "too_few_words"
-        if len(words) > self.max_words:
-            return "too_many_words"
-        return None
+    def reject_codes(self, batch: TextBatch, alive: np.ndarray) -> np.ndarray:
+        chars, words = batch.char_counts, batch.word_counts
+        return _first_reason(
+            [chars < self.min_chars, chars > self.max_chars, words < self.min_words, words > self.max_words], alive
+        )
 
 
 @dataclass
 class MeanWordLengthFilter(Filter):
+    """Mean word length (characters) within bounds; empty documents are the length filter's."""
+
     minimum: float
     maximum: float
     name: str = "mean_word_length"
+    reasons: ClassVar[tuple[str, ...]] = ("mean_word_too_short", "mean_word_too_long")
 
-    def reject_reason(self, text: str, words: list[str]) -> str | None:
-        if not words:
-            return None  # the length filter owns empty documents
-        mean = sum(map(len, words)) / len(words)
-        if mean < self.minimum:
-            return "mean_word_too_short"
-        if mean > self.maximum:
-            return "mean_word_too_long"
-        return None
+    def reject_codes(self, batch: TextBatch, alive: np.ndarray) -> np.ndarray:
+        counts = batch.word_counts
+        has_words = counts > 0
+        mean = batch.word_chars / np.maximum(counts, 1)
+        return _first_reason([has_words & (mean < self.minimum), has_words & (mean > self.maximum)], alive)
 
 
 @dataclass
 class SymbolRatioFilter(Filter):
-    """Drops documents dominated by punctuation/symbols (tables of markup, ASCII art)."""
+    """Drops documents dominated by punctuation/symbols (tables of markup, ASCII art):
+    characters matching `[^\\w\\s]` over characters that are neither " " nor "\\n"."""
 
     maximum: float
     name: str = "symbol_ratio"
+    reasons: ClassVar[tuple[str, ...]] = ("too_many_symbols",)
 
-    def reject_reason(self, text: str, words: list[str]) -> str | None:
-        non_space = len(text) - text.count(" ") - text.count("\n")
-        if non_space and len(_SYMBOL.findall(text)) / non_space > self.maximum:
-            return "too_many_symbols"
-        return None
+    def reject_codes(self, batch: TextBatch, alive: np.ndarray) -> np.ndarray:
+        cps = batch.codepoints
+        symbols = batch.count_chars((batch.flags & (WHITESPACE | WORD_CHAR)) == 0)
+        non_space = batch.char_counts - batch.count_chars((cps == 0x20) | (cps == 0x0A))
+        ratio = symbols / np.maximum(non_space, 1)
+        return _first_reason([(non_space > 0) & (ratio > self.maximum)], alive)
 
 
 @dataclass
@@ -104,78 +386,125 @@ class AlphaWordRatioFilter(Filter):
 
     minimum: float
     name: str = "alpha_words"
+    reasons: ClassVar[tuple[str, ...]] = ("too_few_alphabetic_words",)
 
-    def reject_reason(self, text: str, words: list[str]) -> str | None:
-        if words and sum(1 for w in words if _LETTER.search(w)) / len(words) < self.minimum:
-            return "too_few_alphabetic_words"
-        return None
+    def reject_codes(self, batch: TextBatch, alive: np.ndarray) -> np.ndarray:
+        starts = batch.word_starts
+        # Letters are most characters: count the others (fewer to search).
+        no_letter = (batch.flags & LETTER) == 0
+        has_letter = batch.count_in_spans(no_letter, starts, starts + batch.word_lengths) < batch.word_lengths
+        counts = batch.word_counts
+        ratio = segment_sums(has_letter, batch.word_offsets) / np.maximum(counts, 1)
+        return _first_reason([(counts > 0) & (ratio < self.minimum)], alive)
 
 
 @dataclass
 class DuplicateLineFilter(Filter):
-    """Gopher: fraction of characters in lines that occur more than once."""
+    """Gopher: fraction of characters in non-blank lines that are in lines occurring more
+    than once in the document (documents with fewer than two such lines pass)."""
 
     maximum: float
     name: str = "duplicate_lines"
+    reasons: ClassVar[tuple[str, ...]] = ("duplicate_lines",)
 
-    def reject_reason(self, text: str, words: list[str]) -> str | None:
-        lines = [line for line in text.split("\n") if line.strip()]
-        if len(lines) < 2:
-            return None
-        counts = Counter(lines)
-        duplicated = sum(len(line) * n for line, n in counts.items() if n > 1)
-        if duplicated / sum(map(len, lines)) > self.maximum:
-            return "duplicate_lines"
-        return None
-
-
-def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
-    return list(zip(*(words[i:] for i in range(n))))
+    def reject_codes(self, batch: TextBatch, alive: np.ndarray) -> np.ndarray:
+        is_newline = batch.codepoints == 0x0A
+        # Only alive documents that hold a newline can have two lines.
+        candidates = alive & (batch.count_chars(is_newline) > 0)
+        if not candidates.any():
+            return np.zeros(batch.size, dtype=np.int16)
+        newlines = np.flatnonzero(is_newline & np.repeat(candidates, batch.char_counts))
+        offsets = batch.char_offsets
+        starts = np.sort(np.concatenate([offsets[:-1][candidates], newlines + 1]))
+        ends = np.sort(np.concatenate([newlines, offsets[1:][candidates]]))
+        keep = batch.count_in_spans((batch.flags & WHITESPACE) > 0, starts, ends) < ends - starts
+        starts, ends = starts[keep], ends[keep]
+        docs = np.searchsorted(offsets, starts, side="right") - 1
+        line_ids = batch._substring_ids(starts, ends)
+        _, inverse, counts = np.unique(docs * (int(line_ids.max(initial=0)) + 1) + line_ids,
+                                       return_inverse=True, return_counts=True)
+        lengths = ends - starts
+        line_offsets = np.searchsorted(docs, np.arange(batch.size + 1))
+        total = segment_sums(lengths, line_offsets)
+        duplicated = segment_sums(lengths * (counts[inverse] > 1), line_offsets)
+        n_lines = np.diff(line_offsets)
+        ratio = duplicated / np.maximum(total, 1)
+        return _first_reason([(n_lines >= 2) & (ratio > self.maximum)], alive)
 
 
 @dataclass
 class TopNgramFilter(Filter):
-    """Gopher: characters covered by the most frequent n-gram, for small n."""
+    """Gopher: characters covered by the most frequent word n-gram, for small n: count x
+    characters of the n-gram over the characters of all words. Ties go to the n-gram seen
+    first; the smallest failing n is the reason."""
 
     max_fraction: dict[int, float]
     name: str = "top_ngram"
 
-    def reject_reason(self, text: str, words: list[str]) -> str | None:
-        total = sum(map(len, words))
-        for n, limit in sorted(self.max_fraction.items()):
-            grams = _ngrams(words, n)
-            if not grams:
-                break
-            gram, count = Counter(grams).most_common(1)[0]
-            if count > 1 and count * sum(map(len, gram)) / total > limit:
-                return f"top_{n}gram"
-        return None
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return tuple(f"top_{n}gram" for n in sorted(self.max_fraction))
+
+    def reject_codes(self, batch: TextBatch, alive: np.ndarray) -> np.ndarray:
+        codes = np.zeros(batch.size, dtype=np.int16)
+        limits = dict(self.max_fraction)
+        if not limits or not alive.any():
+            return codes
+        code_of = {n: code for code, n in enumerate(sorted(limits), start=1)}
+        char_ends = np.zeros(len(batch.word_lengths) + 1, dtype=np.int64)
+        np.cumsum(batch.word_lengths, out=char_ends[1:])
+        for n, (positions, counts) in enumerate(batch.repeated_ngrams(alive, max(limits)), start=1):
+            if n not in limits or len(positions) == 0:
+                continue
+            docs = batch.word_doc[positions]
+            first = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
+            top = np.maximum.reduceat(counts, first)
+            group = np.cumsum(np.r_[False, docs[1:] != docs[:-1]])
+            at_top = np.flatnonzero(counts == top[group])
+            chosen = at_top[np.r_[True, group[at_top][1:] != group[at_top][:-1]]]
+            gram_chars = char_ends[positions[chosen] + n] - char_ends[positions[chosen]]
+            chosen_docs = docs[chosen]
+            fraction = top * gram_chars / batch.word_chars[chosen_docs]
+            failing = chosen_docs[(fraction > limits[n]) & (codes[chosen_docs] == 0)]
+            codes[failing] = code_of[n]
+        return codes
 
 
 @dataclass
 class DuplicateNgramFilter(Filter):
-    """Gopher: characters covered by n-grams that occur more than once, for large n."""
+    """Gopher: characters covered by word n-grams occurring more than once, for large n,
+    over the characters of all words. n is checked only while the document has at least
+    2n words; the smallest failing n is the reason."""
 
     max_fraction: dict[int, float]
     name: str = "duplicate_ngram"
 
-    def reject_reason(self, text: str, words: list[str]) -> str | None:
-        total = sum(map(len, words))
-        for n, limit in sorted(self.max_fraction.items()):
-            if len(words) < 2 * n:
-                break  # no n-gram can repeat without overlap; larger n cannot either
-            grams = _ngrams(words, n)
-            counts = Counter(grams)
-            if len(counts) == len(grams):
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return tuple(f"duplicate_{n}gram" for n in sorted(self.max_fraction))
+
+    def reject_codes(self, batch: TextBatch, alive: np.ndarray) -> np.ndarray:
+        codes = np.zeros(batch.size, dtype=np.int16)
+        limits = dict(self.max_fraction)
+        if not limits or not alive.any():
+            return codes
+        code_of = {n: code for code, n in enumerate(sorted(limits), start=1)}
+        n_words = len(batch.word_lengths)
+        # Checked from the smallest n; a document with fewer than 2n words stops there.
+        alive = alive & (batch.word_counts >= 2 * min(limits))
+        for n, (positions, counts) in enumerate(batch.repeated_ngrams(alive, max(limits)), start=1):
+            if n not in limits:
                 continue
-            covered = bytearray(len(words))
-            for i, gram in enumerate(grams):
-                if counts[gram] > 1:
-                    covered[i : i + n] = b"\x01" * n
-            chars = sum(len(w) for w, flag in zip(words, covered) if flag)
-            if chars / total > limit:
-                return f"duplicate_{n}gram"
-        return None
+            active = alive & (codes == 0) & (batch.word_counts >= 2 * n)
+            positions = positions[active[batch.word_doc[positions]]]
+            if len(positions) == 0:
+                continue
+            edges = np.bincount(positions, minlength=n_words + 1) - np.bincount(positions + n, minlength=n_words + 1)
+            covered = np.cumsum(edges[:n_words]) > 0
+            chars = segment_sums(batch.word_lengths * covered, batch.word_offsets)
+            fraction = chars / np.maximum(batch.word_chars, 1)
+            codes[active & (fraction > limits[n])] = code_of[n]
+        return codes
 
 
 def build_filters(params: CleanParams) -> list[Filter]:
@@ -189,7 +518,3 @@ def build_filters(params: CleanParams) -> list[Filter]:
         TopNgramFilter(dict(params.max_top_ngram_char_fraction)),
         DuplicateNgramFilter(dict(params.max_duplicate_ngram_char_fraction)),
     ]
-
-
-def split_words(text: str) -> list[str]:
-    return _WORD.findall(text)
