@@ -112,6 +112,77 @@ class TokenizerParams(Section):
         return self
 
 
+class ModelParams(Section):
+    """`pretrain`'s model shape: a preset (lmforge.model.PRESETS) with optional overrides.
+
+    vocab_size and max_seq_len are not here: they come from the tokenizer (vocab size, seq_len).
+    """
+
+    preset: Literal["tiny", "small", "124m", "350m", "1b"] = "tiny"
+    dim: int | None = Field(None, gt=0)
+    n_layers: int | None = Field(None, gt=0)
+    n_heads: int | None = Field(None, gt=0)
+    n_kv_heads: int | None = Field(None, gt=0)
+    ffn_dim_multiplier: float | None = Field(None, gt=0)
+    multiple_of: int | None = Field(None, gt=0)
+    rope_theta: float | None = Field(None, gt=0)
+    norm_eps: float | None = Field(None, gt=0)
+    tie_embeddings: bool | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields set here, to pass to lmforge.model.build_config(preset, **overrides)."""
+        return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
+
+
+class PretrainParams(Section):
+    """`pretrain`: the training loop (lmforge.trainer.TrainConfig has the same names) and parallelism."""
+
+    max_steps: int = Field(200, gt=0)
+    # Optional token budget; training stops at whichever of max_steps / max_tokens comes first.
+    max_tokens: int | None = Field(None, gt=0)
+    micro_batch_size: int = Field(16, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+    precision: Literal["bf16", "fp16", "fp32"] = "fp32"
+    eval_every: int = Field(50, ge=0)
+    eval_batches: int = Field(8, gt=0)
+    checkpoint_every: int = Field(50, ge=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    resume: Literal["auto", "never"] = "auto"
+    seed: int = 1337
+    progress: bool = True
+    # Applied by lmforge.parallelize, not by the trainer.
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _min_lr_below_lr(self) -> PretrainParams:
+        if self.min_lr > self.lr:
+            raise ValueError(f"pretrain.min_lr {self.min_lr} is above pretrain.lr {self.lr}")
+        return self
+
+    def train_config_fields(self) -> dict[str, Any]:
+        """Keyword arguments for lmforge.trainer.TrainConfig."""
+        return self.model_dump(exclude={"activation_checkpointing", "compile"})
+
+
+class GenerateParams(Section):
+    """Sampling for the generated samples in reports (pretrain now, evaluate later)."""
+
+    prompts: list[str] = ["The function returns", "This module provides", "Return a new"]
+    max_new_tokens: int = Field(48, gt=0)
+    temperature: float = Field(0.8, ge=0)  # 0 is greedy
+    top_k: int | None = Field(50, gt=0)
+    top_p: float | None = Field(0.95, gt=0, le=1)
+    seed: int = 0
+
+
 class Params(BaseModel):
     """The whole params.yaml."""
 
@@ -120,6 +191,9 @@ class Params(BaseModel):
     data: DataParams = DataParams()
     clean: CleanParams = CleanParams()
     tokenizer: TokenizerParams = TokenizerParams()
+    model: ModelParams = ModelParams()
+    pretrain: PretrainParams = PretrainParams()
+    generate: GenerateParams = GenerateParams()
 
 
 def _format_error(error: dict[str, Any], model: type[BaseModel]) -> str:

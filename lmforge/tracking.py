@@ -114,6 +114,15 @@ def input_hashes(inputs: list[str | Path], root: Path) -> dict[str, str]:
     return hashes
 
 
+def _run_exists(run_id: str, experiment_id: str) -> bool:
+    import mlflow
+
+    try:
+        return mlflow.get_run(run_id).info.experiment_id == experiment_id
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
 class StageRun:
     """What a stage logs through; thin on purpose so every stage logs the same way."""
 
@@ -141,6 +150,26 @@ class StageRun:
 
         mlflow.log_dict(dict(data), name)
 
+    def log_torch_model(self, model: Any, registered_name: str, name: str = "model") -> Any:
+        """Log a plain torch module (pytorch flavor) and register a new version of it.
+
+        Pickle serialization with lmforge's source bundled (`code_paths`), so
+        `mlflow.pytorch.load_model("models:/<name>/<version>")` works without lmforge installed.
+        """
+        import mlflow
+        import torch
+
+        import lmforge
+
+        return mlflow.pytorch.log_model(
+            model,
+            name=name,
+            serialization_format="pickle",
+            pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy", "safetensors"],
+            code_paths=[str(Path(lmforge.__file__).parent)],
+            registered_model_name=registered_name,
+        )
+
 
 @contextmanager
 def stage_run(
@@ -148,8 +177,13 @@ def stage_run(
     params: Mapping[str, BaseModel],
     inputs: list[str | Path],
     root: Path | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[StageRun]:
-    """Open the MLflow run of one stage (experiment `lmforge`, run name = stage)."""
+    """Open the MLflow run of one stage (experiment `lmforge`, run name = stage).
+
+    `resume_run_id`: continue that run (a training stage resumed after a kill logs into the
+    run it started, so its curve is one line in the UI) when it exists in this store.
+    """
     import mlflow
 
     root = (root or Path.cwd()).resolve()
@@ -161,13 +195,18 @@ def stage_run(
         "mlflow.source.git.commit": git_commit(root),
         **{f"lmforge.input.{path}": digest for path, digest in hashes.items()},
     }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
-        flat_params = {}
-        for section, model in params.items():
-            flat_params.update(flatten(model.model_dump(mode="json"), f"{section}."))
-        # MLflow params are strings of bounded length; lists and dicts become JSON.
-        mlflow.log_params(
-            {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flat_params.items()}
-        )
+    flat_params = {}
+    for section, model in params.items():
+        flat_params.update(flatten(model.model_dump(mode="json"), f"{section}."))
+    # MLflow params are strings of bounded length; lists and dicts become JSON.
+    logged = {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flat_params.items()}
+    start: dict[str, Any] = {"experiment_id": experiment_id, "run_name": stage}
+    if resume_run_id and _run_exists(resume_run_id, experiment_id):
+        if mlflow.get_run(resume_run_id).data.params == logged:
+            start = {"run_id": resume_run_id}
+        else:  # MLflow params are immutable: a resume with other params is a new, linked run
+            tags["lmforge.continues_run"] = resume_run_id
+    with mlflow.start_run(**start, tags=tags) as run:
+        mlflow.log_params(logged)
         mlflow.log_dict({"stage": stage, "inputs": hashes}, "lineage.json")
         yield StageRun(run.info.run_id)

@@ -57,6 +57,12 @@ TINY_PARAMS = {
     "data": {"source": "files", "files": ["data/corpus/*.txt"], "val_fraction": 0.2, "batch_size": 64},
     "clean": {"batch_size": 64},
     "tokenizer": {"vocab_size": 320, "seq_len": 32, "encode_batch_size": 50, "shard_rows": 16},
+    "model": {"preset": "tiny", "dim": 32},
+    "pretrain": {
+        "max_steps": 6, "micro_batch_size": 4, "warmup_steps": 2, "lr": 0.01, "min_lr": 0.001, "eval_every": 3, "eval_batches": 2,
+        "checkpoint_every": 3, "progress": False,
+    },
+    "generate": {"max_new_tokens": 8, "prompts": ["The model"]},
 }
 
 
@@ -90,4 +96,21 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny repository on which `dvc repro` has run once (shared: it takes ~15 s)."""
     root = make_repo(tmp_path_factory.mktemp("repo"))
     run(["dvc", "repro"], root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny repository whose data stages have run (by hand, not through DVC)."""
+    root = make_repo(tmp_path_factory.mktemp("data_repo"))
+    for module in ("ingest", "clean", "tokenize_data"):
+        run(["python", "-m", f"stages.{module}"], root)
+    return root
+
+
+@pytest.fixture
+def trained_ready(data_repo: Path, tmp_path: Path) -> Path:
+    """A private copy of `data_repo` (shards ready, no MLflow store, no checkpoints)."""
+    root = tmp_path / "repo"
+    shutil.copytree(data_repo, root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"), symlinks=True)
     return root

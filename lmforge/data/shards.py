@@ -242,6 +242,10 @@ class ShardReader:
         self._sources.append(source)
         return blocks
 
+    def blocks(self) -> list[np.ndarray]:
+        """The split as (rows, seq_len+1) memory-mapped blocks, for whole-split statistics."""
+        return list(self._blocks)
+
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
 

@@ -1,0 +1,181 @@
+"""Finished models on disk: our safetensors + config.json format, and a Hugging Face LlamaForCausalLM export.
+
+Both are written to a temp dir and renamed into place; neither needs pickles to load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.errors import LmforgeError
+from lmforge.model import ModelConfig, Transformer
+from lmforge.parallelize import barrier, clean_name
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU tensors with clean names (collective under FSDP; every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {clean_name(k): v for k, v in sd.items()}
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _write_atomically(out_dir: Path, fill: Any) -> Path:
+    """Call fill(tmp_dir), then replace out_dir with it in one rename."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        fill(tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def save_pretrained(
+    model: nn.Module, config: ModelConfig, out_dir: str | Path, tokenizer_path: str | Path | None = None
+) -> Path:
+    """Write model.safetensors + config.json (+ tokenizer.json); collective under FSDP, rank 0 writes."""
+    sd = full_state_dict(model)
+    if config.tie_embeddings:
+        sd.pop("output.weight", None)  # the same tensor as embed.weight; safetensors refuses aliases
+    out = Path(out_dir)
+    if _is_main():
+        def fill(tmp: Path) -> None:
+            _save_safetensors(sd, tmp / WEIGHTS, {"format": "pt", "lmforge": "1"})
+            (tmp / CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
+            if tokenizer_path is not None:
+                shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+
+        _write_atomically(out, fill)
+    barrier()
+    return out
+
+
+def load_pretrained(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, ModelConfig]:
+    """Rebuild the model from save_pretrained's output (safetensors only, no pickles)."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    for name in (WEIGHTS, CONFIG):
+        if not (model_dir / name).is_file():
+            raise LmforgeError(f"{model_dir / name} is missing: point at a directory written by save_pretrained")
+    config = ModelConfig.from_dict(json.loads((model_dir / CONFIG).read_text()))
+    model = Transformer(config)
+    try:
+        sd = load_file(str(model_dir / WEIGHTS), device=str(device))
+    except Exception as exc:
+        raise LmforgeError(f"{model_dir / WEIGHTS} is not a readable safetensors file ({exc}): re-export it") from None
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    allowed_missing = {"output.weight"} if config.tie_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise LmforgeError(
+            f"{model_dir / WEIGHTS} does not match {CONFIG}: missing {sorted(set(missing) - allowed_missing)}, "
+            f"unexpected {sorted(unexpected)}; re-export the model"
+        )
+    return model.to(device), config
+
+
+def hf_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our names -> LlamaForCausalLM names. Rotary is already rotate_half, so q/k need no permutation."""
+    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = sd["output.weight"]
+    parts = {
+        "attn_norm.weight": "input_layernorm.weight",
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+        "attn.q_proj.weight": "self_attn.q_proj.weight",
+        "attn.k_proj.weight": "self_attn.k_proj.weight",
+        "attn.v_proj.weight": "self_attn.v_proj.weight",
+        "attn.o_proj.weight": "self_attn.o_proj.weight",
+        "ffn.gate_proj.weight": "mlp.gate_proj.weight",
+        "ffn.up_proj.weight": "mlp.up_proj.weight",
+        "ffn.down_proj.weight": "mlp.down_proj.weight",
+    }
+    for i in range(config.n_layers):
+        for ours, theirs in parts.items():
+            out[f"model.layers.{i}.{theirs}"] = sd[f"layers.{i}.{ours}"]
+    return out
+
+
+def hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None = None) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.ffn_hidden,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": config.tie_embeddings,
+        # transformers < 5 reads rope_theta, >= 5 reads rope_parameters; both are written.
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_scaling": None,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+
+
+def export_hf_llama(
+    model: nn.Module, config: ModelConfig, out_dir: str | Path, tokenizer_path: str | Path | None = None,
+    bos_id: int | None = None, eos_id: int | None = None,
+) -> Path:
+    """Write a directory that `transformers.LlamaForCausalLM.from_pretrained` loads as is."""
+    sd = full_state_dict(model)  # collective; only rank 0 receives the tensors (cpu_offload)
+    out = Path(out_dir)
+    if _is_main():
+        sd = hf_state_dict(sd, config)
+        def fill(tmp: Path) -> None:
+            _save_safetensors(sd, tmp / WEIGHTS, {"format": "pt"})
+            (tmp / CONFIG).write_text(json.dumps(hf_config(config, bos_id, eos_id), indent=2))
+            if tokenizer_path is not None:
+                shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+
+        _write_atomically(out, fill)
+    barrier()
+    return out

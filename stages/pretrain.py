@@ -1,0 +1,191 @@
+"""DVC stage `pretrain`: train the decoder on data/shards with the one trainer, then export
+models/pretrain (safetensors), models/pretrain_hf (LlamaForCausalLM) and reports/pretrain.
+
+One process: `python -m stages.pretrain`. Many: `torchrun --nproc_per_node=N -m stages.pretrain`
+(FSDP2 per block; rank 0 alone logs to MLflow and writes reports).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.cli import run_stage
+from lmforge.data.io import write_json
+from lmforge.data.shards import ShardReader
+from lmforge.errors import LmforgeError
+from lmforge.export import export_hf_llama, load_pretrained, save_pretrained
+from lmforge.generate import generate
+from lmforge.metrics import CurveLog, plot_loss, unigram_entropy, write_csv
+from lmforge.model import Transformer, build_config
+from lmforge.parallelize import (
+    apply_activation_checkpointing, apply_compile, apply_fsdp, barrier, destroy, init_distributed,
+)
+from lmforge.params import GenerateParams, Params, load_params
+from lmforge.tracking import stage_run
+from lmforge.trainer import Trainer, TrainConfig
+
+log = logging.getLogger("stages.pretrain")
+
+SHARDS = Path("data/shards")
+TOKENIZER = Path("data/tokenizer/tokenizer.json")
+MODEL_DIR = Path("models/pretrain")
+HF_DIR = Path("models/pretrain_hf")
+CHECKPOINTS = Path("checkpoints/pretrain")
+REPORTS = Path("reports/pretrain")
+REGISTERED_NAME = "lmforge-pretrain"
+# Knobs that may change without invalidating checkpoints (how long and how often, not what).
+RESUMABLE_CHANGES = {"max_steps", "max_tokens", "resume", "progress", "eval_every", "eval_batches",
+                     "checkpoint_every", "keep_checkpoints", "compile", "activation_checkpointing"}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def run_fingerprint(params: Params, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: model shape, optimizer knobs, the data."""
+    return {
+        "model": params.model.model_dump(mode="json"),
+        "pretrain": {k: v for k, v in params.pretrain.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES},
+        "tokenizer_sha256": manifest["tokenizer_sha256"],
+        "train_shards": [s["sha256"] for s in manifest["splits"]["train"]["shards"]],
+    }
+
+
+def prepare_checkpoint_dir(fingerprint: dict[str, Any], resume: str) -> str | None:
+    """Keep checkpoints that match this run (returning its MLflow run id to continue), else
+    move them aside to checkpoints/pretrain.stale so nothing is deleted."""
+    marker = CHECKPOINTS / "run.json"
+    if CHECKPOINTS.exists() and marker.is_file():
+        previous = json.loads(marker.read_text())
+        if resume == "auto" and previous.get("fingerprint") == fingerprint:
+            return previous.get("mlflow_run_id")
+        reason = "pretrain.resume is 'never'" if resume != "auto" else "model, optimizer params or data changed"
+        stale = CHECKPOINTS.with_name(CHECKPOINTS.name + ".stale")
+        log.warning("%s: moving the old checkpoints in %s to %s and starting fresh", reason, CHECKPOINTS, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+        CHECKPOINTS.rename(stale)
+    elif CHECKPOINTS.exists() and any(CHECKPOINTS.iterdir()):
+        raise LmforgeError(f"{CHECKPOINTS} holds files without a run.json: move them away or delete the directory")
+    CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"fingerprint": fingerprint, "mlflow_run_id": None})
+    return None
+
+
+def remember_run_id(run_id: str) -> None:
+    marker = CHECKPOINTS / "run.json"
+    data = json.loads(marker.read_text())
+    write_json(marker, {**data, "mlflow_run_id": run_id})
+
+
+def sample_texts(model: Transformer, tokenizer_path: Path, gen: GenerateParams, eos_id: int) -> list[dict[str, str]]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    model.eval()
+    samples = []
+    for prompt in gen.prompts:
+        ids = torch.tensor([tokenizer.encode(prompt).ids], dtype=torch.long)
+        out = generate(
+            model, ids, gen.max_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
+            top_p=gen.top_p, eos_id=eos_id, seed=gen.seed,
+        )
+        samples.append({"prompt": prompt, "completion": tokenizer.decode(out[0, ids.shape[1]:].tolist())})
+    return samples
+
+
+def write_reports(curve: CurveLog, final_step: int, summary: dict[str, Any], samples: list[dict[str, str]],
+                  gen: GenerateParams) -> None:
+    records = curve.read(up_to_step=final_step)
+    write_csv(REPORTS / "train_curve.csv", records, ["step", "train_loss", "lr", "grad_norm", "tokens_per_s"])
+    write_csv(REPORTS / "val_curve.csv", records, ["step", "val_loss", "val_ppl"])
+    plot_loss(REPORTS / "loss.png", records, summary["unigram_entropy"], "pretrain")
+    write_json(REPORTS / "metrics.json", summary)
+    sampling = f"temperature {gen.temperature}, top_k {gen.top_k}, top_p {gen.top_p}, seed {gen.seed}"
+    lines = [f"# Samples from the pretrained model\n\nSampling: {sampling}, {gen.max_new_tokens} new tokens.\n"]
+    for sample in samples:
+        lines.append(f"**{sample['prompt']}**{sample['completion']}\n")
+    with contextlib.suppress(FileNotFoundError):
+        (REPORTS / "samples.md").unlink()
+    (REPORTS / "samples.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def main() -> None:
+    params = load_params()
+    info = init_distributed()
+    torch.manual_seed(params.pretrain.seed)
+    train = ShardReader(SHARDS, "train", tokenizer_path=TOKENIZER)
+    val = ShardReader(SHARDS, "val", tokenizer_path=TOKENIZER)
+    config = build_config(
+        params.model.preset, vocab_size=train.vocab_size, max_seq_len=train.seq_len, **params.model.overrides()
+    )
+    model = Transformer(config).to(info.device)
+    if params.pretrain.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if params.pretrain.compile:
+        apply_compile(model)
+    if info.distributed:
+        compute_dtype = PRECISION_DTYPES[params.pretrain.precision]
+        apply_fsdp(model, param_dtype=compute_dtype if info.device.type == "cuda" else torch.float32)
+
+    fingerprint = run_fingerprint(params, train.manifest)
+    resume_run_id = prepare_checkpoint_dir(fingerprint, params.pretrain.resume) if info.is_main else None
+    barrier()
+    curve = CurveLog(CHECKPOINTS / "curve.jsonl")
+    inputs = [SHARDS, TOKENIZER]
+    sections = {"model": params.model, "pretrain": params.pretrain}
+    opened = stage_run("pretrain", sections, inputs, resume_run_id=resume_run_id) if info.is_main else contextlib.nullcontext()
+    with opened as run:
+        if run is not None:
+            remember_run_id(run.run_id)
+
+        def on_metrics(step: int, metrics: dict[str, Any]) -> None:  # rank 0 only (the trainer's rule)
+            named = {("train_loss" if k == "loss" else k): v for k, v in metrics.items()}
+            curve.append(step, named)
+            run.log_metrics({k: v for k, v in named.items() if v is not None}, step=step)
+
+        trainer = Trainer(
+            model, TrainConfig(**params.pretrain.train_config_fields()), train, val,
+            dist_info=info, checkpoint_dir=CHECKPOINTS, on_metrics=on_metrics,
+        )
+        result = trainer.fit()
+        save_pretrained(model, config, MODEL_DIR, tokenizer_path=TOKENIZER)  # collective
+        export_hf_llama(model, config, HF_DIR, tokenizer_path=TOKENIZER, eos_id=train.eos_id)  # collective
+        if run is not None:
+            plain, _ = load_pretrained(MODEL_DIR)
+            baseline = unigram_entropy(train.blocks(), train.vocab_size)
+            records = curve.read(up_to_step=result.step)
+            speeds = [r["tokens_per_s"] for r in records[len(records) // 5:] if "tokens_per_s" in r]
+            summary = {
+                "steps": result.step,
+                "train_loss": result.train_loss,
+                "val_loss": result.val_loss,
+                "val_perplexity": result.val_ppl,
+                "unigram_entropy": baseline,
+                "val_loss_vs_unigram": (result.val_loss / baseline) if result.val_loss else None,
+                "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
+                "tokens_seen": result.tokens_seen,
+                "parameters": config.num_params(),
+                "world_size": info.world_size,
+            }
+            samples = sample_texts(plain, TOKENIZER, params.generate, train.eos_id)
+            write_reports(curve, result.step, summary, samples, params.generate)
+            # The losses are already in the per-step history; the rest lands at the final step.
+            per_step = {"steps", "train_loss", "val_loss"}
+            run.log_metrics({k: v for k, v in summary.items() if k not in per_step and v is not None}, step=result.step)
+            for path in ("metrics.json", "loss.png", "samples.md", "train_curve.csv", "val_curve.csv"):
+                run.log_artifact(REPORTS / path, "reports")
+            run.log_artifact(MODEL_DIR / "config.json", "model_config")
+            run.log_torch_model(plain, REGISTERED_NAME)
+            log.info("val loss %.3f (unigram entropy %.3f), %s", result.val_loss or float("nan"), baseline,
+                     json.dumps(samples[0]))
+    destroy()
+
+
+if __name__ == "__main__":
+    run_stage("pretrain", main)

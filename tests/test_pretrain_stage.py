@@ -1,0 +1,153 @@
+"""The pretrain stage as users run it: `dvc repro`, `torchrun`, kill and resume, with a real
+local MLflow store and model registry (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from lmforge.export import load_pretrained
+
+from conftest import TINY_PARAMS, run, tool_env
+
+
+def _client(root: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+
+
+def _runs(root: Path, name: str):
+    client = _client(root)
+    experiment = client.get_experiment_by_name("lmforge")
+    return [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == name]
+
+
+def _params(root: Path, **sections) -> None:
+    params = {key: dict(value) for key, value in TINY_PARAMS.items()}
+    for section, values in sections.items():
+        params[section] = {**params.get(section, {}), **values}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_repro_trains_exports_and_reports(tiny_repo):
+    metrics = json.loads((tiny_repo / "reports/pretrain/metrics.json").read_text())
+    assert metrics["steps"] == 6
+    vocab = json.loads((tiny_repo / "data/shards/manifest.json").read_text())["vocab_size"]
+    assert metrics["val_loss"] < math.log(vocab) - 0.3  # below a uniform guess: it learned (6 tiny steps)
+    for path in ("loss.png", "samples.md", "train_curve.csv", "val_curve.csv"):
+        assert (tiny_repo / "reports/pretrain" / path).stat().st_size > 0
+    train_curve = (tiny_repo / "reports/pretrain/train_curve.csv").read_text().splitlines()
+    assert train_curve[0] == "step,train_loss,lr,grad_norm,tokens_per_s" and len(train_curve) == 7
+    model, config = load_pretrained(tiny_repo / "models/pretrain")
+    assert config.vocab_size == json.loads((tiny_repo / "data/shards/manifest.json").read_text())["vocab_size"]
+    assert (tiny_repo / "models/pretrain/tokenizer.json").is_file()
+
+
+def test_hf_export_from_the_stage_matches_our_logits(tiny_repo):
+    from transformers import LlamaForCausalLM
+
+    ours, _ = load_pretrained(tiny_repo / "models/pretrain")
+    theirs = LlamaForCausalLM.from_pretrained(tiny_repo / "models/pretrain_hf").eval()
+    idx = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours.eval()(idx), atol=1e-4, rtol=1e-4)
+
+
+def test_mlflow_run_has_the_loss_at_every_step_and_a_registered_model(tiny_repo):
+    (run_,) = _runs(tiny_repo, "pretrain")
+    client = _client(tiny_repo)
+    history = client.get_metric_history(run_.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+    assert sorted(m.step for m in client.get_metric_history(run_.info.run_id, "val_loss")) == [3, 6]
+    assert run_.data.metrics["unigram_entropy"] > 0
+    assert run_.data.params["pretrain.max_steps"] == "6"
+    versions = client.search_model_versions("name='lmforge-pretrain'")
+    assert len(versions) == 1 and versions[0].run_id == run_.info.run_id
+    mlflow.set_tracking_uri(f"sqlite:///{tiny_repo}/mlflow.db")
+    logged = mlflow.pytorch.load_model("models:/lmforge-pretrain/1")
+    ours, _ = load_pretrained(tiny_repo / "models/pretrain")
+    idx = torch.randint(0, 300, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(logged.eval()(idx), ours.eval()(idx))
+
+
+def test_dvc_plots_and_metrics_list_the_pretrain_figures(tiny_repo):
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], tiny_repo).stdout)
+    text = json.dumps(shown)
+    assert "reports/pretrain/metrics.json" in text and "val_loss" in text
+    plots = run(["dvc", "plots", "show", "--json"], tiny_repo).stdout
+    assert "train_curve.csv" in plots
+
+
+def test_two_ranks_under_torchrun_log_one_run_then_resume_at_one_rank(trained_ready):
+    root = trained_ready
+    run(["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stages.pretrain"],
+        root, OMP_NUM_THREADS="1")
+    (first,) = _runs(root, "pretrain")
+    assert json.loads((root / "reports/pretrain/metrics.json").read_text())["world_size"] == 2
+    # More steps at world size 1: resumes from the 2-rank checkpoint. MLflow params are immutable,
+    # so the changed max_steps makes a new run, linked to the first, whose steps continue.
+    _params(root, pretrain={**TINY_PARAMS["pretrain"], "max_steps": 8})
+    result = run(["python", "-m", "stages.pretrain"], root)
+    assert "resumed from" in result.stderr and "at step 6" in result.stderr
+    (second,) = [r for r in _runs(root, "pretrain") if r.info.run_id != first.info.run_id]
+    assert second.data.tags["lmforge.continues_run"] == first.info.run_id
+    steps = [m.step for m in _client(root).get_metric_history(second.info.run_id, "train_loss")]
+    assert sorted(steps) == [7, 8]
+
+
+def test_killed_stage_resumes_from_its_checkpoint_in_the_same_run(trained_ready):
+    root = trained_ready
+    _params(root, pretrain={**TINY_PARAMS["pretrain"], "max_steps": 16, "checkpoint_every": 2, "eval_every": 0})
+    process = subprocess.Popen(["python", "-m", "stages.pretrain"], cwd=root, env=tool_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = root / "checkpoints/pretrain"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("step_*[0-9]")):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = max(int(p.name.split("_")[1]) for p in checkpoints.glob("step_*[0-9]"))
+    assert saved < 16, "the run finished before it was killed"
+    result = run(["python", "-m", "stages.pretrain"], root)
+    assert f"at step {saved}" in result.stderr
+    curve = (root / "reports/pretrain/train_curve.csv").read_text().splitlines()[1:]
+    assert [int(line.split(",")[0]) for line in curve] == list(range(1, 17))
+    (only,) = _runs(root, "pretrain")
+    steps = {m.step for m in _client(root).get_metric_history(only.info.run_id, "train_loss")}
+    assert steps == set(range(1, 17))
+
+
+def test_changed_model_shape_starts_fresh_and_keeps_old_checkpoints_aside(trained_ready):
+    root = trained_ready
+    run(["python", "-m", "stages.pretrain"], root)
+    _params(root, model={"preset": "tiny", "dim": 64})
+    result = run(["python", "-m", "stages.pretrain"], root)
+    assert "starting fresh" in result.stderr and "resumed from" not in result.stderr
+    assert (root / "checkpoints/pretrain.stale/run.json").is_file()
+
+
+def test_micro_batch_larger_than_the_data_is_a_clear_error(trained_ready):
+    root = trained_ready
+    _params(root, pretrain={**TINY_PARAMS["pretrain"], "micro_batch_size": 100000})
+    result = run(["python", "-m", "stages.pretrain"], root, check=False)
+    assert result.returncode == 2 and "micro_batch_size" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_shards_from_another_tokenizer_are_refused(trained_ready):
+    root = trained_ready
+    other = json.loads((root / "data/tokenizer/tokenizer.json").read_text())
+    other["model"]["merges"] = other["model"]["merges"][:-1]
+    (root / "data/tokenizer/tokenizer.json").write_text(json.dumps(other))
+    result = run(["python", "-m", "stages.pretrain"], root, check=False)
+    assert result.returncode == 2 and "another tokenizer" in result.stderr

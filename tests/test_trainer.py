@@ -1,0 +1,169 @@
+"""Behavior of the training loop: steps learn, accumulation is exact, precisions run, data and resume are exact."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from train_helper import SyntheticRows, tiny_config  # noqa: E402
+
+from lmforge.errors import LmforgeError  # noqa: E402
+from lmforge.model import ModelConfig, Transformer  # noqa: E402
+from lmforge.params import PretrainParams  # noqa: E402
+from lmforge.trainer import RowSampler, TrainConfig, Trainer, lr_at  # noqa: E402
+
+HELPER = Path(__file__).parent / "train_helper.py"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_trainer(model=None, **kw) -> Trainer:
+    torch.manual_seed(0)
+    model = model or Transformer(tiny_config())
+    cfg = TrainConfig(**{"max_steps": 4, "micro_batch_size": 4, "warmup_steps": 0, "eval_every": 0,
+                         "eval_batches": 2, "checkpoint_every": 0, "progress": False, "lr": 3e-3, **kw})
+    return Trainer(model, cfg, SyntheticRows(128, 1), SyntheticRows(32, 2))
+
+
+def test_one_optimizer_step_reduces_the_loss_on_a_fixed_batch():
+    trainer = make_trainer()
+    batches = list(trainer.train_micro_batches(0))
+    before, _ = trainer.compute_gradients(batches)
+    trainer.optimizer_step()
+    after, _ = trainer.compute_gradients(batches)
+    assert after < before
+
+
+def test_accumulating_four_micro_batches_of_two_equals_one_batch_of_eight():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    small = make_trainer(copy.deepcopy(model), micro_batch_size=2, grad_accum_steps=4)
+    large = make_trainer(copy.deepcopy(model), micro_batch_size=8, grad_accum_steps=1)
+    loss_a, tokens_a = small.compute_gradients(small.train_micro_batches(0))
+    loss_b, tokens_b = large.compute_gradients(large.train_micro_batches(0))
+    assert tokens_a == tokens_b == 8 * 16
+    assert math.isclose(loss_a, loss_b, rel_tol=1e-6)
+    for (name, a), b in zip(small.model.named_parameters(), large.model.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_each_precision_trains_on_cpu(precision):
+    seen = []
+    trainer = make_trainer(precision=precision, max_steps=3)
+    trainer.on_metrics = lambda step, m: seen.append((step, m))
+    result = trainer.fit()
+    assert result.step == 3 and [s for s, _ in seen] == [1, 2, 3]
+    assert all(math.isfinite(m["loss"]) for _, m in seen)
+    assert result.val_loss is not None and math.isfinite(result.val_loss)
+
+
+def test_metrics_cover_loss_lr_grad_norm_throughput_and_memory():
+    seen = []
+    trainer = make_trainer(max_steps=2)
+    trainer.on_metrics = lambda step, m: seen.append(m)
+    trainer.fit()
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_mib", "val_loss", "val_ppl"} <= set(seen[-1])
+    assert seen[-1]["mfu"] is None  # no peak FLOPs for a CPU
+    assert seen[-1]["peak_mem_mib"] > 0
+
+
+def test_token_budget_caps_the_number_of_steps():
+    trainer = make_trainer(max_steps=100, max_tokens=3 * 4 * 16)
+    assert trainer.total_steps == 3
+
+
+def test_ranks_read_disjoint_rows_and_see_every_row_once_per_epoch():
+    n, world, micro = 50, 2, 5
+    sampler = RowSampler(n, seed=3)
+    seen = []
+    for step in range(n // (world * micro)):
+        for rank in range(world):
+            seen += sampler.rows(step * world * micro + rank * micro, micro)
+    assert sorted(seen) == list(range(n))
+    assert sampler.rows(0, n) != sampler.rows(n, n)  # a new shuffle each epoch
+    assert sorted(sampler.rows(n, n)) == list(range(n))
+
+
+def test_lr_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100)
+    assert lr_at(0, cfg, 100) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 100) == pytest.approx(1.0)
+    assert lr_at(100, cfg, 100) == pytest.approx(0.1)
+    assert lr_at(40, cfg, 100) > lr_at(60, cfg, 100)
+
+
+def test_pretrain_params_map_onto_train_config():
+    assert TrainConfig(**PretrainParams().train_config_fields()) == TrainConfig()
+
+
+def test_too_little_data_for_one_step_is_an_error_naming_the_fix():
+    with pytest.raises(LmforgeError, match="nproc"):
+        make_trainer(micro_batch_size=64, grad_accum_steps=4)
+
+
+def test_rows_longer_than_max_seq_len_are_an_error():
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, max_seq_len=8))
+    with pytest.raises(LmforgeError, match="max_seq_len"):
+        make_trainer(model)
+
+
+def test_a_vocabulary_larger_than_the_embedding_is_an_error():
+    model = Transformer(ModelConfig(vocab_size=32, dim=32, n_layers=1, n_heads=4, max_seq_len=16))
+    with pytest.raises(LmforgeError, match="vocab_size"):
+        make_trainer(model)
+
+
+def _read_losses(path: Path) -> dict[int, float]:
+    out = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        out[row["step"]] = row["loss"]  # a resumed run rewrites the steps after its checkpoint
+    return out
+
+
+def _run_helper(out: Path, *args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    return subprocess.Popen([sys.executable, str(HELPER), str(out), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def test_resume_after_kill_continues_the_same_loss_curve(tmp_path):
+    common = ["--steps", "12", "--ckpt-every", "3"]
+    reference = _run_helper(tmp_path / "ref", *common)
+    assert reference.wait(timeout=120) == 0, reference.stdout.read().decode()
+
+    victim = _run_helper(tmp_path / "run", *common, "--delay", "0.3")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = len(metrics.read_text().splitlines())
+    assert killed_at < 12, "the run finished before it could be killed"
+
+    resumed = _run_helper(tmp_path / "run", *common)
+    output = resumed.communicate(timeout=120)[0].decode()
+    assert resumed.returncode == 0, output
+    lines = metrics.read_text().splitlines()
+    first_resumed_step = json.loads(lines[killed_at])["step"]
+    assert 1 < first_resumed_step <= killed_at, "the second run started over instead of resuming"
+    expected, got = _read_losses(tmp_path / "ref" / "metrics.jsonl"), _read_losses(metrics)
+    assert sorted(got) == list(range(1, 13))
+    # CPU fp32, one thread, deterministic algorithms: the continued curve is bitwise the same.
+    assert got == expected

@@ -1,0 +1,101 @@
+"""A tiny training run for the tests that need a separate process (torchrun ranks, kill-and-resume).
+
+Run as `python tests/train_helper.py OUT ...` or under `python -m torch.distributed.run --nproc_per_node=2`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmforge.export import full_state_dict, save_pretrained  # noqa: E402
+from lmforge.model import ModelConfig, Transformer  # noqa: E402
+from lmforge.parallelize import apply_fsdp, destroy, init_distributed  # noqa: E402
+from lmforge.trainer import Trainer, TrainConfig  # noqa: E402
+
+VOCAB = 64
+SEQ_LEN = 16
+
+
+class SyntheticRows:
+    """Rows following next = (3 * prev + 1) % VOCAB with 10% noise: learnable, deterministic."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        rows = np.empty((n, SEQ_LEN + 1), dtype=np.uint16)
+        rows[:, 0] = rng.integers(0, VOCAB, n)
+        for j in range(1, SEQ_LEN + 1):
+            noise = rng.random(n) < 0.1
+            rows[:, j] = np.where(noise, rng.integers(0, VOCAB, n), (3 * rows[:, j - 1].astype(np.int64) + 1) % VOCAB)
+        self.rows = rows
+        self.vocab_size = VOCAB
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.rows[i]
+
+
+def tiny_config() -> ModelConfig:
+    return ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=SEQ_LEN)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--ckpt-every", type=int, default=4)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--resume", default="auto")
+    ap.add_argument("--delay", type=float, default=0.0, help="sleep after each step (to be killed mid-run)")
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--no-fsdp", action="store_true")
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    info = init_distributed(device="cpu")
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = Transformer(config)
+    if info.distributed and not args.no_fsdp:
+        apply_fsdp(model)
+    metrics_file = args.out / "metrics.jsonl"
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def on_metrics(step: int, metrics: dict) -> None:
+        with metrics_file.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        time.sleep(args.delay)
+
+    cfg = TrainConfig(
+        max_steps=args.steps, micro_batch_size=args.micro, grad_accum_steps=args.accum, lr=3e-3, min_lr=3e-4,
+        warmup_steps=2, precision=args.precision, eval_every=4, eval_batches=2,
+        checkpoint_every=args.ckpt_every, keep_checkpoints=2, resume=args.resume, progress=False,
+    )
+    trainer = Trainer(
+        model, cfg, SyntheticRows(args.rows, 1), SyntheticRows(64, 2), dist_info=info,
+        checkpoint_dir=args.out / "checkpoints", on_metrics=on_metrics,
+    )
+    result = trainer.fit()
+    # Gathered on every rank (a collective), written by rank 0.
+    full_state_dict(model)
+    save_pretrained(model, config, args.out / "model")
+    if info.is_main:
+        (args.out / "result.json").write_text(json.dumps({"step": result.step, "val_loss": result.val_loss}))
+    destroy()
+
+
+if __name__ == "__main__":
+    main()
