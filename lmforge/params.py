@@ -100,7 +100,7 @@ class TokenizerParams(Section):
     min_frequency: int = Field(2, ge=1)
     eos_token: str = "<|endoftext|>"
     special_tokens: list[str] = ["<|endoftext|>", "<|pad|>"]
-    encode_batch_size: int = Field(4096, gt=0)
+    encode_batch_size: int = Field(2048, gt=0)
     shard_rows: int = Field(4096, gt=0)
 
     @model_validator(mode="after")

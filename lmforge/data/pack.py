@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,45 +34,29 @@ def _id_text_batches(path: Path, batch_size: int) -> Iterator[tuple[list[str], p
         raise LmforgeError(f"{path} is corrupt ({exc}); rerun `dvc repro -f clean`") from None
 
 
-@dataclass
-class _Texts:
-    """A batch of one split's texts, with its UTF-8 size (counted once, by Arrow)."""
-
-    items: list[str]
-    nbytes: int
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-def _routed(path: Path, batch_size: int, val_fraction: float) -> Iterator[tuple[str, _Texts]]:
-    """(split, texts) batches in file order: each document goes to the split of its id."""
+def _batches(path: Path, batch_size: int, val_fraction: float) -> Iterator[tuple[list[str], np.ndarray, int]]:
+    """(texts, is_val mask, UTF-8 bytes) per batch, in file order; the split comes from each id."""
     for ids, texts in _id_text_batches(path, batch_size):
         is_val = np.fromiter((split_of(doc_id, val_fraction) == "val" for doc_id in ids), bool, len(ids))
-        sizes = pc.binary_length(texts).to_numpy(zero_copy_only=False)
-        items = texts.to_pylist()
-        for split, mask in (("train", ~is_val), ("val", is_val)):
-            if mask.any():
-                yield split, _Texts([t for t, keep in zip(items, mask) if keep], int(sizes[mask].sum()))
+        yield texts.to_pylist(), is_val, int(pc.sum(pc.binary_length(texts)).as_py() or 0)
 
 
-def _encode_ahead(
-    batches: Iterator[tuple[str, _Texts]], tokenizer: Tokenizer
-) -> Iterator[tuple[str, _Texts, list]]:
+def _encode_ahead(batches: Iterator[tuple[list[str], np.ndarray, int]], tokenizer: Tokenizer) -> Iterator[tuple[list, np.ndarray, int]]:
     """Encode batch k+1 in a thread while the caller packs and writes batch k.
 
-    The Rust encoder releases the GIL, so reading Parquet and packing (Python) overlap
-    with encoding instead of leaving the encoder's cores idle (see bench/data_prep.py).
+    The Rust encoder releases the GIL, so reading Parquet and packing (Python) overlap with
+    encoding instead of leaving the encoder's cores idle. Both splits of a batch are encoded
+    in one call: small separate calls for the val documents parallelize poorly.
     """
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
-        for split, texts in batches:
-            future = pool.submit(tokenizer.encode_batch_fast, texts.items, add_special_tokens=False)
+        for texts, is_val, size in batches:
+            future = pool.submit(tokenizer.encode_batch_fast, texts, add_special_tokens=False)
             if pending is not None:
-                yield pending[0], pending[1], pending[2].result()
-            pending = (split, texts, future)
+                yield pending[0].result(), pending[1], pending[2]
+            pending = (future, is_val, size)
         if pending is not None:
-            yield pending[0], pending[1], pending[2].result()
+            yield pending[0].result(), pending[1], pending[2]
 
 
 def train_split_texts(path: Path, val_fraction: float, batch_size: int) -> Iterator[str]:
@@ -102,10 +85,12 @@ def encode_to_shards(
     bytes_in = 0
     start = time.perf_counter()
     with tqdm(total=total_docs, unit="doc", desc="tokenize", disable=None) as bar:
-        for split, texts, encodings in _encode_ahead(_routed(path, params.encode_batch_size, val_fraction), tokenizer):
-            writers[split].add(packers[split].add([enc.ids for enc in encodings]))
-            bytes_in += texts.nbytes
-            bar.update(len(texts))
+        for encodings, is_val, size in _encode_ahead(_batches(path, params.encode_batch_size, val_fraction), tokenizer):
+            ids = [enc.ids for enc in encodings]
+            for split, in_split in (("train", ~is_val), ("val", is_val)):
+                writers[split].add(packers[split].add([doc for doc, keep in zip(ids, in_split) if keep]))
+            bytes_in += size
+            bar.update(len(ids))
     seconds = time.perf_counter() - start
 
     summaries = {}
