@@ -6,7 +6,7 @@ An unknown key or a bad value is an `LmforgeError` naming the key and what is al
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -134,8 +134,11 @@ class ModelParams(Section):
         return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
 
 
-class PretrainParams(Section):
-    """`pretrain`: the training loop (lmforge.trainer.TrainConfig has the same names) and parallelism."""
+class TrainerParams(Section):
+    """The knobs of the one training loop (lmforge.trainer.TrainConfig has the same names), shared
+    by `pretrain` and `finetune` (each redeclares the defaults that suit it)."""
+
+    section: ClassVar[str] = "trainer"
 
     max_steps: int = Field(200, gt=0)
     # Optional token budget; training stops at whichever of max_steps / max_tokens comes first.
@@ -157,19 +160,107 @@ class PretrainParams(Section):
     resume: Literal["auto", "never"] = "auto"
     seed: int = 1337
     progress: bool = True
-    # Applied by lmforge.parallelize, not by the trainer.
-    activation_checkpointing: bool = False
-    compile: bool = False
 
     @model_validator(mode="after")
-    def _min_lr_below_lr(self) -> PretrainParams:
+    def _min_lr_below_lr(self) -> TrainerParams:
         if self.min_lr > self.lr:
-            raise ValueError(f"pretrain.min_lr {self.min_lr} is above pretrain.lr {self.lr}")
+            raise ValueError(f"{self.section}.min_lr {self.min_lr} is above {self.section}.lr {self.lr}")
         return self
 
     def train_config_fields(self) -> dict[str, Any]:
         """Keyword arguments for lmforge.trainer.TrainConfig."""
-        return self.model_dump(exclude={"activation_checkpointing", "compile"})
+        return self.model_dump(include=set(TrainerParams.model_fields))
+
+
+class PretrainParams(TrainerParams):
+    """`pretrain`: the training loop (lmforge.trainer.TrainConfig has the same names) and parallelism."""
+
+    section: ClassVar[str] = "pretrain"
+
+    # Applied by lmforge.parallelize, not by the trainer.
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+
+class LoraParams(Section):
+    """`finetune.lora`: peft's LoraConfig(r, lora_alpha, lora_dropout, target_modules) on the backbone."""
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # Linear names in lmforge.model: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("list at least one Linear module name (e.g. q_proj)")
+        return value
+
+
+class FinetuneParams(TrainerParams):
+    """`finetune`: task, data fields, method (full | frozen | lora) and the trainer knobs
+    (defaults for the built-in classify task on a 2-core CPU); lmforge.finetune uses them."""
+
+    section: ClassVar[str] = "finetune"
+
+    task: Literal["classify", "sft"] = "classify"
+    method: Literal["full", "frozen", "lora"] = "full"
+    train_file: str = "data/finetune/classify_train.jsonl"
+    # Only read to check that its labels were seen in training; the evaluate stage scores it.
+    test_file: str | None = "data/finetune/classify_test.jsonl"
+    text_field: str = "text"
+    label_field: str = "label"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    max_length: int = Field(128, ge=2)
+    # Classification head input: `last` non-pad token's hidden state, or the `mean` over non-pad tokens.
+    pooling: Literal["last", "mean"] = "last"
+    # Weight each class by n / (n_labels * count) in the loss (imbalanced label sets).
+    class_weights: bool = False
+    prompt_separator: str = "\n"
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    early_stopping_metric: Literal["val_loss", "val_accuracy"] = "val_loss"
+    patience: int = Field(0, ge=0)  # evals without improvement before stopping; 0: never stop early
+    lora: LoraParams = LoraParams()
+
+    max_steps: int = Field(150, gt=0)
+    micro_batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    eval_every: int = Field(25, ge=0)
+    eval_batches: int = Field(50, gt=0)
+    checkpoint_every: int = Field(50, ge=0)
+
+    @model_validator(mode="after")
+    def _task_fits_method(self) -> FinetuneParams:
+        if self.task == "sft" and self.method == "frozen":
+            raise ValueError(
+                "finetune.method 'frozen' trains only a new classification head, and sft has none: "
+                "use 'lora' or 'full'"
+            )
+        if self.task == "sft" and self.early_stopping_metric == "val_accuracy":
+            raise ValueError("finetune.early_stopping_metric 'val_accuracy' is for task classify: use 'val_loss'")
+        return self
+
+    def train_config_fields(self) -> dict[str, Any]:
+        """TrainConfig keywords, with the early-stopping metric, its direction and the patience."""
+        mode = "max" if self.early_stopping_metric == "val_accuracy" else "min"
+        return {**super().train_config_fields(), "best_metric": self.early_stopping_metric,
+                "best_mode": mode, "patience": self.patience}
+
+
+class TasksParams(Section):
+    """`finetune_data`: the built-in fine-tuning tasks made from the built-in corpus."""
+
+    classify_top_k: int = Field(8, ge=2)  # classes: the K packages with most training docstrings
+    classify_max_per_class: int = Field(300, gt=0)  # training rows per class at most (balance)
+    sft_max_prompt_chars: int = Field(300, gt=0)
+    sft_max_response_chars: int = Field(200, gt=0)
+    seed: int = 0
 
 
 class GenerateParams(Section):
@@ -193,7 +284,9 @@ class Params(BaseModel):
     tokenizer: TokenizerParams = TokenizerParams()
     model: ModelParams = ModelParams()
     pretrain: PretrainParams = PretrainParams()
+    finetune: FinetuneParams = FinetuneParams()
     generate: GenerateParams = GenerateParams()
+    tasks: TasksParams = TasksParams()
 
 
 def _format_error(error: dict[str, Any], model: type[BaseModel]) -> str:

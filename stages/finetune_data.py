@@ -1,0 +1,56 @@
+"""DVC stage `finetune_data`: the built-in fine-tuning tasks from data/clean ->
+data/finetune/{classify,sft}_{train,test}.jsonl and data/finetune/stats.json.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from lmforge.cli import run_stage
+from lmforge.data.io import iter_document_batches, write_json, write_jsonl
+from lmforge.data.tasks import classify_examples, sft_examples
+from lmforge.errors import LmforgeError
+from lmforge.params import load_params
+from lmforge.tracking import stage_run
+
+CLEAN = Path("data/clean/documents.parquet")
+OUT = Path("data/finetune")
+STATS = OUT / "stats.json"
+
+
+def main() -> None:
+    params = load_params()
+    tasks, val_fraction = params.tasks, params.data.val_fraction
+    with stage_run("finetune_data", {"tasks": tasks}, inputs=[CLEAN]) as run:
+        # The built-in tasks need only a few columns of a few MB: read them whole.
+        docs = [doc for batch in iter_document_batches(CLEAN, 10_000, "clean") for doc in batch]
+        train, test, labels = classify_examples(docs, val_fraction, tasks.classify_top_k, tasks.classify_max_per_class, tasks.seed)
+        if len(labels) < 2 or not test:
+            raise LmforgeError(
+                f"{CLEAN} gives {len(labels)} classes and {len(test)} test documents for the built-in classify "
+                "task: it needs data.source: builtin (documents with a stdlib package); bring your own "
+                "labeled files through finetune.train_file/test_file otherwise"
+            )
+        sft_train, sft_test = sft_examples(docs, val_fraction, tasks.sft_max_prompt_chars, tasks.sft_max_response_chars)
+        for name, rows in {
+            "classify_train": train, "classify_test": test, "sft_train": sft_train, "sft_test": sft_test,
+        }.items():
+            write_jsonl(OUT / f"{name}.jsonl", rows)
+        stats = {
+            "classify": {
+                "labels": labels,
+                "train": len(train),
+                "test": len(test),
+                "train_per_label": dict(sorted(Counter(r["label"] for r in train).items())),
+                "test_per_label": dict(sorted(Counter(r["label"] for r in test).items())),
+            },
+            "sft": {"train": len(sft_train), "test": len(sft_test)},
+        }
+        write_json(STATS, stats)
+        run.log_metrics(stats)
+        run.log_artifact(STATS)
+
+
+if __name__ == "__main__":
+    run_stage("finetune_data", main)
