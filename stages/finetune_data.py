@@ -4,19 +4,20 @@ data/finetune/{classify,sft}_{train,test}.jsonl and data/finetune/stats.json.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
 from lmforge.cli import run_stage
 from lmforge.data.io import iter_document_batches, write_json, write_jsonl
 from lmforge.data.tasks import classify_examples, sft_examples
-from lmforge.errors import LmforgeError
 from lmforge.params import load_params
 from lmforge.tracking import stage_run
 
 CLEAN = Path("data/clean/documents.parquet")
 OUT = Path("data/finetune")
 STATS = OUT / "stats.json"
+log = logging.getLogger("stages.finetune_data")
 
 
 def main() -> None:
@@ -27,11 +28,14 @@ def main() -> None:
         docs = [doc for batch in iter_document_batches(CLEAN, 10_000, "clean") for doc in batch]
         train, test, labels = classify_examples(docs, val_fraction, tasks.classify_top_k, tasks.classify_max_per_class, tasks.seed)
         if len(labels) < 2 or not test:
-            raise LmforgeError(
-                f"{CLEAN} gives {len(labels)} classes and {len(test)} test documents for the built-in classify "
-                "task: it needs data.source: builtin (documents with a stdlib package); bring your own "
-                "labeled files through finetune.train_file/test_file otherwise"
+            # Not an error: a corpus of your own has no stdlib metadata, and your labeled data comes
+            # in through finetune.train_file/test_file. The finetune stage refuses empty files.
+            log.warning(
+                "%s gives %d classes and %d test documents: the built-in classify task needs "
+                "data.source: builtin; writing empty task files (point finetune.train_file/test_file "
+                "at your own labeled data)", CLEAN, len(labels), len(test),
             )
+            train, test, labels = [], [], []
         sft_train, sft_test = sft_examples(docs, val_fraction, tasks.sft_max_prompt_chars, tasks.sft_max_response_chars)
         for name, rows in {
             "classify_train": train, "classify_test": test, "sft_train": sft_train, "sft_test": sft_test,
