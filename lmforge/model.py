@@ -282,11 +282,11 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-        cache: KVCache | None = None, start_pos: int = 0,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T, vocab); with targets also the mean cross-entropy (IGNORE_INDEX skipped)."""
+    def hidden_states(
+        self, idx: torch.Tensor, *, cache: KVCache | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
+        """The final-norm hidden states (B, T, dim): what `output` turns into logits (and what a
+        fine-tuning head reads)."""
         t = idx.shape[1]
         if start_pos + t > self.config.max_seq_len:
             raise LmforgeError(
@@ -298,7 +298,14 @@ class Transformer(nn.Module):
         h = self.embed(idx)
         for layer in self.layers:
             h = layer(h, cos, sin, cache, start_pos)
-        logits = self.output(self.norm(h))
+        return self.norm(h)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+        cache: KVCache | None = None, start_pos: int = 0,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, vocab); with targets also the mean cross-entropy (IGNORE_INDEX skipped)."""
+        logits = self.output(self.hidden_states(idx, cache=cache, start_pos=start_pos))
         if targets is None:
             return logits
         loss = F.cross_entropy(

@@ -263,6 +263,16 @@ class TasksParams(Section):
     seed: int = 0
 
 
+class EvaluateParams(Section):
+    """`evaluate`: how much held-out data each figure uses."""
+
+    lm_max_rows: int | None = Field(512, gt=0)  # val rows for the perplexities (None: all)
+    lm_micro_batch_size: int = Field(16, gt=0)
+    sft_max_examples: int = Field(200, gt=0)  # test pairs generated for the SFT figures
+    sft_max_new_tokens: int = Field(32, gt=0)
+    report_examples: int = Field(10, ge=0)  # generated responses shown in report.md
+
+
 class GenerateParams(Section):
     """Sampling for the generated samples in reports (pretrain now, evaluate later)."""
 
@@ -287,6 +297,7 @@ class Params(BaseModel):
     finetune: FinetuneParams = FinetuneParams()
     generate: GenerateParams = GenerateParams()
     tasks: TasksParams = TasksParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
 
 def _format_error(error: dict[str, Any], model: type[BaseModel]) -> str:

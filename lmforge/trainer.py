@@ -1,6 +1,9 @@
-"""The one training loop (pretraining now, fine-tuning later): precision, accumulation, LR schedule, eval, metrics.
+"""The one training loop (pretraining and fine-tuning): precision, accumulation, LR schedule, eval, metrics,
+early stopping on a validation metric with the best weights kept.
 
-The objective (`loss_fn`), the batch builder (`collate`) and the metrics sink (`on_metrics`) are pluggable.
+The objective (`loss_fn`), the batch builder (`collate`), extra validation metrics (`eval_fn`) and the
+metrics sink (`on_metrics`) are pluggable. Rows are packed token arrays by default (pretraining); with
+`seq_len=` given they may be anything `collate` understands (fine-tuning examples).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -34,6 +37,9 @@ Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int | torch.Tensor]]
 Collate = Callable[[list[Any]], Batch]
 MetricsCallback = Callable[[int, dict[str, float | None]], None]
+# (model, batch) -> {metric name: (summed numerator, denominator)}; summed over val batches and ranks,
+# the metric is numerator / denominator (e.g. {"val_accuracy": (correct, examples)}).
+EvalFn = Callable[[nn.Module, Batch], dict[str, tuple[torch.Tensor | float, torch.Tensor | float]]]
 
 # Dense bf16 tensor-core peak FLOP/s per device, matched by substring of torch.cuda.get_device_name().
 PEAK_FLOPS: dict[str, float] = {
@@ -82,6 +88,12 @@ class TrainConfig:
     resume: Literal["auto", "never"] = "auto"
     seed: int = 1337
     progress: bool = True
+    # Early stopping / best weights: a validation metric name (val_loss or one of eval_fn's), whether
+    # lower ("min") or higher ("max") is better, and how many evals without improvement end the run
+    # (0: never stop early). With best_metric set, fit() ends with the best weights loaded.
+    best_metric: str | None = None
+    best_mode: Literal["min", "max"] = "min"
+    patience: int = 0
 
 
 @dataclass
@@ -92,6 +104,10 @@ class TrainResult:
     val_ppl: float | None
     tokens_seen: int
     checkpoint: Path | None
+    val_metrics: dict[str, float] = field(default_factory=dict)  # the last eval
+    best_step: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)  # the eval at best_step
+    stopped_early: bool = False
 
 
 def lm_collate(rows: list[Any]) -> Batch:
@@ -190,13 +206,18 @@ class Trainer:
         collate: Collate = lm_collate,
         on_metrics: MetricsCallback | None = None,
         flops_per_token: float | None = None,
+        eval_fn: EvalFn | None = None,
+        seq_len: int | None = None,
     ) -> None:
+        """`seq_len`: the (maximum) tokens per example when rows are not packed arrays (fine-tuning);
+        it sizes the loss-scaling hint, the token budget and the FLOPs estimate."""
         self.model, self.cfg = model, config
         self.dist = dist_info or init_distributed()
         self.device = self.dist.device
         self.train_data, self.val_data = train_data, val_data
-        self.loss_fn, self.collate, self.on_metrics = loss_fn, collate, on_metrics
-        self._check_config()
+        self.loss_fn, self.collate, self.on_metrics, self.eval_fn = loss_fn, collate, on_metrics, eval_fn
+        self._seq_len_given = seq_len
+        self._check_config(checkpoint_dir)
         self.seq_len = self._check_data()
         self.rows_per_step = config.micro_batch_size * config.grad_accum_steps * self.dist.world_size
         if len(train_data) < self.rows_per_step:
@@ -221,11 +242,20 @@ class Trainer:
         )
         self.scaler = self._build_scaler()
         self.checkpoints = CheckpointManager(checkpoint_dir, config.keep_checkpoints) if checkpoint_dir else None
+        # The best weights so far live in memory (trainable parameters only; one process) and, with a
+        # checkpoint dir, in `<checkpoint_dir>/best` so that a resumed (or FSDP) run still ends with them.
+        self.best_checkpoints = CheckpointManager(Path(checkpoint_dir) / "best", 1) if checkpoint_dir else None
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.best_metrics: dict[str, float] = {}
+        self.bad_evals = 0
+        self.stopped_early = False
+        self._best_state: dict[str, torch.Tensor] | None = None
         self._mfu_note_done = False
 
     # --- setup ---------------------------------------------------------------------------------
 
-    def _check_config(self) -> None:
+    def _check_config(self, checkpoint_dir: str | Path | None = None) -> None:
         cfg = self.cfg
         for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches"):
             if getattr(cfg, name) < 1:
@@ -234,10 +264,22 @@ class Trainer:
             raise LmforgeError(f"precision {cfg.precision!r} is not one of bf16, fp16, fp32")
         if cfg.resume not in ("auto", "never"):
             raise LmforgeError(f"resume {cfg.resume!r} is not one of auto, never")
+        if cfg.best_mode not in ("min", "max"):
+            raise LmforgeError(f"best_mode {cfg.best_mode!r} is not one of min, max")
+        if cfg.patience < 0:
+            raise LmforgeError(f"patience must be >= 0 (got {cfg.patience})")
+        if cfg.best_metric is not None and self.val_data is None:
+            raise LmforgeError(f"early stopping on {cfg.best_metric!r} needs validation data: pass val_data")
+        if cfg.best_metric is not None and self.dist.distributed and checkpoint_dir is None:
+            raise LmforgeError("keeping the best weights across processes needs a checkpoint_dir (its best/ copy)")
 
     def _check_data(self) -> int:
         if len(self.train_data) == 0:
             raise LmforgeError("the training data has no rows: check the tokenize stage's output")
+        if self._seq_len_given is not None:  # examples of any form; the caller checked them
+            if self._seq_len_given < 1:
+                raise LmforgeError(f"seq_len must be >= 1 (got {self._seq_len_given})")
+            return int(self._seq_len_given)
         first = np.asarray(self.train_data[0])
         if first.ndim != 1 or first.shape[0] < 2:
             raise LmforgeError(f"a training row must be a 1-D array of seq_len + 1 ids (got shape {first.shape})")
@@ -305,6 +347,9 @@ class Trainer:
         assert self.val_data is not None
         b, w, r = self.cfg.micro_batch_size, self.dist.world_size, self.dist.rank
         n_batches = min(self.cfg.eval_batches, len(self.val_data) // (b * w))
+        if n_batches == 0 and len(self.val_data) >= w:
+            # Fewer val rows than one batch (a small fine-tuning split): one smaller batch per rank.
+            b, n_batches = len(self.val_data) // w, 1
         if n_batches == 0:
             raise LmforgeError(
                 f"the val data has {len(self.val_data)} rows, fewer than one batch over all processes "
@@ -389,19 +434,85 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss and perplexity over the fixed val batches (all ranks)."""
+        """Mean loss and perplexity over the fixed val batches (all ranks), plus eval_fn's metrics."""
         self.model.eval()
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+        extra: dict[str, list[torch.Tensor]] = {}
         for batch in self.val_micro_batches():
             with self.autocast():
                 loss_sum, n_tokens = self.loss_fn(self.model, batch)
+                parts = self.eval_fn(self.model, batch) if self.eval_fn is not None else {}
             loss_total += loss_sum.double()
             tokens += torch.as_tensor(n_tokens, device=self.device).double()
+            for name, (num, den) in parts.items():
+                acc = extra.setdefault(name, [torch.zeros((), dtype=torch.float64, device=self.device)] * 2)
+                extra[name] = [acc[0] + torch.as_tensor(num, device=self.device).double(),
+                               acc[1] + torch.as_tensor(den, device=self.device).double()]
         self.model.train()
-        loss_all, tokens_all = self._all_reduce_sum([loss_total, tokens])
-        loss = loss_all / max(tokens_all, 1.0)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        names = sorted(extra)
+        reduced = self._all_reduce_sum([loss_total, tokens] + [v for n in names for v in extra[n]])
+        loss = reduced[0] / max(reduced[1], 1.0)
+        out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        for i, name in enumerate(names):
+            out[name] = reduced[2 + 2 * i] / max(reduced[3 + 2 * i], 1e-12)
+        return out
+
+    # --- best weights and early stopping -------------------------------------------------------
+
+    def _improved(self, value: float) -> bool:
+        if self.best_value is None:
+            return True
+        return value < self.best_value if self.cfg.best_mode == "min" else value > self.best_value
+
+    def _track_best(self, val: dict[str, float]) -> None:
+        """After an eval: keep the best weights, count evals without improvement, decide to stop.
+
+        The metric is already all-reduced; the stop decision is still broadcast from rank 0 so every
+        rank leaves the loop at the same step (no collective left waiting).
+        """
+        name = self.cfg.best_metric
+        if name is None:
+            return
+        if name not in val:
+            raise LmforgeError(f"best_metric {name!r} is not among the validation metrics {sorted(val)}")
+        value = float(val[name])
+        if math.isfinite(value) and self._improved(value):
+            self.best_value, self.best_step, self.best_metrics = value, self.step, dict(val)
+            self.bad_evals = 0
+            # Under FSDP some parameters may be unsharded right after an eval forward: there the
+            # best weights come back from the DCP copy in <checkpoint_dir>/best instead.
+            self._best_state = None if self.dist.distributed else {
+                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+            }
+            if self.best_checkpoints is not None:
+                self.best_checkpoints.save(self.step, self.model, self.optimizer, self._extra_state())
+        else:
+            self.bad_evals += 1
+        stop = torch.tensor(
+            [1.0 if self.cfg.patience and self.bad_evals >= self.cfg.patience else 0.0], device=self.device
+        )
+        if self.dist.distributed:
+            dist.broadcast(stop, src=0)
+        self.stopped_early = bool(stop.item())
+
+    @torch.no_grad()
+    def restore_best(self) -> int | None:
+        """Load the best weights seen (memory, else `<checkpoint_dir>/best`); returns their step."""
+        if self.best_step is None:
+            return None
+        if self._best_state is not None:
+            for name, p in self.model.named_parameters():
+                if name in self._best_state:
+                    p.copy_(self._best_state[name])
+        elif self.best_checkpoints is not None and self.best_checkpoints.latest() is not None:
+            self.best_checkpoints.load(self.model, None)
+        else:
+            raise LmforgeError(
+                f"the best weights (step {self.best_step}) are gone: {self.best_checkpoints and self.best_checkpoints.root} "
+                "is missing; delete the checkpoints to train again"
+            )
+        return self.best_step
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -416,6 +527,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "train_config": asdict(self.cfg),
+            "best": {"value": self.best_value, "step": self.best_step, "metrics": self.best_metrics,
+                     "bad_evals": self.bad_evals, "stopped_early": self.stopped_early},
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -436,6 +549,11 @@ class Trainer:
         self.scheduler.load_state_dict(extra["scheduler"])
         if self.scaler is not None and extra.get("scaler"):
             self.scaler.load_state_dict(extra["scaler"])
+        best = extra.get("best") or {}
+        self.best_value, self.best_step = best.get("value"), best.get("step")
+        self.best_metrics = best.get("metrics") or {}
+        self.bad_evals = int(best.get("bad_evals") or 0)
+        self.stopped_early = bool(best.get("stopped_early"))
         if extra.get("rows_per_step") != self.rows_per_step and self.dist.is_main:
             log.warning(
                 "resuming with %s rows per step (checkpoint used %s): the data order after step %d "
@@ -475,7 +593,7 @@ class Trainer:
         )
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and not self.stopped_early:
             t0 = time.perf_counter()
             lr = self.scheduler.get_last_lr()[0]
             train_loss, tokens = self.compute_gradients(self.train_micro_batches(self.data_position))
@@ -495,13 +613,21 @@ class Trainer:
             if self.val_data is not None and (last or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
                 val = self.evaluate()
                 metrics.update(val)
+                self._track_best(val)
+                last = last or self.stopped_early
             self._emit(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)
             if last or (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0):
                 last_ckpt = self.save_checkpoint() or last_ckpt
         bar.close()
+        if self.stopped_early and self.dist.is_main:
+            log.info("early stop at step %d: %s did not improve for %d evals (best %.4g at step %s)",
+                     self.step, self.cfg.best_metric, self.bad_evals, self.best_value or float("nan"), self.best_step)
+        if self.cfg.best_metric is not None:
+            self.restore_best()
         return TrainResult(
             step=self.step, train_loss=train_loss, val_loss=val.get("val_loss"), val_ppl=val.get("val_ppl"),
-            tokens_seen=self.data_position * self.seq_len, checkpoint=last_ckpt,
+            tokens_seen=self.data_position * self.seq_len, checkpoint=last_ckpt, val_metrics=dict(val),
+            best_step=self.best_step, best_metrics=dict(self.best_metrics), stopped_early=self.stopped_early,
         )

@@ -3,6 +3,7 @@ DVC and MLflow run the stages (no mocks)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -63,7 +64,46 @@ TINY_PARAMS = {
         "checkpoint_every": 3, "progress": False,
     },
     "generate": {"max_new_tokens": 8, "prompts": ["The model"]},
+    "finetune": {
+        "train_file": "data/labeled/train.jsonl", "test_file": "data/labeled/test.jsonl", "max_length": 32,
+        "max_steps": 4, "micro_batch_size": 8, "warmup_steps": 1, "eval_every": 2, "eval_batches": 2,
+        "checkpoint_every": 2, "progress": False,
+    },
+    "evaluate": {"lm_max_rows": 16, "sft_max_examples": 8, "sft_max_new_tokens": 4},
 }
+TOPICS = {
+    "nature": "river stone light quick brown fox jumps over lazy dog".split(),
+    "code": "read write value function returns number string list file path".split(),
+}
+
+
+def make_labeled(n: int, seed: int) -> list[dict]:
+    """Rows {id, text, label}: each text drawn from its label's own words (separable)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = sorted(TOPICS)[i % 2]
+        text = " ".join(rng.choice(TOPICS[label]) for _ in range(rng.randint(6, 14)))
+        rows.append({"id": f"{seed}-{i}", "text": text.capitalize() + ".", "label": label})
+    return rows
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` applied key by key, nested mappings merged, not replaced."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def tiny_params(**sections: dict) -> dict:
+    """The repository's params.yaml (every section DVC lists must exist) with tiny overrides."""
+    repo = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    return merged(merged(repo, TINY_PARAMS), sections)
+
+
+def write_params(root: Path, **sections: dict) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(**sections), sort_keys=False), encoding="utf-8")
 
 
 def make_repo(root: Path, params: dict | None = None, n_docs: int = 200) -> Path:
@@ -84,7 +124,14 @@ def make_repo(root: Path, params: dict | None = None, n_docs: int = 200) -> Path
     corpus.mkdir(parents=True, exist_ok=True)
     for i, text in enumerate(make_texts(n_docs)):
         (corpus / f"doc{i:04d}.txt").write_text(text, encoding="utf-8")
-    (root / "params.yaml").write_text(yaml.safe_dump(params or TINY_PARAMS), encoding="utf-8")
+    labeled = root / "data" / "labeled"
+    labeled.mkdir(parents=True, exist_ok=True)
+    sft = [{"id": str(i), "prompt": f"def {w}_{i}(x)", "response": f"Return the {w}."}
+           for i, w in enumerate(WORDS * 2)]
+    for name, rows in (("train", make_labeled(80, 1)), ("test", make_labeled(20, 2)),
+                       ("sft_train", sft[:80]), ("sft_test", sft[80:])):
+        (labeled / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (root / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(), sort_keys=False), encoding="utf-8")
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], root)

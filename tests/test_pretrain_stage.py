@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from lmforge.export import load_pretrained
 
-from conftest import TINY_PARAMS, run, tool_env
+from conftest import TINY_PARAMS, run, tool_env, write_params
 
 
 def _client(root: Path) -> MlflowClient:
@@ -32,10 +32,7 @@ def _runs(root: Path, name: str):
 
 
 def _params(root: Path, **sections) -> None:
-    params = {key: dict(value) for key, value in TINY_PARAMS.items()}
-    for section, values in sections.items():
-        params[section] = {**params.get(section, {}), **values}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(root, **sections)
 
 
 def test_repro_trains_exports_and_reports(tiny_repo):

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from lmforge.data.shards import ShardReader
 from lmforge.errors import LmforgeError
 
-from conftest import TINY_PARAMS, make_repo, run, tool_env
+from conftest import make_repo, run, tool_env, write_params
 
 
 def _client(root: Path) -> MlflowClient:
@@ -86,10 +86,7 @@ def _stage(root: Path, module: str) -> subprocess.CompletedProcess:
 
 
 def _write_params(root: Path, **sections) -> None:
-    params = {key: dict(value) for key, value in TINY_PARAMS.items()}
-    for section, values in sections.items():
-        params.setdefault(section, {}).update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(root, **sections)
 
 
 def test_unknown_param_stops_the_stage_naming_the_key(tmp_path):

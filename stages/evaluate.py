@@ -1,0 +1,193 @@
+"""DVC stage `evaluate`: how good the models are, against what baseline -> reports/.
+
+Language model: loss and perplexity of the pretrained (and an SFT) model on the val shards,
+beside the unigram baseline. Classification: accuracy, macro-F1, per-class figures and a
+confusion matrix beside majority-class and bag-of-words baselines on the same test split.
+SFT: test loss, exact match, token F1, ROUGE-L and generated responses beside the reference.
+The fine-tuned model's registered version gets the `candidate` alias and the figures as tags.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.cli import run_stage
+from lmforge.data.io import atomic_path, write_json
+from lmforge.data.shards import ShardReader
+from lmforge.errors import LmforgeError
+from lmforge.evaluation import (
+    bag_of_words_baseline, classification_report, language_model_loss, majority_baseline,
+    plot_confusion_matrix, render_report_md, safe_exp, sft_report, write_confusion_json, write_per_class_csv,
+)
+from lmforge.export import load_pretrained
+from lmforge.finetune import load_finetuned, read_examples
+from lmforge.metrics import unigram_entropy
+from lmforge.params import Params, load_params
+from lmforge.tracking import stage_run
+
+log = logging.getLogger("stages.evaluate")
+
+SHARDS = Path("data/shards")
+PRETRAINED = Path("models/pretrain")
+FINETUNED = Path("models/finetune")
+FINETUNE_METRICS = Path("reports/finetune/metrics.json")
+REPORTS = Path("reports")
+FIGURES = REPORTS / "figures"  # task-dependent files: one DVC output whatever the task
+CANDIDATE_ALIAS = "candidate"
+REGISTERED_NAME = "lmforge-finetune"
+
+
+def evaluate_lm(params: Params, finetuned: Any) -> dict[str, dict[str, Any]]:
+    """Loss/perplexity on the same val rows for each language model, and the unigram floor."""
+    val = ShardReader(SHARDS, "val", tokenizer_path=PRETRAINED / "tokenizer.json", verify="size")
+    train = ShardReader(SHARDS, "train", verify="size")
+    cfg = params.evaluate
+    pretrained, _ = load_pretrained(PRETRAINED)
+    results = {"pretrained": language_model_loss(pretrained, val, cfg.lm_micro_batch_size, cfg.lm_max_rows)}
+    if finetuned is not None and finetuned.task == "sft":
+        results["fine-tuned (SFT)"] = language_model_loss(finetuned.model, val, cfg.lm_micro_batch_size, cfg.lm_max_rows)
+    entropy = unigram_entropy(train.blocks(), train.vocab_size)
+    results["unigram baseline"] = {"loss": entropy, "perplexity": safe_exp(entropy), "tokens": train.num_tokens}
+    return results
+
+
+def evaluate_classify(params: Params, finetuned: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    ft = params.finetune
+    train = read_examples(Path(ft.train_file), ft, "classify")
+    test = read_examples(Path(ft.test_file), ft, "classify")
+    texts, truth = [r["text"] for r in test], [r["label"] for r in test]
+    unknown = sorted(set(truth) - set(finetuned.labels))
+    if unknown:
+        raise LmforgeError(
+            f"{ft.test_file} has labels {unknown} the model was not trained on (it knows {finetuned.labels}); "
+            "fine-tune on a train file that has them, or drop those rows"
+        )
+    report = classification_report(truth, finetuned.predict(texts), finetuned.labels)
+    train_texts, train_labels = [r["text"] for r in train], [r["label"] for r in train]
+    baselines = {
+        "majority class": majority_baseline(train_labels, truth, finetuned.labels),
+        "bag of words (tf-idf + logistic regression)": bag_of_words_baseline(
+            train_texts, train_labels, texts, truth, seed=params.finetune.seed, labels=finetuned.labels
+        ),
+    }
+    plot_confusion_matrix(FIGURES / "confusion_matrix.png", report["confusion"], "fine-tuned classifier")
+    write_confusion_json(FIGURES / "confusion_matrix.json", report)
+    write_per_class_csv(FIGURES / "per_class.csv", report)
+    return report, baselines
+
+
+def evaluate_sft(params: Params, finetuned: Any) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    ft, gen, cfg = params.finetune, params.generate, params.evaluate
+    test = read_examples(Path(ft.test_file), ft, "sft")[: cfg.sft_max_examples]
+    prompts, refs = [r["prompt"] for r in test], [r["response"] for r in test]
+    loss_sum, n_tokens = finetuned.lm_loss(prompts, refs)
+    # Greedy decoding: the figures should not depend on a sampling seed.
+    preds = finetuned.generate(prompts, max_new_tokens=cfg.sft_max_new_tokens, temperature=0.0,
+                               top_k=None, top_p=None, seed=gen.seed)
+    report = sft_report(preds, refs) | {"loss": loss_sum / max(n_tokens, 1), "perplexity": safe_exp(loss_sum / max(n_tokens, 1))}
+    examples = [{"prompt": p, "response": r, "reference": t} for p, r, t in zip(prompts, preds, refs)]
+    write_json(FIGURES / "sft_examples.json", examples)
+    return report, examples[: cfg.report_examples]
+
+
+def pretrained_samples(params: Params) -> list[dict[str, str]]:
+    from tokenizers import Tokenizer
+
+    from lmforge.generate import generate
+
+    model, _ = load_pretrained(PRETRAINED)
+    tokenizer = Tokenizer.from_file(str(PRETRAINED / "tokenizer.json"))
+    eos = tokenizer.token_to_id(params.tokenizer.eos_token)
+    gen, samples = params.generate, []
+    for prompt in gen.prompts:
+        ids = torch.tensor([tokenizer.encode(prompt).ids])
+        out = generate(model.eval(), ids, gen.max_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
+                       top_p=gen.top_p, eos_id=eos, seed=gen.seed)
+        samples.append({"prompt": prompt, "text": tokenizer.decode(out[0, ids.shape[1]:].tolist())})
+    return samples
+
+
+def headline(lm: dict[str, Any], classify: dict[str, Any] | None, baselines: dict[str, Any] | None,
+             sft: dict[str, Any] | None) -> dict[str, Any]:
+    """metrics.json: the model's own figures at top level, the baselines under `baselines`."""
+    metrics: dict[str, Any] = {
+        "val_loss": lm["pretrained"]["loss"],
+        "perplexity": lm["pretrained"]["perplexity"],
+    }
+    base: dict[str, Any] = {"unigram_entropy": lm["unigram baseline"]["loss"]}
+    if classify is not None:
+        metrics |= {k: classify[k] for k in ("accuracy", "macro_f1", "weighted_f1")}
+        base["majority_accuracy"] = baselines["majority class"]["accuracy"]
+        base["majority_macro_f1"] = baselines["majority class"]["macro_f1"]
+        bow = baselines["bag of words (tf-idf + logistic regression)"]
+        base["bag_of_words_accuracy"], base["bag_of_words_macro_f1"] = bow["accuracy"], bow["macro_f1"]
+    if sft is not None:
+        metrics |= {f"sft_{k}": v for k, v in sft.items() if isinstance(v, (int, float))}
+        if "fine-tuned (SFT)" in lm:
+            metrics["sft_val_perplexity"] = lm["fine-tuned (SFT)"]["perplexity"]
+    return metrics | {"baselines": base}
+
+
+def tag_candidate(run: Any, metrics: dict[str, Any]) -> str | None:
+    """Point the `candidate` alias at the version finetune registered; attach the figures."""
+    from mlflow.tracking import MlflowClient
+
+    if not FINETUNE_METRICS.is_file():
+        return None
+    version = json.loads(FINETUNE_METRICS.read_text()).get("registered_version")
+    if version is None:
+        return None
+    client = MlflowClient()
+    client.set_registered_model_alias(REGISTERED_NAME, CANDIDATE_ALIAS, str(version))
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)):
+            client.set_model_version_tag(REGISTERED_NAME, str(version), f"eval.{key}", f"{value:.6g}")
+    client.set_model_version_tag(REGISTERED_NAME, str(version), "eval.run_id", run.run_id)
+    return str(version)
+
+
+def main() -> None:
+    params = load_params()
+    inputs = [PRETRAINED, FINETUNED, SHARDS, Path(params.finetune.test_file)]
+    with stage_run("evaluate", {"evaluate": params.evaluate, "generate": params.generate}, inputs=inputs) as run:
+        shutil.rmtree(FIGURES, ignore_errors=True)  # no figure of another task's run may linger
+        FIGURES.mkdir(parents=True)
+        finetuned = load_finetuned(FINETUNED)
+        lm = evaluate_lm(params, finetuned)
+        classify = baselines = sft = None
+        sft_examples: list[dict[str, str]] | None = None
+        images = {}
+        if finetuned.task == "classify":
+            classify, baselines = evaluate_classify(params, finetuned)
+            images["confusion_matrix"] = "figures/confusion_matrix.png"
+        else:
+            sft, sft_examples = evaluate_sft(params, finetuned)
+        samples = pretrained_samples(params)
+        write_json(REPORTS / "samples.json", {"sampling": params.generate.model_dump(), "samples": samples})
+        metrics = headline(lm, classify, baselines, sft)
+        write_json(REPORTS / "metrics.json", metrics)
+        if Path("reports/pretrain/loss.png").is_file():
+            images["pretraining loss"] = "pretrain/loss.png"
+        report = render_report_md(
+            lm=lm, classification=classify, baselines=baselines, sft=sft, sft_examples=sft_examples,
+            samples=samples, sampling=params.generate.model_dump(), images=images,
+        )
+        with atomic_path(REPORTS / "report.md") as tmp:
+            tmp.write_text(report, encoding="utf-8")
+        run.log_metrics(metrics)
+        for name in ("metrics.json", "report.md", "samples.json"):
+            run.log_artifact(REPORTS / name, "reports")
+        for path in sorted(FIGURES.glob("*")):
+            run.log_artifact(path, "reports/figures")
+        version = tag_candidate(run, metrics)
+        log.info("%s; candidate version %s", json.dumps({k: v for k, v in metrics.items() if k != "baselines"}), version)
+
+
+if __name__ == "__main__":
+    run_stage("evaluate", main)

@@ -1,0 +1,250 @@
+"""DVC stage `finetune`: fine-tune models/pretrain on params.finetune's task (classify | sft) with the
+one trainer, then export models/finetune (+ adapter/ for lora) and reports/finetune.
+
+One process: `python -m stages.finetune`. Many: `torchrun --nproc_per_node=N -m stages.finetune`
+(FSDP2 per block; rank 0 alone logs to MLflow and writes reports).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.cli import run_stage
+from lmforge.data.io import atomic_path, write_json
+from lmforge.data.tokenizer import file_sha256, load_tokenizer
+from lmforge.errors import LmforgeError
+from lmforge.export import load_pretrained
+from lmforge.finetune import (
+    apply_method, balanced_class_weights, build_model, check_labels, check_tokenizer_fits, count_params,
+    encode_sft, encode_texts, is_peft, label_set, load_finetuned, merged_model, read_examples,
+    save_finetuned, special_ids, split_train_val, task_spec,
+)
+from lmforge.metrics import CurveLog
+from lmforge.parallelize import apply_fsdp, barrier, destroy, init_distributed
+from lmforge.params import FinetuneParams, load_params
+from lmforge.tracking import content_hash, stage_run
+from lmforge.trainer import Trainer, TrainConfig
+
+log = logging.getLogger("stages.finetune")
+
+PRETRAINED = Path("models/pretrain")
+DATA_TOKENIZER = Path("data/tokenizer/tokenizer.json")
+MODEL_DIR = Path("models/finetune")
+CHECKPOINTS = Path("checkpoints/finetune")
+REPORTS = Path("reports/finetune")
+REGISTERED_NAME = "lmforge-finetune"
+# Knobs that may change without invalidating checkpoints (how long and how often, not what).
+RESUMABLE_CHANGES = {"max_steps", "max_tokens", "resume", "progress", "eval_every", "eval_batches",
+                     "checkpoint_every", "keep_checkpoints", "patience", "test_file"}
+
+
+def check_tokenizer(tokenizer_path: Path) -> None:
+    """models/pretrain's tokenizer must be the one data/tokenizer holds (when that exists)."""
+    if DATA_TOKENIZER.is_file() and file_sha256(DATA_TOKENIZER) != file_sha256(tokenizer_path):
+        raise LmforgeError(
+            f"{tokenizer_path} differs from {DATA_TOKENIZER}: models/pretrain was trained with another "
+            "tokenizer; rerun `dvc repro pretrain` so model and data agree"
+        )
+
+
+def load_examples(fp: FinetuneParams, tokenizer: Any, eos_id: int) -> dict[str, Any]:
+    """Read, check, split and encode train_file (and check test_file's fields and labels)."""
+    rows = read_examples(fp.train_file, fp)
+    if not rows:
+        raise LmforgeError(f"{fp.train_file} has no rows: point finetune.train_file at labeled data")
+    key_field = "text" if fp.task == "classify" else "prompt"
+    train_rows, val_rows = split_train_val(rows, fp.val_fraction, key_field)
+    if not val_rows or not train_rows:
+        raise LmforgeError(
+            f"{fp.train_file}: the val_fraction {fp.val_fraction} split of its {len(rows)} rows leaves "
+            f"{len(train_rows)} train and {len(val_rows)} val rows: add rows or change finetune.val_fraction"
+        )
+    test_rows = read_examples(fp.test_file, fp) if fp.test_file is not None else []
+    out: dict[str, Any] = {"n_train": len(train_rows), "n_val": len(val_rows), "labels": None}
+    if fp.task == "classify":
+        labels = label_set(train_rows, "label", fp.train_file)
+        index = {label: i for i, label in enumerate(labels)}
+        check_labels(test_rows, labels, "label", fp.test_file)
+        check_labels(val_rows, labels, "label", f"{fp.train_file} (its val split)")
+
+        def encode(part: list[dict[str, Any]]) -> list[tuple[list[int], int]]:
+            ids = encode_texts(tokenizer, [r["text"] for r in part], fp.max_length, eos_id)
+            return list(zip(ids, [index[r["label"]] for r in part]))
+
+        out["labels"] = labels
+    else:
+        def encode(part: list[dict[str, Any]]) -> list[tuple[list[int], int]]:
+            return encode_sft(tokenizer, [r["prompt"] for r in part], [r["response"] for r in part],
+                              fp.max_length, fp.prompt_separator, eos_id)
+
+    out["train"], out["val"] = encode(train_rows), encode(val_rows)
+    return out
+
+
+def run_fingerprint(fp: FinetuneParams) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the pretrained weights, the data, the knobs."""
+    return {
+        "finetune": {k: v for k, v in fp.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES},
+        "pretrained": content_hash(PRETRAINED / "model.safetensors"),
+        "train_file": content_hash(Path(fp.train_file)),
+    }
+
+
+def prepare_checkpoint_dir(fingerprint: dict[str, Any], resume: str) -> str | None:
+    """Keep checkpoints of this same run (returning its MLflow run id), else move them aside to
+    checkpoints/finetune.stale (nothing deleted) and start fresh."""
+    marker = CHECKPOINTS / "run.json"
+    if CHECKPOINTS.exists() and marker.is_file():
+        previous = json.loads(marker.read_text())
+        if resume == "auto" and previous.get("fingerprint") == fingerprint:
+            return previous.get("mlflow_run_id")
+        reason = "finetune.resume is 'never'" if resume != "auto" else "pretrained model, data or params changed"
+        stale = CHECKPOINTS.with_name(CHECKPOINTS.name + ".stale")
+        log.warning("%s: moving the old checkpoints in %s to %s and starting fresh", reason, CHECKPOINTS, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+        CHECKPOINTS.rename(stale)
+    elif CHECKPOINTS.exists() and any(CHECKPOINTS.iterdir()):
+        raise LmforgeError(f"{CHECKPOINTS} holds files without a run.json: move them away or delete the directory")
+    CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"fingerprint": fingerprint, "mlflow_run_id": None})
+    return None
+
+
+def write_curve(path: Path, records: list[dict[str, Any]], columns: list[str]) -> None:
+    """One row per step; val columns are empty on steps without an eval."""
+    with atomic_path(path) as tmp:
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            for record in records:
+                writer.writerow(["" if record.get(c) is None else record[c] for c in columns])
+
+
+def main() -> None:
+    params = load_params()
+    fp = params.finetune
+    info = init_distributed()
+    torch.manual_seed(fp.seed)
+
+    backbone, config = load_pretrained(PRETRAINED)
+    tokenizer_path = PRETRAINED / "tokenizer.json"
+    check_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_tokenizer_fits(tokenizer, config)
+    pad_token = next((t for t in params.tokenizer.special_tokens if "pad" in t.lower()), params.tokenizer.eos_token)
+    eos_id, pad_id = special_ids(tokenizer, params.tokenizer.eos_token, pad_token)
+    limit = config.max_seq_len + (1 if fp.task == "sft" else 0)  # sft rows hold inputs + 1 shifted target
+    if fp.max_length > limit:
+        raise LmforgeError(
+            f"finetune.max_length {fp.max_length} exceeds what models/pretrain reads ({limit} tokens for "
+            f"{fp.task}): lower finetune.max_length"
+        )
+    data = load_examples(fp, tokenizer, eos_id)
+    labels = data["labels"]
+    weights = None
+    if fp.task == "classify" and fp.class_weights:
+        weights = balanced_class_weights([label for _, label in data["train"]], len(labels))
+    spec = task_spec(fp.task, pad_id, weights)
+
+    model = build_model(backbone, fp.task, len(labels or []), fp.pooling)
+    model = apply_method(model, fp.method, fp.task, fp.lora).to(info.device)
+    trainable, total = count_params(model)
+    if info.distributed:
+        if fp.method == "lora":  # peft's save_pretrained / merge_and_unload do not handle FSDP's DTensors
+            raise LmforgeError("finetune.method 'lora' runs in one process: use `python -m stages.finetune` "
+                               "(not torchrun), or method 'full'")
+        apply_fsdp(model)
+
+    fingerprint = run_fingerprint(fp)
+    resume_run_id = prepare_checkpoint_dir(fingerprint, fp.resume) if info.is_main else None
+    barrier()
+    curve = CurveLog(CHECKPOINTS / "curve.jsonl")
+    inputs = [PRETRAINED, fp.train_file] + ([fp.test_file] if fp.test_file else [])
+    opened = (stage_run("finetune", {"finetune": fp}, inputs, resume_run_id=resume_run_id)
+              if info.is_main else contextlib.nullcontext())
+    with opened as run:
+        if run is not None:
+            marker = CHECKPOINTS / "run.json"
+            write_json(marker, {**json.loads(marker.read_text()), "mlflow_run_id": run.run_id})
+
+        def on_metrics(step: int, metrics: dict[str, Any]) -> None:  # rank 0 only (the trainer's rule)
+            named = {("train_loss" if k == "loss" else k): v for k, v in metrics.items()}
+            if fp.task == "classify":  # the trainer counts examples, not tokens, for this loss
+                named["examples_per_s"] = named.pop("tokens_per_s", None)
+            curve.append(step, named)
+            run.log_metrics({k: v for k, v in named.items() if v is not None}, step=step)
+
+        trainer = Trainer(
+            model, TrainConfig(**fp.train_config_fields()), data["train"], data["val"], dist_info=info,
+            checkpoint_dir=CHECKPOINTS, loss_fn=spec.loss_fn, collate=spec.collate, eval_fn=spec.eval_fn,
+            on_metrics=on_metrics, seq_len=fp.max_length, flops_per_token=config.flops_per_token(fp.max_length),
+        )
+        result = trainer.fit()  # ends with the best weights (by early_stopping_metric) loaded
+
+        meta = {"task": fp.task, "method": fp.method, "labels": labels, "pooling": fp.pooling,
+                "max_length": fp.max_length, "prompt_separator": fp.prompt_separator,
+                "eos_token": params.tokenizer.eos_token, "pad_token": pad_token}
+        with tempfile.TemporaryDirectory(prefix=".adapter.", dir=MODEL_DIR.parent if MODEL_DIR.parent.exists() else None) as tmp:
+            adapter = None
+            if is_peft(model):
+                if info.is_main:
+                    model.save_pretrained(tmp)  # the adapters alone (peft's format)
+                adapter = Path(tmp)
+            plain = merged_model(model)
+            save_finetuned(plain, config, MODEL_DIR, meta, tokenizer_path=tokenizer_path, adapter_dir=adapter)  # collective
+
+        if run is not None:
+            records = curve.read(up_to_step=result.step)
+            best = result.best_metrics
+            final = result.val_metrics or next((r for r in reversed(records) if "val_loss" in r), {})
+            summary: dict[str, Any] = {
+                "task": fp.task,
+                "method": fp.method,
+                "steps": result.step,
+                "stopped_early": result.stopped_early,
+                "best_step": result.best_step,
+                "train_loss": result.train_loss if result.train_loss is not None else
+                              next((r["train_loss"] for r in reversed(records) if "train_loss" in r), None),
+                "final_val_loss": final.get("val_loss"),
+                "best_val_loss": best.get("val_loss"),
+                "trainable_params": trainable,
+                "total_params": total,
+                "train_examples": data["n_train"],
+                "val_examples": data["n_val"],
+                "world_size": info.world_size,
+            }
+            if fp.task == "classify":
+                summary.update(final_val_accuracy=final.get("val_accuracy"), best_val_accuracy=best.get("val_accuracy"),
+                               n_labels=len(labels))
+            columns = ["step", "train_loss", "lr", "val_loss"] + (["val_accuracy"] if fp.task == "classify" else [])
+            write_curve(REPORTS / "curve.csv", records, columns)
+            loaded = load_finetuned(MODEL_DIR)
+            info_ = run.log_torch_model(loaded.model, REGISTERED_NAME)
+            summary["registered_version"] = int(info_.registered_model_version) if info_.registered_model_version else None
+            write_json(REPORTS / "metrics.json", summary)
+            per_step = {"steps", "train_loss"}
+            run.log_metrics({k: v for k, v in summary.items() if k not in per_step and v is not None
+                             and not isinstance(v, (bool, str))}, step=result.step)
+            for name in ("metrics.json", "curve.csv"):
+                run.log_artifact(REPORTS / name, "reports")
+            run.log_artifact(MODEL_DIR / "config.json", "model_config")
+            if (MODEL_DIR / "adapter").is_dir():
+                for path in sorted((MODEL_DIR / "adapter").iterdir()):
+                    run.log_artifact(path, "adapter")
+            log.info("%s/%s: best %s %.4f at step %s of %d (%d of %d params trained)", fp.task, fp.method,
+                     fp.early_stopping_metric, (best.get(fp.early_stopping_metric) or float("nan")),
+                     result.best_step, result.step, trainable, total)
+    destroy()
+
+
+if __name__ == "__main__":
+    run_stage("finetune", main)

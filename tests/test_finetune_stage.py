@@ -1,0 +1,116 @@
+"""The finetune stage as users run it (`python -m stages.finetune` after the data stages and pretrain),
+with a real local MLflow store and model registry (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from lmforge.finetune import load_finetuned
+
+from conftest import TINY_PARAMS, run
+
+
+def _client(root: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+
+
+def _finetune_runs(root: Path):
+    client = _client(root)
+    experiment = client.get_experiment_by_name("lmforge")
+    return [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "finetune"]
+
+
+@pytest.fixture(scope="module")
+def finetuned_repo(data_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny data repository after `stages.pretrain` and `stages.finetune` (TINY_PARAMS: classify, full)."""
+    root = tmp_path_factory.mktemp("finetune") / "repo"
+    shutil.copytree(data_repo, root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns", "checkpoints"), symlinks=True)
+    run(["python", "-m", "stages.pretrain"], root)
+    run(["python", "-m", "stages.finetune"], root)
+    return root
+
+
+@pytest.fixture
+def repo(finetuned_repo: Path, tmp_path: Path) -> Path:
+    """A private copy (pretrained model ready, a fresh MLflow store, no fine-tuning checkpoints)."""
+    root = tmp_path / "repo"
+    shutil.copytree(finetuned_repo, root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns", "checkpoints"),
+                    symlinks=True)
+    return root
+
+
+def _finetune_params(root: Path, **values) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["finetune"] = {**TINY_PARAMS["finetune"], **values}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_stage_fine_tunes_a_classifier_exports_it_and_registers_a_version(finetuned_repo):
+    tiny_repo = finetuned_repo
+    metrics = json.loads((tiny_repo / "reports/finetune/metrics.json").read_text())
+    assert metrics["task"] == "classify" and metrics["method"] == "full"
+    assert metrics["steps"] == TINY_PARAMS["finetune"]["max_steps"]
+    assert 0 <= metrics["best_val_accuracy"] <= 1 and metrics["best_val_loss"] > 0
+    assert metrics["trainable_params"] == metrics["total_params"] > 0
+    curve = (tiny_repo / "reports/finetune/curve.csv").read_text().splitlines()
+    assert curve[0] == "step,train_loss,lr,val_loss,val_accuracy" and len(curve) == 1 + metrics["steps"]
+    model = load_finetuned(tiny_repo / "models/finetune")
+    assert model.labels == ["code", "nature"]
+    assert set(model.predict(["read write value", "river stone light"])) <= {"code", "nature"}
+    config = json.loads((tiny_repo / "models/finetune/config.json").read_text())
+    assert {"task", "method", "labels", "pooling", "max_length", "prompt_separator", "dim"} <= set(config)
+    (run_,) = _finetune_runs(tiny_repo)
+    history = _client(tiny_repo).get_metric_history(run_.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, metrics["steps"] + 1))
+    version = _client(tiny_repo).get_model_version("lmforge-finetune", str(metrics["registered_version"]))
+    assert version.run_id == run_.info.run_id
+    assert run_.data.params["finetune.task"] == "classify"
+    assert any(k.startswith("lmforge.input.") and "models/pretrain" in k for k in run_.data.tags)
+
+
+def test_sft_with_lora_exports_the_merged_model_and_the_adapter(repo):
+    _finetune_params(repo, task="sft", method="lora", train_file="data/labeled/sft_train.jsonl",
+                     test_file="data/labeled/sft_test.jsonl", max_steps=3, eval_every=3)
+    run(["python", "-m", "stages.finetune"], repo)
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors"):
+        assert (repo / "models/finetune" / name).is_file(), name
+    metrics = json.loads((repo / "reports/finetune/metrics.json").read_text())
+    assert 0 < metrics["trainable_params"] < metrics["total_params"] / 4
+    assert metrics["registered_version"] == 1 and metrics["best_val_loss"] > 0
+    model = load_finetuned(repo / "models/finetune")
+    (out,) = model.generate(["def read_1(x)"], max_new_tokens=4)
+    loss, n = model.lm_loss(["def read_1(x)"], ["Return the read."])
+    assert isinstance(out, str) and n > 0 and loss > 0
+    assert not any("lora" in k for k in model.model.state_dict())
+
+
+def test_unseen_test_label_stops_the_stage_with_one_line(repo):
+    with (repo / "data/labeled/test.jsonl").open("a") as handle:
+        handle.write(json.dumps({"id": "new", "text": "a bird sings", "label": "birds"}) + "\n")
+    result = run(["python", "-m", "stages.finetune"], repo, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "'birds'" in result.stderr and "data/labeled/test.jsonl" in result.stderr
+
+
+def test_missing_field_and_unknown_lora_target_name_the_params_key(repo):
+    _finetune_params(repo, text_field="body")
+    result = run(["python", "-m", "stages.finetune"], repo, check=False)
+    assert result.returncode == 2 and "finetune.text_field" in result.stderr and "Traceback" not in result.stderr
+    _finetune_params(repo, method="lora", lora={"target_modules": ["q_proj", "qkv"]})
+    result = run(["python", "-m", "stages.finetune"], repo, check=False)
+    assert result.returncode == 2 and "qkv" in result.stderr and "gate_proj" in result.stderr
+
+
+def test_pretrained_model_from_another_tokenizer_is_refused(repo):
+    other = json.loads((repo / "data/tokenizer/tokenizer.json").read_text())
+    other["model"]["merges"] = other["model"]["merges"][:-1]
+    (repo / "data/tokenizer/tokenizer.json").write_text(json.dumps(other))
+    result = run(["python", "-m", "stages.finetune"], repo, check=False)
+    assert result.returncode == 2 and "another tokenizer" in result.stderr
