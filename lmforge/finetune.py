@@ -34,7 +34,6 @@ import csv
 import hashlib
 import json
 import shutil
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path

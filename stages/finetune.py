@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from lmforge.finetune import (
 from lmforge.metrics import CurveLog
 from lmforge.parallelize import apply_fsdp, barrier, destroy, init_distributed
 from lmforge.params import FinetuneParams, load_params
+from lmforge.runs import claim_run_dir, remember_run_id, result_knobs
 from lmforge.tracking import content_hash, stage_run
 from lmforge.trainer import Trainer, TrainConfig
 
@@ -42,9 +41,6 @@ MODEL_DIR = Path("models/finetune")
 CHECKPOINTS = Path("checkpoints/finetune")
 REPORTS = Path("reports/finetune")
 REGISTERED_NAME = "lmforge-finetune"
-# Knobs that may change without invalidating checkpoints (how long and how often, not what).
-RESUMABLE_CHANGES = {"max_steps", "max_tokens", "resume", "progress", "eval_every", "eval_batches",
-                     "checkpoint_every", "keep_checkpoints", "patience", "test_file"}
 
 
 def check_tokenizer(tokenizer_path: Path) -> None:
@@ -93,30 +89,10 @@ def load_examples(fp: FinetuneParams, tokenizer: Any, eos_id: int) -> dict[str, 
 def run_fingerprint(fp: FinetuneParams) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the pretrained weights, the data, the knobs."""
     return {
-        "finetune": {k: v for k, v in fp.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES},
+        "finetune": result_knobs(fp),
         "pretrained": content_hash(PRETRAINED / "model.safetensors"),
         "train_file": content_hash(Path(fp.train_file)),
     }
-
-
-def prepare_checkpoint_dir(fingerprint: dict[str, Any], resume: str) -> str | None:
-    """Keep checkpoints of this same run (returning its MLflow run id), else move them aside to
-    checkpoints/finetune.stale (nothing deleted) and start fresh."""
-    marker = CHECKPOINTS / "run.json"
-    if CHECKPOINTS.exists() and marker.is_file():
-        previous = json.loads(marker.read_text())
-        if resume == "auto" and previous.get("fingerprint") == fingerprint:
-            return previous.get("mlflow_run_id")
-        reason = "finetune.resume is 'never'" if resume != "auto" else "pretrained model, data or params changed"
-        stale = CHECKPOINTS.with_name(CHECKPOINTS.name + ".stale")
-        log.warning("%s: moving the old checkpoints in %s to %s and starting fresh", reason, CHECKPOINTS, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-        CHECKPOINTS.rename(stale)
-    elif CHECKPOINTS.exists() and any(CHECKPOINTS.iterdir()):
-        raise LmforgeError(f"{CHECKPOINTS} holds files without a run.json: move them away or delete the directory")
-    CHECKPOINTS.mkdir(parents=True, exist_ok=True)
-    write_json(marker, {"fingerprint": fingerprint, "mlflow_run_id": None})
-    return None
 
 
 def write_curve(path: Path, records: list[dict[str, Any]], columns: list[str]) -> None:
@@ -165,7 +141,7 @@ def main() -> None:
         apply_fsdp(model)
 
     fingerprint = run_fingerprint(fp)
-    resume_run_id = prepare_checkpoint_dir(fingerprint, fp.resume) if info.is_main else None
+    resume_run_id = claim_run_dir(CHECKPOINTS, fingerprint, fp.resume) if info.is_main else None
     barrier()
     curve = CurveLog(CHECKPOINTS / "curve.jsonl")
     inputs = [PRETRAINED, fp.train_file] + ([fp.test_file] if fp.test_file else [])
@@ -173,8 +149,7 @@ def main() -> None:
               if info.is_main else contextlib.nullcontext())
     with opened as run:
         if run is not None:
-            marker = CHECKPOINTS / "run.json"
-            write_json(marker, {**json.loads(marker.read_text()), "mlflow_run_id": run.run_id})
+            remember_run_id(CHECKPOINTS, run.run_id)
 
         def on_metrics(step: int, metrics: dict[str, Any]) -> None:  # rank 0 only (the trainer's rule)
             named = {("train_loss" if k == "loss" else k): v for k, v in metrics.items()}

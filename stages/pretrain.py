@@ -8,10 +8,8 @@ One process: `python -m stages.pretrain`. Many: `torchrun --nproc_per_node=N -m 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,6 @@ import torch
 from lmforge.cli import run_stage
 from lmforge.data.io import write_json
 from lmforge.data.shards import ShardReader
-from lmforge.errors import LmforgeError
 from lmforge.export import export_hf_llama, load_pretrained, save_pretrained
 from lmforge.generate import generate
 from lmforge.metrics import CurveLog, plot_loss, unigram_entropy, write_csv
@@ -29,6 +26,7 @@ from lmforge.parallelize import (
     apply_activation_checkpointing, apply_compile, apply_fsdp, barrier, destroy, init_distributed,
 )
 from lmforge.params import GenerateParams, Params, load_params
+from lmforge.runs import claim_run_dir, remember_run_id, result_knobs
 from lmforge.tracking import stage_run
 from lmforge.trainer import Trainer, TrainConfig
 
@@ -41,46 +39,17 @@ HF_DIR = Path("models/pretrain_hf")
 CHECKPOINTS = Path("checkpoints/pretrain")
 REPORTS = Path("reports/pretrain")
 REGISTERED_NAME = "lmforge-pretrain"
-# Knobs that may change without invalidating checkpoints (how long and how often, not what).
-RESUMABLE_CHANGES = {"max_steps", "max_tokens", "resume", "progress", "eval_every", "eval_batches",
-                     "checkpoint_every", "keep_checkpoints", "compile", "activation_checkpointing"}
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run_fingerprint(params: Params, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: model shape, optimizer knobs, the data."""
+    """What a checkpoint must match to be resumed: model shape, every knob of the result, the data."""
     return {
         "model": params.model.model_dump(mode="json"),
-        "pretrain": {k: v for k, v in params.pretrain.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES},
+        "pretrain": result_knobs(params.pretrain),
         "tokenizer_sha256": manifest["tokenizer_sha256"],
         "train_shards": [s["sha256"] for s in manifest["splits"]["train"]["shards"]],
     }
-
-
-def prepare_checkpoint_dir(fingerprint: dict[str, Any], resume: str) -> str | None:
-    """Keep checkpoints that match this run (returning its MLflow run id to continue), else
-    move them aside to checkpoints/pretrain.stale so nothing is deleted."""
-    marker = CHECKPOINTS / "run.json"
-    if CHECKPOINTS.exists() and marker.is_file():
-        previous = json.loads(marker.read_text())
-        if resume == "auto" and previous.get("fingerprint") == fingerprint:
-            return previous.get("mlflow_run_id")
-        reason = "pretrain.resume is 'never'" if resume != "auto" else "model, optimizer params or data changed"
-        stale = CHECKPOINTS.with_name(CHECKPOINTS.name + ".stale")
-        log.warning("%s: moving the old checkpoints in %s to %s and starting fresh", reason, CHECKPOINTS, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-        CHECKPOINTS.rename(stale)
-    elif CHECKPOINTS.exists() and any(CHECKPOINTS.iterdir()):
-        raise LmforgeError(f"{CHECKPOINTS} holds files without a run.json: move them away or delete the directory")
-    CHECKPOINTS.mkdir(parents=True, exist_ok=True)
-    write_json(marker, {"fingerprint": fingerprint, "mlflow_run_id": None})
-    return None
-
-
-def remember_run_id(run_id: str) -> None:
-    marker = CHECKPOINTS / "run.json"
-    data = json.loads(marker.read_text())
-    write_json(marker, {**data, "mlflow_run_id": run_id})
 
 
 def sample_texts(model: Transformer, tokenizer_path: Path, gen: GenerateParams, eos_id: int) -> list[dict[str, str]]:
@@ -134,7 +103,7 @@ def main() -> None:
         apply_fsdp(model, param_dtype=compute_dtype if info.device.type == "cuda" else torch.float32)
 
     fingerprint = run_fingerprint(params, train.manifest)
-    resume_run_id = prepare_checkpoint_dir(fingerprint, params.pretrain.resume) if info.is_main else None
+    resume_run_id = claim_run_dir(CHECKPOINTS, fingerprint, params.pretrain.resume) if info.is_main else None
     barrier()
     curve = CurveLog(CHECKPOINTS / "curve.jsonl")
     inputs = [SHARDS, TOKENIZER]
@@ -142,7 +111,7 @@ def main() -> None:
     opened = stage_run("pretrain", sections, inputs, resume_run_id=resume_run_id) if info.is_main else contextlib.nullcontext()
     with opened as run:
         if run is not None:
-            remember_run_id(run.run_id)
+            remember_run_id(CHECKPOINTS, run.run_id)
 
         def on_metrics(step: int, metrics: dict[str, Any]) -> None:  # rank 0 only (the trainer's rule)
             named = {("train_loss" if k == "loss" else k): v for k, v in metrics.items()}

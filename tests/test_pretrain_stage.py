@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import mlflow
-import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 
 from lmforge.export import load_pretrained
@@ -91,15 +90,26 @@ def test_two_ranks_under_torchrun_log_one_run_then_resume_at_one_rank(trained_re
         root, OMP_NUM_THREADS="1")
     (first,) = _runs(root, "pretrain")
     assert json.loads((root / "reports/pretrain/metrics.json").read_text())["world_size"] == 2
-    # More steps at world size 1: resumes from the 2-rank checkpoint. MLflow params are immutable,
-    # so the changed max_steps makes a new run, linked to the first, whose steps continue.
+    # As if the 2-rank run had died after step 3: one process resumes its sharded checkpoint and
+    # finishes the same run (same params, so the same MLflow run).
+    shutil.rmtree(root / "checkpoints/pretrain/step_00000006")
+    result = run(["python", "-m", "stages.pretrain"], root)
+    assert "at step 3" in result.stderr
+    (again,) = _runs(root, "pretrain")
+    assert again.info.run_id == first.info.run_id
+    steps = [m.step for m in _client(root).get_metric_history(first.info.run_id, "train_loss")]
+    assert sorted(set(steps)) == list(range(1, 7))
+    assert json.loads((root / "reports/pretrain/metrics.json").read_text())["world_size"] == 1
+
+
+def test_changed_max_steps_starts_a_fresh_run_not_a_continuation(trained_ready):
+    root = trained_ready
+    run(["python", "-m", "stages.pretrain"], root)
     _params(root, pretrain={**TINY_PARAMS["pretrain"], "max_steps": 8})
     result = run(["python", "-m", "stages.pretrain"], root)
-    assert "resumed from" in result.stderr and "at step 6" in result.stderr
-    (second,) = [r for r in _runs(root, "pretrain") if r.info.run_id != first.info.run_id]
-    assert second.data.tags["lmforge.continues_run"] == first.info.run_id
-    steps = [m.step for m in _client(root).get_metric_history(second.info.run_id, "train_loss")]
-    assert sorted(steps) == [7, 8]
+    # The LR schedule depends on max_steps: continuing would not equal a fresh 8-step run.
+    assert "max_steps" in result.stderr and "starting fresh" in result.stderr
+    assert len(_runs(root, "pretrain")) == 2
 
 
 def test_killed_stage_resumes_from_its_checkpoint_in_the_same_run(trained_ready):

@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient

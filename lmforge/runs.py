@@ -1,0 +1,59 @@
+"""Which checkpoints a training stage may resume: a run directory holds `run.json` with the
+fingerprint of what the run computes (params, weights, data) and its MLflow run id.
+
+Resuming must give what an uninterrupted run would, so every knob that changes the result is
+in the fingerprint; a mismatch moves the old checkpoints aside (`<dir>.stale`, nothing deleted).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from lmforge.data.io import write_json
+from lmforge.errors import LmforgeError
+from lmforge.tracking import flatten
+
+log = logging.getLogger(__name__)
+MARKER = "run.json"
+# Knobs that change how a run executes, not what it computes.
+EXECUTION_ONLY = frozenset(
+    {"resume", "progress", "checkpoint_every", "keep_checkpoints", "compile", "activation_checkpointing", "test_file"}
+)
+
+
+def result_knobs(section: BaseModel) -> dict[str, Any]:
+    """A params section without its execution-only knobs."""
+    return {k: v for k, v in section.model_dump(mode="json").items() if k not in EXECUTION_ONLY}
+
+
+def claim_run_dir(root: Path, fingerprint: dict[str, Any], resume: str) -> str | None:
+    """Keep `root`'s checkpoints when they belong to this same run (returning its MLflow run
+    id, to continue logging into it); otherwise move them aside and start fresh."""
+    marker = root / MARKER
+    if root.exists() and marker.is_file():
+        previous = json.loads(marker.read_text())
+        if resume == "auto" and previous.get("fingerprint") == fingerprint:
+            return previous.get("mlflow_run_id")
+        now, before = flatten(fingerprint), flatten(previous.get("fingerprint", {}))
+        changed = sorted(key for key in set(now) | set(before) if now.get(key) != before.get(key))
+        reason = "resume is 'never'" if resume != "auto" else f"{', '.join(changed)} changed"
+        stale = root.with_name(root.name + ".stale")
+        log.warning("%s: moving the old checkpoints in %s to %s and starting fresh", reason, root, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+        root.rename(stale)
+    elif root.exists() and any(root.iterdir()):
+        raise LmforgeError(f"{root} holds files without a {MARKER}: move them away or delete the directory")
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"fingerprint": fingerprint, "mlflow_run_id": None})
+    return None
+
+
+def remember_run_id(root: Path, run_id: str) -> None:
+    marker = root / MARKER
+    write_json(marker, {**json.loads(marker.read_text()), "mlflow_run_id": run_id})
