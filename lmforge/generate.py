@@ -5,7 +5,10 @@ Deterministic for a given seed (a private torch.Generator); stops at EOS or afte
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.model import KVCache, Transformer
@@ -97,3 +100,16 @@ def generate(
             break
     model.train(was_training)
     return idx
+
+
+def sample_prompts(model: nn.Module, tokenizer: Any, gen: Any, eos_id: int | None) -> list[dict[str, str]]:
+    """One completion per prompt of `gen` (a GenerateParams), decoded with `tokenizer`
+    (a `tokenizers.Tokenizer`): the samples shown in the reports."""
+    model.eval()
+    samples = []
+    for prompt in gen.prompts:
+        ids = torch.tensor([tokenizer.encode(prompt).ids], dtype=torch.long)
+        out = generate(model, ids, gen.max_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
+                       top_p=gen.top_p, eos_id=eos_id, seed=gen.seed)
+        samples.append({"prompt": prompt, "text": tokenizer.decode(out[0, ids.shape[1]:].tolist())})
+    return samples

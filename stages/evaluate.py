@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from lmforge.cli import run_stage
 from lmforge.data.io import atomic_path, write_json
@@ -26,6 +25,7 @@ from lmforge.evaluation import (
     plot_confusion_matrix, render_report_md, safe_exp, sft_report, write_confusion_json, write_per_class_csv,
 )
 from lmforge.export import load_pretrained
+from lmforge.generate import sample_prompts
 from lmforge.finetune import load_finetuned, read_examples
 from lmforge.metrics import unigram_entropy
 from lmforge.params import Params, load_params
@@ -99,18 +99,9 @@ def evaluate_sft(params: Params, finetuned: Any) -> tuple[dict[str, Any], list[d
 def pretrained_samples(params: Params) -> list[dict[str, str]]:
     from tokenizers import Tokenizer
 
-    from lmforge.generate import generate
-
     model, _ = load_pretrained(PRETRAINED)
     tokenizer = Tokenizer.from_file(str(PRETRAINED / "tokenizer.json"))
-    eos = tokenizer.token_to_id(params.tokenizer.eos_token)
-    gen, samples = params.generate, []
-    for prompt in gen.prompts:
-        ids = torch.tensor([tokenizer.encode(prompt).ids])
-        out = generate(model.eval(), ids, gen.max_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
-                       top_p=gen.top_p, eos_id=eos, seed=gen.seed)
-        samples.append({"prompt": prompt, "text": tokenizer.decode(out[0, ids.shape[1]:].tolist())})
-    return samples
+    return sample_prompts(model, tokenizer, params.generate, tokenizer.token_to_id(params.tokenizer.eos_token))
 
 
 def headline(lm: dict[str, Any], classify: dict[str, Any] | None, baselines: dict[str, Any] | None,

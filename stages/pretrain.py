@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
 from lmforge.cli import run_stage
 from lmforge.data.io import write_json
 from lmforge.data.shards import ShardReader
 from lmforge.export import export_hf_llama, load_pretrained, save_pretrained
-from lmforge.generate import generate
+from lmforge.generate import sample_prompts
 from lmforge.metrics import CurveLog, plot_loss, unigram_entropy, write_csv
 from lmforge.model import Transformer, build_config
 from lmforge.parallelize import (
@@ -52,22 +53,6 @@ def run_fingerprint(params: Params, manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def sample_texts(model: Transformer, tokenizer_path: Path, gen: GenerateParams, eos_id: int) -> list[dict[str, str]]:
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    model.eval()
-    samples = []
-    for prompt in gen.prompts:
-        ids = torch.tensor([tokenizer.encode(prompt).ids], dtype=torch.long)
-        out = generate(
-            model, ids, gen.max_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
-            top_p=gen.top_p, eos_id=eos_id, seed=gen.seed,
-        )
-        samples.append({"prompt": prompt, "completion": tokenizer.decode(out[0, ids.shape[1]:].tolist())})
-    return samples
-
-
 def write_reports(curve: CurveLog, final_step: int, summary: dict[str, Any], samples: list[dict[str, str]],
                   gen: GenerateParams) -> None:
     records = curve.read(up_to_step=final_step)
@@ -78,7 +63,7 @@ def write_reports(curve: CurveLog, final_step: int, summary: dict[str, Any], sam
     sampling = f"temperature {gen.temperature}, top_k {gen.top_k}, top_p {gen.top_p}, seed {gen.seed}"
     lines = [f"# Samples from the pretrained model\n\nSampling: {sampling}, {gen.max_new_tokens} new tokens.\n"]
     for sample in samples:
-        lines.append(f"**{sample['prompt']}**{sample['completion']}\n")
+        lines.append(f"**{sample['prompt']}**{sample['text']}\n")
     with contextlib.suppress(FileNotFoundError):
         (REPORTS / "samples.md").unlink()
     (REPORTS / "samples.md").write_text("\n".join(lines), encoding="utf-8")
@@ -142,7 +127,7 @@ def main() -> None:
                 "parameters": config.num_params(),
                 "world_size": info.world_size,
             }
-            samples = sample_texts(plain, TOKENIZER, params.generate, train.eos_id)
+            samples = sample_prompts(plain, Tokenizer.from_file(str(TOKENIZER)), params.generate, train.eos_id)
             write_reports(curve, result.step, summary, samples, params.generate)
             # The losses are already in the per-step history; the rest lands at the final step.
             per_step = {"steps", "train_loss", "val_loss"}
