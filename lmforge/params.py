@@ -177,6 +177,8 @@ class PretrainParams(TrainerParams):
 
     section: ClassVar[str] = "pretrain"
 
+    # Processes on this machine (one per GPU): lmforge.launch runs torch.distributed.run when > 1.
+    nproc: int = Field(1, ge=1)
     # Applied by lmforge.parallelize, not by the trainer.
     activation_checkpointing: bool = False
     compile: bool = False
