@@ -57,14 +57,17 @@ class CurveLog:
         return [by_step[step] for step in sorted(by_step)]
 
 
-def write_csv(path: str | Path, records: list[dict[str, Any]], columns: list[str]) -> None:
-    """Rows that have every column (e.g. val rows only on eval steps), for `dvc plots`."""
+def write_csv(path: str | Path, records: list[dict[str, Any]], columns: list[str], blank_missing: bool = False) -> None:
+    """A CSV for `dvc plots`: only the rows that have every column (e.g. val rows only on eval
+    steps), or with `blank_missing` one row per record and empty cells where a value is missing."""
     with atomic_path(path) as tmp:
         with tmp.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(columns)
             for record in records:
-                if all(column in record for column in columns):
+                if blank_missing:
+                    writer.writerow(["" if record.get(column) is None else record[column] for column in columns])
+                elif all(column in record for column in columns):
                     writer.writerow([record[column] for column in columns])
 
 

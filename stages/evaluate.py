@@ -19,15 +19,15 @@ from typing import Any
 from lmforge.cli import run_stage
 from lmforge.data.io import atomic_path, write_json
 from lmforge.data.shards import ShardReader
-from lmforge.errors import LmforgeError
 from lmforge.evaluation import (
     bag_of_words_baseline, classification_report, language_model_loss, majority_baseline,
     plot_confusion_matrix, render_report_md, safe_exp, sft_report, write_confusion_json, write_per_class_csv,
 )
 from lmforge.export import load_pretrained
 from lmforge.generate import sample_prompts
-from lmforge.finetune import load_finetuned, read_examples
+from lmforge.finetune import check_labels, load_finetuned, read_examples
 from lmforge.metrics import unigram_entropy
+from lmforge.model import Transformer
 from lmforge.params import Params, load_params
 from lmforge.tracking import stage_run
 
@@ -43,12 +43,11 @@ CANDIDATE_ALIAS = "candidate"
 REGISTERED_NAME = "lmforge-finetune"
 
 
-def evaluate_lm(params: Params, finetuned: Any) -> dict[str, dict[str, Any]]:
+def evaluate_lm(params: Params, pretrained: Transformer, finetuned: Any) -> dict[str, dict[str, Any]]:
     """Loss/perplexity on the same val rows for each language model, and the unigram floor."""
     val = ShardReader(SHARDS, "val", tokenizer_path=PRETRAINED / "tokenizer.json", verify="size")
     train = ShardReader(SHARDS, "train", verify="size")
     cfg = params.evaluate
-    pretrained, _ = load_pretrained(PRETRAINED)
     results = {"pretrained": language_model_loss(pretrained, val, cfg.lm_micro_batch_size, cfg.lm_max_rows)}
     if finetuned is not None and finetuned.task == "sft":
         results["fine-tuned (SFT)"] = language_model_loss(finetuned.model, val, cfg.lm_micro_batch_size, cfg.lm_max_rows)
@@ -62,12 +61,7 @@ def evaluate_classify(params: Params, finetuned: Any) -> tuple[dict[str, Any], d
     train = read_examples(Path(ft.train_file), ft, "classify")
     test = read_examples(Path(ft.test_file), ft, "classify")
     texts, truth = [r["text"] for r in test], [r["label"] for r in test]
-    unknown = sorted(set(truth) - set(finetuned.labels))
-    if unknown:
-        raise LmforgeError(
-            f"{ft.test_file} has labels {unknown} the model was not trained on (it knows {finetuned.labels}); "
-            "fine-tune on a train file that has them, or drop those rows"
-        )
+    check_labels(test, finetuned.labels, "label", ft.test_file)
     report = classification_report(truth, finetuned.predict(texts), finetuned.labels)
     train_texts, train_labels = [r["text"] for r in train], [r["label"] for r in train]
     baselines = {
@@ -96,10 +90,9 @@ def evaluate_sft(params: Params, finetuned: Any) -> tuple[dict[str, Any], list[d
     return report, examples[: cfg.report_examples]
 
 
-def pretrained_samples(params: Params) -> list[dict[str, str]]:
+def pretrained_samples(params: Params, model: Transformer) -> list[dict[str, str]]:
     from tokenizers import Tokenizer
 
-    model, _ = load_pretrained(PRETRAINED)
     tokenizer = Tokenizer.from_file(str(PRETRAINED / "tokenizer.json"))
     return sample_prompts(model, tokenizer, params.generate, tokenizer.token_to_id(params.tokenizer.eos_token))
 
@@ -150,7 +143,8 @@ def main() -> None:
         shutil.rmtree(FIGURES, ignore_errors=True)  # no figure of another task's run may linger
         FIGURES.mkdir(parents=True)
         finetuned = load_finetuned(FINETUNED)
-        lm = evaluate_lm(params, finetuned)
+        pretrained, _ = load_pretrained(PRETRAINED)
+        lm = evaluate_lm(params, pretrained, finetuned)
         classify = baselines = sft = None
         sft_examples: list[dict[str, str]] | None = None
         images = {}
@@ -159,7 +153,7 @@ def main() -> None:
             images["confusion_matrix"] = "figures/confusion_matrix.png"
         else:
             sft, sft_examples = evaluate_sft(params, finetuned)
-        samples = pretrained_samples(params)
+        samples = pretrained_samples(params, pretrained)
         write_json(REPORTS / "samples.json", {"sampling": params.generate.model_dump(), "samples": samples})
         metrics = headline(lm, classify, baselines, sft)
         write_json(REPORTS / "metrics.json", metrics)

@@ -8,7 +8,6 @@ One process: `python -m stages.finetune`. Many: `torchrun --nproc_per_node=N -m 
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import tempfile
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from lmforge.cli import run_stage
-from lmforge.data.io import atomic_path, write_json
+from lmforge.data.io import write_json
 from lmforge.data.tokenizer import file_sha256, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.export import load_pretrained
@@ -26,7 +25,7 @@ from lmforge.finetune import (
     encode_sft, encode_texts, is_peft, label_set, load_finetuned, merged_model, read_examples,
     save_finetuned, special_ids, split_train_val, task_spec,
 )
-from lmforge.metrics import CurveLog
+from lmforge.metrics import CurveLog, write_csv
 from lmforge.parallelize import apply_fsdp, barrier, destroy, init_distributed
 from lmforge.params import FinetuneParams, load_params
 from lmforge.runs import claim_run_dir, remember_run_id, result_knobs
@@ -93,16 +92,6 @@ def run_fingerprint(fp: FinetuneParams) -> dict[str, Any]:
         "pretrained": content_hash(PRETRAINED / "model.safetensors"),
         "train_file": content_hash(Path(fp.train_file)),
     }
-
-
-def write_curve(path: Path, records: list[dict[str, Any]], columns: list[str]) -> None:
-    """One row per step; val columns are empty on steps without an eval."""
-    with atomic_path(path) as tmp:
-        with tmp.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(columns)
-            for record in records:
-                writer.writerow(["" if record.get(c) is None else record[c] for c in columns])
 
 
 def main() -> None:
@@ -201,7 +190,7 @@ def main() -> None:
                 summary.update(final_val_accuracy=final.get("val_accuracy"), best_val_accuracy=best.get("val_accuracy"),
                                n_labels=len(labels))
             columns = ["step", "train_loss", "lr", "val_loss"] + (["val_accuracy"] if fp.task == "classify" else [])
-            write_curve(REPORTS / "curve.csv", records, columns)
+            write_csv(REPORTS / "curve.csv", records, columns, blank_missing=True)
             loaded = load_finetuned(MODEL_DIR)
             info_ = run.log_torch_model(loaded.model, REGISTERED_NAME)
             summary["registered_version"] = int(info_.registered_model_version) if info_.registered_model_version else None

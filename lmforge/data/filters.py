@@ -433,24 +433,37 @@ class DuplicateLineFilter(Filter):
 
 
 @dataclass
-class TopNgramFilter(Filter):
+class NgramFilter(Filter):
+    """Base of the n-gram repetition filters: one limit and one reason per n (`<prefix>_<n>gram`),
+    reason codes in increasing n."""
+
+    max_fraction: dict[int, float]
+    prefix: ClassVar[str] = ""
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return tuple(f"{self.prefix}_{n}gram" for n in sorted(self.max_fraction))
+
+    def _start(self, batch: TextBatch, alive: np.ndarray) -> tuple[np.ndarray, dict[int, float], dict[int, int]]:
+        """(codes all 0, the limits, n -> reason code); no limit or no live document: no limits."""
+        codes = np.zeros(batch.size, dtype=np.int16)
+        limits = dict(self.max_fraction) if alive.any() else {}
+        return codes, limits, {n: code for code, n in enumerate(sorted(limits), start=1)}
+
+
+@dataclass
+class TopNgramFilter(NgramFilter):
     """Gopher: characters covered by the most frequent word n-gram, for small n: count x
     characters of the n-gram over the characters of all words. Ties go to the n-gram seen
     first; the smallest failing n is the reason."""
 
-    max_fraction: dict[int, float]
     name: str = "top_ngram"
-
-    @property
-    def reasons(self) -> tuple[str, ...]:
-        return tuple(f"top_{n}gram" for n in sorted(self.max_fraction))
+    prefix: ClassVar[str] = "top"
 
     def reject_codes(self, batch: TextBatch, alive: np.ndarray) -> np.ndarray:
-        codes = np.zeros(batch.size, dtype=np.int16)
-        limits = dict(self.max_fraction)
-        if not limits or not alive.any():
+        codes, limits, code_of = self._start(batch, alive)
+        if not limits:
             return codes
-        code_of = {n: code for code, n in enumerate(sorted(limits), start=1)}
         char_ends = np.zeros(len(batch.word_lengths) + 1, dtype=np.int64)
         np.cumsum(batch.word_lengths, out=char_ends[1:])
         for n, (positions, counts) in enumerate(batch.repeated_ngrams(alive, max(limits)), start=1):
@@ -471,24 +484,18 @@ class TopNgramFilter(Filter):
 
 
 @dataclass
-class DuplicateNgramFilter(Filter):
+class DuplicateNgramFilter(NgramFilter):
     """Gopher: characters covered by word n-grams occurring more than once, for large n,
     over the characters of all words. n is checked only while the document has at least
     2n words; the smallest failing n is the reason."""
 
-    max_fraction: dict[int, float]
     name: str = "duplicate_ngram"
-
-    @property
-    def reasons(self) -> tuple[str, ...]:
-        return tuple(f"duplicate_{n}gram" for n in sorted(self.max_fraction))
+    prefix: ClassVar[str] = "duplicate"
 
     def reject_codes(self, batch: TextBatch, alive: np.ndarray) -> np.ndarray:
-        codes = np.zeros(batch.size, dtype=np.int16)
-        limits = dict(self.max_fraction)
-        if not limits or not alive.any():
+        codes, limits, code_of = self._start(batch, alive)
+        if not limits:
             return codes
-        code_of = {n: code for code, n in enumerate(sorted(limits), start=1)}
         n_words = len(batch.word_lengths)
         # Checked from the smallest n; a document with fewer than 2n words stops there.
         alive = alive & (batch.word_counts >= 2 * min(limits))
