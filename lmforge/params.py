@@ -14,12 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lmforge.errors import LmforgeError
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
+# Longest context a row may hold: far beyond any preset, and still an int32 index everywhere.
+MAX_SEQ_LEN = 2**20
 
 
 class Section(BaseModel):
     """Base for every params section: unknown keys are errors, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf/nan are never a sensible knob (an lr of nan trains all-NaN weights): refused at load.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class HfSourceParams(Section):
@@ -95,8 +98,8 @@ class CleanParams(Section):
 class TokenizerParams(Section):
     """`tokenize`: the byte-level BPE and how its ids are packed into shards."""
 
-    vocab_size: int = Field(8192, ge=300, le=2**32)
-    seq_len: int = Field(256, ge=8)
+    vocab_size: int = Field(8192, ge=300, le=2**32)  # shard ids are uint32 at most
+    seq_len: int = Field(256, ge=8, le=MAX_SEQ_LEN)
     min_frequency: int = Field(2, ge=1)
     eos_token: str = "<|endoftext|>"
     special_tokens: list[str] = ["<|endoftext|>", "<|pad|>"]
@@ -209,9 +212,9 @@ class FinetuneParams(TrainerParams):
 
     task: Literal["classify", "sft"] = "classify"
     method: Literal["full", "frozen", "lora"] = "full"
-    train_file: str = "data/finetune/classify_train.jsonl"
-    # Only read to check that its labels were seen in training; the evaluate stage scores it.
-    test_file: str | None = "data/finetune/classify_test.jsonl"
+    train_file: str = Field("data/finetune/classify_train.jsonl", min_length=1)
+    # Checked against the training labels here; the evaluate stage scores it (so it is required).
+    test_file: str = Field("data/finetune/classify_test.jsonl", min_length=1)
     text_field: str = "text"
     label_field: str = "label"
     prompt_field: str = "prompt"
@@ -278,7 +281,14 @@ class EvaluateParams(Section):
 class GenerateParams(Section):
     """Sampling for the generated samples in reports (pretrain now, evaluate later)."""
 
-    prompts: list[str] = ["The function returns", "This module provides", "Return a new"]
+    prompts: list[str] = Field(["The function returns", "This module provides", "Return a new"], min_length=1)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_have_text(cls, value: list[str]) -> list[str]:
+        if any(not prompt.strip() for prompt in value):
+            raise ValueError("every prompt needs some text (an empty prompt has no token to continue)")
+        return value
     max_new_tokens: int = Field(48, gt=0)
     temperature: float = Field(0.8, ge=0)  # 0 is greedy
     top_k: int | None = Field(50, gt=0)
@@ -289,7 +299,7 @@ class GenerateParams(Section):
 class Params(BaseModel):
     """The whole params.yaml."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     data: DataParams = DataParams()
     clean: CleanParams = CleanParams()
@@ -301,15 +311,34 @@ class Params(BaseModel):
     tasks: TasksParams = TasksParams()
     evaluate: EvaluateParams = EvaluateParams()
 
+    @model_validator(mode="after")
+    def _fits_the_context(self) -> Params:
+        """Checks across sections that would otherwise fail only after training: everything the
+        model reads or writes must fit its context, tokenizer.seq_len."""
+        context = self.tokenizer.seq_len
+        for key, new_tokens in (("generate.max_new_tokens", self.generate.max_new_tokens),
+                                ("evaluate.sft_max_new_tokens", self.evaluate.sft_max_new_tokens)):
+            if new_tokens >= context:
+                raise ValueError(f"{key} {new_tokens} leaves no room for a prompt in the model's context "
+                                 f"(tokenizer.seq_len {context}): lower it below {context}")
+        limit = context + (1 if self.finetune.task == "sft" else 0)  # sft rows hold inputs + 1 shifted target
+        if self.finetune.max_length > limit:
+            raise ValueError(f"finetune.max_length {self.finetune.max_length} exceeds what the model reads "
+                             f"({limit} tokens for {self.finetune.task}, from tokenizer.seq_len): lower it")
+        return self
+
 
 def _format_error(error: dict[str, Any], model: type[BaseModel]) -> str:
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, error["loc"][:-1])
         return f"unknown key '{key}'" + (f" (allowed here: {', '.join(allowed)})" if allowed else "")
+    message = error["msg"].removeprefix("Value error, ")
+    if not key:  # a check across sections: its message names the keys
+        return message
     got = error.get("input")
     got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{key or '<top level>'}: {error['msg']}{got_text}"
+    return f"{key}: {message}{got_text}"
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -328,6 +357,8 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Par
         return Params.model_validate(raw or {})
     except ValidationError as exc:
         lines = [_format_error(err, Params) for err in exc.errors()]
+        if len(lines) == 1:  # the common case reads as one line
+            raise LmforgeError(f"{source} is invalid: {lines[0]}") from None
         raise LmforgeError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
 
 

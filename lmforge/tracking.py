@@ -7,11 +7,13 @@ Embedded default: `sqlite:///mlflow.db` + `./mlruns` in the repository root (git
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -21,6 +23,8 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel
+
+from lmforge.redact import redact
 
 EXPERIMENT_NAME = "lmforge"
 logger = logging.getLogger(__name__)
@@ -33,19 +37,37 @@ FLOW_RUN_ENV = "LMFORGE_PREFECT_FLOW_RUN_ID"
 LOGGING_FAILED_MARKER = "[lmforge] mlflow logging failed"
 
 
+# A stage probes its store once, briefly; a server that dies later costs seconds per call, not
+# MLflow's default minutes of retries (setdefault: the environment may ask for more patience).
+PROBE_TIMEOUT_S = 3.0
+HTTP_CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 def _tracking_errors() -> tuple[type[BaseException], ...]:
-    """What an unreachable or failing tracking store raises (never the stage's own errors)."""
+    """What an unreachable, damaged or read-only tracking store raises. Every call caught with
+    these is a tracking call (never the stage's own work), so OSError here is the store's."""
+    import sqlite3
+
     import requests
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
-    return (MlflowException, requests.exceptions.RequestException, ConnectionError, TimeoutError)
+    return (MlflowException, requests.exceptions.RequestException, SQLAlchemyError, sqlite3.Error, OSError)
 
 
-def report_logging_failure(exc: BaseException) -> None:
+def store_label(root: Path | None = None) -> str:
+    """The store in use, as printed: the URI with any credential masked."""
+    named = os.environ.get("MLFLOW_TRACKING_URI")
+    return f"MLFLOW_TRACKING_URI={redact(named)}" if named else f"local store {tracking_uri(root)}"
+
+
+def report_logging_failure(reason: BaseException | str, root: Path | None = None) -> None:
     """One warning naming the store, and the marker line on stderr; the stage carries on."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or "(unset: local store)"
-    message = f"{LOGGING_FAILED_MARKER}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} " \
-              f"(MLFLOW_TRACKING_URI={uri}); the stage goes on without logging"
+    if isinstance(reason, BaseException):
+        first = str(reason).splitlines()[0] if str(reason) else ""
+        reason = f"{type(reason).__name__}: {first}"
+    message = redact(f"{LOGGING_FAILED_MARKER}: {reason} ({store_label(root)}); the stage goes on without logging")
     logger.warning(message)
     print(message, file=sys.stderr, flush=True)
 
@@ -53,6 +75,41 @@ def report_logging_failure(exc: BaseException) -> None:
 def tracking_uri(root: Path | None = None) -> str:
     """The tracking URI in use: the environment's, else the local store in `root`."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or Path.cwd()).resolve()}/mlflow.db"
+
+
+def _sqlite_problem(db: Path) -> str | None:
+    """Why the SQLite store at `db` cannot take a run (missing is fine: MLflow creates it)."""
+    import sqlite3
+
+    directory = db.parent
+    if not directory.is_dir():
+        return f"{directory} does not exist"
+    if not db.exists():
+        return None if os.access(directory, os.W_OK | os.X_OK) else f"{directory} is not writable"
+    if not os.access(db, os.R_OK | os.W_OK) or not os.access(directory, os.W_OK | os.X_OK):
+        return f"{db} (or its directory) is not writable"
+    with db.open("rb") as handle:
+        if handle.read(len(SQLITE_HEADER)) != SQLITE_HEADER and db.stat().st_size > 0:
+            return f"{db} is not a SQLite database (damaged): move it aside to start a new store"
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=PROBE_TIMEOUT_S)) as conn:
+            verdict = conn.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.Error as exc:
+        return f"{db} cannot be read ({exc}): move it aside to start a new store"
+    if not verdict or verdict[0] != "ok":
+        return f"{db} is damaged ({verdict[0] if verdict else 'no answer'}): move it aside to start a new store"
+    return None
+
+
+def probe_store(root: Path | None = None, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when the tracking store can take a run; else one line saying why not. Run once per
+    stage, before any MLflow call, so a dead or damaged store costs seconds, not minutes."""
+    uri = tracking_uri(root)
+    if uri.startswith(("http://", "https://")):
+        return check_tracking_server(timeout)
+    if uri.startswith("sqlite:///"):
+        return _sqlite_problem(Path(uri[len("sqlite:///"):]))
+    return None
 
 
 def _ensure_experiment(root: Path) -> str:
@@ -228,6 +285,60 @@ class StageRun:
             registered_model_name=registered_name,
         )
 
+    @_guarded
+    def tag_model_version(self, name: str, version: str, tags: Mapping[str, str]) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+
+    @_guarded
+    def set_model_alias(self, name: str, alias: str, version: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().set_registered_model_alias(name, alias, version)
+
+    @_guarded
+    def find_model_version(self, name: str, tag: str, value: str) -> str | None:
+        """The newest registered version of `name` whose tag `tag` is `value` (None: none is)."""
+        from mlflow.tracking import MlflowClient
+
+        versions = MlflowClient().search_model_versions(f"name = '{name}'")
+        matching = [int(v.version) for v in versions if v.tags.get(tag) == value]
+        return str(max(matching)) if matching else None
+
+
+def _process_tags() -> dict[str, str]:
+    """Who runs this run: a RUNNING run whose process is gone was killed (see `mark_orphans_killed`)."""
+    return {"lmforge.host": socket.gethostname(), "lmforge.pid": str(os.getpid())}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def mark_orphans_killed(client: Any, experiment_id: str) -> list[str]:
+    """Runs left RUNNING by processes of this host that no longer exist (a kill -9, a power cut)
+    are marked KILLED; returns their ids. Runs of other hosts are left to those hosts."""
+    host = socket.gethostname().replace("'", "")
+    orphans = []
+    for run in client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`lmforge.host` = '{host}'",
+        max_results=1000,
+    ):
+        pid = run.data.tags.get("lmforge.pid", "")
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
+            orphans.append(run.info.run_id)
+    return orphans
+
 
 @contextmanager
 def stage_run(
@@ -241,15 +352,26 @@ def stage_run(
 
     `resume_run_id`: continue that run (a training stage resumed after a kill logs into the
     run it started, so its curve is one line in the UI) when it exists in this store.
+    The store is probed first; when it cannot take a run, one warning names it and the stage's
+    work goes on exactly as with tracking up (every StageRun call then does nothing).
     """
-    import mlflow
-
     root = (root or Path.cwd()).resolve()
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for key, value in HTTP_CLIENT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     hashes = input_hashes(inputs, root)
+    problem = probe_store(root)
+    if problem:
+        report_logging_failure(problem, root)
+        yield StageRun(None)
+        return
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     tags = {
         "lmforge.stage": stage,
         "mlflow.source.git.commit": git_commit(root),
+        **_process_tags(),
         **{f"lmforge.input.{path}": digest for path, digest in hashes.items()},
     }
     if os.environ.get(PARENT_RUN_ENV):  # run by the Prefect flow: nest under its `pipeline` run
@@ -264,6 +386,8 @@ def stage_run(
     errors = _tracking_errors()
     try:
         experiment_id = _ensure_experiment(root)
+        for orphan in mark_orphans_killed(MlflowClient(tracking_uri(root)), experiment_id):
+            logger.info("MLflow run %s was left RUNNING by a process that is gone: marked KILLED", orphan)
         start: dict[str, Any] = {"experiment_id": experiment_id, "run_name": stage}
         if resume_run_id and _run_exists(resume_run_id, experiment_id):
             if mlflow.get_run(resume_run_id).data.params == logged:
@@ -272,7 +396,7 @@ def stage_run(
                 tags["lmforge.continues_run"] = resume_run_id
         run = mlflow.start_run(**start, tags=tags)
     except errors as exc:  # the store does not answer: do the stage's work all the same
-        report_logging_failure(exc)
+        report_logging_failure(exc, root)
         run = None
     if run is None:
         yield StageRun(None)
@@ -294,10 +418,10 @@ def stage_run(
             mlflow.end_run(status)
         except errors as exc:
             if not handle.failed:
-                report_logging_failure(exc)
+                report_logging_failure(exc, root)
 
 
-def check_tracking_server(timeout: float = 5.0) -> str | None:
+def check_tracking_server(timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """None when the tracking store answers (a local store always does); else why not, naming
     MLFLOW_TRACKING_URI. Checked before a pipeline runs anything."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
@@ -308,9 +432,10 @@ def check_tracking_server(timeout: float = 5.0) -> str | None:
     try:
         response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
     except requests.exceptions.RequestException as exc:
-        return f"the MLflow tracking server at MLFLOW_TRACKING_URI={uri} does not answer ({type(exc).__name__})"
+        return f"the MLflow tracking server at MLFLOW_TRACKING_URI={redact(uri)} does not answer ({type(exc).__name__})"
     if response.status_code != 200:
-        return f"the MLflow tracking server at MLFLOW_TRACKING_URI={uri} answered HTTP {response.status_code} on /health"
+        return (f"the MLflow tracking server at MLFLOW_TRACKING_URI={redact(uri)} answered HTTP "
+                f"{response.status_code} on /health")
     return None
 
 
@@ -324,7 +449,8 @@ def start_pipeline_run(root: Path, tags: Mapping[str, str] | None = None) -> tup
     client = MlflowClient(tracking_uri(root))
     run = client.create_run(
         experiment_id, run_name="pipeline",
-        tags={"lmforge.stage": "pipeline", "mlflow.source.git.commit": git_commit(root), **(tags or {})},
+        tags={"lmforge.stage": "pipeline", "mlflow.source.git.commit": git_commit(root), **_process_tags(),
+              **(tags or {})},
     )
     return run.info.run_id, experiment_id
 

@@ -29,6 +29,7 @@ from lmforge.checkpoint import CheckpointManager
 from lmforge.errors import LmforgeError
 from lmforge.model import IGNORE_INDEX
 from lmforge.parallelize import DistInfo, init_distributed
+from lmforge.runs import MARKER as RUN_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,12 @@ class Trainer:
         self.stopped_early = False
         self._best_state: dict[str, torch.Tensor] | None = None
         self._mfu_note_done = False
+        # The last step's figures, checkpointed: a run resumed after it finished reports them again.
+        self.train_loss: float | None = None
+        self.val: dict[str, float] = {}
+        # The run directory's marker (lmforge.runs): if it vanishes mid-run, the directory was deleted.
+        marker = Path(checkpoint_dir) / RUN_MARKER if checkpoint_dir else None
+        self._run_marker = marker if marker is not None and marker.is_file() else None
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -529,6 +536,7 @@ class Trainer:
             "train_config": asdict(self.cfg),
             "best": {"value": self.best_value, "step": self.best_step, "metrics": self.best_metrics,
                      "bad_evals": self.bad_evals, "stopped_early": self.stopped_early},
+            "last": {"train_loss": self.train_loss, "val": self.val},
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -554,6 +562,8 @@ class Trainer:
         self.best_metrics = best.get("metrics") or {}
         self.bad_evals = int(best.get("bad_evals") or 0)
         self.stopped_early = bool(best.get("stopped_early"))
+        last = extra.get("last") or {}
+        self.train_loss, self.val = last.get("train_loss"), dict(last.get("val") or {})
         if extra.get("rows_per_step") != self.rows_per_step and self.dist.is_main:
             log.warning(
                 "resuming with %s rows per step (checkpoint used %s): the data order after step %d "
@@ -578,6 +588,16 @@ class Trainer:
             return None
         return self.flops_per_token * tokens_per_s / (peak * self.dist.world_size)
 
+    def _check_run_dir(self) -> None:
+        """Stop when the checkpoint directory was deleted under the run: going on would write a
+        curve and checkpoints that no later run could trust."""
+        if self._run_marker is not None and not self._run_marker.is_file():
+            raise LmforgeError(
+                f"{self._run_marker.parent} was deleted while training (before step {self.step + 1}); its "
+                "checkpoints and curve are gone, so this run stops here. Rerun the stage to start from step 0 "
+                f"(remove what is left first: rm -rf {self._run_marker.parent})"
+            )
+
     def fit(self) -> TrainResult:
         """Train to total_steps (resuming first when allowed), evaluating and checkpointing on schedule."""
         from tqdm.auto import tqdm
@@ -585,8 +605,6 @@ class Trainer:
         self.model.train()
         self.maybe_resume()
         last_ckpt: Path | None = None
-        train_loss: float | None = None
-        val: dict[str, float] = {}
         bar = tqdm(
             total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and self.dist.is_main),
             desc="train", dynamic_ncols=True,
@@ -594,9 +612,16 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         while self.step < self.total_steps and not self.stopped_early:
+            self._check_run_dir()
             t0 = time.perf_counter()
             lr = self.scheduler.get_last_lr()[0]
             train_loss, tokens = self.compute_gradients(self.train_micro_batches(self.data_position))
+            if not math.isfinite(train_loss):  # all-reduced: every rank stops here together
+                raise LmforgeError(
+                    f"the training loss is {train_loss} at step {self.step + 1}: stopped before the weights are "
+                    "spoiled (nothing exported); lower lr, raise warmup_steps or grad_clip, or use precision fp32"
+                )
+            self.train_loss = train_loss
             grad_norm = self.optimizer_step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -611,7 +636,7 @@ class Trainer:
             }
             last = self.step == self.total_steps
             if self.val_data is not None and (last or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
-                val = self.evaluate()
+                val = self.val = self.evaluate()
                 metrics.update(val)
                 self._track_best(val)
                 last = last or self.stopped_early
@@ -627,7 +652,8 @@ class Trainer:
         if self.cfg.best_metric is not None:
             self.restore_best()
         return TrainResult(
-            step=self.step, train_loss=train_loss, val_loss=val.get("val_loss"), val_ppl=val.get("val_ppl"),
-            tokens_seen=self.data_position * self.seq_len, checkpoint=last_ckpt, val_metrics=dict(val),
+            step=self.step, train_loss=self.train_loss, val_loss=self.val.get("val_loss"),
+            val_ppl=self.val.get("val_ppl"), tokens_seen=self.data_position * self.seq_len, checkpoint=last_ckpt,
+            val_metrics=dict(self.val),
             best_step=self.best_step, best_metrics=dict(self.best_metrics), stopped_early=self.stopped_early,
         )

@@ -23,24 +23,23 @@ from lmforge.evaluation import (
     bag_of_words_baseline, classification_report, language_model_loss, majority_baseline,
     plot_confusion_matrix, render_report_md, safe_exp, sft_report, write_confusion_json, write_per_class_csv,
 )
-from lmforge.export import load_pretrained
+from lmforge.export import WEIGHTS, load_pretrained
 from lmforge.generate import sample_prompts
 from lmforge.finetune import check_labels, load_finetuned, read_examples
 from lmforge.metrics import unigram_entropy
 from lmforge.model import Transformer
 from lmforge.params import Params, load_params
-from lmforge.tracking import stage_run
+from lmforge.tracking import StageRun, content_hash, stage_run
+from stages.finetune import REGISTERED_NAME, WEIGHTS_TAG
 
 log = logging.getLogger("stages.evaluate")
 
 SHARDS = Path("data/shards")
 PRETRAINED = Path("models/pretrain")
 FINETUNED = Path("models/finetune")
-FINETUNE_METRICS = Path("reports/finetune/metrics.json")
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"  # task-dependent files: one DVC output whatever the task
 CANDIDATE_ALIAS = "candidate"
-REGISTERED_NAME = "lmforge-finetune"
 
 
 def evaluate_lm(params: Params, pretrained: Transformer, finetuned: Any) -> dict[str, dict[str, Any]]:
@@ -118,22 +117,16 @@ def headline(lm: dict[str, Any], classify: dict[str, Any] | None, baselines: dic
     return metrics | {"baselines": base}
 
 
-def tag_candidate(run: Any, metrics: dict[str, Any]) -> str | None:
-    """Point the `candidate` alias at the version finetune registered; attach the figures."""
-    from mlflow.tracking import MlflowClient
-
-    if not FINETUNE_METRICS.is_file():
-        return None
-    version = json.loads(FINETUNE_METRICS.read_text()).get("registered_version")
+def tag_candidate(run: StageRun, metrics: dict[str, Any]) -> str | None:
+    """Point the `candidate` alias at the registered version of the weights evaluated here, and
+    attach the figures; None when none is registered (or tracking is down)."""
+    version = run.find_model_version(REGISTERED_NAME, WEIGHTS_TAG, content_hash(FINETUNED / WEIGHTS))
     if version is None:
         return None
-    client = MlflowClient()
-    client.set_registered_model_alias(REGISTERED_NAME, CANDIDATE_ALIAS, str(version))
-    for key, value in metrics.items():
-        if isinstance(value, (int, float)):
-            client.set_model_version_tag(REGISTERED_NAME, str(version), f"eval.{key}", f"{value:.6g}")
-    client.set_model_version_tag(REGISTERED_NAME, str(version), "eval.run_id", run.run_id)
-    return str(version)
+    run.set_model_alias(REGISTERED_NAME, CANDIDATE_ALIAS, version)
+    tags = {f"eval.{key}": f"{value:.6g}" for key, value in metrics.items() if isinstance(value, (int, float))}
+    run.tag_model_version(REGISTERED_NAME, version, {**tags, "eval.run_id": str(run.run_id)})
+    return version
 
 
 def main() -> None:

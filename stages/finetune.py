@@ -19,7 +19,7 @@ from lmforge.cli import run_stage
 from lmforge.data.io import write_json
 from lmforge.data.tokenizer import file_sha256, load_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.export import load_pretrained
+from lmforge.export import WEIGHTS, load_pretrained
 from lmforge.finetune import (
     apply_method, balanced_class_weights, build_model, check_labels, check_tokenizer_fits, count_params,
     encode_sft, encode_texts, is_peft, label_set, load_finetuned, merged_model, read_examples,
@@ -40,6 +40,8 @@ MODEL_DIR = Path("models/finetune")
 CHECKPOINTS = Path("checkpoints/finetune")
 REPORTS = Path("reports/finetune")
 REGISTERED_NAME = "lmforge-finetune"
+# Tag of each registered version: the md5 of models/finetune/model.safetensors it was logged from.
+WEIGHTS_TAG = "lmforge.weights_md5"
 
 
 def check_tokenizer(tokenizer_path: Path) -> None:
@@ -92,6 +94,16 @@ def run_fingerprint(fp: FinetuneParams) -> dict[str, Any]:
         "pretrained": content_hash(PRETRAINED / "model.safetensors"),
         "train_file": content_hash(Path(fp.train_file)),
     }
+
+
+def register(run: Any, model: torch.nn.Module) -> str | None:
+    """A new registered version of the fine-tuned model, tagged with the md5 of its weights
+    (how evaluate finds the version it scored); None when tracking is down."""
+    logged = run.log_torch_model(model, REGISTERED_NAME)
+    version = getattr(logged, "registered_model_version", None)
+    if version is not None:
+        run.tag_model_version(REGISTERED_NAME, str(version), {WEIGHTS_TAG: content_hash(MODEL_DIR / WEIGHTS)})
+    return version
 
 
 def main() -> None:
@@ -191,10 +203,8 @@ def main() -> None:
                                n_labels=len(labels))
             columns = ["step", "train_loss", "lr", "val_loss"] + (["val_accuracy"] if fp.task == "classify" else [])
             write_csv(REPORTS / "curve.csv", records, columns, blank_missing=True)
-            loaded = load_finetuned(MODEL_DIR)
-            info_ = run.log_torch_model(loaded.model, REGISTERED_NAME)
-            summary["registered_version"] = int(info_.registered_model_version) if info_.registered_model_version else None
-            write_json(REPORTS / "metrics.json", summary)
+            write_json(REPORTS / "metrics.json", summary)  # the same whether tracking is up or down
+            register(run, load_finetuned(MODEL_DIR).model)
             per_step = {"steps", "train_loss"}
             run.log_metrics({k: v for k, v in summary.items() if k not in per_step and v is not None
                              and not isinstance(v, (bool, str))}, step=result.step)
