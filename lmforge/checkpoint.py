@@ -2,12 +2,15 @@
 
 Each is written to `step_XXXXXXXX.tmp` and renamed when complete; the last K are kept; loading falls
 back to the previous checkpoint, with a warning naming the bad one. One format serves 1..N processes.
+DCP's metadata file is a pickle, so a checkpoint is loaded only when its `checksums.json` names this
+run as its writer (`owner`, the run directory's nonce) and every file still has its recorded sha256.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import random
 import shutil
@@ -30,6 +33,7 @@ from lmforge.parallelize import barrier
 
 PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
+CHECKSUMS = "checksums.json"
 
 
 def _distributed() -> bool:
@@ -82,6 +86,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(_text_to_tensor(state["cuda"]))
 
 
+# --- what a checkpoint holds: its files' sha256, checked before anything is unpickled -------------
+
+def _checksums(directory: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under `directory` but the checksum list itself."""
+    out = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        out[path.relative_to(directory).as_posix()] = digest.hexdigest()
+    return out
+
+
 # --- the manager -----------------------------------------------------------------------------------
 
 @dataclass
@@ -96,11 +114,13 @@ class Restored:
 class CheckpointManager:
     """Save, find and load checkpoints under `root`; every method is collective under a process group."""
 
-    def __init__(self, root: str | Path, keep: int = 2) -> None:
+    def __init__(self, root: str | Path, keep: int = 2, owner: str | None = None) -> None:
+        """`owner`: the writer's identity recorded in every checkpoint and required to load one."""
         if keep < 1:
             raise LmforgeError(f"keep_checkpoints must be >= 1 (got {keep})")
         self.root = Path(root)
         self.keep = keep
+        self.owner = owner
 
     def path_for(self, step: int) -> Path:
         return self.root / f"{PREFIX}{step:08d}"
@@ -127,8 +147,8 @@ class CheckpointManager:
         final = self.path_for(step)
         tmp = final.with_name(final.name + ".tmp")
         if _rank() == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a save that was killed
+            for stale in self.root.glob(f"{PREFIX}*.tmp"):
+                shutil.rmtree(stale)  # left by saves that were killed
             tmp.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -140,6 +160,7 @@ class CheckpointManager:
         # Only when every rank has written is the directory renamed into place: that rename is the commit.
         barrier()
         if _rank() == 0:
+            (tmp / CHECKSUMS).write_text(json.dumps({"owner": self.owner, "files": _checksums(tmp)}, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -147,6 +168,21 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
         return final
+
+    def verify(self, path: Path) -> None:
+        """Refuse a checkpoint this run did not write, or one changed since: DCP's metadata is a
+        pickle, and unpickling a file someone else wrote can run their code."""
+        listed = path / CHECKSUMS
+        if not listed.is_file():
+            raise LmforgeError(f"{path} has no {CHECKSUMS}: not written by lmforge (or by an older version); "
+                               "refusing to unpickle it")
+        record = json.loads(listed.read_text())
+        if self.owner is not None and record.get("owner") != self.owner:
+            raise LmforgeError(f"{path} was written by another run (owner {record.get('owner')!r}, this run "
+                               f"{self.owner!r}); refusing to unpickle it")
+        if record.get("files") != _checksums(path):
+            raise LmforgeError(f"{path}: its files differ from their recorded sha256 (changed or incomplete); "
+                               "refusing to unpickle it")
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Restored | None:
         """Fill model/optimizer from the newest loadable checkpoint and restore this rank's RNG.
@@ -173,6 +209,7 @@ class CheckpointManager:
         return None
 
     def _load_one(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Restored:
+        self.verify(path)
         meta = json.loads((path / TRAINER_STATE).read_text())
         if optimizer is None:
             from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict

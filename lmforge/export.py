@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.data.io import sweep_stale_temps, temp_name
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.parallelize import barrier, clean_name
@@ -42,7 +43,8 @@ def _write_atomically(out_dir: Path, fill: Any) -> Path:
     """Call fill(tmp_dir), then replace out_dir with it in one rename."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    sweep_stale_temps(out_dir.parent)  # full model copies left by killed exports
+    tmp = Path(tempfile.mkdtemp(prefix=f"{temp_name(out_dir).name}-", dir=out_dir.parent))
     try:
         fill(tmp)
         if out_dir.exists():

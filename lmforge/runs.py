@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,15 @@ def claim_run_dir(root: Path, fingerprint: dict[str, Any], resume: str) -> str |
     elif root.exists() and any(root.iterdir()):
         raise LmforgeError(f"{root} holds files without a {MARKER}: move them away or delete the directory")
     root.mkdir(parents=True, exist_ok=True)
-    write_json(marker, {"fingerprint": fingerprint, "mlflow_run_id": None})
+    # The nonce names this run as the writer of its checkpoints (lmforge.checkpoint refuses others).
+    write_json(marker, {"fingerprint": fingerprint, "mlflow_run_id": None, "nonce": secrets.token_hex(16)})
     return None
+
+
+def run_nonce(root: Path) -> str | None:
+    """The nonce of the run that owns `root` (None when `root` is no run directory)."""
+    marker = root / MARKER
+    return json.loads(marker.read_text()).get("nonce") if marker.is_file() else None
 
 
 def remember_run_id(root: Path, run_id: str) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from lmforge.data.io import pid_alive
 from lmforge.redact import redact
 
 EXPERIMENT_NAME = "lmforge"
@@ -112,6 +113,29 @@ def probe_store(root: Path | None = None, timeout: float = PROBE_TIMEOUT_S) -> s
     return None
 
 
+def relocate_local_store(db: Path, old: str, new: str) -> int:
+    """Point a copied or moved workspace's embedded store at its own `mlruns/`: MLflow records
+    absolute artifact locations, so a copy would otherwise write into the original workspace.
+    Rewrites the `old` prefix (as URI and as path) in every text column; returns rows changed."""
+    import sqlite3
+    from urllib.parse import unquote, urlparse
+
+    prefixes = [(old, new), (unquote(urlparse(old).path), unquote(urlparse(new).path))]
+    changed = 0
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn, conn:
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            columns = [row[1] for row in conn.execute(f'PRAGMA table_info("{table}")')
+                       if any(kind in (row[2] or "").upper() for kind in ("TEXT", "CHAR", "CLOB"))]
+            for column, (before, after) in ((c, p) for c in columns for p in prefixes):
+                changed += conn.execute(
+                    f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
+                    f'WHERE substr("{column}", 1, ?) = ?', (after, len(before) + 1, len(before), before),
+                ).rowcount
+    logger.info("the local MLflow store moved: %d locations now under %s", changed, new)
+    return changed
+
+
 def _ensure_experiment(root: Path) -> str:
     import mlflow
 
@@ -119,10 +143,12 @@ def _ensure_experiment(root: Path) -> str:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri(root))
     experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
-    if experiment is not None:
-        return experiment.experiment_id
     # Embedded store: keep artifacts beside the database, not wherever the cwd happens to be.
     location = None if "MLFLOW_TRACKING_URI" in os.environ else (root / "mlruns").resolve().as_uri()
+    if experiment is not None:
+        if location and experiment.artifact_location != location and experiment.artifact_location.endswith("/mlruns"):
+            relocate_local_store(root / "mlflow.db", experiment.artifact_location, location)
+        return experiment.experiment_id
     try:
         return mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created concurrently by another stage
@@ -314,16 +340,6 @@ def _process_tags() -> dict[str, str]:
     return {"lmforge.host": socket.gethostname(), "lmforge.pid": str(os.getpid())}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def mark_orphans_killed(client: Any, experiment_id: str) -> list[str]:
     """Runs left RUNNING by processes of this host that no longer exist (a kill -9, a power cut)
     are marked KILLED; returns their ids. Runs of other hosts are left to those hosts."""
@@ -334,7 +350,7 @@ def mark_orphans_killed(client: Any, experiment_id: str) -> list[str]:
         max_results=1000,
     ):
         pid = run.data.tags.get("lmforge.pid", "")
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             client.set_terminated(run.info.run_id, "KILLED")
             orphans.append(run.info.run_id)
     return orphans

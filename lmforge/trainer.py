@@ -29,7 +29,7 @@ from lmforge.checkpoint import CheckpointManager
 from lmforge.errors import LmforgeError
 from lmforge.model import IGNORE_INDEX
 from lmforge.parallelize import DistInfo, init_distributed
-from lmforge.runs import MARKER as RUN_MARKER
+from lmforge.runs import MARKER as RUN_MARKER, run_nonce
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +242,11 @@ class Trainer:
             self.optimizer, lambda s: lr_at(s, self.cfg, self.total_steps)
         )
         self.scaler = self._build_scaler()
-        self.checkpoints = CheckpointManager(checkpoint_dir, config.keep_checkpoints) if checkpoint_dir else None
+        owner = run_nonce(Path(checkpoint_dir)) if checkpoint_dir else None
+        self.checkpoints = CheckpointManager(checkpoint_dir, config.keep_checkpoints, owner) if checkpoint_dir else None
         # The best weights so far live in memory (trainable parameters only; one process) and, with a
         # checkpoint dir, in `<checkpoint_dir>/best` so that a resumed (or FSDP) run still ends with them.
-        self.best_checkpoints = CheckpointManager(Path(checkpoint_dir) / "best", 1) if checkpoint_dir else None
+        self.best_checkpoints = CheckpointManager(Path(checkpoint_dir) / "best", 1, owner) if checkpoint_dir else None
         self.best_value: float | None = None
         self.best_step: int | None = None
         self.best_metrics: dict[str, float] = {}

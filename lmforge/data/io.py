@@ -4,9 +4,14 @@ streaming Parquet reads/writes of documents with clear errors for missing or cor
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import itertools
 import json
 import os
-from collections.abc import Iterator
+import re
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,43 @@ from lmforge.data.documents import DOCUMENT_SCHEMA, Document, check_columns, to_
 from lmforge.errors import LmforgeError
 
 
+# Temp names carry the writer's PID (`.<name>.tmp-<pid>` files, `.<name>.tmp-<pid>-<random>` dirs), so a
+# temp whose writer is gone (kill -9) is known stale and swept by the next write into that directory.
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(?P<pid>\d+)(?:-[A-Za-z0-9_]+)?$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_name(path: Path) -> Path:
+    """The temp path beside `path` that this process writes before renaming it into place."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def sweep_stale_temps(directory: Path) -> list[Path]:
+    """Delete the temps in `directory` left by writers that no longer run; returns them."""
+    swept = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(directory):
+            match = _TEMP_NAME.match(entry.name)
+            if match and not pid_alive(int(match["pid"])):
+                path = Path(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                swept.append(path)
+    return swept
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it over `path` only if the block succeeds.
@@ -26,7 +68,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    sweep_stale_temps(path.parent)
+    tmp = temp_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -44,6 +87,28 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
         with tmp.open("w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula: a label such as
+# `=HYPERLINK(...)` in a report would be code, not text (OWASP "CSV injection").
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """`value` as a CSV cell: a string a spreadsheet would run as a formula gets a leading `'`
+    (OWASP's fix; shown as text); numbers stay numbers, so -0.5 is still -0.5."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A CSV file, atomically, every cell made spreadsheet-safe. The one CSV writer of the project."""
+    with atomic_path(path) as tmp:
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            for row in itertools.chain([header], rows):
+                writer.writerow([spreadsheet_safe(value) for value in row])
 
 
 class DocumentWriter:
