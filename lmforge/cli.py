@@ -6,16 +6,26 @@ import logging
 import sys
 from collections.abc import Callable
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, disk_full
+from lmforge.redact import redact
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
-    """Run a stage's main; an LmforgeError becomes one clear line and exit status 2."""
+    """Run a stage's main; an LmforgeError becomes one clear line and exit status 2 (a bad param or
+    input: never worth a retry), a full disk one line and status 1."""
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(message)s")
     for noisy in ("alembic", "mlflow", "urllib3", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         main()
     except LmforgeError as exc:
-        print(f"[{name}] error: {exc}", file=sys.stderr)
+        print(redact(f"[{name}] error: {exc}"), file=sys.stderr)
         sys.exit(2)
+    except Exception as exc:
+        where = disk_full(exc)
+        if where is None:
+            raise
+        # Every write is atomic, so nothing partial was left to trust; the MLflow run is marked FAILED.
+        print(f"[{name}] error: no space left on device writing {where}: free space there and rerun the stage",
+              file=sys.stderr)
+        sys.exit(1)

@@ -7,7 +7,6 @@ the outputs go. The only I/O is in the explicit `write_*`/`plot_*` functions, al
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -22,7 +21,7 @@ import torch
 from sklearn import metrics as skm
 from torch import nn
 
-from lmforge.data.io import atomic_path
+from lmforge.data.io import atomic_path, write_csv
 from lmforge.errors import LmforgeError
 from lmforge.trainer import RowDataset, lm_loss
 
@@ -290,12 +289,8 @@ def plot_confusion_matrix(path: str | Path, confusion: dict[str, Any], title: st
 def write_per_class_csv(path: str | Path, report: dict[str, Any]) -> None:
     """label,precision,recall,f1,support: one row per class in label order, for `dvc plots`."""
     columns = ["precision", "recall", "f1", "support"]
-    with atomic_path(path) as tmp:
-        with tmp.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["label", *columns])
-            for label, row in report["per_class"].items():
-                writer.writerow([label, *(row[c] for c in columns)])
+    rows = [[label, *(row[c] for c in columns)] for label, row in report["per_class"].items()]
+    write_csv(path, ["label", *columns], rows)
 
 
 def write_confusion_json(path: str | Path, report: dict[str, Any]) -> None:

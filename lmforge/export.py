@@ -5,6 +5,7 @@ Both are written to a temp dir and renamed into place; neither needs pickles to 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from lmforge.data.io import sweep_stale_temps, temp_name
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, disk_full
 from lmforge.model import ModelConfig, Transformer
 from lmforge.parallelize import barrier, clean_name
 
@@ -55,8 +56,10 @@ def _write_atomically(out_dir: Path, fill: Any) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and disk_full(exc) == "a file":  # safetensors does not say which
+            raise OSError(errno.ENOSPC, "No space left on device", str(out_dir)) from exc
         raise
     return out_dir
 

@@ -30,10 +30,11 @@ The stable API (the evaluate stage uses it):
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
+import logging
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -44,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.data.sources import MAX_WARNINGS_PER_FILE, TABLE_READERS, iter_table_rows, row_text
+from lmforge.data.tokenizer import encode_plain
 from lmforge.errors import LmforgeError
 from lmforge.model import IGNORE_INDEX, ModelConfig, Transformer
 from lmforge.trainer import Batch, Collate, EvalFn, LossFn, lm_loss
@@ -52,66 +55,100 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 ADAPTER_DIR = "adapter"
 META_KEYS = ("task", "method", "labels", "pooling", "max_length", "prompt_separator", "eos_token", "pad_token")
+log = logging.getLogger(__name__)
 
 # --- data ---------------------------------------------------------------------------------------
 
 
-def read_table(path: str | Path, params_key: str = "finetune.train_file") -> list[dict[str, Any]]:
-    """Rows of a .jsonl / .parquet / .csv file as dicts."""
-    path = Path(path)
+def read_examples(path: str | Path, ft: Any, task: str | None = None) -> list[dict[str, Any]]:
+    """The rows of `path` normalized to {"id", "text", "label"} (classify) or {"id", "prompt",
+    "response"} (sft), read through `ft`'s field names (lmforge.params.FinetuneParams); "id" is None
+    when the file has none.
+
+    Read by ingest's readers (lmforge.data.sources.iter_table_rows) with ingest's rules: invalid
+    UTF-8 replaced by U+FFFD; lines that are not JSON objects, and rows whose field is missing,
+    blank or not a string (a list, a dict, a number: never stringified), skipped, counted and warned
+    about by file:line; a corrupt file or a missing column an error naming the file and the key.
+    A label may also be an integer (class ids), read as its digits, as a CSV spells it."""
+    task = task or ft.task
+    fields_ = _task_fields(task, ft)
+    key = "finetune.test_file" if ft.test_file is not None and str(path) == str(ft.test_file) else "finetune.train_file"
+    path = _check_table_path(Path(path), key)
+    required = {
+        source: f"set finetune.{name}_field in params.yaml to the column that holds the {name}"
+        for name, source in fields_.items()
+    }
+    columns = list(dict.fromkeys([*fields_.values(), "id"]))
+    counters: Counter = Counter()
+    examples, first_problem = [], None
+    for row in iter_table_rows(str(path), columns, required, counters):
+        example, problem = _example(row.values, fields_)
+        if problem is not None:
+            counters["rows_skipped"] += 1
+            first_problem = first_problem or f"{row.where}: {problem}"
+            if counters["rows_skipped"] <= MAX_WARNINGS_PER_FILE:
+                log.warning("skipping %s: %s", row.where, problem)
+            continue
+        counters["replaced"] += row.replaced
+        examples.append(example)
+    _report_skipped(path, len(examples), counters, first_problem)
+    return examples
+
+
+def _task_fields(task: str, ft: Any) -> dict[str, str]:
+    """Example key -> the file's field that holds it."""
+    if task == "classify":
+        return {"text": ft.text_field, "label": ft.label_field}
+    if task == "sft":
+        return {"prompt": ft.prompt_field, "response": ft.response_field}
+    raise LmforgeError(f"finetune.task {task!r} is not one of classify, sft")
+
+
+def _check_table_path(path: Path, params_key: str) -> Path:
     if not path.is_file():
         raise LmforgeError(f"{path} not found: create it (dvc repro) or point {params_key} at your file")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as handle:
-            for n, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise LmforgeError(f"{path}:{n} is not JSON ({exc.msg}): fix the line") from None
-                if not isinstance(row, dict):
-                    raise LmforgeError(f"{path}:{n} is not a JSON object: each line must be one row")
-                rows.append(row)
-        return rows
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            return list(csv.DictReader(handle))
-    raise LmforgeError(f"{path}: unknown extension {suffix!r}; {params_key} must be a .jsonl, .parquet or .csv file")
+    if path.suffix.lower() not in TABLE_READERS:
+        raise LmforgeError(
+            f"{path}: unknown extension {path.suffix!r}; {params_key} must be a .jsonl, .parquet or .csv file"
+        )
+    return path
 
 
-def require_fields(rows: list[dict[str, Any]], path: str | Path, needed: dict[str, str]) -> None:
-    """`needed`: field name -> the params key that names it. Every row must have a non-null value."""
-    for n, row in enumerate(rows, 1):
-        for name, key in needed.items():
-            if row.get(name) is None:
-                have = sorted(row)
-                raise LmforgeError(
-                    f"{path}: row {n} has no field {name!r} (it has {have}): set {key} to the field that holds it"
-                )
+def _example(values: dict[str, Any], fields_: dict[str, str]) -> tuple[dict[str, Any] | None, str | None]:
+    """(the example, None), or (None, what is wrong with the row, naming the field and its key)."""
+    example = {"id": values.get("id")}
+    for name, source in fields_.items():
+        value = values.get(source)
+        is_class_id = name == "label" and isinstance(value, int) and not isinstance(value, bool)
+        text = str(value) if is_class_id else row_text(value)
+        if text is None:
+            if value is None:
+                what = "is missing"
+            elif isinstance(value, str):
+                what = "is blank"
+            else:
+                what = f"is a {type(value).__name__}, not a string"
+            return None, f"field {source!r} {what} (finetune.{name}_field)"
+        example[name] = text
+    return example, None
 
 
-def read_examples(path: str | Path, ft: Any, task: str | None = None) -> list[dict[str, Any]]:
-    """The rows of `path` normalized to {"id", "text", "label"} (classify; label as a string) or
-    {"id", "prompt", "response"} (sft), read through `ft`'s field names (lmforge.params.FinetuneParams).
-    "id" is None when the file has no id column. A missing field is an error naming the params key."""
-    task = task or ft.task
-    key = "finetune.test_file" if ft.test_file is not None and str(path) == str(ft.test_file) else "finetune.train_file"
-    rows = read_table(path, key)
-    if task == "classify":
-        fields_ = {"text": ft.text_field, "label": ft.label_field}
-    elif task == "sft":
-        fields_ = {"prompt": ft.prompt_field, "response": ft.response_field}
-    else:
-        raise LmforgeError(f"finetune.task {task!r} is not one of classify, sft")
-    require_fields(rows, path, {source: f"finetune.{name}_field" for name, source in fields_.items()})
-    return [{"id": row.get("id"), **{name: str(row[source]) for name, source in fields_.items()}} for row in rows]
+def _report_skipped(path: Path, kept: int, counters: Counter, first_problem: str | None) -> None:
+    """Warn about what was skipped or replaced; no usable row at all is an error."""
+    bad_lines, bad_rows = counters["bad_json_lines"], counters["rows_skipped"]
+    if kept == 0 and bad_lines + bad_rows:
+        first = first_problem or "lines that are not JSON objects"
+        raise LmforgeError(
+            f"{path}: no usable row ({bad_lines} lines not JSON objects, {bad_rows} rows skipped; first: "
+            f"{first}): fix the file, or the finetune.*_field keys in params.yaml"
+        )
+    if bad_lines + bad_rows:
+        log.warning(
+            "%s: %d rows kept, %d skipped (%d lines not JSON objects, %d rows with a missing, blank or "
+            "non-string field)", path, kept, bad_lines + bad_rows, bad_lines, bad_rows,
+        )
+    if counters["replaced"]:
+        log.warning("%s: %d rows had invalid UTF-8 (or lone surrogates), replaced", path, counters["replaced"])
 
 
 def row_key(row: dict[str, Any], text_field: str) -> str:
@@ -174,19 +211,21 @@ def check_tokenizer_fits(tokenizer: Any, config: ModelConfig) -> None:
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int, eos_id: int) -> list[list[int]]:
-    """Each text's ids cut to max_length - 1, then EOS (the token `last` pooling reads)."""
-    return [enc.ids[: max_length - 1] + [eos_id] for enc in tokenizer.encode_batch(list(texts))]
+    """Each text's ids cut to max_length - 1, then EOS (the token `last` pooling reads; the only
+    special id: text that spells "<|endoftext|>" is encoded as text)."""
+    return [ids[: max_length - 1] + [eos_id] for ids in encode_plain(tokenizer, texts)]
 
 
 def encode_sft(
     tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int, separator: str, eos_id: int
 ) -> list[tuple[list[int], int]]:
-    """(ids, prompt length) per pair: ids = encode(prompt + separator) + encode(response) + [EOS]."""
-    p_enc = tokenizer.encode_batch([p + separator for p in prompts])
-    r_enc = tokenizer.encode_batch(list(responses))
+    """(ids, prompt length) per pair: ids = encode(prompt + separator) + encode(response) + [EOS]
+    (the only special id: text that spells "<|endoftext|>" is encoded as text)."""
+    p_ids = encode_plain(tokenizer, [p + separator for p in prompts])
+    r_ids = encode_plain(tokenizer, responses)
     out = []
-    for p, r in zip(p_enc, r_enc):
-        prompt, response = p.ids, r.ids + [eos_id]
+    for prompt, response in zip(p_ids, r_ids):
+        response = response + [eos_id]
         if len(prompt) + len(response) > max_length:
             keep_prompt = max(max_length - len(response), min(len(prompt), max_length // 2))
             prompt = prompt[len(prompt) - keep_prompt:] if keep_prompt else []
@@ -456,7 +495,7 @@ class FinetunedModel:
         if budget < 1:
             raise LmforgeError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in max_seq_len {self.config.max_seq_len}")
         for prompt in prompts:
-            ids = self.tokenizer.encode(prompt + self.prompt_separator).ids[-budget:] or [self.eos_id]
+            ids = encode_plain(self.tokenizer, [prompt + self.prompt_separator])[0][-budget:] or [self.eos_id]
             out = generate(self.model, torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, eos_id=self.eos_id, seed=seed)[0, len(ids):].tolist()
             if self.eos_id in out:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.data.tokenizer import encode_plain
 from lmforge.errors import LmforgeError
 from lmforge.model import KVCache, Transformer
 
@@ -108,7 +109,7 @@ def sample_prompts(model: nn.Module, tokenizer: Any, gen: Any, eos_id: int | Non
     model.eval()
     samples = []
     for prompt in gen.prompts:
-        ids = torch.tensor([tokenizer.encode(prompt).ids], dtype=torch.long)
+        ids = torch.tensor(encode_plain(tokenizer, [prompt]), dtype=torch.long)
         out = generate(model, ids, gen.max_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
                        top_p=gen.top_p, eos_id=eos_id, seed=gen.seed)
         samples.append({"prompt": prompt, "text": tokenizer.decode(out[0, ids.shape[1]:].tolist())})

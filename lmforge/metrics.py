@@ -5,7 +5,6 @@ curve (persisted beside the checkpoints so a resumed run keeps its history), CSV
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Iterable
@@ -14,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.data.io import atomic_path
+from lmforge.data.io import atomic_path, write_csv as write_csv_rows  # this module's write_csv takes records
 
 
 def unigram_entropy(rows: Iterable[np.ndarray], vocab_size: int) -> float:
@@ -60,15 +59,12 @@ class CurveLog:
 def write_csv(path: str | Path, records: list[dict[str, Any]], columns: list[str], blank_missing: bool = False) -> None:
     """A CSV for `dvc plots`: only the rows that have every column (e.g. val rows only on eval
     steps), or with `blank_missing` one row per record and empty cells where a value is missing."""
-    with atomic_path(path) as tmp:
-        with tmp.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(columns)
-            for record in records:
-                if blank_missing:
-                    writer.writerow(["" if record.get(column) is None else record[column] for column in columns])
-                elif all(column in record for column in columns):
-                    writer.writerow([record[column] for column in columns])
+    if blank_missing:
+        rows = [["" if record.get(column) is None else record[column] for column in columns] for record in records]
+    else:
+        complete = [record for record in records if all(column in record for column in columns)]
+        rows = [[record[column] for column in columns] for record in complete]
+    write_csv_rows(path, columns, rows)
 
 
 def plot_loss(path: str | Path, records: list[dict[str, Any]], baseline: float | None, title: str) -> None:

@@ -116,11 +116,13 @@ def probe_store(root: Path | None = None, timeout: float = PROBE_TIMEOUT_S) -> s
 def relocate_local_store(db: Path, old: str, new: str) -> int:
     """Point a copied or moved workspace's embedded store at its own `mlruns/`: MLflow records
     absolute artifact locations, so a copy would otherwise write into the original workspace.
-    Rewrites the `old` prefix (as URI and as path) in every text column; returns rows changed."""
+    Rewrites the `old` store (a file URI or a path) to `new` (a file URI), as URI and as path, in
+    every text column; returns the number of values changed."""
     import sqlite3
     from urllib.parse import unquote, urlparse
 
-    prefixes = [(old, new), (unquote(urlparse(old).path), unquote(urlparse(new).path))]
+    as_path = [unquote(urlparse(uri).path) if uri.startswith("file:") else uri for uri in (old, new)]
+    prefixes = [(Path(as_path[0]).as_uri(), new), (as_path[0], as_path[1])]
     changed = 0
     with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn, conn:
         tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
@@ -141,13 +143,19 @@ def _ensure_experiment(root: Path) -> str:
 
     # MLflow sets its own loggers to INFO on import; its schema-migration chatter is noise here.
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    embedded = "MLFLOW_TRACKING_URI" not in os.environ
     mlflow.set_tracking_uri(tracking_uri(root))
+    if embedded:  # set_tracking_uri exports the variable; unset must keep meaning "this repo's store"
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
     # Embedded store: keep artifacts beside the database, not wherever the cwd happens to be.
-    location = None if "MLFLOW_TRACKING_URI" in os.environ else (root / "mlruns").resolve().as_uri()
+    location = (root / "mlruns").resolve().as_uri() if embedded else None
     if experiment is not None:
-        if location and experiment.artifact_location != location and experiment.artifact_location.endswith("/mlruns"):
-            relocate_local_store(root / "mlflow.db", experiment.artifact_location, location)
+        recorded = experiment.artifact_location
+        if location and "/mlruns" in recorded:  # `<root>/mlruns` or `<root>/mlruns/<id>`, as URI or path
+            old_store = recorded[: recorded.rindex("/mlruns") + len("/mlruns")]
+            if old_store not in (location, Path(root / "mlruns").resolve().as_posix()):
+                relocate_local_store(root / "mlflow.db", old_store, location)
         return experiment.experiment_id
     try:
         return mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=location)

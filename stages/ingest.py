@@ -17,7 +17,7 @@ from lmforge.data.documents import split_of
 from lmforge.data.io import DocumentWriter, write_json
 from lmforge.data.sources import iter_documents, resolve_files
 from lmforge.errors import LmforgeError
-from lmforge.params import load_params
+from lmforge.params import DataParams, load_params
 from lmforge.tracking import stage_run
 
 RAW = Path("data/raw/documents.parquet")
@@ -39,12 +39,11 @@ def main() -> None:
                 writer.write(batch)
                 splits.update(split_of(doc["id"], data.val_fraction) for doc in batch)
                 bar.update(len(batch))
+            if writer.documents == 0:
+                # Raised inside the writer's block, so it discards its file: the previous
+                # documents.parquet stays, and still agrees with the previous stats.json.
+                raise LmforgeError(_no_documents(data, counters))
         seconds = time.perf_counter() - start
-        if writer.documents == 0:
-            raise LmforgeError(
-                f"the {data.source!r} source gave no documents ({dict(counters)}); "
-                "check data.source and data.files in params.yaml"
-            )
         stats = {
             "source": data.source,
             "python": platform.python_version(),
@@ -59,6 +58,15 @@ def main() -> None:
         write_json(STATS, stats)
         run.log_metrics(stats)
         run.log_artifact(STATS)
+
+
+def _no_documents(data: DataParams, counters: Counter) -> str:
+    where = f"data.files {data.files}" if data.source == "files" else f"the {data.source!r} source"
+    problems = {key: count for key, count in counters.items() if count and key != "documents"}
+    return (
+        f"{where} gave no documents ({problems or 'nothing was read'}); nothing was written, "
+        f"{RAW} and {STATS} are unchanged: point data.source/data.files in params.yaml at files with text"
+    )
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from lmforge.errors import LmforgeError
 from lmforge.finetune import (
     IGNORE_INDEX, apply_method, build_model, check_labels, classify_collate, count_params, encode_sft,
-    encode_texts, label_set, load_finetuned, merged_model, read_table, require_fields, save_finetuned,
+    encode_texts, label_set, load_finetuned, merged_model, read_examples, save_finetuned,
     special_ids, split_train_val, task_spec, FinetunedModel,
 )
 from lmforge.model import ModelConfig, Transformer
-from lmforge.params import LoraParams
+from lmforge.params import FinetuneParams, LoraParams
 from lmforge.trainer import TrainConfig, Trainer
 
 CONFIG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=32)
@@ -172,9 +172,8 @@ def test_one_class_or_empty_training_set_is_an_error():
 def test_missing_field_names_the_file_and_the_params_key(tmp_path):
     path = tmp_path / "train.csv"
     path.write_text("body,label\nhello,a\n")
-    rows = read_table(path)
     with pytest.raises(LmforgeError, match=r"train\.csv.*'text'.*finetune\.text_field"):
-        require_fields(rows, path, {"text": "finetune.text_field", "label": "finetune.label_field"})
+        read_examples(path, FinetuneParams(train_file=str(path)))
 
 
 def test_split_is_stable_and_uses_the_text_when_there_is_no_id():

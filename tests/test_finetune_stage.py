@@ -86,7 +86,7 @@ def test_sft_with_lora_exports_the_merged_model_and_the_adapter(repo):
     metrics = json.loads((repo / "reports/finetune/metrics.json").read_text())
     assert 0 < metrics["trainable_params"] < metrics["total_params"] / 4
     assert metrics["best_val_loss"] > 0
-    assert [v.version for v in _client(repo).search_model_versions("name = 'lmforge-finetune'")] == ["1"]
+    assert [str(v.version) for v in _client(repo).search_model_versions("name = 'lmforge-finetune'")] == ["1"]
     model = load_finetuned(repo / "models/finetune")
     (out,) = model.generate(["def read_1(x)"], max_new_tokens=4)
     loss, n = model.lm_loss(["def read_1(x)"], ["Return the read."])

@@ -157,6 +157,43 @@ def test_files_are_read_in_sorted_order_once_across_globs(tmp_path):
     assert counters["files_read"] == 3
 
 
+_RESOLVE_IN_SUBPROCESS = """
+import json, sys
+from lmforge.data.sources import resolve_files
+print(json.dumps(resolve_files(sys.argv[1:])))
+"""
+
+
+def test_symlink_loops_under_a_recursive_glob_end_and_each_file_is_read_once(tmp_path):
+    (tmp_path / "corpus" / "d").mkdir(parents=True)
+    (tmp_path / "corpus" / "a.txt").write_text("alpha text", encoding="utf-8")
+    (tmp_path / "corpus" / "d" / "b.txt").write_text("beta text", encoding="utf-8")
+    os.symlink("..", tmp_path / "corpus" / "d" / "loop")  # d/loop/d/loop/... forever
+    os.symlink("..", tmp_path / "corpus" / "d" / "loop2")  # two loops: glob's ** branches 2^depth
+    # In a subprocess: a walk that never ends must fail the test, not hang it.
+    result = subprocess.run([sys.executable, "-c", _RESOLVE_IN_SUBPROCESS, "corpus/**/*.txt"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30, check=True)
+    assert json.loads(result.stdout) == ["corpus/a.txt", "corpus/d/b.txt"]
+    docs, counters = ingest(["corpus/**/*.txt"])
+    assert sorted(doc["text"] for doc in docs) == ["alpha text", "beta text"] and counters["files_read"] == 2
+
+
+def test_symlinked_directory_is_followed_and_its_files_read_once(tmp_path):
+    (tmp_path / "corpus" / "real").mkdir(parents=True)
+    (tmp_path / "corpus" / "real" / "a.txt").write_text("alpha text", encoding="utf-8")
+    os.symlink("real", tmp_path / "corpus" / "alias")
+    docs, _ = ingest(["corpus/**/*.txt"])
+    assert [doc["name"] for doc in docs] == ["corpus/alias/a.txt"]  # the first spelling in sorted order
+
+
+def test_glob_matching_more_than_the_cap_names_the_glob_and_says_narrow_it(tmp_path, monkeypatch):
+    monkeypatch.setattr("lmforge.data.sources.MAX_GLOB_MATCHES", 3)
+    for i in range(4):
+        (tmp_path / f"{i}.txt").write_text("text", encoding="utf-8")
+    with pytest.raises(LmforgeError, match=r"'\*\*/\*\.txt' matches more than 3 files; narrow the glob"):
+        ingest(["**/*.txt"])
+
+
 def test_jsonl_bad_lines_are_counted_and_named_by_file_and_line(tmp_path, caplog):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "good one"}\n{not json\n[1, 2]\n\n{"text": "good two"}\n')

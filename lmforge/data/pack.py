@@ -19,6 +19,7 @@ from tqdm import tqdm
 from lmforge.data.documents import split_of
 from lmforge.data.io import open_documents
 from lmforge.data.shards import Packer, ShardWriter, SplitSummary, token_dtype, write_manifest
+from lmforge.data.tokenizer import encode_plain
 from lmforge.errors import LmforgeError
 from lmforge.params import TokenizerParams
 
@@ -41,7 +42,9 @@ def _batches(path: Path, batch_size: int, val_fraction: float) -> Iterator[tuple
         yield texts.to_pylist(), is_val, int(pc.sum(pc.binary_length(texts)).as_py() or 0)
 
 
-def _encode_ahead(batches: Iterator[tuple[list[str], np.ndarray, int]], tokenizer: Tokenizer) -> Iterator[tuple[list, np.ndarray, int]]:
+def _encode_ahead(
+    batches: Iterator[tuple[list[str], np.ndarray, int]], tokenizer: Tokenizer
+) -> Iterator[tuple[list[list[int]], np.ndarray, int]]:
     """Encode batch k+1 in a thread while the caller packs and writes batch k.
 
     The Rust encoder releases the GIL, so reading Parquet and packing (Python) overlap with
@@ -51,7 +54,7 @@ def _encode_ahead(batches: Iterator[tuple[list[str], np.ndarray, int]], tokenize
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
         for texts, is_val, size in batches:
-            future = pool.submit(tokenizer.encode_batch_fast, texts, add_special_tokens=False)
+            future = pool.submit(encode_plain, tokenizer, texts)
             if pending is not None:
                 yield pending[0].result(), pending[1], pending[2]
             pending = (future, is_val, size)
@@ -85,8 +88,7 @@ def encode_to_shards(
     bytes_in = 0
     start = time.perf_counter()
     with tqdm(total=total_docs, unit="doc", desc="tokenize", disable=None) as bar:
-        for encodings, is_val, size in _encode_ahead(_batches(path, params.encode_batch_size, val_fraction), tokenizer):
-            ids = [enc.ids for enc in encodings]
+        for ids, is_val, size in _encode_ahead(_batches(path, params.encode_batch_size, val_fraction), tokenizer):
             for split, in_split in (("train", ~is_val), ("val", is_val)):
                 writers[split].add(packers[split].add([doc for doc, keep in zip(ids, in_split) if keep]))
             bytes_in += size

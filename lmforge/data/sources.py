@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import codecs
 import csv
+import fnmatch
 import glob
 import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from lmforge.data.builtin import iter_builtin_documents
 from lmforge.data.documents import Document, check_columns, make_document
@@ -40,6 +41,9 @@ BINARY_SNIFF_BYTES = 8192
 READ_CHUNK_BYTES = 1 << 20
 # Warn about the first few bad lines of a file by line number, then only count.
 MAX_WARNINGS_PER_FILE = 5
+# More matches than this is a glob gone wrong (e.g. `**` from the root): stop instead of
+# listing for hours, and say so.
+MAX_GLOB_MATCHES = 1_000_000
 TEXT_FIELD_HINT = "set data.text_field in params.yaml to the column that holds the text"
 
 
@@ -62,22 +66,14 @@ def iter_documents(params: DataParams, counters: Counter) -> Iterator[Document]:
 def _counted(documents: Iterable[Document], counters: Counter) -> Iterator[Document]:
     """Count documents and bytes in one place, and make every text valid UTF-8."""
     for doc in documents:
-        try:
-            size = len(doc["text"].encode("utf-8"))
-        except UnicodeEncodeError:
-            # Lone surrogates (JSON "\ud800" escapes) cannot be written to Arrow: replace them.
-            doc = _replace_surrogates(doc)
+        text, replaced = _without_surrogates(doc["text"])
+        if replaced:  # lone surrogates cannot be written to Arrow
+            metadata = {key: value for key, value in doc.items() if key not in ("id", "text", "source")}
+            doc = make_document(text, doc["source"], **metadata)
             counters["decode_replaced_docs"] += 1
-            size = len(doc["text"].encode("utf-8"))
         counters["documents"] += 1
-        counters["bytes"] += size
+        counters["bytes"] += len(text.encode("utf-8"))
         yield doc
-
-
-def _replace_surrogates(doc: Document) -> Document:
-    text = doc["text"].encode("utf-8", "replace").decode("utf-8")
-    metadata = {key: value for key, value in doc.items() if key not in ("id", "text", "source")}
-    return make_document(text, doc["source"], **metadata)
 
 
 # ---------------------------------------------------------------- local files
@@ -93,18 +89,87 @@ def iter_file_documents(params: DataParams, counters: Counter) -> Iterator[Docum
 
 
 def resolve_files(patterns: list[str]) -> list[str]:
-    """The files the globs match (** recursive, relative to cwd), sorted, each file once."""
+    """The files the globs match (** recursive, relative to cwd), sorted, each real file once."""
     found: dict[str, str] = {}  # real path -> the path as the glob spelled it
     for pattern in patterns:
-        matches = [path for path in glob.glob(pattern, recursive=True) if os.path.isfile(path)]
+        matches = []
+        for path in _glob_files(pattern):
+            if len(matches) == MAX_GLOB_MATCHES:
+                raise LmforgeError(
+                    f"data.files: {pattern!r} matches more than {MAX_GLOB_MATCHES:,} files; "
+                    "narrow the glob in params.yaml"
+                )
+            matches.append(path)
         if not matches:
             raise LmforgeError(
                 f"data.files: {pattern!r} matches no files (relative to {os.getcwd()}); "
                 "fix data.files in params.yaml"
             )
-        for path in matches:
+        # Sorted: the spelling kept for a file seen twice must not depend on directory order.
+        for path in sorted(matches):
             found.setdefault(os.path.realpath(path), path)
     return sorted(found.values())
+
+
+def _glob_files(pattern: str) -> Iterator[str]:
+    """The files `pattern` matches, lazily, spelled as glob spells them. glob's own `**` follows
+    a symlink to a parent directory round and round, so `**` patterns are walked here."""
+    parts = pattern.split("/")
+    if "**" not in parts:
+        yield from (path for path in glob.iglob(pattern) if os.path.isfile(path))
+        return
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = "/".join(parts[:fixed]) or ("/" if fixed else "")  # fixed == 1 and "": an absolute "/**/..."
+    rest = parts[fixed:]
+    enter_hidden = any(part.startswith(".") for part in rest)  # else, as glob, skip .git, .venv...
+    for prefix, name in _walk_files(base or ".", enter_hidden):
+        if _path_matches([*prefix, name], rest):
+            path = os.path.join(base, *prefix, name)
+            if os.path.isfile(path):  # not a broken symlink
+                yield path
+
+
+def _walk_files(root: str, enter_hidden: bool) -> Iterator[tuple[list[str], str]]:
+    """(directories below `root`, file name) of every file under `root`, in sorted order.
+    Symlinked directories are followed, except into a directory that is already on the path
+    from `root`: that is a cycle, which would otherwise never end."""
+    chains: dict[str, frozenset[tuple[int, int]]] = {}  # directory -> it and its ancestors
+    for directory, dirnames, filenames in os.walk(root, followlinks=True):
+        stat = os.stat(directory)
+        identity = (stat.st_dev, stat.st_ino)
+        ancestors = chains.pop(directory, frozenset())
+        if identity in ancestors:
+            dirnames[:] = []
+            continue
+        # In place: os.walk descends into these, in this order (a deterministic walk).
+        dirnames[:] = sorted(name for name in dirnames if enter_hidden or not name.startswith("."))
+        chains.update((os.path.join(directory, name), ancestors | {identity}) for name in dirnames)
+        relative = os.path.relpath(directory, root)
+        prefix = [] if relative == "." else relative.split(os.sep)
+        for name in sorted(filenames):
+            yield prefix, name
+
+
+def _path_matches(parts: list[str], pattern: list[str]) -> bool:
+    """Whether path components match glob components; `**` stands for any number of them."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        # As glob: `**` does not enter hidden directories.
+        return any(
+            _path_matches(parts[skip:], rest)
+            for skip in range(len(parts) + 1)
+            if not any(part.startswith(".") for part in parts[:skip])
+        )
+    return bool(parts) and _name_matches(parts[0], head) and _path_matches(parts[1:], rest)
+
+
+def _name_matches(name: str, pattern: str) -> bool:
+    # As glob: a wildcard never matches a leading dot; the pattern must spell it.
+    if name.startswith(".") and not pattern.startswith("."):
+        return False
+    return fnmatch.fnmatchcase(name, pattern)
 
 
 def _file_documents(path: str, params: DataParams, counters: Counter) -> Iterator[Document]:
@@ -113,7 +178,8 @@ def _file_documents(path: str, params: DataParams, counters: Counter) -> Iterato
         logger.warning("skipping %s: empty file", path)
         return
     reader = _reader_for(path)
-    if reader is not _parquet_texts and _looks_binary(path):
+    # Parquet is binary by design; its reader checks the format itself.
+    if Path(path).suffix.lower() != ".parquet" and _looks_binary(path):
         counters["binary_files_skipped"] += 1
         logger.warning("skipping %s: binary file (NUL byte in its first 8 KiB)", path)
         return
@@ -128,16 +194,15 @@ Reader = Callable[[str, DataParams, Counter], Iterator[tuple[str, bool]]]
 
 
 def _reader_for(path: str) -> Reader:
-    readers: dict[str, Reader] = {
-        ".txt": _txt_texts, ".jsonl": _jsonl_texts, ".parquet": _parquet_texts, ".csv": _csv_texts,
-    }
-    reader = readers.get(Path(path).suffix.lower())
-    if reader is None:
-        raise LmforgeError(
-            f"{path}: unsupported file type; data.files may only match "
-            f"{', '.join(SUPPORTED_EXTENSIONS)} files"
-        )
-    return reader
+    suffix = Path(path).suffix.lower()
+    if suffix == ".txt":
+        return _txt_texts
+    if suffix in TABLE_READERS:
+        return _table_texts
+    raise LmforgeError(
+        f"{path}: unsupported file type; data.files may only match "
+        f"{', '.join(SUPPORTED_EXTENSIONS)} files"
+    )
 
 
 def _looks_binary(path: str) -> bool:
@@ -160,6 +225,18 @@ def decode_utf8(data: bytes) -> tuple[str, bool]:
         return data.decode("utf-8"), False
     except UnicodeDecodeError:
         return data.decode("utf-8", errors="replace"), True
+
+
+def _without_surrogates(value: Any) -> tuple[Any, bool]:
+    """A string without lone surrogates (JSON "\\ud800" escapes: Arrow and the tokenizer refuse
+    them), each replaced by "?", and whether any were; other values as they are."""
+    if not isinstance(value, str):
+        return value, False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "replace").decode("utf-8"), True
+    return value, False
 
 
 def _txt_texts(path: str, params: DataParams, counters: Counter) -> Iterator[tuple[str, bool]]:
@@ -196,7 +273,53 @@ def _split_stream(file: BinaryIO, separator: bytes) -> Iterator[bytes]:
     yield bytes(buffer)
 
 
-def _jsonl_texts(path: str, params: DataParams, counters: Counter) -> Iterator[tuple[str, bool]]:
+def _table_texts(path: str, params: DataParams, counters: Counter) -> Iterator[tuple[str, bool]]:
+    """The text field of each row of a .jsonl, .parquet or .csv file."""
+    field = params.text_field
+    for row in iter_table_rows(path, [field], {field: TEXT_FIELD_HINT}, counters, params.batch_size):
+        text = row_text(row.values[field])
+        if text is None:
+            counters["rows_missing_text"] += 1
+        else:
+            yield text, row.replaced
+
+
+def row_text(value: Any) -> str | None:
+    """A row's text field, or None when it is missing, not a string (a list, a number...) or
+    blank: such a row is skipped and counted, never stringified."""
+    return value if isinstance(value, str) and value.strip() else None
+
+
+# ---------------------------------------------------------------- tables (.jsonl, .parquet, .csv)
+# One reader per format, shared by ingest (the text field) and fine-tuning (text, label, prompt,
+# response), so both treat bad input alike: invalid UTF-8 replaced and flagged, lines that are not
+# JSON objects skipped and counted in "bad_json_lines", a file that is not Parquet or CSV at all,
+# or lacks a required column, an error naming the file.
+
+
+class Row(NamedTuple):
+    where: str  # "file:line" (.jsonl, .csv) or "file row n" (.parquet), for messages
+    values: dict[str, Any]  # every requested column; None where the row has no value
+    replaced: bool  # invalid UTF-8 replaced by U+FFFD (lone surrogates by "?")
+
+
+def iter_table_rows(
+    path: str, columns: list[str], required: Mapping[str, str], counters: Counter, batch_size: int = 2000
+) -> Iterator[Row]:
+    """The `columns` of each row of a .jsonl, .parquet or .csv file, streamed.
+
+    `required`: column -> hint, for the columns a .parquet/.csv header must have (the error names
+    the file, its columns and the hint); a .jsonl row without them gives None, like a null value.
+    """
+    reader = TABLE_READERS.get(Path(path).suffix.lower())
+    if reader is None:
+        raise LmforgeError(f"{path}: not a table; use a {', '.join(TABLE_READERS)} file")
+    yield from reader(path, columns, required, counters, batch_size)
+
+
+def _jsonl_rows(
+    path: str, columns: list[str], required: Mapping[str, str], counters: Counter, batch_size: int
+) -> Iterator[Row]:
     """One JSON object per line, read line by line; blank lines are ignored."""
     bad_lines = 0
     with _open_text_bytes(path) as file:
@@ -206,8 +329,8 @@ def _jsonl_texts(path: str, params: DataParams, counters: Counter) -> Iterator[t
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                row, reason = None, f"not valid JSON ({exc.msg})"
+            except (ValueError, RecursionError) as exc:  # also too deep nesting, too long integers
+                row, reason = None, f"not valid JSON ({getattr(exc, 'msg', exc)})"
             else:
                 reason = "not a JSON object"
             if not isinstance(row, dict):
@@ -216,40 +339,48 @@ def _jsonl_texts(path: str, params: DataParams, counters: Counter) -> Iterator[t
                 if bad_lines <= MAX_WARNINGS_PER_FILE:
                     logger.warning("skipping %s:%d: %s", path, number, reason)
                 continue
-            text = _row_text(row.get(params.text_field), counters)
-            if text is not None:
-                yield text, replaced
+            values = {}
+            for column in columns:
+                values[column], fixed = _without_surrogates(row.get(column))
+                replaced |= fixed
+            yield Row(f"{path}:{number}", values, replaced)
     if bad_lines > MAX_WARNINGS_PER_FILE:
         logger.warning("%s: %d lines skipped in all as not JSON objects", path, bad_lines)
 
 
-def _row_text(value: Any, counters: Counter) -> str | None:
-    """The row's text, or None (counted) when it is missing, not a string, or blank."""
-    if isinstance(value, str) and value.strip():
-        return value
-    counters["rows_missing_text"] += 1
-    return None
-
-
-def _parquet_texts(path: str, params: DataParams, counters: Counter) -> Iterator[tuple[str, bool]]:
-    """The text column, one record batch at a time (Arrow strings are valid UTF-8)."""
+def _parquet_rows(
+    path: str, columns: list[str], required: Mapping[str, str], counters: Counter, batch_size: int
+) -> Iterator[Row]:
+    """The columns, one record batch at a time (Arrow strings are valid UTF-8)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    fix = "replace it with a readable copy"
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise LmforgeError(f"{path} is not a readable Parquet file: {exc}") from None
-    check_columns(parquet.schema_arrow.names, path, {params.text_field: TEXT_FIELD_HINT})
-    for batch in parquet.iter_batches(batch_size=params.batch_size, columns=[params.text_field]):
-        for value in batch.column(0).to_pylist():
-            text = _row_text(value, counters)
-            if text is not None:
-                yield text, False
+        raise LmforgeError(f"{path} is not a readable Parquet file ({exc}); {fix}") from None
+    names = parquet.schema_arrow.names
+    check_columns(names, path, required)
+    present = [column for column in columns if column in names]
+    batches = parquet.iter_batches(batch_size=batch_size, columns=present)
+    number = 0
+    while True:
+        try:  # a corrupt page shows only when it is read
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as exc:
+            raise LmforgeError(f"{path} is corrupt after row {number} ({exc}); {fix}") from None
+        for record in batch.to_pylist():
+            number += 1
+            yield Row(f"{path} row {number}", {column: record.get(column) for column in columns}, False)
 
 
-def _csv_texts(path: str, params: DataParams, counters: Counter) -> Iterator[tuple[str, bool]]:
-    """The text column of a CSV file with a header row, streamed row by row."""
+def _csv_rows(
+    path: str, columns: list[str], required: Mapping[str, str], counters: Counter, batch_size: int
+) -> Iterator[Row]:
+    """The columns of a CSV file with a header row, streamed row by row."""
     # The default limit (128 KiB) rejects long documents; C long bounds the value.
     csv.field_size_limit(2**31 - 1)
     replaced_since_row = [False]
@@ -264,15 +395,33 @@ def _csv_texts(path: str, params: DataParams, counters: Counter) -> Iterator[tup
 
     with _open_text_bytes(path) as file:
         rows = csv.reader(lines(file))
-        header = next(rows, [])
-        check_columns(header, path, {params.text_field: TEXT_FIELD_HINT})
-        column = header.index(params.text_field)
+        header = _next_csv_row(rows, path) or []
+        check_columns(header, path, required)
+        index = {column: header.index(column) for column in columns if column in header}
         replaced_since_row[0] = False
-        for row in rows:
+        while True:
+            start = rows.line_num + 1  # a quoted field may span lines: name the first
+            row = _next_csv_row(rows, path)
+            if row is None:
+                return
             replaced, replaced_since_row[0] = replaced_since_row[0], False
-            text = _row_text(row[column] if column < len(row) else None, counters)
-            if text is not None:
-                yield text, replaced
+            values = {column: None for column in columns}
+            values.update({column: row[i] for column, i in index.items() if i < len(row)})
+            yield Row(f"{path}:{start}", values, replaced)
+
+
+def _next_csv_row(rows: Any, path: str) -> list[str] | None:
+    try:
+        return next(rows, None)
+    except csv.Error as exc:  # e.g. a bare CR (old Mac line ends) inside an unquoted field
+        raise LmforgeError(
+            f"{path}:{rows.line_num}: not valid CSV ({exc}); save the file with \\n or \\r\\n line ends "
+            "and quote fields that contain them"
+        ) from None
+
+
+TableReader = Callable[[str, list[str], Mapping[str, str], Counter, int], Iterator[Row]]
+TABLE_READERS: dict[str, TableReader] = {".jsonl": _jsonl_rows, ".parquet": _parquet_rows, ".csv": _csv_rows}
 
 
 # ---------------------------------------------------------------- Hugging Face Hub
@@ -289,10 +438,12 @@ def iter_hf_documents(hf: HfSourceParams, text_field: str, counters: Counter) ->
             return
         except Exception as exc:  # network errors mid-stream come in many types
             raise LmforgeError(_hf_message(hf, f"streaming failed: {exc}")) from exc
-        text = _row_text(row.get(text_field), counters)
-        if text is not None:
-            taken += 1
-            yield make_document(text, "hf", name=hf.name)
+        text = row_text(row.get(text_field))
+        if text is None:
+            counters["rows_missing_text"] += 1
+            continue
+        taken += 1
+        yield make_document(text, "hf", name=hf.name)
 
 
 def _open_hf(hf: HfSourceParams, text_field: str) -> Iterator[dict[str, Any]]:

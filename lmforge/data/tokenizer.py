@@ -5,7 +5,7 @@ saved as one `tokenizer.json` (which also loads as `transformers.PreTrainedToken
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -33,7 +33,23 @@ def train_tokenizer(texts: Iterable[str], params: TokenizerParams, length: int |
     tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
     if tokenizer.token_to_id(params.eos_token) is None:
         raise LmforgeError(f"tokenizer has no {params.eos_token!r} token; check tokenizer.special_tokens")
+    return text_only(tokenizer)
+
+
+def text_only(tokenizer: Tokenizer) -> Tokenizer:
+    """`tokenizer`, set to encode special tokens written in a text as that text: a document that
+    quotes "<|endoftext|>" gets the ids of its characters, never the EOS id. Text is text; only the
+    packer (and fine-tuning's explicit EOS) put special ids in a sequence. tokenizer.json does not
+    keep this setting, so it is set on every tokenizer this module loads and before every encoding."""
+    tokenizer.encode_special_tokens = True
     return tokenizer
+
+
+def encode_plain(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """The token ids of each text, special-token look-alikes included as plain text (see text_only);
+    the one way the project encodes text."""
+    encodings = text_only(tokenizer).encode_batch_fast(list(texts), add_special_tokens=False)
+    return [encoding.ids for encoding in encodings]
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
@@ -46,9 +62,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not path.is_file():
         raise LmforgeError(f"{path} not found: run `dvc repro tokenize` first")
     try:
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
         raise LmforgeError(f"{path} is not a valid tokenizer.json ({exc}); rerun `dvc repro -f tokenize`") from None
+    return text_only(tokenizer)
 
 
 def file_sha256(path: str | Path) -> str:
