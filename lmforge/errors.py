@@ -13,7 +13,8 @@ class LmforgeError(Exception):
 
 # How libraries word a full disk when they do not pass the OSError on (torch, SQLite).
 _DISK_FULL = re.compile(r"no space left on device|database or disk is full|ENOSPC", re.IGNORECASE)
-_QUOTED_PATH = re.compile(r"""['"]?(/[^'"\s:]+)""")
+# An absolute path of two parts or more, not the "/O" of "I/O".
+_PATH = re.compile(r"(?<![\w/])(/(?:[\w.\-]+/)+[\w.\-]+)")
 
 
 def disk_full(exc: BaseException) -> str | None:
@@ -23,7 +24,7 @@ def disk_full(exc: BaseException) -> str | None:
         if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
             return str(seen.filename or "a file")
         if _DISK_FULL.search(str(seen)):
-            found = _QUOTED_PATH.search(str(seen))
+            found = _PATH.search(str(seen))
             return found.group(1) if found else "a file"
         seen = seen.__cause__ or seen.__context__
     return None

@@ -1,0 +1,76 @@
+"""dvc.yaml lists every source file a stage runs, so `dvc repro` reruns a stage whenever code it
+imports changes. The deps are derived from the imports: this test walks each stage module's
+`lmforge`/`stages` imports transitively (lazy imports inside functions too) and fails naming the
+lines dvc.yaml lacks, or lists that no stage imports."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+OURS = ("lmforge", "stages")
+
+
+def module_file(module: str) -> Path | None:
+    """The file of `module` in this repository (package __init__s excluded: they hold no logic)."""
+    base = REPO.joinpath(*module.split("."))
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module of ours that `path` imports, at top level or inside a function."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] in OURS)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in OURS:
+            found.add(node.module)
+            # `from lmforge.data import sources` imports a module, not a name
+            found.update(f"{node.module}.{alias.name}" for alias in node.names if module_file(f"{node.module}.{alias.name}"))
+    return found
+
+
+def code_deps(module: str) -> set[str]:
+    """Repository-relative files `module` runs: itself and what it imports, transitively."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        path = module_file(todo.pop())
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        todo.extend(imported_modules(path))
+    return {p.relative_to(REPO).as_posix() for p in seen}
+
+
+def stage_modules(cmd: str) -> list[str]:
+    return re.findall(r"(?:-m\s+|\s)((?:stages|lmforge)\.[\w.]+)", f" {cmd}")
+
+
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_dvc_yaml_lists_every_code_dep_of_the_stage(name):
+    stage = STAGES[name]
+    needed = set().union(*(code_deps(m) for m in stage_modules(stage["cmd"])))
+    assert needed, f"no module found in the cmd of {name}"
+    listed = {d for d in stage.get("deps", []) if d.endswith(".py")}
+    missing, extra = sorted(needed - listed), sorted(listed - needed)
+    assert not missing, f"dvc.yaml stage {name} lacks deps (add them):\n" + "\n".join(f"      - {m}" for m in missing)
+    assert not extra, f"dvc.yaml stage {name} lists code it does not import (remove): {extra}"
+
+
+def test_the_walk_follows_lazy_and_transitive_imports():
+    deps = code_deps("stages.evaluate")
+    assert "lmforge/export.py" in deps  # imported by stages.evaluate
+    assert "lmforge/model.py" in deps  # through lmforge.export
+    assert "lmforge/errors.py" in deps
