@@ -1,6 +1,6 @@
-"""Finished models on disk: our safetensors + config.json format, and a Hugging Face LlamaForCausalLM export.
-
-Both are written to a temp dir and renamed into place; neither needs pickles to load.
+"""Finished models on disk, both kinds: pretrained (safetensors + config.json, and a Hugging Face
+LlamaForCausalLM export) and fine-tuned (the same + task metadata, adapter). Written to a temp dir and
+renamed into place, byte-identical for the same weights; none needs pickles to load.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from lmforge.data.io import sweep_stale_temps, temp_name
 from lmforge.errors import LmforgeError, disk_full
+from lmforge.finetune import ADAPTER_DIR, META_KEYS, FinetunedModel, build_model
 from lmforge.model import ModelConfig, Transformer
 from lmforge.parallelize import barrier, clean_name
 
@@ -34,13 +36,13 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {clean_name(k): v for k, v in sd.items()}
 
 
-def _is_main() -> bool:
+def is_main() -> bool:
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _write_atomically(out_dir: Path, fill: Any) -> Path:
+def write_atomically(out_dir: Path, fill: Any) -> Path:
     """Call fill(tmp_dir), then replace out_dir with it in one rename."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -64,10 +66,12 @@ def _write_atomically(out_dir: Path, fill: Any) -> Path:
     return out_dir
 
 
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Deterministic bytes for the same tensors (DVC hashes them): safetensors writes its metadata
+    map in hash order, so it holds one key only; everything else about a model is in config.json."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
 def save_pretrained(
@@ -78,14 +82,14 @@ def save_pretrained(
     if config.tie_embeddings:
         sd.pop("output.weight", None)  # the same tensor as embed.weight; safetensors refuses aliases
     out = Path(out_dir)
-    if _is_main():
+    if is_main():
         def fill(tmp: Path) -> None:
-            _save_safetensors(sd, tmp / WEIGHTS, {"format": "pt", "lmforge": "1"})
+            save_safetensors(sd, tmp / WEIGHTS)
             (tmp / CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
             if tokenizer_path is not None:
                 shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
 
-        _write_atomically(out, fill)
+        write_atomically(out, fill)
     barrier()
     return out
 
@@ -173,14 +177,76 @@ def export_hf_llama(
     """Write a directory that `transformers.LlamaForCausalLM.from_pretrained` loads as is."""
     sd = full_state_dict(model)  # collective; only rank 0 receives the tensors (cpu_offload)
     out = Path(out_dir)
-    if _is_main():
+    if is_main():
         sd = hf_state_dict(sd, config)
         def fill(tmp: Path) -> None:
-            _save_safetensors(sd, tmp / WEIGHTS, {"format": "pt"})
+            save_safetensors(sd, tmp / WEIGHTS)
             (tmp / CONFIG).write_text(json.dumps(hf_config(config, bos_id, eos_id), indent=2))
             if tokenizer_path is not None:
                 shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
 
-        _write_atomically(out, fill)
+        write_atomically(out, fill)
     barrier()
     return out
+
+
+# --- fine-tuned models ----------------------------------------------------------------------------
+
+
+def save_finetuned(
+    model: nn.Module, base_config: ModelConfig, out_dir: str | Path, meta: dict[str, Any],
+    tokenizer_path: str | Path | None = None, adapter_dir: str | Path | None = None,
+) -> Path:
+    """Write model.safetensors + config.json (ModelConfig fields + META_KEYS) + tokenizer.json
+    (+ adapter/ copied from `adapter_dir`) atomically. `model`: plain (merged), possibly FSDP-sharded;
+    collective under FSDP, rank 0 writes."""
+    unknown = set(meta) - set(META_KEYS)
+    if unknown:
+        raise LmforgeError(f"unknown fine-tuning metadata {sorted(unknown)}: allowed are {list(META_KEYS)}")
+    sd = full_state_dict(model)
+    if base_config.tie_embeddings:  # the same tensor as the embedding; safetensors refuses aliases
+        sd.pop("backbone.output.weight" if meta["task"] == "classify" else "output.weight", None)
+    out = Path(out_dir)
+    if is_main():
+        def fill(tmp: Path) -> None:
+            save_safetensors(sd, tmp / WEIGHTS)
+            (tmp / CONFIG).write_text(json.dumps({**base_config.to_dict(), **meta}, indent=2))
+            if tokenizer_path is not None:
+                shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+            if adapter_dir is not None:
+                shutil.copytree(adapter_dir, tmp / ADAPTER_DIR)
+
+        write_atomically(out, fill)
+    barrier()
+    return out
+
+
+def load_finetuned(model_dir: str | Path, device: str | torch.device = "cpu") -> FinetunedModel:
+    """Rebuild a model written by save_finetuned (safetensors + JSON + tokenizer.json; no pickles)."""
+    from safetensors.torch import load_file
+
+    from lmforge.data.tokenizer import load_tokenizer
+
+    model_dir = Path(model_dir)
+    for name in (WEIGHTS, CONFIG, TOKENIZER):
+        if not (model_dir / name).is_file():
+            raise LmforgeError(f"{model_dir / name} is missing: point at a directory written by the finetune stage")
+    raw = json.loads((model_dir / CONFIG).read_text())
+    known = {f.name for f in fields(ModelConfig)}
+    meta = {k: v for k, v in raw.items() if k not in known}
+    if "task" not in meta:
+        raise LmforgeError(f"{model_dir / CONFIG} has no 'task': it is not a fine-tuned model (use load_pretrained)")
+    config = ModelConfig.from_dict({k: v for k, v in raw.items() if k in known})
+    model = build_model(Transformer(config), meta["task"], len(meta.get("labels") or []), meta.get("pooling", "last"))
+    try:
+        sd = load_file(str(model_dir / WEIGHTS), device=str(device))
+    except Exception as exc:
+        raise LmforgeError(f"{model_dir / WEIGHTS} is not a readable safetensors file ({exc}): re-export it") from None
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = {"backbone.output.weight", "output.weight"} if config.tie_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise LmforgeError(
+            f"{model_dir / WEIGHTS} does not match {CONFIG}: missing {sorted(set(missing) - tied)}, "
+            f"unexpected {sorted(unexpected)}; re-export the model"
+        )
+    return FinetunedModel(model.to(device), config, meta, load_tokenizer(model_dir / TOKENIZER), device)

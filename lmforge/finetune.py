@@ -18,8 +18,8 @@ Methods: `full` (every weight), `frozen` (classify only: the backbone frozen, th
 is trained fully through `modules_to_save`). LoRA adapters are merged (`merge_and_unload`) into a plain
 model for export and also saved alone (peft `save_pretrained`) to `<model_dir>/adapter/`.
 
-The stable API (the evaluate stage uses it):
-    model = load_finetuned("models/finetune", device="cpu")    # -> FinetunedModel, no pickles
+The stable API (the evaluate stage uses it; saving and loading live in lmforge.export):
+    model = lmforge.export.load_finetuned("models/finetune", device="cpu")  # -> FinetunedModel, no pickles
     model.task, model.labels, model.config, model.meta
     classify: model.predict(texts) -> list[str]; model.predict_proba(texts) -> Tensor (N, n_labels);
               model.predict_logits(texts) -> Tensor (N, n_labels)      (batched, padded)
@@ -31,12 +31,10 @@ The stable API (the evaluate stage uses it):
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import shutil
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.data.documents import split_of
 from lmforge.data.sources import MAX_WARNINGS_PER_FILE, TABLE_READERS, iter_table_rows, row_text
 from lmforge.data.tokenizer import encode_plain
 from lmforge.errors import LmforgeError
@@ -160,12 +159,12 @@ def row_key(row: dict[str, Any], text_field: str) -> str:
 def split_train_val(
     rows: list[dict[str, Any]], val_fraction: float, text_field: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """A stable split: a row is val when blake2b(id, or text without an id) falls below val_fraction."""
+    """A stable split by `documents.split_of` (pretraining's rule) of each row's key, hashed first
+    (fine-tuning ids are not hashes): a row is val when its bucket falls below val_fraction."""
     train, val = [], []
     for row in rows:
-        digest = hashlib.blake2b(row_key(row, text_field).encode("utf-8", "surrogatepass"), digest_size=8).digest()
-        bucket = int.from_bytes(digest[:4], "big") / 0x1_0000_0000
-        (val if bucket < val_fraction else train).append(row)
+        digest = hashlib.blake2b(row_key(row, text_field).encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+        (val if split_of(digest, val_fraction) == "val" else train).append(row)
     return train, val
 
 
@@ -411,40 +410,6 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
 
 
-# --- export and load ----------------------------------------------------------------------------
-
-
-def save_finetuned(
-    model: nn.Module, base_config: ModelConfig, out_dir: str | Path, meta: dict[str, Any],
-    tokenizer_path: str | Path | None = None, adapter_dir: str | Path | None = None,
-) -> Path:
-    """Write model.safetensors + config.json (ModelConfig fields + META_KEYS) + tokenizer.json
-    (+ adapter/ copied from `adapter_dir`) atomically. `model`: plain (merged), possibly FSDP-sharded;
-    collective under FSDP, rank 0 writes."""
-    from lmforge.export import CONFIG, TOKENIZER, WEIGHTS, _is_main, _save_safetensors, _write_atomically, full_state_dict
-    from lmforge.parallelize import barrier
-
-    unknown = set(meta) - set(META_KEYS)
-    if unknown:
-        raise LmforgeError(f"unknown fine-tuning metadata {sorted(unknown)}: allowed are {list(META_KEYS)}")
-    sd = full_state_dict(model)
-    if base_config.tie_embeddings:  # the same tensor as the embedding; safetensors refuses aliases
-        sd.pop("backbone.output.weight" if meta["task"] == "classify" else "output.weight", None)
-    out = Path(out_dir)
-    if _is_main():
-        def fill(tmp: Path) -> None:
-            _save_safetensors(sd, tmp / WEIGHTS, {"format": "pt", "lmforge": "1", "task": str(meta["task"])})
-            (tmp / CONFIG).write_text(json.dumps({**base_config.to_dict(), **meta}, indent=2))
-            if tokenizer_path is not None:
-                shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
-            if adapter_dir is not None:
-                shutil.copytree(adapter_dir, tmp / ADAPTER_DIR)
-
-        _write_atomically(out, fill)
-    barrier()
-    return out
-
-
 class FinetunedModel:
     """A fine-tuned model loaded for inference (see the module docstring for the API)."""
 
@@ -518,35 +483,3 @@ class FinetunedModel:
             loss_sum, n = lm_loss(self.model, batch)
             total, count = total + float(loss_sum), count + int(n)
         return total, count
-
-
-def load_finetuned(model_dir: str | Path, device: str | torch.device = "cpu") -> FinetunedModel:
-    """Rebuild a model written by save_finetuned (safetensors + JSON + tokenizer.json; no pickles)."""
-    from safetensors.torch import load_file
-
-    from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.export import CONFIG, TOKENIZER, WEIGHTS
-
-    model_dir = Path(model_dir)
-    for name in (WEIGHTS, CONFIG, TOKENIZER):
-        if not (model_dir / name).is_file():
-            raise LmforgeError(f"{model_dir / name} is missing: point at a directory written by the finetune stage")
-    raw = json.loads((model_dir / CONFIG).read_text())
-    known = {f.name for f in fields(ModelConfig)}
-    meta = {k: v for k, v in raw.items() if k not in known}
-    if "task" not in meta:
-        raise LmforgeError(f"{model_dir / CONFIG} has no 'task': it is not a fine-tuned model (use load_pretrained)")
-    config = ModelConfig.from_dict({k: v for k, v in raw.items() if k in known})
-    model = build_model(Transformer(config), meta["task"], len(meta.get("labels") or []), meta.get("pooling", "last"))
-    try:
-        sd = load_file(str(model_dir / WEIGHTS), device=str(device))
-    except Exception as exc:
-        raise LmforgeError(f"{model_dir / WEIGHTS} is not a readable safetensors file ({exc}): re-export it") from None
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = {"backbone.output.weight", "output.weight"} if config.tie_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise LmforgeError(
-            f"{model_dir / WEIGHTS} does not match {CONFIG}: missing {sorted(set(missing) - tied)}, "
-            f"unexpected {sorted(unexpected)}; re-export the model"
-        )
-    return FinetunedModel(model.to(device), config, meta, load_tokenizer(model_dir / TOKENIZER), device)

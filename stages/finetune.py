@@ -19,11 +19,11 @@ from lmforge.cli import run_stage
 from lmforge.data.io import write_json
 from lmforge.data.tokenizer import file_sha256, load_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.export import WEIGHTS, load_pretrained
+from lmforge.export import WEIGHTS, load_finetuned, load_pretrained, save_finetuned
 from lmforge.finetune import (
     apply_method, balanced_class_weights, build_model, check_labels, check_tokenizer_fits, count_params,
-    encode_sft, encode_texts, is_peft, label_set, load_finetuned, merged_model, read_examples,
-    save_finetuned, special_ids, split_train_val, task_spec,
+    encode_sft, encode_texts, is_peft, label_set, merged_model, read_examples,
+    special_ids, split_train_val, task_spec,
 )
 from lmforge.metrics import CurveLog, write_csv
 from lmforge.parallelize import apply_fsdp, barrier, destroy, init_distributed

@@ -110,7 +110,9 @@ def test_every_stage_finishes_its_work_when_tracking_is_down(tiny_repo, tmp_path
         for key in ("val_loss", "best_val_loss", "accuracy", "train_loss"):
             if key in up:
                 assert math.isclose(down[key], up[key], rel_tol=1e-4), (metrics, key)
-    assert (root / "reports/report.md").is_file() and (root / "models/finetune/model.safetensors").is_file()
+    assert (root / "reports/report.md").is_file()
+    for model in ("models/pretrain/model.safetensors", "models/finetune/model.safetensors"):  # DVC hashes bytes
+        assert (root / model).read_bytes() == (tiny_repo / model).read_bytes(), model
 
 
 def test_a_dead_server_costs_seconds_and_no_secret_in_any_output(data_repo, tmp_path):

@@ -13,9 +13,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from lmforge.errors import LmforgeError
 from lmforge.finetune import (
     IGNORE_INDEX, apply_method, build_model, check_labels, classify_collate, count_params, encode_sft,
-    encode_texts, label_set, load_finetuned, merged_model, read_examples, save_finetuned,
-    special_ids, split_train_val, task_spec, FinetunedModel,
+    encode_texts, label_set, merged_model, read_examples, special_ids, split_train_val, task_spec,
+    FinetunedModel,
 )
+from lmforge.export import load_finetuned, save_finetuned
 from lmforge.model import ModelConfig, Transformer
 from lmforge.params import FinetuneParams, LoraParams
 from lmforge.trainer import TrainConfig, Trainer
@@ -192,6 +193,26 @@ def test_early_stopping_stops_after_patience_evals_without_improvement_on_every_
     trainer.eval_fn = lambda m, b: {"flat": (1.0, 1.0)}  # never improves after the first eval
     result = trainer.fit()
     assert result.stopped_early and result.step == 3 and result.best_step == 1
+
+
+def test_two_fine_tunes_of_a_tiny_config_write_byte_identical_model_files(tmp_path):
+    """DVC hashes the bytes: the same weights must give the same file, every time (safetensors
+    writes its metadata map in a per-process hash order, so several saves would differ)."""
+    import hashlib
+
+    tok, rows = word_tokenizer(tmp_path / "tokenizer.json"), toy_rows(64)
+    meta = {"task": "classify", "method": "full", "labels": ["animal", "colour"], "pooling": "mean",
+            "max_length": 16, "prompt_separator": "\n"}
+    digests = set()
+    for i in range(2):
+        torch.manual_seed(0)
+        model = build_model(Transformer(CONFIG), "classify", 2, "mean")
+        classify_trainer(model, tok, rows, meta["labels"], max_steps=2).fit()
+        for j in range(4):
+            out = tmp_path / f"out{i}{j}"
+            save_finetuned(model, CONFIG, out, meta, tokenizer_path=tmp_path / "tokenizer.json")
+            digests.add(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
 
 
 def test_classifier_save_and_load_give_identical_predictions(tmp_path):
