@@ -19,13 +19,15 @@ from torch import nn
 
 from lmforge.data.io import sweep_stale_temps, temp_name
 from lmforge.errors import LmforgeError, disk_full
-from lmforge.finetune import ADAPTER_DIR, META_KEYS, FinetunedModel, build_model
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import ModelConfig, Transformer, build_model
 from lmforge.parallelize import barrier, clean_name
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
+ADAPTER_DIR = "adapter"
+# What a fine-tuned model's config.json holds beside the ModelConfig fields.
+META_KEYS = ("task", "method", "labels", "pooling", "max_length", "prompt_separator", "eos_token", "pad_token")
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -221,11 +223,10 @@ def save_finetuned(
     return out
 
 
-def load_finetuned(model_dir: str | Path, device: str | torch.device = "cpu") -> FinetunedModel:
-    """Rebuild a model written by save_finetuned (safetensors + JSON + tokenizer.json; no pickles)."""
+def read_finetuned(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig, dict]:
+    """(model, base config, task metadata) from save_finetuned's output (no pickles); the inference
+    wrapper around them is lmforge.finetune.load_finetuned."""
     from safetensors.torch import load_file
-
-    from lmforge.data.tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
     for name in (WEIGHTS, CONFIG, TOKENIZER):
@@ -249,4 +250,4 @@ def load_finetuned(model_dir: str | Path, device: str | torch.device = "cpu") ->
             f"{model_dir / WEIGHTS} does not match {CONFIG}: missing {sorted(set(missing) - tied)}, "
             f"unexpected {sorted(unexpected)}; re-export the model"
         )
-    return FinetunedModel(model.to(device), config, meta, load_tokenizer(model_dir / TOKENIZER), device)
+    return model.to(device), config, meta

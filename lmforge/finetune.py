@@ -18,8 +18,8 @@ Methods: `full` (every weight), `frozen` (classify only: the backbone frozen, th
 is trained fully through `modules_to_save`). LoRA adapters are merged (`merge_and_unload`) into a plain
 model for export and also saved alone (peft `save_pretrained`) to `<model_dir>/adapter/`.
 
-The stable API (the evaluate stage uses it; saving and loading live in lmforge.export):
-    model = lmforge.export.load_finetuned("models/finetune", device="cpu")  # -> FinetunedModel, no pickles
+The stable API (the evaluate stage uses it; the files are written and read by lmforge.export):
+    model = load_finetuned("models/finetune", device="cpu")    # -> FinetunedModel, no pickles
     model.task, model.labels, model.config, model.meta
     classify: model.predict(texts) -> list[str]; model.predict_proba(texts) -> Tensor (N, n_labels);
               model.predict_logits(texts) -> Tensor (N, n_labels)      (batched, padded)
@@ -47,13 +47,12 @@ from lmforge.data.documents import split_of
 from lmforge.data.sources import MAX_WARNINGS_PER_FILE, TABLE_READERS, iter_table_rows, row_text
 from lmforge.data.tokenizer import encode_plain
 from lmforge.errors import LmforgeError
-from lmforge.model import IGNORE_INDEX, ModelConfig, Transformer
+from lmforge.export import read_finetuned
+from lmforge.model import IGNORE_INDEX, ModelConfig, Transformer, build_model
 from lmforge.trainer import Batch, Collate, EvalFn, LossFn, lm_loss
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
-ADAPTER_DIR = "adapter"
-META_KEYS = ("task", "method", "labels", "pooling", "max_length", "prompt_separator", "eos_token", "pad_token")
 log = logging.getLogger(__name__)
 
 # --- data ---------------------------------------------------------------------------------------
@@ -271,38 +270,6 @@ def sft_collate(pad_id: int) -> Collate:
 # --- models -------------------------------------------------------------------------------------
 
 
-def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(B, T, D) hidden states of right-padded rows -> (B, D)."""
-    if pooling == "last":
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
-    if pooling == "mean":
-        mask = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
-        return (hidden * mask.unsqueeze(-1)).sum(1) / lengths.clamp(min=1).unsqueeze(-1).to(hidden.dtype)
-    raise LmforgeError(f"pooling {pooling!r} is not one of last, mean")
-
-
-class SequenceClassifier(nn.Module):
-    """The pretrained decoder (`backbone`) + a linear `head` on its pooled final-norm hidden states."""
-
-    def __init__(self, backbone: Transformer, n_labels: int, pooling: str = "last") -> None:
-        super().__init__()
-        if pooling not in ("last", "mean"):
-            raise LmforgeError(f"pooling {pooling!r} is not one of last, mean")
-        self.backbone = backbone
-        self.head = nn.Linear(backbone.config.dim, n_labels)
-        self.pooling = pooling
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-
-    @property
-    def layers(self) -> nn.ModuleList:  # so lmforge.parallelize.apply_fsdp shards the blocks
-        return self.backbone.layers
-
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone.hidden_states(input_ids)
-        return self.head(pool(hidden, lengths, self.pooling).to(self.head.weight.dtype))
-
-
 def classify_loss(class_weights: torch.Tensor | None = None) -> LossFn:
     """(summed CE over the batch's examples, number of examples); weighted: (sum w*CE, sum w)."""
 
@@ -353,13 +320,6 @@ def task_spec(task: str, pad_id: int, class_weights: torch.Tensor | None = None)
 def linear_names(module: nn.Module) -> list[str]:
     """The distinct last name segments of the nn.Linear layers in `module` (LoRA's targets)."""
     return sorted({name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, nn.Linear) and name})
-
-
-def build_model(backbone: Transformer, task: str, n_labels: int = 0, pooling: str = "last") -> nn.Module:
-    """The trainable model before the method: a SequenceClassifier (classify) or the decoder itself (sft)."""
-    if task == "classify":
-        return SequenceClassifier(backbone, n_labels, pooling)
-    return backbone
 
 
 def apply_method(model: nn.Module, method: str, task: str, lora: Any = None) -> nn.Module:
@@ -483,3 +443,11 @@ class FinetunedModel:
             loss_sum, n = lm_loss(self.model, batch)
             total, count = total + float(loss_sum), count + int(n)
         return total, count
+
+
+def load_finetuned(model_dir: str | Path, device: str | torch.device = "cpu") -> FinetunedModel:
+    """The model the finetune stage exported (lmforge.export.save_finetuned), ready for inference."""
+    from lmforge.data.tokenizer import load_tokenizer
+
+    model, config, meta = read_finetuned(model_dir, device)
+    return FinetunedModel(model, config, meta, load_tokenizer(Path(model_dir) / "tokenizer.json"), device)

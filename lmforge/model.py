@@ -312,3 +312,45 @@ class Transformer(nn.Module):
             logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
         )
         return logits, loss
+
+
+# --- the fine-tuning architectures: a classification head on the decoder, or the decoder itself ---
+
+
+def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, T, D) hidden states of right-padded rows -> (B, D)."""
+    if pooling == "last":
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+    if pooling == "mean":
+        mask = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
+        return (hidden * mask.unsqueeze(-1)).sum(1) / lengths.clamp(min=1).unsqueeze(-1).to(hidden.dtype)
+    raise LmforgeError(f"pooling {pooling!r} is not one of last, mean")
+
+
+class SequenceClassifier(nn.Module):
+    """The pretrained decoder (`backbone`) + a linear `head` on its pooled final-norm hidden states."""
+
+    def __init__(self, backbone: Transformer, n_labels: int, pooling: str = "last") -> None:
+        super().__init__()
+        if pooling not in ("last", "mean"):
+            raise LmforgeError(f"pooling {pooling!r} is not one of last, mean")
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.dim, n_labels)
+        self.pooling = pooling
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def layers(self) -> nn.ModuleList:  # so lmforge.parallelize.apply_fsdp shards the blocks
+        return self.backbone.layers
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone.hidden_states(input_ids)
+        return self.head(pool(hidden, lengths, self.pooling).to(self.head.weight.dtype))
+
+
+def build_model(backbone: Transformer, task: str, n_labels: int = 0, pooling: str = "last") -> nn.Module:
+    """The trainable model before the method: a SequenceClassifier (classify) or the decoder itself (sft)."""
+    if task == "classify":
+        return SequenceClassifier(backbone, n_labels, pooling)
+    return backbone

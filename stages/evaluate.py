@@ -23,9 +23,9 @@ from lmforge.evaluation import (
     bag_of_words_baseline, classification_report, language_model_loss, majority_baseline,
     plot_confusion_matrix, render_report_md, safe_exp, sft_report, write_confusion_json, write_per_class_csv,
 )
-from lmforge.export import WEIGHTS, load_finetuned, load_pretrained
+from lmforge.export import WEIGHTS, load_pretrained
 from lmforge.generate import sample_prompts
-from lmforge.finetune import check_labels, read_examples
+from lmforge.finetune import check_labels, load_finetuned, read_examples
 from lmforge.metrics import unigram_entropy
 from lmforge.model import Transformer
 from lmforge.params import Params, load_params

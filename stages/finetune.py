@@ -19,13 +19,14 @@ from lmforge.cli import run_stage
 from lmforge.data.io import write_json
 from lmforge.data.tokenizer import file_sha256, load_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.export import WEIGHTS, load_finetuned, load_pretrained, save_finetuned
+from lmforge.export import WEIGHTS, load_pretrained, save_finetuned
 from lmforge.finetune import (
-    apply_method, balanced_class_weights, build_model, check_labels, check_tokenizer_fits, count_params,
-    encode_sft, encode_texts, is_peft, label_set, merged_model, read_examples,
+    apply_method, balanced_class_weights, check_labels, check_tokenizer_fits, count_params,
+    encode_sft, encode_texts, is_peft, label_set, load_finetuned, merged_model, read_examples,
     special_ids, split_train_val, task_spec,
 )
 from lmforge.metrics import CurveLog, write_csv
+from lmforge.model import build_model
 from lmforge.parallelize import apply_fsdp, barrier, destroy, init_distributed
 from lmforge.params import FinetuneParams, load_params
 from lmforge.runs import claim_run_dir, remember_run_id, result_knobs

@@ -12,11 +12,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from lmforge.errors import LmforgeError
 from lmforge.finetune import (
-    IGNORE_INDEX, apply_method, build_model, check_labels, classify_collate, count_params, encode_sft,
-    encode_texts, label_set, merged_model, read_examples, special_ids, split_train_val, task_spec,
+    IGNORE_INDEX, apply_method, check_labels, classify_collate, count_params, encode_sft,
+    encode_texts, label_set, load_finetuned, merged_model, read_examples, special_ids, split_train_val, task_spec,
     FinetunedModel,
 )
-from lmforge.export import load_finetuned, save_finetuned
+from lmforge.export import save_finetuned
+from lmforge.model import build_model
 from lmforge.model import ModelConfig, Transformer
 from lmforge.params import FinetuneParams, LoraParams
 from lmforge.trainer import TrainConfig, Trainer

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from lmforge.export import load_finetuned
+from lmforge.finetune import load_finetuned
 from lmforge.tracking import content_hash
 
 from conftest import TINY_PARAMS, run
