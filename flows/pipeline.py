@@ -11,16 +11,23 @@ MLflow run, and a markdown summary artifact.
   those, as long as no stage upstream of them has run in this flow run, are cache hits reported
   without starting DVC at all (it would print "didn't change, skipping"); once a stage has run, DVC
   decides for each later stage (its "didn't change, skipping" / "is cached" lines mark a hit).
-- Overrides (`key=value`, like `dvc exp run -S`) are validated against lmforge.params first (an
-  unknown key fails the flow naming it), written into params.yaml with DVC's own hydra-override
-  editor (what `dvc exp run -S` does, comments kept), left there after the run as `dvc exp run -S`
+- Overrides (`key=value`, like `dvc exp run -S`) are written into params.yaml with DVC's own
+  hydra-override editor (what `dvc exp run -S` does, comments kept), then the file as written is
+  validated with lmforge.params (an unknown key or bad value fails the flow naming it, and the
+  original params.yaml bytes are put back). They stay there after the run as `dvc exp run -S`
   leaves them in the workspace, and the finished result is recorded as a DVC experiment with
   `dvc exp save` (it shows in `dvc exp show`).
 - MLflow: a parent run `pipeline` (experiment `lmforge`); each stage's own run nests under it through
   LMFORGE_PARENT_RUN_ID (lmforge.tracking.stage_run reads it) and is tagged with the Prefect flow
   run id. The parent carries `stage.<name>` = `ran` | `skipped (cache hit)` | `failed`.
 - A stage that fails fails the flow with the stage's own error line first; later stages do not run
-  and earlier outputs stay. pretrain and finetune retry with backoff (they resume from checkpoints).
+  and earlier outputs stay. pretrain and finetune retry with backoff (they resume from checkpoints),
+  except when the stage rejected its params or input (its `[stage] error:` line, exit status 2):
+  that fails the same way every time, so it is never retried.
+- No credential is printed, logged or stored: every URI and message the flow emits goes through
+  lmforge.redact (user-info passwords and token-like query parameters become ***).
+- `run` stops cleanly on SIGTERM/SIGINT: the running stage's process group is stopped and
+  Prefect's temporary local server is shut down; no process of the run is left behind.
 """
 
 from __future__ import annotations
@@ -29,16 +36,21 @@ import argparse
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
+
+from lmforge.redact import redact
 
 FLOW_NAME = "lmforge-pipeline"
 DEPLOYMENT_NAME = "nightly"
@@ -49,11 +61,31 @@ DEFAULT_STAGE_TIMEOUT_S = 12 * 3600
 CACHE_HIT_LINES = ("didn't change, skipping", "is cached")
 LOCK_LINE = "Unable to acquire lock"
 SKIPPED = "skipped (cache hit)"
+STOP_GRACE_S = 10  # a stopped stage's seconds to exit on SIGTERM before SIGKILL
 
 
 class PipelineError(RuntimeError):
     """A failure of the pipeline with its message first: the stage's own error line, or the setup
-    problem (unknown override key or stage, tracking server not answering, DVC's lock)."""
+    problem (unknown override key or stage, tracking server not answering, DVC's lock). The message
+    is redacted here, once for all: Prefect logs and stores it, the CLI prints it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
+
+
+class StageInputError(PipelineError):
+    """A stage rejected its params or input (its `[stage] error:` line, exit status 2): it fails
+    the same way every time, so the flow never retries it."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT reached `python -m flows.pipeline run`. Raised in the main thread, so the
+    running stage is stopped (run_stage's `finally`) and the interpreter exits normally: Prefect
+    stops its temporary server in an atexit hook, which the default SIGTERM action never runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 # ---------------------------------------------------------------------------- DVC, read from DVC
@@ -101,35 +133,65 @@ def _dvc_lock_entry(root: Path, stage: str) -> Any:
 # ------------------------------------------------------------------------------------- overrides
 
 
-def parse_overrides(overrides: list[str], params_path: Path) -> list[str]:
-    """Check each `key=value` against lmforge.params (key and value); returns the hydra overrides
-    that DVC's editor applies (`+key=value` for a valid key absent from params.yaml)."""
+def apply_param_overrides(overrides: list[str], params_path: Path) -> None:
+    """Write each `key=value` into params.yaml with DVC's own hydra editor (what `dvc exp run -S`
+    does, comments kept), then validate the file as written with lmforge.params: the stages read
+    those bytes, so a value is checked as DVC wrote it (`0x200` is written as the string '0x200').
+    Any failure, of any kind, puts the original bytes back."""
     from lmforge.errors import LmforgeError
-    from lmforge.params import parse_params
+    from lmforge.params import load_params
 
-    raw = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
-    merged = json.loads(json.dumps(raw))
-    hydra = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key or key.startswith(("+", "~")):
-            raise PipelineError(f"override {item!r} is not of the form key=value (e.g. tokenizer.vocab_size=4096)")
-        parts = key.split(".")
-        node, present = merged, True
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                present = False
-                node[part] = {}
-            node = node[part]
-        present = present and parts[-1] in node
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
-        hydra.append(item if present else f"+{item}")
+    if not params_path.is_file():
+        raise PipelineError(f"{params_path} not found: run from the repository root, where params.yaml lives")
+    original = params_path.read_bytes()
     try:
-        parse_params(merged, "params.yaml with the overrides")
-    except LmforgeError as exc:
-        raise PipelineError(f"{exc}\n(from the overrides {overrides})") from None
-    return hydra
+        for item in overrides:
+            _apply_override(item, params_path)
+        load_params(params_path)
+    except BaseException as exc:
+        if params_path.read_bytes() != original:
+            _write_atomically(params_path, original)
+        if isinstance(exc, LmforgeError):
+            raise PipelineError(f"{exc}\n(from the overrides {overrides}; {params_path.name} left as it was)") from None
+        raise
+
+
+def _apply_override(item: str, params_path: Path) -> None:
+    """One override through DVC's editor, as `++key=value`: hydra's "set, or add when absent", so a
+    valid key that params.yaml leaves to its default can be set too (validation catches unknown
+    keys). A malformed override is one line naming it."""
+    from dvc.exceptions import DvcException, InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides
+
+    key, sep, _ = item.partition("=")
+    if not sep or not key.strip() or key.strip().startswith(("+", "~")):
+        raise PipelineError(f"override {item!r} is not of the form key=value (e.g. tokenizer.vocab_size=4096)")
+    try:
+        apply_overrides(params_path, [f"++{item.strip()}"])
+    except InvalidArgumentError as exc:  # DVC's wrapper of hydra's parse and composition errors
+        why = str(exc.__cause__ or exc).splitlines()[0]
+        raise PipelineError(
+            f"override {item!r} is malformed ({why}): write it as `dvc exp run -S` takes it, e.g. "
+            f"tokenizer.vocab_size=4096, data.files=[a.txt,b.txt], or a quoted string key='a: b'"
+        ) from None
+    except DvcException as exc:  # params.yaml itself: not YAML, not readable
+        raise PipelineError(f"override {item!r} could not be applied: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. omegaconf on `data.files.x=1` (a key into a list)
+        why = str(exc).splitlines()[0] if str(exc) else ""
+        raise PipelineError(f"override {item!r} could not be applied to {params_path} ({type(exc).__name__}: "
+                            f"{why}): check its key path against params.yaml") from None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """`data` into `path` through a temporary file and a rename: an interruption leaves the old or
+    the new bytes, never a half-written params.yaml."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------- stage task
@@ -148,6 +210,21 @@ def _error_line(stage: str, lines: list[str]) -> str:
                 return tail[-1] if ":" in tail[-1] else tail[0]
     dvc = [line for line in lines if line.startswith("ERROR:")]
     return dvc[0] if dvc else (lines[-1] if lines else "no output")
+
+
+def _is_deterministic(stage: str, lines: list[str]) -> bool:
+    """Whether the stage rejected its params or input. `dvc repro` exits 255 whatever its stage's
+    status, so the output tells: the stage's own `[stage] error:` line (lmforge.cli prints it before
+    exit status 2; under torchrun, which exits 1, it is still there), or DVC's `exited with 2`."""
+    own = re.compile(rf"^\[{re.escape(stage)}\] error:")
+    return any(own.match(line) or (line.startswith("ERROR:") and line.rstrip().endswith("exited with 2"))
+               for line in lines)
+
+
+def retry_unless_deterministic(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's `retry_condition_fn` for the stage tasks: retry anything but a StageInputError
+    (a bad param fails identically on every attempt; retrying only costs the backoff delays)."""
+    return not isinstance(state.result(raise_on_failure=False), StageInputError)
 
 
 def _stage_env(extra: Mapping[str, str]) -> dict[str, str]:
@@ -175,32 +252,30 @@ def run_stage(stage: str, root: str, force: bool, env: dict[str, str], known_hit
     before = _dvc_lock_entry(Path(root), stage)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["-f"] if force else [])
     logger.info("stage %s: %s", stage, " ".join(cmd[1:]))
+    # Its own session: a signal or timeout stops DVC and the stage under it as one process group.
     process = subprocess.Popen(cmd, cwd=root, env=_stage_env(env), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
     timed_out = threading.Event()
 
-    def kill() -> None:
+    def on_timeout() -> None:
         timed_out.set()
-        try:
-            os.killpg(process.pid, 15)
-        except ProcessLookupError:
-            pass
+        _stop_group(process)
 
-    watchdog = threading.Timer(timeout_s, kill)
+    watchdog = threading.Timer(timeout_s, on_timeout)
     watchdog.start()
     lines: list[str] = []
     try:
         assert process.stdout is not None
         for raw in process.stdout:
-            line = raw.rstrip("\n")
+            line = redact(raw.rstrip("\n"))  # a library may echo the tracking URI with its password
             lines.append(line)
             if line.strip():
                 logger.info("[%s] %s", stage, line)
         rc = process.wait()
-    finally:
+    finally:  # also on SIGTERM/SIGINT (Stopped, Prefect's TerminationSignal) and Prefect's timeout
         watchdog.cancel()
-        if process.poll() is None:
-            os.killpg(process.pid, 9)
+        if process.poll() is None or _group_alive(process.pid):
+            _stop_group(process)
     seconds = time.perf_counter() - started
     if timed_out.is_set():
         raise PipelineError(f"stage '{stage}' timed out after {timeout_s:.0f} s and was stopped "
@@ -213,7 +288,8 @@ def run_stage(stage: str, root: str, force: bool, env: dict[str, str], known_hit
                 f"holds the lock of {root}; wait for it to finish"
             )
         tail = "\n".join(lines[-25:])
-        raise PipelineError(
+        error = StageInputError if _is_deterministic(stage, lines) else PipelineError
+        raise error(
             f"{_error_line(stage, lines)}\nstage '{stage}' failed (dvc repro exited {rc}); later stages not run, "
             f"earlier stages' outputs kept.\n--- last lines of its output ---\n{tail}"
         )
@@ -225,6 +301,45 @@ def run_stage(stage: str, root: str, force: bool, env: dict[str, str], known_hit
     status = SKIPPED if hit else "ran"
     logger.info("stage %s: %s in %.1f s", stage, status, seconds)
     return {"stage": stage, "status": status, "seconds": seconds, "logging_failed": failed}
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs. Zombies do not count: an init that does not reap
+    orphans (as in some containers) would keep them in the group for ever."""
+    if not Path("/proc/self/stat").is_file():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        if int(pgrp) == pgid and state != "Z":
+            return True
+    return False
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """Stop a stage's process group (DVC and the stage under it): SIGTERM, up to `grace_s` for the
+    stage to exit (its checkpoints are written atomically either way), then SIGKILL."""
+    try:
+        _signal_group(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while (process.poll() is None or _group_alive(process.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        _signal_group(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 # ------------------------------------------------------------------------------------- summary
@@ -261,8 +376,8 @@ def mlflow_run_url(run_id: str, experiment_id: str) -> str:
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"{tracking_uri()} (local store: `mlflow ui --backend-store-uri {tracking_uri()}`)"
+        return redact(f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}")
+    return redact(f"{tracking_uri()} (local store: `mlflow ui --backend-store-uri {tracking_uri()}`)")
 
 
 def summary_markdown(results: list[dict[str, Any]], metrics: Mapping[str, Mapping[str, float]], run_id: str,
@@ -285,7 +400,7 @@ def summary_markdown(results: list[dict[str, Any]], metrics: Mapping[str, Mappin
             lines += [f"### {stage}", "", "| metric | value |", "|---|---|"]
             lines += [f"| {key} | {value:.6g} |" for key, value in values.items()]
             lines.append("")
-    return "\n".join(lines)
+    return redact("\n".join(lines))  # the URL, the overrides and the outcome may all carry one
 
 
 # ---------------------------------------------------------------------------------------- flow
@@ -295,6 +410,28 @@ def summary_markdown(results: list[dict[str, Any]], metrics: Mapping[str, Mappin
 def pipeline(overrides: list[str] | None = None, force: bool = False, stages: list[str] | None = None,
              root: str | None = None, stage_timeout_s: float = DEFAULT_STAGE_TIMEOUT_S) -> dict[str, Any]:
     """Run the DVC stages (all, or `stages`) as tasks; see the module docstring."""
+    with _credentials_masked():
+        return _run_pipeline(list(overrides or []), force, stages, Path(root or os.getcwd()).resolve(),
+                             stage_timeout_s)
+
+
+@contextmanager
+def _credentials_masked() -> Iterator[None]:
+    """A library's exception leaves the flow with its credentials masked: MLflow's own messages
+    carry the tracking URI (`API request to http://user:secret@host/...`), and Prefect logs and
+    stores whatever the flow raises."""
+    try:
+        yield
+    except PipelineError:
+        raise  # redacted when made
+    except Exception as exc:
+        if redact(str(exc)) == str(exc):
+            raise
+        raise PipelineError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, repo: Path,
+                  stage_timeout_s: float) -> dict[str, Any]:
     from prefect.artifacts import create_markdown_artifact
     from prefect.runtime import flow_run
 
@@ -302,8 +439,8 @@ def pipeline(overrides: list[str] | None = None, force: bool = False, stages: li
         start_pipeline_run
 
     logger = get_run_logger()
-    repo = Path(root or os.getcwd()).resolve()
-    overrides = list(overrides or [])
+    # The flow logs its own, redacted, run URL; MLflow's "View run at" line would print the password.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     problem = check_tracking_server()
     if problem:
         raise PipelineError(f"{problem}: start it, or unset MLFLOW_TRACKING_URI to log to the local store")
@@ -312,16 +449,13 @@ def pipeline(overrides: list[str] | None = None, force: bool = False, stages: li
     if unknown:
         raise PipelineError(f"unknown stage(s) {', '.join(unknown)}: dvc.yaml has {', '.join(order)}")
     selected = [name for name in order if stages is None or name in stages]
-    hydra = parse_overrides(overrides, repo / "params.yaml") if overrides else []
-    if hydra:
-        from dvc.utils.hydra import apply_overrides
-
-        apply_overrides(repo / "params.yaml", hydra)
-        logger.info("params.yaml overrides applied: %s", ", ".join(overrides))
+    if overrides:
+        apply_param_overrides(overrides, repo / "params.yaml")
+        logger.info("params.yaml overrides applied: %s", redact(", ".join(overrides)))
 
     flow_run_id = str(flow_run.id or "")
     run_id, experiment_id = start_pipeline_run(repo, tags={
-        "lmforge.prefect_flow_run_id": flow_run_id, "lmforge.overrides": json.dumps(overrides),
+        "lmforge.prefect_flow_run_id": flow_run_id, "lmforge.overrides": redact(json.dumps(overrides)),
         "lmforge.force": str(force),
     })
     url = mlflow_run_url(run_id, experiment_id)
@@ -336,7 +470,8 @@ def pipeline(overrides: list[str] | None = None, force: bool = False, stages: li
         for name in selected:
             stage_task = run_stage.with_options(
                 name=name, task_run_name=name, retries=RETRIED_STAGES.get(name, 0),
-                retry_delay_seconds=RETRY_DELAYS_S, timeout_seconds=stage_timeout_s + 120,
+                retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_unless_deterministic,
+                timeout_seconds=stage_timeout_s + 120,
             )
             known_hit = not force and not upstream_ran and name not in changed
             try:
@@ -379,8 +514,8 @@ def _tracking_failed(tracking: dict[str, str | None], what: str, exc: Exception)
     from lmforge.tracking import LOGGING_FAILED_MARKER
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "(local store)")
-    tracking["failed"] = f"{LOGGING_FAILED_MARKER}: {what}: {str(exc).splitlines()[0] if str(exc) else exc!r} " \
-                         f"(MLFLOW_TRACKING_URI={uri})"
+    tracking["failed"] = redact(f"{LOGGING_FAILED_MARKER}: {what}: {str(exc).splitlines()[0] if str(exc) else exc!r} "
+                                f"(MLFLOW_TRACKING_URI={uri})")
     get_run_logger().warning(tracking["failed"])
 
 
@@ -411,8 +546,11 @@ def _end(end_pipeline_run: Any, repo: Path, run_id: str, status: str, tracking: 
 def _publish(create: Any, results: list[dict[str, Any]], repo: Path, metrics_files: Mapping[str, list[str]],
              run_id: str, url: str, overrides: list[str], outcome: str, experiment: str | None) -> dict:
     metrics = read_metrics(repo, metrics_files)
-    create(markdown=summary_markdown(results, metrics, run_id, url, overrides, outcome, experiment),
-           key=SUMMARY_KEY, description=f"lmforge pipeline: {outcome}")
+    try:
+        create(markdown=summary_markdown(results, metrics, run_id, url, overrides, outcome, experiment),
+               key=SUMMARY_KEY, description=redact(f"lmforge pipeline: {outcome}"))
+    except Exception as exc:  # noqa: BLE001 - a lost summary must not hide the run's own outcome or error
+        get_run_logger().warning("summary artifact %s not published: %s", SUMMARY_KEY, redact(str(exc)))
     return metrics
 
 
@@ -423,9 +561,9 @@ def _exp_save(repo: Path, overrides: list[str], name: str, logger: Any) -> str |
                             env=_stage_env({}), capture_output=True, text=True)
     if result.returncode != 0:
         logger.warning("dvc exp save failed (the run is done; params.yaml keeps the overrides): %s",
-                       (result.stderr or result.stdout).strip().splitlines()[-1:])
+                       redact(" ".join((result.stderr or result.stdout).strip().splitlines()[-1:])))
         return None
-    logger.info("overrides %s recorded as DVC experiment %s (dvc exp show)", overrides, name)
+    logger.info("overrides %s recorded as DVC experiment %s (dvc exp show)", redact(str(overrides)), name)
     return name
 
 
@@ -442,9 +580,9 @@ def check_prefect_api(timeout: float = 5.0) -> str | None:
     try:
         response = httpx.get(url.rstrip("/") + "/health", timeout=timeout)
     except httpx.HTTPError as exc:
-        return f"the Prefect server at PREFECT_API_URL={url} does not answer ({type(exc).__name__})"
+        return f"the Prefect server at PREFECT_API_URL={redact(url)} does not answer ({type(exc).__name__})"
     if response.status_code != 200:
-        return f"the Prefect server at PREFECT_API_URL={url} answered HTTP {response.status_code} on /health"
+        return f"the Prefect server at PREFECT_API_URL={redact(url)} answered HTTP {response.status_code} on /health"
     return None
 
 
@@ -484,19 +622,47 @@ def main(argv: list[str] | None = None) -> int:
         serve(nightly_deployment(args.cron))
         return 0
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    state = pipeline(overrides=args.overrides, force=args.force, stages=stages, stage_timeout_s=args.stage_timeout,
-                     return_state=True)
+    with _stop_on_signals():
+        try:
+            state = pipeline(overrides=args.overrides, force=args.force, stages=stages,
+                             stage_timeout_s=args.stage_timeout, return_state=True)
+        except Stopped as exc:
+            print(f"error: stopped by {signal.Signals(exc.signum).name}: the running stage was stopped, later "
+                  "stages not run, earlier stages' outputs kept", file=sys.stderr)
+            return 128 + exc.signum
     if state.is_completed():
         result = state.result()
         for r in result["stages"]:
             print(f"{r['stage']:<14} {r['status']:<20} {r['seconds']:7.1f} s")
-        print(f"MLflow run pipeline: {result['mlflow_url']}")
+        print(f"MLflow run pipeline: {redact(result['mlflow_url'])}")
         return 0
     try:
         state.result()
     except BaseException as exc:  # noqa: BLE001 - the flow's error, printed first and plainly
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
     return 1
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise Stopped in the main thread (see Stopped). Only the first: later ones
+    are ignored so that they cannot cut the shutdown short (stopping a stage is bounded by
+    STOP_GRACE_S, Prefect's server by its own 5 s). During a flow run Prefect swaps in its own
+    SIGTERM handler; it raises TerminationSignal, and on the way out sends SIGTERM again to the
+    handler it replaced, this one. The previous handlers come back at the end."""
+    stopping = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            raise Stopped(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)  # None: set outside Python
 
 
 if __name__ == "__main__":
