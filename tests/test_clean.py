@@ -17,7 +17,8 @@ from rensa import RMinHash, RMinHashLSH
 
 from lmforge.data.clean import Cleaner
 from lmforge.data.dedup import CanonicalTexts, lsh_bands
-from lmforge.data.filters import TextBatch, build_filters, normalize, normalize_batch
+from lmforge.data.filters import build_filters
+from lmforge.data.text import TextBatch, normalize, normalize_batch
 from lmforge.params import CleanParams
 
 from conftest import make_texts

@@ -12,11 +12,10 @@ from lmforge.data.filters import (
     LengthFilter,
     MeanWordLengthFilter,
     SymbolRatioFilter,
-    TextBatch,
     TopNgramFilter,
     build_filters,
-    normalize,
 )
+from lmforge.data.text import TextBatch, normalize
 from lmforge.params import CleanParams
 
 PARAGRAPH = (

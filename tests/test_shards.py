@@ -10,8 +10,8 @@ import pytest
 
 from lmforge.data.documents import make_document, split_of
 from lmforge.data.io import DocumentWriter
-from lmforge.data.pack import encode_to_shards
-from lmforge.data.shards import Packer, ShardReader, token_dtype
+from lmforge.data.pack import Packer, encode_to_shards
+from lmforge.data.shards import ShardReader, token_dtype
 from lmforge.data.tokenizer import file_sha256, save_tokenizer, train_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.params import TokenizerParams

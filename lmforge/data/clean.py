@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 
 from lmforge.data.dedup import CanonicalTexts, ExactDedup, NearDedup
 from lmforge.data.documents import Document
-from lmforge.data.filters import TextBatch, build_filters, normalize_batch
+from lmforge.data.filters import build_filters
+from lmforge.data.text import TextBatch, normalize_batch
 from lmforge.params import CleanParams
 
 SAMPLE_TEXT_CHARS = 2000

@@ -15,7 +15,7 @@ import re
 import numpy as np
 from rensa import RMinHash, RMinHashLSH
 
-from lmforge.data.filters import ALNUM, char_classes
+from lmforge.data.text import ALNUM, char_classes
 
 _NON_WORD = re.compile(r"[\W_]+")
 

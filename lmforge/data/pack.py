@@ -1,5 +1,8 @@
 """The tokenize pipeline: stream cleaned documents, route each to its split by id, encode
 in batches with the Rust tokenizer (already multithreaded), pack and shard, then the manifest.
+
+`Packer` packs documents end to end (EOS after each) into rows of seq_len+1 ids; the shard
+files and manifest they go into are lmforge.data.shards.
 """
 
 from __future__ import annotations
@@ -18,12 +21,47 @@ from tqdm import tqdm
 
 from lmforge.data.documents import split_of
 from lmforge.data.io import open_documents
-from lmforge.data.shards import Packer, ShardWriter, SplitSummary, token_dtype, write_manifest
+from lmforge.data.shards import ShardWriter, SplitSummary, token_dtype, write_manifest
 from lmforge.data.tokenizer import encode_plain
 from lmforge.errors import LmforgeError
 from lmforge.params import TokenizerParams
 
 SPLITS = ("train", "val")
+
+
+class Packer:
+    """Concatenates documents with EOS after each, cutting full rows of seq_len+1 ids.
+
+    Rows do not overlap: every token lands in exactly one row, except the final tail
+    shorter than a row, which is counted in `tail_tokens`, so nothing is silently lost.
+    """
+
+    def __init__(self, seq_len: int, eos_id: int, dtype: np.dtype) -> None:
+        self.row_len = seq_len + 1
+        self.eos_id = eos_id
+        self.dtype = dtype
+        self.documents = 0
+        self.tokens = 0  # encoded tokens including one EOS per document
+        self._carry = np.empty(0, dtype=dtype)
+
+    def add(self, documents_ids: list[list[int]]) -> np.ndarray:
+        """Rows completed by these documents, shape (n, seq_len+1)."""
+        flat: list[int] = []
+        eos = self.eos_id
+        for ids in documents_ids:
+            flat += ids
+            flat.append(eos)
+        self.documents += len(documents_ids)
+        self.tokens += len(flat)
+        stream = np.concatenate([self._carry, np.asarray(flat, dtype=self.dtype)])
+        n_rows = len(stream) // self.row_len
+        cut = n_rows * self.row_len
+        self._carry = stream[cut:].copy()
+        return stream[:cut].reshape(n_rows, self.row_len)
+
+    @property
+    def tail_tokens(self) -> int:
+        return len(self._carry)
 
 
 def _id_text_batches(path: Path, batch_size: int) -> Iterator[tuple[list[str], pa.Array]]:

@@ -1,6 +1,5 @@
-"""Packed token shards: pack documents end to end (EOS between them) into rows of
-seq_len+1 ids, write Arrow IPC shards atomically with a manifest, and read them back
-memory-mapped (zero copy) after verifying the manifest and checksums.
+"""The shard format: rows of seq_len+1 token ids in Arrow IPC files, written atomically with
+a manifest, and read back memory-mapped (zero copy) after verifying manifest and checksums.
 """
 
 from __future__ import annotations
@@ -30,41 +29,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def shard_schema(seq_len: int, dtype: np.dtype) -> pa.Schema:
     return pa.schema([(COLUMN, pa.list_(pa.from_numpy_dtype(dtype), seq_len + 1))])
-
-
-class Packer:
-    """Concatenates documents with EOS after each, cutting full rows of seq_len+1 ids.
-
-    Rows do not overlap: every token lands in exactly one row, except the final tail
-    shorter than a row, which is counted in `tail_tokens`, so nothing is silently lost.
-    """
-
-    def __init__(self, seq_len: int, eos_id: int, dtype: np.dtype) -> None:
-        self.row_len = seq_len + 1
-        self.eos_id = eos_id
-        self.dtype = dtype
-        self.documents = 0
-        self.tokens = 0  # encoded tokens including one EOS per document
-        self._carry = np.empty(0, dtype=dtype)
-
-    def add(self, documents_ids: list[list[int]]) -> np.ndarray:
-        """Rows completed by these documents, shape (n, seq_len+1)."""
-        flat: list[int] = []
-        eos = self.eos_id
-        for ids in documents_ids:
-            flat += ids
-            flat.append(eos)
-        self.documents += len(documents_ids)
-        self.tokens += len(flat)
-        stream = np.concatenate([self._carry, np.asarray(flat, dtype=self.dtype)])
-        n_rows = len(stream) // self.row_len
-        cut = n_rows * self.row_len
-        self._carry = stream[cut:].copy()
-        return stream[:cut].reshape(n_rows, self.row_len)
-
-    @property
-    def tail_tokens(self) -> int:
-        return len(self._carry)
 
 
 @dataclass
