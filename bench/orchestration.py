@@ -22,9 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
-for _key, _value in (("DO_NOT_TRACK", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                     ("MLFLOW_DISABLE_TELEMETRY", "true"), ("DVC_NO_ANALYTICS", "1")):
-    os.environ.setdefault(_key, _value)
+from lmforge import quiet_env  # noqa: E402
+
+quiet_env()  # before Prefect is imported
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # the embedded default: the local store in the repo
 
 from prefect import flow, task  # noqa: E402

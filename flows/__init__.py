@@ -1,1 +1,2 @@
-"""Prefect flows that drive the DVC pipeline (flows/pipeline.py)."""
+"""The Prefect flow that drives the DVC pipeline: pipeline (the flow, its stage task, the CLI),
+dvc_repo (what it reads and writes through DVC), summary (its artifact), errors."""

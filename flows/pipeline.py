@@ -1,5 +1,5 @@
-"""The Prefect flow `lmforge-pipeline`: the DVC stages as tasks, with param overrides, a parent
-MLflow run, and a markdown summary artifact.
+"""The Prefect flow `lmforge-pipeline` (the DVC stages as tasks, with param overrides, a parent
+MLflow run and a summary artifact), its stage task, and its CLI; the entry point of prefect.yaml.
 
     python -m flows.pipeline run [-S key=value ...] [--force] [--stages a,b]
     python -m flows.pipeline serve --cron "0 3 * * *"      # deployment `nightly` (flow.serve)
@@ -17,9 +17,10 @@ MLflow run, and a markdown summary artifact.
   original params.yaml bytes are put back). They stay there after the run as `dvc exp run -S`
   leaves them in the workspace, and the finished result is recorded as a DVC experiment with
   `dvc exp save` (it shows in `dvc exp show`).
-- MLflow: a parent run `pipeline` (experiment `lmforge`); each stage's own run nests under it through
-  LMFORGE_PARENT_RUN_ID (lmforge.tracking.stage_run reads it) and is tagged with the Prefect flow
-  run id. The parent carries `stage.<name>` = `ran` | `skipped (cache hit)` | `failed`.
+- MLflow: a parent run `pipeline` (experiment `lmforge`, lmforge.tracking.PipelineRun); each stage's
+  own run nests under it through LMFORGE_PARENT_RUN_ID (lmforge.tracking.stage_run reads it) and is
+  tagged with the Prefect flow run id. The parent carries `stage.<name>` = `ran` |
+  `skipped (cache hit)` | `failed`.
 - A stage that fails fails the flow with the stage's own error line first; later stages do not run
   and earlier outputs stay. pretrain and finetune retry with backoff (they resume from checkpoints),
   except when the stage rejected its params or input (its `[stage] error:` line, exit status 2):
@@ -28,6 +29,9 @@ MLflow run, and a markdown summary artifact.
   lmforge.redact (user-info passwords and token-like query parameters become ***).
 - `run` stops cleanly on SIGTERM/SIGINT: the running stage's process group is stopped and
   Prefect's temporary local server is shut down; no process of the run is left behind.
+
+What the flow reads and writes through DVC is in flows.dvc_repo, its summary artifact in
+flows.summary, its errors in flows.errors.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -47,14 +50,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 
+from flows.dvc_repo import apply_param_overrides, dvc_changed, dvc_lock_entry, dvc_stages, exp_save
+from flows.errors import PipelineError, StageInputError
+from flows.summary import mlflow_run_url, publish_summary
+from lmforge import quiet_env
+from lmforge.health import check_health
 from lmforge.redact import redact
 
 FLOW_NAME = "lmforge-pipeline"
 DEPLOYMENT_NAME = "nightly"
-SUMMARY_KEY = "lmforge-pipeline-summary"
 RETRIED_STAGES = {"pretrain": 2, "finetune": 2}  # they resume from their checkpoints
 RETRY_DELAYS_S = [30, 120]
 DEFAULT_STAGE_TIMEOUT_S = 12 * 3600
@@ -62,136 +68,19 @@ CACHE_HIT_LINES = ("didn't change, skipping", "is cached")
 LOCK_LINE = "Unable to acquire lock"
 SKIPPED = "skipped (cache hit)"
 STOP_GRACE_S = 10  # a stopped stage's seconds to exit on SIGTERM before SIGKILL
-
-
-class PipelineError(RuntimeError):
-    """A failure of the pipeline with its message first: the stage's own error line, or the setup
-    problem (unknown override key or stage, tracking server not answering, DVC's lock). The message
-    is redacted here, once for all: Prefect logs and stores it, the CLI prints it."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(redact(message))
-
-
-class StageInputError(PipelineError):
-    """A stage rejected its params or input (its `[stage] error:` line, exit status 2): it fails
-    the same way every time, so the flow never retries it."""
+# A tracking server gone mid-run costs seconds, not MLflow's minutes of retries: the flow's own
+# MLflow calls and its stages' (setdefault: the environment may ask for more patience).
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 class Stopped(KeyboardInterrupt):
     """SIGTERM or SIGINT reached `python -m flows.pipeline run`. Raised in the main thread, so the
-    running stage is stopped (run_stage's `finally`) and the interpreter exits normally: Prefect
+    running stage is stopped (repro_stage's `finally`) and the interpreter exits normally: Prefect
     stops its temporary server in an atexit hook, which the default SIGTERM action never runs."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
-
-
-# ---------------------------------------------------------------------------- DVC, read from DVC
-
-
-def dvc_stages(root: Path) -> tuple[list[str], dict[str, list[str]], dict[str, list[str]]]:
-    """(stage names in topological order, name -> upstream stage names, name -> metrics files),
-    from DVC's index of dvc.yaml; ties keep dvc.yaml's order."""
-    import networkx as nx
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        stages = list(repo.index.stages)
-        position = {stage: i for i, stage in enumerate(stages)}
-        graph = repo.index.graph  # edges go from a stage to the stages it depends on
-        order = nx.lexicographical_topological_sort(graph.reverse(copy=True), key=lambda s: f"{position[s]:06d}")
-        names = [stage.name for stage in order]
-        upstream = {stage.name: sorted(s.name for s in nx.descendants(graph, stage)) for stage in stages}
-        metrics = {stage.name: [str(out.def_path) for out in stage.outs if out.metric] for stage in stages}
-    return names, upstream, metrics
-
-
-def dvc_changed(root: Path) -> set[str]:
-    """Stages `dvc status` reports as changed (anything DVC would rerun)."""
-    from dvc.lock import LockError
-    from dvc.repo import Repo
-
-    try:
-        with Repo(str(root)) as repo:
-            return {name.split(":")[-1] for name in repo.status()}
-    except LockError as exc:
-        raise PipelineError(
-            f"{exc}\nno stage run: another DVC process (another pipeline run or `dvc repro`) holds the lock "
-            f"of {root}; wait for it to finish"
-        ) from None
-
-
-def _dvc_lock_entry(root: Path, stage: str) -> Any:
-    lock = root / "dvc.lock"
-    if not lock.is_file():
-        return None
-    return ((yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages") or {}).get(stage)
-
-
-# ------------------------------------------------------------------------------------- overrides
-
-
-def apply_param_overrides(overrides: list[str], params_path: Path) -> None:
-    """Write each `key=value` into params.yaml with DVC's own hydra editor (what `dvc exp run -S`
-    does, comments kept), then validate the file as written with lmforge.params: the stages read
-    those bytes, so a value is checked as DVC wrote it (`0x200` is written as the string '0x200').
-    Any failure, of any kind, puts the original bytes back."""
-    from lmforge.errors import LmforgeError
-    from lmforge.params import load_params
-
-    if not params_path.is_file():
-        raise PipelineError(f"{params_path} not found: run from the repository root, where params.yaml lives")
-    original = params_path.read_bytes()
-    try:
-        for item in overrides:
-            _apply_override(item, params_path)
-        load_params(params_path)
-    except BaseException as exc:
-        if params_path.read_bytes() != original:
-            _write_atomically(params_path, original)
-        if isinstance(exc, LmforgeError):
-            raise PipelineError(f"{exc}\n(from the overrides {overrides}; {params_path.name} left as it was)") from None
-        raise
-
-
-def _apply_override(item: str, params_path: Path) -> None:
-    """One override through DVC's editor, as `++key=value`: hydra's "set, or add when absent", so a
-    valid key that params.yaml leaves to its default can be set too (validation catches unknown
-    keys). A malformed override is one line naming it."""
-    from dvc.exceptions import DvcException, InvalidArgumentError
-    from dvc.utils.hydra import apply_overrides
-
-    key, sep, _ = item.partition("=")
-    if not sep or not key.strip() or key.strip().startswith(("+", "~")):
-        raise PipelineError(f"override {item!r} is not of the form key=value (e.g. tokenizer.vocab_size=4096)")
-    try:
-        apply_overrides(params_path, [f"++{item.strip()}"])
-    except InvalidArgumentError as exc:  # DVC's wrapper of hydra's parse and composition errors
-        why = str(exc.__cause__ or exc).splitlines()[0]
-        raise PipelineError(
-            f"override {item!r} is malformed ({why}): write it as `dvc exp run -S` takes it, e.g. "
-            f"tokenizer.vocab_size=4096, data.files=[a.txt,b.txt], or a quoted string key='a: b'"
-        ) from None
-    except DvcException as exc:  # params.yaml itself: not YAML, not readable
-        raise PipelineError(f"override {item!r} could not be applied: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - e.g. omegaconf on `data.files.x=1` (a key into a list)
-        why = str(exc).splitlines()[0] if str(exc) else ""
-        raise PipelineError(f"override {item!r} could not be applied to {params_path} ({type(exc).__name__}: "
-                            f"{why}): check its key path against params.yaml") from None
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """`data` into `path` through a temporary file and a rename: an interruption leaves the old or
-    the new bytes, never a half-written params.yaml."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        shutil.copymode(path, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------- stage task
@@ -228,18 +117,19 @@ def retry_unless_deterministic(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def _stage_env(extra: Mapping[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
+    """The environment of the DVC processes the flow starts: this one's with telemetry off, this
+    interpreter's tools first on PATH, output unbuffered (streamed line by line), then `extra`."""
+    env = quiet_env(dict(os.environ))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(DO_NOT_TRACK="1", MLFLOW_DISABLE_TELEMETRY="true", DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
-    # A tracking server that stops answering mid-stage costs seconds, not MLflow's minutes of retries.
-    env.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    env.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    env["PYTHONUNBUFFERED"] = "1"
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        env.setdefault(key, value)
     env.update(extra)
     return env
 
 
 @task(name="stage")
-def run_stage(stage: str, root: str, force: bool, env: dict[str, str], known_hit: bool,
+def repro_stage(stage: str, root: str, force: bool, env: dict[str, str], known_hit: bool,
               timeout_s: float) -> dict[str, Any]:
     """One DVC stage: `dvc repro --single-item <stage>`, streamed to the run logger."""
     from lmforge.tracking import LOGGING_FAILED_MARKER
@@ -249,7 +139,7 @@ def run_stage(stage: str, root: str, force: bool, env: dict[str, str], known_hit
     if known_hit:
         logger.info("stage %s: dvc status says it is up to date: %s", stage, SKIPPED)
         return {"stage": stage, "status": SKIPPED, "seconds": time.perf_counter() - started, "logging_failed": None}
-    before = _dvc_lock_entry(Path(root), stage)
+    before = dvc_lock_entry(Path(root), stage)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["-f"] if force else [])
     logger.info("stage %s: %s", stage, " ".join(cmd[1:]))
     # Its own session: a signal or timeout stops DVC and the stage under it as one process group.
@@ -294,7 +184,7 @@ def run_stage(stage: str, root: str, force: bool, env: dict[str, str], known_hit
             f"earlier stages' outputs kept.\n--- last lines of its output ---\n{tail}"
         )
     hit = any(marker in line for line in lines for marker in CACHE_HIT_LINES) and not force
-    hit = hit or (not force and before is not None and before == _dvc_lock_entry(Path(root), stage))
+    hit = hit or (not force and before is not None and before == dvc_lock_entry(Path(root), stage))
     failed = next((line for line in lines if line.startswith(LOGGING_FAILED_MARKER)), None)
     if failed:
         logger.warning("stage %s finished, but its MLflow logging failed: %s", stage, failed)
@@ -342,67 +232,6 @@ def _stop_group(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> Non
         process.wait()
 
 
-# ------------------------------------------------------------------------------------- summary
-
-
-def _flat_numbers(data: Any, prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    if isinstance(data, Mapping):
-        for key, value in data.items():
-            out.update(_flat_numbers(value, f"{prefix}{key}."))
-    elif isinstance(data, (int, float)) and not isinstance(data, bool):
-        out[prefix.rstrip(".")] = data
-    return out
-
-
-def read_metrics(root: Path, metrics_files: Mapping[str, list[str]]) -> dict[str, dict[str, float]]:
-    """stage -> its metrics (the numbers in the metrics files dvc.yaml lists for it)."""
-    shown: dict[str, dict[str, float]] = {}
-    for stage, files in metrics_files.items():
-        values: dict[str, float] = {}
-        for name in files:
-            path = root / name
-            if path.is_file():
-                try:
-                    values.update(_flat_numbers(json.loads(path.read_text(encoding="utf-8"))))
-                except (json.JSONDecodeError, OSError):
-                    pass
-        shown[stage] = values
-    return shown
-
-
-def mlflow_run_url(run_id: str, experiment_id: str) -> str:
-    from lmforge.tracking import tracking_uri
-
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri.startswith(("http://", "https://")):
-        return redact(f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}")
-    return redact(f"{tracking_uri()} (local store: `mlflow ui --backend-store-uri {tracking_uri()}`)")
-
-
-def summary_markdown(results: list[dict[str, Any]], metrics: Mapping[str, Mapping[str, float]], run_id: str,
-                     url: str, overrides: list[str], outcome: str, experiment: str | None) -> str:
-    lines = [
-        f"# lmforge pipeline: {outcome}",
-        "",
-        f"MLflow run `pipeline`: `{run_id}` — {url}",
-        "",
-        f"Overrides: {', '.join(f'`{o}`' for o in overrides) if overrides else 'none'}"
-        + (f" (DVC experiment `{experiment}`)" if experiment else ""),
-        "",
-        "| stage | result | seconds |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} |" for r in results]
-    lines += ["", "## Metrics", ""]
-    for stage, values in metrics.items():
-        if values:
-            lines += [f"### {stage}", "", "| metric | value |", "|---|---|"]
-            lines += [f"| {key} | {value:.6g} |" for key, value in values.items()]
-            lines.append("")
-    return redact("\n".join(lines))  # the URL, the overrides and the outcome may all carry one
-
-
 # ---------------------------------------------------------------------------------------- flow
 
 
@@ -432,11 +261,9 @@ def _credentials_masked() -> Iterator[None]:
 
 def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, repo: Path,
                   stage_timeout_s: float) -> dict[str, Any]:
-    from prefect.artifacts import create_markdown_artifact
     from prefect.runtime import flow_run
 
-    from lmforge.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, check_tracking_server, end_pipeline_run, \
-        start_pipeline_run
+    from lmforge.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, PipelineRun, check_tracking_server
 
     logger = get_run_logger()
     # The flow logs its own, redacted, run URL; MLflow's "View run at" line would print the password.
@@ -454,21 +281,21 @@ def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, r
         logger.info("params.yaml overrides applied: %s", redact(", ".join(overrides)))
 
     flow_run_id = str(flow_run.id or "")
-    run_id, experiment_id = start_pipeline_run(repo, tags={
+    # Opening the run is not guarded: a store that cannot open it fails the flow here, before any stage.
+    run = PipelineRun.start(repo, tags={
         "lmforge.prefect_flow_run_id": flow_run_id, "lmforge.overrides": redact(json.dumps(overrides)),
         "lmforge.force": str(force),
     })
-    url = mlflow_run_url(run_id, experiment_id)
-    logger.info("MLflow run `pipeline` %s: %s", run_id, url)
-    env = {PARENT_RUN_ENV: run_id, FLOW_RUN_ENV: flow_run_id}
+    url = mlflow_run_url(run.run_id, run.experiment_id)
+    logger.info("MLflow run `pipeline` %s: %s", run.run_id, url)
+    env = {PARENT_RUN_ENV: run.run_id, FLOW_RUN_ENV: flow_run_id}
     results: list[dict[str, Any]] = []
     experiment = None
-    tracking: dict[str, str | None] = {"failed": None}  # the first failure of the flow's own MLflow calls
     try:
         changed = set(order) if force else dvc_changed(repo)
         upstream_ran = False
         for name in selected:
-            stage_task = run_stage.with_options(
+            stage_task = repro_stage.with_options(
                 name=name, task_run_name=name, retries=RETRIED_STAGES.get(name, 0),
                 retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_unless_deterministic,
                 timeout_seconds=stage_timeout_s + 120,
@@ -477,26 +304,24 @@ def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, r
             try:
                 result = stage_task(name, str(repo), force, env, known_hit, stage_timeout_s)
             except BaseException:
-                _tag(repo, run_id, {f"stage.{name}": "failed"}, tracking)
+                run.tag({f"stage.{name}": "failed"})
                 raise
             results.append(result)
             upstream_ran = upstream_ran or result["status"] == "ran"
-            _tag(repo, run_id, {f"stage.{name}": result["status"], f"stage.{name}.seconds": f"{result['seconds']:.2f}"},
-                 tracking)
+            run.tag({f"stage.{name}": result["status"], f"stage.{name}.seconds": f"{result['seconds']:.2f}"})
         if overrides:
-            experiment = _exp_save(repo, overrides, f"flow-{flow_run.name or flow_run_id[:8]}", logger)
+            experiment = exp_save(repo, overrides, f"flow-{flow_run.name or flow_run_id[:8]}", _stage_env({}), logger)
     except BaseException as exc:
         outcome = f"failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-        _publish(create_markdown_artifact, results, repo, metrics_files, run_id, url, overrides, outcome, experiment)
-        _end(end_pipeline_run, repo, run_id, "FAILED", tracking)
+        publish_summary(results, repo, metrics_files, run.run_id, url, overrides, outcome, experiment)
+        run.end("FAILED")
         raise
     failures = [r for r in results if r["logging_failed"]]
-    if tracking["failed"]:
-        failures.append({"stage": "pipeline (parent run)", "logging_failed": tracking["failed"]})
+    if run.failed:  # the flow's own MLflow calls: the first failure turned them off (PipelineRun)
+        failures.append({"stage": "pipeline (parent run)", "logging_failed": run.failure})
     outcome = "succeeded" if not failures else "stages done, MLflow logging failed"
-    metrics = _publish(create_markdown_artifact, results, repo, metrics_files, run_id, url, overrides, outcome,
-                       experiment)
-    _end(end_pipeline_run, repo, run_id, "FINISHED" if not failures else "FAILED", tracking)
+    metrics = publish_summary(results, repo, metrics_files, run.run_id, url, overrides, outcome, experiment)
+    run.end("FINISHED" if not failures else "FAILED")
     if failures:
         uri = os.environ.get("MLFLOW_TRACKING_URI", "(local store)")
         raise PipelineError(
@@ -504,67 +329,8 @@ def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, r
             f"(MLFLOW_TRACKING_URI={uri}); their outputs are on disk and in dvc.lock:\n"
             + "\n".join(r["logging_failed"] for r in failures)
         )
-    return {"mlflow_run_id": run_id, "mlflow_url": url, "stages": results, "metrics": metrics,
+    return {"mlflow_run_id": run.run_id, "mlflow_url": url, "stages": results, "metrics": metrics,
             "experiment": experiment}
-
-
-def _tracking_failed(tracking: dict[str, str | None], what: str, exc: Exception) -> None:
-    """Remember the first failure of the flow's own MLflow calls: later ones are skipped (no
-    minutes of retries per call against a server that is gone); the flow reports it at the end."""
-    from lmforge.tracking import LOGGING_FAILED_MARKER
-
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "(local store)")
-    tracking["failed"] = redact(f"{LOGGING_FAILED_MARKER}: {what}: {str(exc).splitlines()[0] if str(exc) else exc!r} "
-                                f"(MLFLOW_TRACKING_URI={uri})")
-    get_run_logger().warning(tracking["failed"])
-
-
-def _tag(repo: Path, run_id: str, tags: Mapping[str, str], tracking: dict[str, str | None]) -> None:
-    from mlflow.tracking import MlflowClient
-
-    from lmforge.tracking import tracking_uri
-
-    if tracking["failed"]:
-        return
-    try:
-        client = MlflowClient(tracking_uri(repo))
-        for key, value in tags.items():
-            client.set_tag(run_id, key, value)
-    except Exception as exc:  # noqa: BLE001 - a tracking outage must not stop the stages
-        _tracking_failed(tracking, "tagging the pipeline run", exc)
-
-
-def _end(end_pipeline_run: Any, repo: Path, run_id: str, status: str, tracking: dict[str, str | None]) -> None:
-    if tracking["failed"]:
-        return
-    try:
-        end_pipeline_run(repo, run_id, status)
-    except Exception as exc:  # noqa: BLE001
-        _tracking_failed(tracking, "closing the pipeline run", exc)
-
-
-def _publish(create: Any, results: list[dict[str, Any]], repo: Path, metrics_files: Mapping[str, list[str]],
-             run_id: str, url: str, overrides: list[str], outcome: str, experiment: str | None) -> dict:
-    metrics = read_metrics(repo, metrics_files)
-    try:
-        create(markdown=summary_markdown(results, metrics, run_id, url, overrides, outcome, experiment),
-               key=SUMMARY_KEY, description=redact(f"lmforge pipeline: {outcome}"))
-    except Exception as exc:  # noqa: BLE001 - a lost summary must not hide the run's own outcome or error
-        get_run_logger().warning("summary artifact %s not published: %s", SUMMARY_KEY, redact(str(exc)))
-    return metrics
-
-
-def _exp_save(repo: Path, overrides: list[str], name: str, logger: Any) -> str | None:
-    """Record the workspace (params with the overrides, dvc.lock, outputs) as the DVC experiment
-    `name` (`dvc exp save`; it then shows in `dvc exp show`)."""
-    result = subprocess.run([sys.executable, "-m", "dvc", "exp", "save", "-n", name], cwd=repo,
-                            env=_stage_env({}), capture_output=True, text=True)
-    if result.returncode != 0:
-        logger.warning("dvc exp save failed (the run is done; params.yaml keeps the overrides): %s",
-                       redact(" ".join((result.stderr or result.stdout).strip().splitlines()[-1:])))
-        return None
-    logger.info("overrides %s recorded as DVC experiment %s (dvc exp show)", redact(str(overrides)), name)
-    return name
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -573,17 +339,7 @@ def _exp_save(repo: Path, overrides: list[str], name: str, logger: Any) -> str |
 def check_prefect_api(timeout: float = 5.0) -> str | None:
     """None when PREFECT_API_URL is unset (temporary local server) or answers; else why not."""
     url = os.environ.get("PREFECT_API_URL")
-    if not url:
-        return None
-    import httpx
-
-    try:
-        response = httpx.get(url.rstrip("/") + "/health", timeout=timeout)
-    except httpx.HTTPError as exc:
-        return f"the Prefect server at PREFECT_API_URL={redact(url)} does not answer ({type(exc).__name__})"
-    if response.status_code != 200:
-        return f"the Prefect server at PREFECT_API_URL={redact(url)} answered HTTP {response.status_code} on /health"
-    return None
+    return check_health(url, "the Prefect server", "PREFECT_API_URL", timeout) if url else None
 
 
 def nightly_deployment(cron: str, root: str | None = None) -> Any:
@@ -606,10 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     serve_p = sub.add_parser("serve", help=f"serve the deployment `{DEPLOYMENT_NAME}` on a cron schedule")
     serve_p.add_argument("--cron", default="0 3 * * *", help='cron schedule (default "0 3 * * *")')
     args = parser.parse_args(argv)
-    for key, value in (("DO_NOT_TRACK", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                       ("MLFLOW_DISABLE_TELEMETRY", "true"), ("DVC_NO_ANALYTICS", "1"),
-                       # a tracking server gone mid-run costs seconds, not MLflow's minutes of retries
-                       ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+    quiet_env()
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     problem = check_prefect_api()
     if problem:

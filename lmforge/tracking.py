@@ -41,7 +41,9 @@ LOGGING_FAILED_MARKER = "[lmforge] mlflow logging failed"
 # A stage probes its store once, briefly; a server that dies later costs seconds per call, not
 # MLflow's default minutes of retries (setdefault: the environment may ask for more patience).
 PROBE_TIMEOUT_S = 3.0
-HTTP_CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+HTTP_CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                        # MLflow prints "View run at <URI>" with any credential in it; we log our own, redacted
+                        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
@@ -451,38 +453,59 @@ def check_tracking_server(timeout: float = PROBE_TIMEOUT_S) -> str | None:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):
         return None
-    import requests
+    from lmforge.health import check_health
 
-    try:
-        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
-    except requests.exceptions.RequestException as exc:
-        return f"the MLflow tracking server at MLFLOW_TRACKING_URI={redact(uri)} does not answer ({type(exc).__name__})"
-    if response.status_code != 200:
-        return (f"the MLflow tracking server at MLFLOW_TRACKING_URI={redact(uri)} answered HTTP "
-                f"{response.status_code} on /health")
-    return None
+    return check_health(uri, "the MLflow tracking server", "MLFLOW_TRACKING_URI", timeout)
 
 
-def start_pipeline_run(root: Path, tags: Mapping[str, str] | None = None) -> tuple[str, str]:
-    """Open the parent run `pipeline` (experiment `lmforge`) that the stages' runs nest under;
-    returns (run id, experiment id). Closed with `end_pipeline_run`."""
-    from mlflow.tracking import MlflowClient
+class PipelineRun:
+    """The parent run `pipeline` (experiment `lmforge`) that the Prefect flow opens and the stages'
+    runs nest under. Guarded like StageRun: the first tracking failure warns once and turns its
+    logging off (the stages go on); `failure` keeps that warning's line for the flow's last word."""
 
-    root = root.resolve()
-    experiment_id = _ensure_experiment(root)
-    client = MlflowClient(tracking_uri(root))
-    run = client.create_run(
-        experiment_id, run_name="pipeline",
-        tags={"lmforge.stage": "pipeline", "mlflow.source.git.commit": git_commit(root), **_process_tags(),
-              **(tags or {})},
-    )
-    return run.info.run_id, experiment_id
+    def __init__(self, root: Path, run_id: str, experiment_id: str) -> None:
+        self.root = root.resolve()
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.failed = False
+        self.failure: str | None = None
 
+    @classmethod
+    def start(cls, root: Path, tags: Mapping[str, str] | None = None) -> PipelineRun:
+        """Open the run (not guarded: a store that cannot open it fails the caller)."""
+        from mlflow.tracking import MlflowClient
 
-def end_pipeline_run(root: Path, run_id: str, status: str, tags: Mapping[str, str] | None = None) -> None:
-    from mlflow.tracking import MlflowClient
+        root = root.resolve()
+        experiment_id = _ensure_experiment(root)
+        run = MlflowClient(tracking_uri(root)).create_run(
+            experiment_id, run_name="pipeline",
+            tags={"lmforge.stage": "pipeline", "mlflow.source.git.commit": git_commit(root), **_process_tags(),
+                  **(tags or {})},
+        )
+        return cls(root, run.info.run_id, experiment_id)
 
-    client = MlflowClient(tracking_uri(root.resolve()))
-    for key, value in (tags or {}).items():
-        client.set_tag(run_id, key, value)
-    client.set_terminated(run_id, status)
+    @_guarded
+    def tag(self, tags: Mapping[str, str]) -> None:
+        with self._noted("tagging the pipeline run"):
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri(self.root))
+            for key, value in tags.items():
+                client.set_tag(self.run_id, key, value)
+
+    @_guarded
+    def end(self, status: str) -> None:
+        with self._noted("closing the pipeline run"):
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri(self.root)).set_terminated(self.run_id, status)
+
+    @contextmanager
+    def _noted(self, what: str) -> Iterator[None]:
+        """Keep the line of a failure of `what` (the guard around it reports it and turns logging off)."""
+        try:
+            yield
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            self.failure = redact(f"{LOGGING_FAILED_MARKER}: {what}: {first} ({store_label(self.root)})")
+            raise

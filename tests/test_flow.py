@@ -20,7 +20,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import FLOW_NAME, SKIPPED, SUMMARY_KEY, check_prefect_api, dvc_stages, pipeline
+from flows.dvc_repo import dvc_stages
+from flows.pipeline import FLOW_NAME, SKIPPED, check_prefect_api, pipeline
+from flows.summary import SUMMARY_KEY
 from lmforge.launch import command
 from lmforge.params import DataParams
 from lmforge.tracking import LOGGING_FAILED_MARKER, check_tracking_server, stage_run

@@ -19,8 +19,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 import flows.pipeline as pipeline_module
-from flows.pipeline import SUMMARY_KEY, PipelineError, _credentials_masked, apply_param_overrides, \
-    check_prefect_api, main
+from flows.dvc_repo import apply_param_overrides
+from flows.errors import PipelineError
+from flows.pipeline import _credentials_masked, check_prefect_api, main
+from flows.summary import SUMMARY_KEY
 from lmforge.redact import MASK
 
 from conftest import REPO, run, tiny_params, tool_env
