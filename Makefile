@@ -10,12 +10,8 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Quiet and offline: no telemetry from DVC, MLflow, Prefect or Hugging Face.
-export DO_NOT_TRACK := 1
-export MLFLOW_DISABLE_TELEMETRY := true
-export DVC_NO_ANALYTICS := 1
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export HF_HUB_DISABLE_TELEMETRY := 1
+# Telemetry is off in every process that imports lmforge (lmforge.quiet_env) and in DVC's own
+# (.dvc/config core.analytics false); pip stays quiet too.
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # DVC stages call `python -m stages.<name>`: make that the venv's python.
 export PATH := $(BIN):$(PATH)

@@ -79,7 +79,8 @@ def worker_ours(args: argparse.Namespace) -> dict:
     from lmforge.data.shards import ShardReader
     from lmforge.model import Transformer, build_config
     from lmforge.parallelize import DistInfo, apply_compile
-    from lmforge.trainer import Trainer, TrainConfig
+    from lmforge.params import TrainerParams
+    from lmforge.trainer import PackedRows, Trainer
 
     torch.manual_seed(1337)
     train = ShardReader(args.shards, "train", verify="size")
@@ -92,7 +93,7 @@ def worker_ours(args: argparse.Namespace) -> dict:
         apply_compile(model)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
     total = args.warmup + args.steps
-    cfg = TrainConfig(
+    cfg = TrainerParams(
         max_steps=total, micro_batch_size=args.batch_size, grad_accum_steps=1, precision="fp32",
         eval_every=0, checkpoint_every=0, resume="never", progress=False, warmup_steps=2,
     )
@@ -103,10 +104,10 @@ def worker_ours(args: argparse.Namespace) -> dict:
     def on_metrics(step: int, metrics: dict) -> None:
         stamps.append(time.perf_counter())
         reported.append(float(metrics["tokens_per_s"]))
-        losses.append(float(metrics["loss"]))
+        losses.append(float(metrics["train_loss"]))
 
     # val_data=None: no evaluation at all; checkpoint_dir=None: no checkpoint, even at the end.
-    trainer = Trainer(model, cfg, train, None, dist_info=info, checkpoint_dir=None, on_metrics=on_metrics)
+    trainer = Trainer(model, cfg, PackedRows(train), dist_info=info, checkpoint_dir=None, on_metrics=on_metrics)
     t_start = time.perf_counter()
     trainer.fit()
     # Step k's loop time: from step k-1's callback to step k's (the whole loop body, like nanoGPT's).

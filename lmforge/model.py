@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.presets import PRESETS as PRESET_SHAPES
 
 IGNORE_INDEX = -100
 
@@ -96,19 +97,7 @@ class ModelConfig:
             )
 
 
-PRESETS: dict[str, ModelConfig] = {
-    # A few hundred thousand params: the CPU default for tests and the built-in corpus.
-    "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, max_seq_len=256),
-    # nanoGPT's "small CPU" shape.
-    "small": ModelConfig(dim=256, n_layers=4, n_heads=4, max_seq_len=256),
-    "124m": ModelConfig(dim=768, n_layers=12, n_heads=12, max_seq_len=1024, multiple_of=256),
-    "350m": ModelConfig(dim=1024, n_layers=24, n_heads=16, max_seq_len=1024, multiple_of=256),
-    # Llama-3.2-1B's shape (GQA 32/8, FFN 8192).
-    "1b": ModelConfig(
-        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5,
-        multiple_of=256, max_seq_len=2048, rope_theta=500000.0,
-    ),
-}
+PRESETS: dict[str, ModelConfig] = {name: ModelConfig(**shape) for name, shape in PRESET_SHAPES.items()}
 
 
 def build_config(preset: str, **overrides: Any) -> ModelConfig:

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmforge.errors import LmforgeError
+from lmforge.presets import PRESETS
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 # Longest context a row may hold: far beyond any preset, and still an int32 index everywhere.
@@ -39,7 +40,7 @@ class DataParams(Section):
     """`ingest`: where documents come from and how the train/val split is drawn."""
 
     source: Literal["builtin", "files", "hf"] = "builtin"
-    files: list[str] = []
+    files: list[str] = ["data/corpus/**/*.txt"]
     text_field: str = "text"
     # None: one document per .txt file; otherwise the string that separates documents.
     txt_separator: str | None = None
@@ -121,7 +122,7 @@ class ModelParams(Section):
     vocab_size and max_seq_len are not here: they come from the tokenizer (vocab size, seq_len).
     """
 
-    preset: Literal["tiny", "small", "124m", "350m", "1b"] = "tiny"
+    preset: str = "small"  # a name in lmforge.presets.PRESETS
     dim: int | None = Field(None, gt=0)
     n_layers: int | None = Field(None, gt=0)
     n_heads: int | None = Field(None, gt=0)
@@ -132,33 +133,42 @@ class ModelParams(Section):
     norm_eps: float | None = Field(None, gt=0)
     tie_embeddings: bool | None = None
 
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}: choose one of {', '.join(PRESETS)}")
+        return value
+
     def overrides(self) -> dict[str, Any]:
         """The fields set here, to pass to lmforge.model.build_config(preset, **overrides)."""
         return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
 
 
 class TrainerParams(Section):
-    """The knobs of the one training loop (lmforge.trainer.TrainConfig has the same names), shared
-    by `pretrain` and `finetune` (each redeclares the defaults that suit it)."""
+    """The knobs of the one training loop (lmforge.trainer.Trainer reads them as they are), shared by
+    `pretrain` and `finetune`. Each knob is declared once, here, with pretraining's default;
+    `finetune` redeclares only the defaults that differ. params.yaml states the same values
+    (tests/test_params.py holds them equal)."""
 
     section: ClassVar[str] = "trainer"
 
-    max_steps: int = Field(200, gt=0)
+    max_steps: int = Field(240, gt=0)
     # Optional token budget; training stops at whichever of max_steps / max_tokens comes first.
     max_tokens: int | None = Field(None, gt=0)
     micro_batch_size: int = Field(16, gt=0)
     grad_accum_steps: int = Field(1, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    min_lr: float = Field(1e-4, ge=0)
-    warmup_steps: int = Field(20, ge=0)
+    lr: float = Field(2e-3, gt=0)
+    min_lr: float = Field(2e-4, ge=0)
+    warmup_steps: int = Field(24, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)
     precision: Literal["bf16", "fp16", "fp32"] = "fp32"
-    eval_every: int = Field(50, ge=0)
+    eval_every: int = Field(40, ge=0)  # 0: only at the end
     eval_batches: int = Field(8, gt=0)
-    checkpoint_every: int = Field(50, ge=0)
+    checkpoint_every: int = Field(40, ge=0)  # 0: only at the end
     keep_checkpoints: int = Field(2, gt=0)
     resume: Literal["auto", "never"] = "auto"
     seed: int = 1337
@@ -170,13 +180,9 @@ class TrainerParams(Section):
             raise ValueError(f"{self.section}.min_lr {self.min_lr} is above {self.section}.lr {self.lr}")
         return self
 
-    def train_config_fields(self) -> dict[str, Any]:
-        """Keyword arguments for lmforge.trainer.TrainConfig."""
-        return self.model_dump(include=set(TrainerParams.model_fields))
-
 
 class PretrainParams(TrainerParams):
-    """`pretrain`: the training loop (lmforge.trainer.TrainConfig has the same names) and parallelism."""
+    """`pretrain`: the training loop's knobs (TrainerParams) and parallelism."""
 
     section: ClassVar[str] = "pretrain"
 
@@ -230,15 +236,14 @@ class FinetuneParams(TrainerParams):
     patience: int = Field(0, ge=0)  # evals without improvement before stopping; 0: never stop early
     lora: LoraParams = LoraParams()
 
-    max_steps: int = Field(150, gt=0)
+    max_steps: int = Field(120, gt=0)
     micro_batch_size: int = Field(32, gt=0)
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.01, ge=0)
-    eval_every: int = Field(25, ge=0)
+    eval_every: int = Field(20, ge=0)
     eval_batches: int = Field(50, gt=0)
-    checkpoint_every: int = Field(50, ge=0)
 
     @model_validator(mode="after")
     def _task_fits_method(self) -> FinetuneParams:
@@ -251,11 +256,10 @@ class FinetuneParams(TrainerParams):
             raise ValueError("finetune.early_stopping_metric 'val_accuracy' is for task classify: use 'val_loss'")
         return self
 
-    def train_config_fields(self) -> dict[str, Any]:
-        """TrainConfig keywords, with the early-stopping metric, its direction and the patience."""
-        mode = "max" if self.early_stopping_metric == "val_accuracy" else "min"
-        return {**super().train_config_fields(), "best_metric": self.early_stopping_metric,
-                "best_mode": mode, "patience": self.patience}
+    @property
+    def early_stopping_mode(self) -> Literal["min", "max"]:
+        """Whether lower (loss) or higher (accuracy) is better for early_stopping_metric."""
+        return "max" if self.early_stopping_metric == "val_accuracy" else "min"
 
 
 class TasksParams(Section):

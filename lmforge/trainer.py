@@ -1,9 +1,10 @@
-"""The one training loop (pretraining and fine-tuning): precision, accumulation, LR schedule, eval, metrics,
-early stopping on a validation metric with the best weights kept.
+"""The one training loop (pretraining and fine-tuning): precision, accumulation, LR schedule, eval,
+metrics, checkpoints and exact resume; early stopping is a pluggable piece of state (lmforge.early_stopping).
 
-The objective (`loss_fn`), the batch builder (`collate`), extra validation metrics (`eval_fn`) and the
-metrics sink (`on_metrics`) are pluggable. Rows are packed token arrays by default (pretraining); with
-`seq_len=` given they may be anything `collate` understands (fine-tuning examples).
+Two kinds of data, named: `PackedRows` (pretraining: rows of seq_len + 1 token ids) and `Examples`
+(fine-tuning: anything its `collate` batches, at most `max_tokens` tokens each). The objective
+(`loss_fn`), extra validation metrics (`eval_fn`) and the metrics sink (`on_metrics`) are pluggable.
+The knobs are the typed params (lmforge.params.TrainerParams): no second set of defaults here.
 """
 
 from __future__ import annotations
@@ -11,13 +12,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import resource
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,10 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.checkpoint import CheckpointManager
+from lmforge.early_stopping import EarlyStopping
 from lmforge.errors import LmforgeError
 from lmforge.model import IGNORE_INDEX
 from lmforge.parallelize import DistInfo, init_distributed
+from lmforge.params import TrainerParams
 from lmforge.runs import MARKER as RUN_MARKER, run_nonce
+from lmforge.throughput import mfu, peak_flops, peak_memory_mib
 
 log = logging.getLogger(__name__)
 
@@ -42,59 +44,11 @@ MetricsCallback = Callable[[int, dict[str, float | None]], None]
 # the metric is numerator / denominator (e.g. {"val_accuracy": (correct, examples)}).
 EvalFn = Callable[[nn.Module, Batch], dict[str, tuple[torch.Tensor | float, torch.Tensor | float]]]
 
-# Dense bf16 tensor-core peak FLOP/s per device, matched by substring of torch.cuda.get_device_name().
-PEAK_FLOPS: dict[str, float] = {
-    "H200": 989e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "A10G": 125e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "V100": 125e12,
-    "T4": 65e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-}
-
-
 class RowDataset(Protocol):
     """Rows of packed token ids: `__getitem__(i)` is an int array of length seq_len + 1."""
 
     def __len__(self) -> int: ...
     def __getitem__(self, i: int) -> Any: ...
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Knobs of the loop; field names match `lmforge.params.PretrainParams` (minus the parallelize ones)."""
-
-    max_steps: int = 200
-    # Optional token budget: training stops at whichever of max_steps / max_tokens comes first.
-    max_tokens: int | None = None
-    micro_batch_size: int = 16
-    grad_accum_steps: int = 1
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping (the norm is still reported)
-    precision: Literal["bf16", "fp16", "fp32"] = "fp32"
-    eval_every: int = 50  # 0: only at the end
-    eval_batches: int = 8
-    checkpoint_every: int = 50  # 0: only at the end
-    keep_checkpoints: int = 2
-    resume: Literal["auto", "never"] = "auto"
-    seed: int = 1337
-    progress: bool = True
-    # Early stopping / best weights: a validation metric name (val_loss or one of eval_fn's), whether
-    # lower ("min") or higher ("max") is better, and how many evals without improvement end the run
-    # (0: never stop early). With best_metric set, fit() ends with the best weights loaded.
-    best_metric: str | None = None
-    best_mode: Literal["min", "max"] = "min"
-    patience: int = 0
 
 
 @dataclass
@@ -128,7 +82,27 @@ def lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]
     return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+@dataclass(frozen=True)
+class PackedRows:
+    """Pretraining data: rows of seq_len + 1 token ids, documents packed end to end."""
+
+    train: RowDataset
+    val: RowDataset | None = None
+    collate: Collate = lm_collate
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Fine-tuning data: examples of any form that `collate` batches, at most `max_tokens` tokens
+    each (it sizes the loss-scaling hint, the token budget and the FLOPs estimate)."""
+
+    train: Sequence[Any]
+    val: Sequence[Any] | None
+    collate: Collate
+    max_tokens: int
+
+
+def lr_at(step: int, cfg: TrainerParams, total_steps: int) -> float:
     """Multiplier of cfg.lr after `step` optimizer steps: linear warmup, then cosine to min_lr."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -165,31 +139,8 @@ class RowSampler:
         return out
 
 
-def peak_flops(device: torch.device) -> tuple[float | None, str]:
-    """(peak FLOP/s, device name); None when the device is not in PEAK_FLOPS (CPUs never are)."""
-    if device.type != "cuda":
-        return None, "CPU"
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_FLOPS.items():
-        if key in name:
-            return value, name
-    return None, name
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes.
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 class Trainer:
-    """Runs `config.max_steps` optimizer steps of `loss_fn` over `train_data`, resuming from checkpoints.
+    """Runs `config.max_steps` optimizer steps of `loss_fn` over `data.train`, resuming from checkpoints.
 
     `model` is already on `dist_info.device` and already parallelized (apply_fsdp etc.), or plain.
     """
@@ -197,33 +148,29 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        config: TrainConfig,
-        train_data: RowDataset,
-        val_data: RowDataset | None = None,
+        config: TrainerParams,
+        data: PackedRows | Examples,
         *,
         dist_info: DistInfo | None = None,
         checkpoint_dir: str | Path | None = None,
         loss_fn: LossFn = lm_loss,
-        collate: Collate = lm_collate,
         on_metrics: MetricsCallback | None = None,
         flops_per_token: float | None = None,
         eval_fn: EvalFn | None = None,
-        seq_len: int | None = None,
+        early_stopping: EarlyStopping | None = None,
     ) -> None:
-        """`seq_len`: the (maximum) tokens per example when rows are not packed arrays (fine-tuning);
-        it sizes the loss-scaling hint, the token budget and the FLOPs estimate."""
-        self.model, self.cfg = model, config
+        self.model, self.cfg, self.data = model, config, data
         self.dist = dist_info or init_distributed()
         self.device = self.dist.device
-        self.train_data, self.val_data = train_data, val_data
-        self.loss_fn, self.collate, self.on_metrics, self.eval_fn = loss_fn, collate, on_metrics, eval_fn
-        self._seq_len_given = seq_len
-        self._check_config(checkpoint_dir)
+        self.train_data, self.val_data, self.collate = data.train, data.val, data.collate
+        self.loss_fn, self.on_metrics, self.eval_fn = loss_fn, on_metrics, eval_fn
+        self.early_stopping = early_stopping
+        self._check_setup(checkpoint_dir)
         self.seq_len = self._check_data()
         self.rows_per_step = config.micro_batch_size * config.grad_accum_steps * self.dist.world_size
-        if len(train_data) < self.rows_per_step:
+        if len(self.train_data) < self.rows_per_step:
             raise LmforgeError(
-                f"the training data has {len(train_data)} rows but one optimizer step needs "
+                f"the training data has {len(self.train_data)} rows but one optimizer step needs "
                 f"{self.rows_per_step} (micro_batch_size {config.micro_batch_size} x grad_accum_steps "
                 f"{config.grad_accum_steps} x {self.dist.world_size} processes): lower those, use fewer "
                 "processes (nproc), or add data"
@@ -231,10 +178,10 @@ class Trainer:
         self.total_steps = config.max_steps
         if config.max_tokens is not None:
             self.total_steps = min(self.total_steps, math.ceil(config.max_tokens / (self.rows_per_step * self.seq_len)))
-        if flops_per_token is None and hasattr(_unwrap(model), "config"):
-            flops_per_token = _unwrap(model).config.flops_per_token(self.seq_len)
+        if flops_per_token is None and hasattr(model, "config"):
+            flops_per_token = model.config.flops_per_token(self.seq_len)
         self.flops_per_token = flops_per_token
-        self.sampler = RowSampler(len(train_data), config.seed)
+        self.sampler = RowSampler(len(self.train_data), config.seed)
         self.data_position = 0
         self.step = 0
         self.optimizer = self._build_optimizer()
@@ -244,15 +191,8 @@ class Trainer:
         self.scaler = self._build_scaler()
         owner = run_nonce(Path(checkpoint_dir)) if checkpoint_dir else None
         self.checkpoints = CheckpointManager(checkpoint_dir, config.keep_checkpoints, owner) if checkpoint_dir else None
-        # The best weights so far live in memory (trainable parameters only; one process) and, with a
-        # checkpoint dir, in `<checkpoint_dir>/best` so that a resumed (or FSDP) run still ends with them.
-        self.best_checkpoints = CheckpointManager(Path(checkpoint_dir) / "best", 1, owner) if checkpoint_dir else None
-        self.best_value: float | None = None
-        self.best_step: int | None = None
-        self.best_metrics: dict[str, float] = {}
-        self.bad_evals = 0
-        self.stopped_early = False
-        self._best_state: dict[str, torch.Tensor] | None = None
+        if early_stopping is not None and checkpoint_dir:
+            early_stopping.checkpoints = CheckpointManager(Path(checkpoint_dir) / "best", 1, owner)
         self._mfu_note_done = False
         # The last step's figures, checkpointed: a run resumed after it finished reports them again.
         self.train_loss: float | None = None
@@ -261,38 +201,26 @@ class Trainer:
         marker = Path(checkpoint_dir) / RUN_MARKER if checkpoint_dir else None
         self._run_marker = marker if marker is not None and marker.is_file() else None
 
-    # --- setup ---------------------------------------------------------------------------------
+    # --- setup (the knobs themselves were checked when the params loaded) ------------------------
 
-    def _check_config(self, checkpoint_dir: str | Path | None = None) -> None:
-        cfg = self.cfg
-        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches"):
-            if getattr(cfg, name) < 1:
-                raise LmforgeError(f"{name} must be >= 1 (got {getattr(cfg, name)})")
-        if cfg.precision not in ("bf16", "fp16", "fp32"):
-            raise LmforgeError(f"precision {cfg.precision!r} is not one of bf16, fp16, fp32")
-        if cfg.resume not in ("auto", "never"):
-            raise LmforgeError(f"resume {cfg.resume!r} is not one of auto, never")
-        if cfg.best_mode not in ("min", "max"):
-            raise LmforgeError(f"best_mode {cfg.best_mode!r} is not one of min, max")
-        if cfg.patience < 0:
-            raise LmforgeError(f"patience must be >= 0 (got {cfg.patience})")
-        if cfg.best_metric is not None and self.val_data is None:
-            raise LmforgeError(f"early stopping on {cfg.best_metric!r} needs validation data: pass val_data")
-        if cfg.best_metric is not None and self.dist.distributed and checkpoint_dir is None:
+    def _check_setup(self, checkpoint_dir: str | Path | None) -> None:
+        if self.early_stopping is not None and self.val_data is None:
+            raise LmforgeError(f"early stopping on {self.early_stopping.metric!r} needs validation data")
+        if self.early_stopping is not None and self.dist.distributed and checkpoint_dir is None:
             raise LmforgeError("keeping the best weights across processes needs a checkpoint_dir (its best/ copy)")
 
     def _check_data(self) -> int:
         if len(self.train_data) == 0:
             raise LmforgeError("the training data has no rows: check the tokenize stage's output")
-        if self._seq_len_given is not None:  # examples of any form; the caller checked them
-            if self._seq_len_given < 1:
-                raise LmforgeError(f"seq_len must be >= 1 (got {self._seq_len_given})")
-            return int(self._seq_len_given)
+        if isinstance(self.data, Examples):  # examples of any form; the caller checked them
+            if self.data.max_tokens < 1:
+                raise LmforgeError(f"max_tokens per example must be >= 1 (got {self.data.max_tokens})")
+            return int(self.data.max_tokens)
         first = np.asarray(self.train_data[0])
         if first.ndim != 1 or first.shape[0] < 2:
             raise LmforgeError(f"a training row must be a 1-D array of seq_len + 1 ids (got shape {first.shape})")
         seq_len = first.shape[0] - 1
-        model_cfg = getattr(_unwrap(self.model), "config", None)
+        model_cfg = getattr(self.model, "config", None)
         if model_cfg is not None:
             if seq_len > model_cfg.max_seq_len:
                 raise LmforgeError(
@@ -369,13 +297,10 @@ class Trainer:
 
     # --- one optimizer step --------------------------------------------------------------------
 
-    def _grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+    def _grad_sync(self, enabled: bool) -> None:
+        """FSDP2 reduces gradients only on the last micro-step of an accumulation."""
+        if hasattr(self.model, "set_requires_gradient_sync"):
             self.model.set_requires_gradient_sync(enabled)
-            return contextlib.nullcontext()
-        if isinstance(self.model, nn.parallel.DistributedDataParallel) and not enabled:
-            return self.model.no_sync()
-        return contextlib.nullcontext()
 
     def _all_reduce_sum(self, values: list[float | torch.Tensor]) -> list[float]:
         t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in values])
@@ -398,11 +323,11 @@ class Trainer:
         tokens_local = torch.zeros((), dtype=torch.float64, device=self.device)
         try:
             for m, batch in enumerate(batches):
-                with self._grad_sync(m == len(batches) - 1):
-                    with self.autocast():
-                        loss_sum, n_tokens = self.loss_fn(self.model, batch)
-                    scaled = loss_sum / hint
-                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                self._grad_sync(m == len(batches) - 1)
+                with self.autocast():
+                    loss_sum, n_tokens = self.loss_fn(self.model, batch)
+                scaled = loss_sum / hint
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 loss_total += loss_sum.detach().double()
                 tokens_local += torch.as_tensor(n_tokens, device=self.device).double()
         except torch.OutOfMemoryError as exc:
@@ -416,7 +341,7 @@ class Trainer:
             raise LmforgeError("an optimizer step had no target tokens: every target is ignored (-100)")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        # FSDP/DDP average grads over ranks; undo that and divide by the global token count instead.
+        # FSDP averages grads over ranks; undo that and divide by the global token count instead.
         factor = hint * self.dist.world_size / tokens_all
         if factor != 1.0:
             for p in self.model.parameters():
@@ -466,62 +391,6 @@ class Trainer:
             out[name] = reduced[2 + 2 * i] / max(reduced[3 + 2 * i], 1e-12)
         return out
 
-    # --- best weights and early stopping -------------------------------------------------------
-
-    def _improved(self, value: float) -> bool:
-        if self.best_value is None:
-            return True
-        return value < self.best_value if self.cfg.best_mode == "min" else value > self.best_value
-
-    def _track_best(self, val: dict[str, float]) -> None:
-        """After an eval: keep the best weights, count evals without improvement, decide to stop.
-
-        The metric is already all-reduced; the stop decision is still broadcast from rank 0 so every
-        rank leaves the loop at the same step (no collective left waiting).
-        """
-        name = self.cfg.best_metric
-        if name is None:
-            return
-        if name not in val:
-            raise LmforgeError(f"best_metric {name!r} is not among the validation metrics {sorted(val)}")
-        value = float(val[name])
-        if math.isfinite(value) and self._improved(value):
-            self.best_value, self.best_step, self.best_metrics = value, self.step, dict(val)
-            self.bad_evals = 0
-            # Under FSDP some parameters may be unsharded right after an eval forward: there the
-            # best weights come back from the DCP copy in <checkpoint_dir>/best instead.
-            self._best_state = None if self.dist.distributed else {
-                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
-            }
-            if self.best_checkpoints is not None:
-                self.best_checkpoints.save(self.step, self.model, self.optimizer, self._extra_state())
-        else:
-            self.bad_evals += 1
-        stop = torch.tensor(
-            [1.0 if self.cfg.patience and self.bad_evals >= self.cfg.patience else 0.0], device=self.device
-        )
-        if self.dist.distributed:
-            dist.broadcast(stop, src=0)
-        self.stopped_early = bool(stop.item())
-
-    @torch.no_grad()
-    def restore_best(self) -> int | None:
-        """Load the best weights seen (memory, else `<checkpoint_dir>/best`); returns their step."""
-        if self.best_step is None:
-            return None
-        if self._best_state is not None:
-            for name, p in self.model.named_parameters():
-                if name in self._best_state:
-                    p.copy_(self._best_state[name])
-        elif self.best_checkpoints is not None and self.best_checkpoints.latest() is not None:
-            self.best_checkpoints.load(self.model, None)
-        else:
-            raise LmforgeError(
-                f"the best weights (step {self.best_step}) are gone: {self.best_checkpoints and self.best_checkpoints.root} "
-                "is missing; delete the checkpoints to train again"
-            )
-        return self.best_step
-
     # --- checkpoints ---------------------------------------------------------------------------
 
     def _extra_state(self) -> dict[str, Any]:
@@ -534,9 +403,8 @@ class Trainer:
             "world_size": self.dist.world_size,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "train_config": asdict(self.cfg),
-            "best": {"value": self.best_value, "step": self.best_step, "metrics": self.best_metrics,
-                     "bad_evals": self.bad_evals, "stopped_early": self.stopped_early},
+            "train_config": self.cfg.model_dump(mode="json"),
+            "best": self.early_stopping.state_dict() if self.early_stopping is not None else None,
             "last": {"train_loss": self.train_loss, "val": self.val},
         }
 
@@ -558,11 +426,8 @@ class Trainer:
         self.scheduler.load_state_dict(extra["scheduler"])
         if self.scaler is not None and extra.get("scaler"):
             self.scaler.load_state_dict(extra["scaler"])
-        best = extra.get("best") or {}
-        self.best_value, self.best_step = best.get("value"), best.get("step")
-        self.best_metrics = best.get("metrics") or {}
-        self.bad_evals = int(best.get("bad_evals") or 0)
-        self.stopped_early = bool(best.get("stopped_early"))
+        if self.early_stopping is not None and extra.get("best"):
+            self.early_stopping.load_state_dict(extra["best"])
         last = extra.get("last") or {}
         self.train_loss, self.val = last.get("train_loss"), dict(last.get("val") or {})
         if extra.get("rows_per_step") != self.rows_per_step and self.dist.is_main:
@@ -581,13 +446,12 @@ class Trainer:
             self.on_metrics(self.step, metrics)
 
     def _mfu(self, tokens_per_s: float) -> float | None:
-        peak, name = peak_flops(self.device)
-        if peak is None or self.flops_per_token is None:
-            if not self._mfu_note_done and self.dist.is_main:
-                log.warning("MFU not reported: no peak FLOP/s known for device %r (see trainer.PEAK_FLOPS)", name)
-            self._mfu_note_done = True
-            return None
-        return self.flops_per_token * tokens_per_s / (peak * self.dist.world_size)
+        value = mfu(self.flops_per_token, tokens_per_s, self.device, self.dist.world_size)
+        if value is None and not self._mfu_note_done and self.dist.is_main:
+            log.warning("MFU not reported: no peak FLOP/s known for device %r (see throughput.PEAK_FLOPS)",
+                        peak_flops(self.device)[1])
+        self._mfu_note_done = True
+        return value
 
     def _check_run_dir(self) -> None:
         """Stop when the checkpoint directory was deleted under the run: going on would write a
@@ -598,6 +462,14 @@ class Trainer:
                 "checkpoints and curve are gone, so this run stops here. Rerun the stage to start from step 0 "
                 f"(remove what is left first: rm -rf {self._run_marker.parent})"
             )
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.early_stopping is not None and self.early_stopping.stopped
+
+    def _save_best(self) -> None:
+        assert self.early_stopping is not None and self.early_stopping.checkpoints is not None
+        self.early_stopping.checkpoints.save(self.step, self.model, self.optimizer, self._extra_state())
 
     def fit(self) -> TrainResult:
         """Train to total_steps (resuming first when allowed), evaluating and checkpointing on schedule."""
@@ -631,7 +503,7 @@ class Trainer:
             self.data_position += self.rows_per_step
             tokens_per_s = tokens / dt
             metrics: dict[str, float | None] = {
-                "loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                 "mfu": self._mfu(tokens_per_s), "peak_mem_mib": peak_memory_mib(self.device),
                 "epoch": self.data_position / len(self.train_data),
             }
@@ -639,7 +511,9 @@ class Trainer:
             if self.val_data is not None and (last or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
                 val = self.val = self.evaluate()
                 metrics.update(val)
-                self._track_best(val)
+                if self.early_stopping is not None:
+                    self.early_stopping.update(self.step, val, self.model, self._save_best, self.dist.distributed,
+                                               self.device)
                 last = last or self.stopped_early
             self._emit(metrics)
             bar.update(1)
@@ -647,14 +521,16 @@ class Trainer:
             if last or (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0):
                 last_ckpt = self.save_checkpoint() or last_ckpt
         bar.close()
-        if self.stopped_early and self.dist.is_main:
+        stopping = self.early_stopping
+        if stopping is not None and stopping.stopped and self.dist.is_main:
             log.info("early stop at step %d: %s did not improve for %d evals (best %.4g at step %s)",
-                     self.step, self.cfg.best_metric, self.bad_evals, self.best_value or float("nan"), self.best_step)
-        if self.cfg.best_metric is not None:
-            self.restore_best()
+                     self.step, stopping.metric, stopping.bad_evals, stopping.best_value or float("nan"),
+                     stopping.best_step)
+        if stopping is not None:
+            stopping.restore(self.model)
         return TrainResult(
             step=self.step, train_loss=self.train_loss, val_loss=self.val.get("val_loss"),
             val_ppl=self.val.get("val_ppl"), tokens_seen=self.data_position * self.seq_len, checkpoint=last_ckpt,
-            val_metrics=dict(self.val),
-            best_step=self.best_step, best_metrics=dict(self.best_metrics), stopped_early=self.stopped_early,
+            val_metrics=dict(self.val), best_step=stopping.best_step if stopping else None,
+            best_metrics=dict(stopping.best_metrics) if stopping else {}, stopped_early=self.stopped_early,
         )

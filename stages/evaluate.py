@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
+from lmforge import paths
 from lmforge.cli import run_stage
 from lmforge.data.io import atomic_path, write_json
 from lmforge.data.shards import ShardReader
@@ -30,22 +31,16 @@ from lmforge.metrics import unigram_entropy
 from lmforge.model import Transformer
 from lmforge.params import Params, load_params
 from lmforge.tracking import StageRun, content_hash, stage_run
-from stages.finetune import REGISTERED_NAME, WEIGHTS_TAG
+from lmforge.training_run import WEIGHTS_TAG
 
 log = logging.getLogger("stages.evaluate")
 
-SHARDS = Path("data/shards")
-PRETRAINED = Path("models/pretrain")
-FINETUNED = Path("models/finetune")
-REPORTS = Path("reports")
-FIGURES = REPORTS / "figures"  # task-dependent files: one DVC output whatever the task
-CANDIDATE_ALIAS = "candidate"
 
 
 def evaluate_lm(params: Params, pretrained: Transformer, finetuned: Any) -> dict[str, dict[str, Any]]:
     """Loss/perplexity on the same val rows for each language model, and the unigram floor."""
-    val = ShardReader(SHARDS, "val", tokenizer_path=PRETRAINED / "tokenizer.json", verify="size")
-    train = ShardReader(SHARDS, "train", verify="size")
+    val = ShardReader(paths.SHARDS, "val", tokenizer_path=paths.PRETRAINED / "tokenizer.json", verify="size")
+    train = ShardReader(paths.SHARDS, "train", verify="size")
     cfg = params.evaluate
     results = {"pretrained": language_model_loss(pretrained, val, cfg.lm_micro_batch_size, cfg.lm_max_rows)}
     if finetuned is not None and finetuned.task == "sft":
@@ -69,9 +64,9 @@ def evaluate_classify(params: Params, finetuned: Any) -> tuple[dict[str, Any], d
             train_texts, train_labels, texts, truth, seed=params.finetune.seed, labels=finetuned.labels
         ),
     }
-    plot_confusion_matrix(FIGURES / "confusion_matrix.png", report["confusion"], "fine-tuned classifier")
-    write_confusion_json(FIGURES / "confusion_matrix.json", report)
-    write_per_class_csv(FIGURES / "per_class.csv", report)
+    plot_confusion_matrix(paths.FIGURES / "confusion_matrix.png", report["confusion"], "fine-tuned classifier")
+    write_confusion_json(paths.FIGURES / "confusion_matrix.json", report)
+    write_per_class_csv(paths.FIGURES / "per_class.csv", report)
     return report, baselines
 
 
@@ -85,14 +80,14 @@ def evaluate_sft(params: Params, finetuned: Any) -> tuple[dict[str, Any], list[d
                                top_k=None, top_p=None, seed=gen.seed)
     report = sft_report(preds, refs) | {"loss": loss_sum / max(n_tokens, 1), "perplexity": safe_exp(loss_sum / max(n_tokens, 1))}
     examples = [{"prompt": p, "response": r, "reference": t} for p, r, t in zip(prompts, preds, refs)]
-    write_json(FIGURES / "sft_examples.json", examples)
+    write_json(paths.FIGURES / "sft_examples.json", examples)
     return report, examples[: cfg.report_examples]
 
 
 def pretrained_samples(params: Params, model: Transformer) -> list[dict[str, str]]:
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(PRETRAINED / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(paths.PRETRAINED / "tokenizer.json"))
     return sample_prompts(model, tokenizer, params.generate, tokenizer.token_to_id(params.tokenizer.eos_token))
 
 
@@ -120,23 +115,23 @@ def headline(lm: dict[str, Any], classify: dict[str, Any] | None, baselines: dic
 def tag_candidate(run: StageRun, metrics: dict[str, Any]) -> str | None:
     """Point the `candidate` alias at the registered version of the weights evaluated here, and
     attach the figures; None when none is registered (or tracking is down)."""
-    version = run.find_model_version(REGISTERED_NAME, WEIGHTS_TAG, content_hash(FINETUNED / WEIGHTS))
+    version = run.find_model_version(paths.FINETUNED_MODEL, WEIGHTS_TAG, content_hash(paths.FINETUNED / WEIGHTS))
     if version is None:
         return None
-    run.set_model_alias(REGISTERED_NAME, CANDIDATE_ALIAS, version)
+    run.set_model_alias(paths.FINETUNED_MODEL, paths.CANDIDATE_ALIAS, version)
     tags = {f"eval.{key}": f"{value:.6g}" for key, value in metrics.items() if isinstance(value, (int, float))}
-    run.tag_model_version(REGISTERED_NAME, version, {**tags, "eval.run_id": str(run.run_id)})
+    run.tag_model_version(paths.FINETUNED_MODEL, version, {**tags, "eval.run_id": str(run.run_id)})
     return version
 
 
 def main() -> None:
     params = load_params()
-    inputs = [PRETRAINED, FINETUNED, SHARDS, Path(params.finetune.test_file)]
+    inputs = [paths.PRETRAINED, paths.FINETUNED, paths.SHARDS, Path(params.finetune.test_file)]
     with stage_run("evaluate", {"evaluate": params.evaluate, "generate": params.generate}, inputs=inputs) as run:
-        shutil.rmtree(FIGURES, ignore_errors=True)  # no figure of another task's run may linger
-        FIGURES.mkdir(parents=True)
-        finetuned = load_finetuned(FINETUNED)
-        pretrained, _ = load_pretrained(PRETRAINED)
+        shutil.rmtree(paths.FIGURES, ignore_errors=True)  # no figure of another task's run may linger
+        paths.FIGURES.mkdir(parents=True)
+        finetuned = load_finetuned(paths.FINETUNED)
+        pretrained, _ = load_pretrained(paths.PRETRAINED)
         lm = evaluate_lm(params, pretrained, finetuned)
         classify = baselines = sft = None
         sft_examples: list[dict[str, str]] | None = None
@@ -147,21 +142,21 @@ def main() -> None:
         else:
             sft, sft_examples = evaluate_sft(params, finetuned)
         samples = pretrained_samples(params, pretrained)
-        write_json(REPORTS / "samples.json", {"sampling": params.generate.model_dump(), "samples": samples})
+        write_json(paths.REPORTS / "samples.json", {"sampling": params.generate.model_dump(), "samples": samples})
         metrics = headline(lm, classify, baselines, sft)
-        write_json(REPORTS / "metrics.json", metrics)
-        if Path("reports/pretrain/loss.png").is_file():
+        write_json(paths.REPORTS / "metrics.json", metrics)
+        if (paths.PRETRAIN_REPORTS / "loss.png").is_file():
             images["pretraining loss"] = "pretrain/loss.png"
         report = render_report_md(
             lm=lm, classification=classify, baselines=baselines, sft=sft, sft_examples=sft_examples,
             samples=samples, sampling=params.generate.model_dump(), images=images,
         )
-        with atomic_path(REPORTS / "report.md") as tmp:
+        with atomic_path(paths.REPORTS / "report.md") as tmp:
             tmp.write_text(report, encoding="utf-8")
         run.log_metrics(metrics)
         for name in ("metrics.json", "report.md", "samples.json"):
-            run.log_artifact(REPORTS / name, "reports")
-        for path in sorted(FIGURES.glob("*")):
+            run.log_artifact(paths.REPORTS / name, "reports")
+        for path in sorted(paths.FIGURES.glob("*")):
             run.log_artifact(path, "reports/figures")
         version = tag_candidate(run, metrics)
         log.info("%s; candidate version %s", json.dumps({k: v for k, v in metrics.items() if k != "baselines"}), version)

@@ -7,7 +7,6 @@ One process: `python -m stages.finetune`. Many: `torchrun --nproc_per_node=N -m 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -15,41 +14,38 @@ from typing import Any
 
 import torch
 
+from lmforge import paths
 from lmforge.cli import run_stage
 from lmforge.data.io import write_json
 from lmforge.data.tokenizer import file_sha256, load_tokenizer
+from lmforge.early_stopping import EarlyStopping
 from lmforge.errors import LmforgeError
-from lmforge.export import WEIGHTS, load_pretrained, save_finetuned
+from lmforge.export import load_pretrained, save_finetuned
 from lmforge.finetune import (
-    apply_method, balanced_class_weights, check_labels, check_tokenizer_fits, count_params,
-    encode_sft, encode_texts, is_peft, label_set, load_finetuned, merged_model, read_examples,
-    special_ids, split_train_val, task_spec,
+    apply_method, balanced_class_weights, check_labels, check_tokenizer_fits, count_params, encode_sft,
+    encode_texts, is_peft, label_set, load_finetuned, merged_model, read_examples, special_ids,
+    split_train_val, task_spec,
 )
-from lmforge.metrics import CurveLog, write_csv
+from lmforge.metrics import write_csv
 from lmforge.model import build_model
-from lmforge.parallelize import apply_fsdp, barrier, destroy, init_distributed
+from lmforge.parallelize import apply_fsdp, init_distributed
 from lmforge.params import FinetuneParams, load_params
-from lmforge.runs import claim_run_dir, remember_run_id, result_knobs
-from lmforge.tracking import content_hash, stage_run
-from lmforge.trainer import Trainer, TrainConfig
+from lmforge.runs import result_knobs
+from lmforge.tracking import content_hash
+from lmforge.trainer import Examples, Trainer
+from lmforge.training_run import register, training_run
 
 log = logging.getLogger("stages.finetune")
 
-PRETRAINED = Path("models/pretrain")
-DATA_TOKENIZER = Path("data/tokenizer/tokenizer.json")
-MODEL_DIR = Path("models/finetune")
-CHECKPOINTS = Path("checkpoints/finetune")
-REPORTS = Path("reports/finetune")
-REGISTERED_NAME = "lmforge-finetune"
-# Tag of each registered version: the md5 of models/finetune/model.safetensors it was logged from.
-WEIGHTS_TAG = "lmforge.weights_md5"
+MODEL_DIR = paths.FINETUNED
+REPORTS = paths.FINETUNE_REPORTS
 
 
 def check_tokenizer(tokenizer_path: Path) -> None:
     """models/pretrain's tokenizer must be the one data/tokenizer holds (when that exists)."""
-    if DATA_TOKENIZER.is_file() and file_sha256(DATA_TOKENIZER) != file_sha256(tokenizer_path):
+    if paths.TOKENIZER.is_file() and file_sha256(paths.TOKENIZER) != file_sha256(tokenizer_path):
         raise LmforgeError(
-            f"{tokenizer_path} differs from {DATA_TOKENIZER}: models/pretrain was trained with another "
+            f"{tokenizer_path} differs from {paths.TOKENIZER}: models/pretrain was trained with another "
             "tokenizer; rerun `dvc repro pretrain` so model and data agree"
         )
 
@@ -92,19 +88,9 @@ def run_fingerprint(fp: FinetuneParams) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the pretrained weights, the data, the knobs."""
     return {
         "finetune": result_knobs(fp),
-        "pretrained": content_hash(PRETRAINED / "model.safetensors"),
+        "pretrained": content_hash(paths.PRETRAINED / "model.safetensors"),
         "train_file": content_hash(Path(fp.train_file)),
     }
-
-
-def register(run: Any, model: torch.nn.Module) -> str | None:
-    """A new registered version of the fine-tuned model, tagged with the md5 of its weights
-    (how evaluate finds the version it scored); None when tracking is down."""
-    logged = run.log_torch_model(model, REGISTERED_NAME)
-    version = getattr(logged, "registered_model_version", None)
-    if version is not None:
-        run.tag_model_version(REGISTERED_NAME, str(version), {WEIGHTS_TAG: content_hash(MODEL_DIR / WEIGHTS)})
-    return version
 
 
 def main() -> None:
@@ -113,8 +99,8 @@ def main() -> None:
     info = init_distributed()
     torch.manual_seed(fp.seed)
 
-    backbone, config = load_pretrained(PRETRAINED)
-    tokenizer_path = PRETRAINED / "tokenizer.json"
+    backbone, config = load_pretrained(paths.PRETRAINED)
+    tokenizer_path = paths.PRETRAINED / "tokenizer.json"
     check_tokenizer(tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
     check_tokenizer_fits(tokenizer, config)
@@ -142,28 +128,16 @@ def main() -> None:
                                "(not torchrun), or method 'full'")
         apply_fsdp(model)
 
-    fingerprint = run_fingerprint(fp)
-    resume_run_id = claim_run_dir(CHECKPOINTS, fingerprint, fp.resume) if info.is_main else None
-    barrier()
-    curve = CurveLog(CHECKPOINTS / "curve.jsonl")
-    inputs = [PRETRAINED, fp.train_file] + ([fp.test_file] if fp.test_file else [])
-    opened = (stage_run("finetune", {"finetune": fp}, inputs, resume_run_id=resume_run_id)
-              if info.is_main else contextlib.nullcontext())
-    with opened as run:
-        if run is not None:
-            remember_run_id(CHECKPOINTS, run.run_id)
-
-        def on_metrics(step: int, metrics: dict[str, Any]) -> None:  # rank 0 only (the trainer's rule)
-            named = {("train_loss" if k == "loss" else k): v for k, v in metrics.items()}
-            if fp.task == "classify":  # the trainer counts examples, not tokens, for this loss
-                named["examples_per_s"] = named.pop("tokens_per_s", None)
-            curve.append(step, named)
-            run.log_metrics({k: v for k, v in named.items() if v is not None}, step=step)
-
+    inputs = [paths.PRETRAINED, fp.train_file, fp.test_file]
+    # The trainer counts examples, not tokens, for the classification loss.
+    renames = {"tokens_per_s": "examples_per_s"} if fp.task == "classify" else {}
+    with training_run("finetune", info, paths.FINETUNE_CHECKPOINTS, run_fingerprint(fp), fp.resume,
+                      {"finetune": fp}, inputs, renames) as tr:
         trainer = Trainer(
-            model, TrainConfig(**fp.train_config_fields()), data["train"], data["val"], dist_info=info,
-            checkpoint_dir=CHECKPOINTS, loss_fn=spec.loss_fn, collate=spec.collate, eval_fn=spec.eval_fn,
-            on_metrics=on_metrics, seq_len=fp.max_length, flops_per_token=config.flops_per_token(fp.max_length),
+            model, fp, Examples(data["train"], data["val"], spec.collate, fp.max_length), dist_info=info,
+            checkpoint_dir=paths.FINETUNE_CHECKPOINTS, loss_fn=spec.loss_fn, eval_fn=spec.eval_fn,
+            on_metrics=tr.on_metrics, flops_per_token=config.flops_per_token(fp.max_length),
+            early_stopping=EarlyStopping(fp.early_stopping_metric, fp.early_stopping_mode, fp.patience),
         )
         result = trainer.fit()  # ends with the best weights (by early_stopping_metric) loaded
 
@@ -179,46 +153,47 @@ def main() -> None:
             plain = merged_model(model)
             save_finetuned(plain, config, MODEL_DIR, meta, tokenizer_path=tokenizer_path, adapter_dir=adapter)  # collective
 
-        if run is not None:
-            records = curve.read(up_to_step=result.step)
-            best = result.best_metrics
-            final = result.val_metrics or next((r for r in reversed(records) if "val_loss" in r), {})
-            summary: dict[str, Any] = {
-                "task": fp.task,
-                "method": fp.method,
-                "steps": result.step,
-                "stopped_early": result.stopped_early,
-                "best_step": result.best_step,
-                "train_loss": result.train_loss if result.train_loss is not None else
-                              next((r["train_loss"] for r in reversed(records) if "train_loss" in r), None),
-                "final_val_loss": final.get("val_loss"),
-                "best_val_loss": best.get("val_loss"),
-                "trainable_params": trainable,
-                "total_params": total,
-                "train_examples": data["n_train"],
-                "val_examples": data["n_val"],
-                "world_size": info.world_size,
-            }
-            if fp.task == "classify":
-                summary.update(final_val_accuracy=final.get("val_accuracy"), best_val_accuracy=best.get("val_accuracy"),
-                               n_labels=len(labels))
-            columns = ["step", "train_loss", "lr", "val_loss"] + (["val_accuracy"] if fp.task == "classify" else [])
-            write_csv(REPORTS / "curve.csv", records, columns, blank_missing=True)
-            write_json(REPORTS / "metrics.json", summary)  # the same whether tracking is up or down
-            register(run, load_finetuned(MODEL_DIR).model)
-            per_step = {"steps", "train_loss"}
-            run.log_metrics({k: v for k, v in summary.items() if k not in per_step and v is not None
-                             and not isinstance(v, (bool, str))}, step=result.step)
-            for name in ("metrics.json", "curve.csv"):
-                run.log_artifact(REPORTS / name, "reports")
-            run.log_artifact(MODEL_DIR / "config.json", "model_config")
-            if (MODEL_DIR / "adapter").is_dir():
-                for path in sorted((MODEL_DIR / "adapter").iterdir()):
-                    run.log_artifact(path, "adapter")
-            log.info("%s/%s: best %s %.4f at step %s of %d (%d of %d params trained)", fp.task, fp.method,
-                     fp.early_stopping_metric, (best.get(fp.early_stopping_metric) or float("nan")),
-                     result.best_step, result.step, trainable, total)
-    destroy()
+        if tr.run is None:  # not rank 0
+            return
+        run = tr.run
+        records = tr.curve.read(up_to_step=result.step)
+        best = result.best_metrics
+        final = result.val_metrics or next((r for r in reversed(records) if "val_loss" in r), {})
+        summary: dict[str, Any] = {
+            "task": fp.task,
+            "method": fp.method,
+            "steps": result.step,
+            "stopped_early": result.stopped_early,
+            "best_step": result.best_step,
+            "train_loss": result.train_loss if result.train_loss is not None else
+                          next((r["train_loss"] for r in reversed(records) if "train_loss" in r), None),
+            "final_val_loss": final.get("val_loss"),
+            "best_val_loss": best.get("val_loss"),
+            "trainable_params": trainable,
+            "total_params": total,
+            "train_examples": data["n_train"],
+            "val_examples": data["n_val"],
+            "world_size": info.world_size,
+        }
+        if fp.task == "classify":
+            summary.update(final_val_accuracy=final.get("val_accuracy"), best_val_accuracy=best.get("val_accuracy"),
+                           n_labels=len(labels))
+        columns = ["step", "train_loss", "lr", "val_loss"] + (["val_accuracy"] if fp.task == "classify" else [])
+        write_csv(REPORTS / "curve.csv", records, columns, blank_missing=True)
+        write_json(REPORTS / "metrics.json", summary)  # the same whether tracking is up or down
+        register(run, load_finetuned(MODEL_DIR).model, paths.FINETUNED_MODEL, MODEL_DIR / "model.safetensors")
+        per_step = {"steps", "train_loss"}
+        run.log_metrics({k: v for k, v in summary.items() if k not in per_step and v is not None
+                         and not isinstance(v, (bool, str))}, step=result.step)
+        for name in ("metrics.json", "curve.csv"):
+            run.log_artifact(REPORTS / name, "reports")
+        run.log_artifact(MODEL_DIR / "config.json", "model_config")
+        if (MODEL_DIR / "adapter").is_dir():
+            for path in sorted((MODEL_DIR / "adapter").iterdir()):
+                run.log_artifact(path, "adapter")
+        log.info("%s/%s: best %s %.4f at step %s of %d (%d of %d params trained)", fp.task, fp.method,
+                 fp.early_stopping_metric, (best.get(fp.early_stopping_metric) or float("nan")),
+                 result.best_step, result.step, trainable, total)
 
 
 if __name__ == "__main__":

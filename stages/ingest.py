@@ -8,10 +8,10 @@ import itertools
 import platform
 import time
 from collections import Counter
-from pathlib import Path
 
 from tqdm import tqdm
 
+from lmforge import paths
 from lmforge.cli import run_stage
 from lmforge.data.documents import split_of
 from lmforge.data.io import DocumentWriter, write_json
@@ -19,9 +19,6 @@ from lmforge.data.sources import iter_documents, resolve_files
 from lmforge.errors import LmforgeError
 from lmforge.params import DataParams, load_params
 from lmforge.tracking import stage_run
-
-RAW = Path("data/raw/documents.parquet")
-STATS = Path("data/raw/stats.json")
 
 
 def main() -> None:
@@ -34,7 +31,7 @@ def main() -> None:
         splits: Counter = Counter()
         start = time.perf_counter()
         documents = iter_documents(data, counters)
-        with DocumentWriter(RAW) as writer, tqdm(unit="doc", desc="ingest", disable=None) as bar:
+        with DocumentWriter(paths.RAW_DOCUMENTS) as writer, tqdm(unit="doc", desc="ingest", disable=None) as bar:
             while batch := list(itertools.islice(documents, data.batch_size)):
                 writer.write(batch)
                 splits.update(split_of(doc["id"], data.val_fraction) for doc in batch)
@@ -55,9 +52,9 @@ def main() -> None:
             "mb_per_s": writer.bytes / 1e6 / seconds if seconds else 0.0,
             "counters": dict(sorted(counters.items())),
         }
-        write_json(STATS, stats)
+        write_json(paths.RAW_STATS, stats)
         run.log_metrics(stats)
-        run.log_artifact(STATS)
+        run.log_artifact(paths.RAW_STATS)
 
 
 def _no_documents(data: DataParams, counters: Counter) -> str:
@@ -65,7 +62,7 @@ def _no_documents(data: DataParams, counters: Counter) -> str:
     problems = {key: count for key, count in counters.items() if count and key != "documents"}
     return (
         f"{where} gave no documents ({problems or 'nothing was read'}); nothing was written, "
-        f"{RAW} and {STATS} are unchanged: point data.source/data.files in params.yaml at files with text"
+        f"{paths.RAW_DOCUMENTS} and {paths.RAW_STATS} are unchanged: point data.source/data.files in params.yaml at files with text"
     )
 
 

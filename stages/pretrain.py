@@ -7,40 +7,31 @@ One process: `python -m stages.pretrain`. Many: `torchrun --nproc_per_node=N -m 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
+from lmforge import paths
 from lmforge.cli import run_stage
-from lmforge.data.io import write_json
+from lmforge.data.io import atomic_path, write_json
 from lmforge.data.shards import ShardReader
 from lmforge.export import export_hf_llama, load_pretrained, save_pretrained
 from lmforge.generate import sample_prompts
 from lmforge.metrics import CurveLog, plot_loss, unigram_entropy, write_csv
 from lmforge.model import Transformer, build_config
-from lmforge.parallelize import (
-    apply_activation_checkpointing, apply_compile, apply_fsdp, barrier, destroy, init_distributed,
-)
+from lmforge.parallelize import apply_activation_checkpointing, apply_compile, apply_fsdp, init_distributed
 from lmforge.params import GenerateParams, Params, load_params
-from lmforge.runs import claim_run_dir, remember_run_id, result_knobs
-from lmforge.tracking import stage_run
-from lmforge.trainer import Trainer, TrainConfig
+from lmforge.runs import result_knobs
+from lmforge.trainer import PackedRows, Trainer
+from lmforge.training_run import register, training_run
 
 log = logging.getLogger("stages.pretrain")
 
-SHARDS = Path("data/shards")
-TOKENIZER = Path("data/tokenizer/tokenizer.json")
-MODEL_DIR = Path("models/pretrain")
-HF_DIR = Path("models/pretrain_hf")
-CHECKPOINTS = Path("checkpoints/pretrain")
-REPORTS = Path("reports/pretrain")
-REGISTERED_NAME = "lmforge-pretrain"
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+REPORTS = paths.PRETRAIN_REPORTS
 
 
 def run_fingerprint(params: Params, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -62,19 +53,17 @@ def write_reports(curve: CurveLog, final_step: int, summary: dict[str, Any], sam
     write_json(REPORTS / "metrics.json", summary)
     sampling = f"temperature {gen.temperature}, top_k {gen.top_k}, top_p {gen.top_p}, seed {gen.seed}"
     lines = [f"# Samples from the pretrained model\n\nSampling: {sampling}, {gen.max_new_tokens} new tokens.\n"]
-    for sample in samples:
-        lines.append(f"**{sample['prompt']}**{sample['text']}\n")
-    with contextlib.suppress(FileNotFoundError):
-        (REPORTS / "samples.md").unlink()
-    (REPORTS / "samples.md").write_text("\n".join(lines), encoding="utf-8")
+    lines += [f"**{sample['prompt']}**{sample['text']}\n" for sample in samples]
+    with atomic_path(REPORTS / "samples.md") as tmp:
+        tmp.write_text("\n".join(lines), encoding="utf-8")
 
 
 def main() -> None:
     params = load_params()
     info = init_distributed()
     torch.manual_seed(params.pretrain.seed)
-    train = ShardReader(SHARDS, "train", tokenizer_path=TOKENIZER)
-    val = ShardReader(SHARDS, "val", tokenizer_path=TOKENIZER)
+    train = ShardReader(paths.SHARDS, "train", tokenizer_path=paths.TOKENIZER)
+    val = ShardReader(paths.SHARDS, "val", tokenizer_path=paths.TOKENIZER)
     config = build_config(
         params.model.preset, vocab_size=train.vocab_size, max_seq_len=train.seq_len, **params.model.overrides()
     )
@@ -87,58 +76,43 @@ def main() -> None:
         compute_dtype = PRECISION_DTYPES[params.pretrain.precision]
         apply_fsdp(model, param_dtype=compute_dtype if info.device.type == "cuda" else torch.float32)
 
-    fingerprint = run_fingerprint(params, train.manifest)
-    resume_run_id = claim_run_dir(CHECKPOINTS, fingerprint, params.pretrain.resume) if info.is_main else None
-    barrier()
-    curve = CurveLog(CHECKPOINTS / "curve.jsonl")
-    inputs = [SHARDS, TOKENIZER]
     sections = {"model": params.model, "pretrain": params.pretrain}
-    opened = stage_run("pretrain", sections, inputs, resume_run_id=resume_run_id) if info.is_main else contextlib.nullcontext()
-    with opened as run:
-        if run is not None:
-            remember_run_id(CHECKPOINTS, run.run_id)
-
-        def on_metrics(step: int, metrics: dict[str, Any]) -> None:  # rank 0 only (the trainer's rule)
-            named = {("train_loss" if k == "loss" else k): v for k, v in metrics.items()}
-            curve.append(step, named)
-            run.log_metrics({k: v for k, v in named.items() if v is not None}, step=step)
-
-        trainer = Trainer(
-            model, TrainConfig(**params.pretrain.train_config_fields()), train, val,
-            dist_info=info, checkpoint_dir=CHECKPOINTS, on_metrics=on_metrics,
-        )
+    with training_run("pretrain", info, paths.PRETRAIN_CHECKPOINTS, run_fingerprint(params, train.manifest),
+                      params.pretrain.resume, sections, [paths.SHARDS, paths.TOKENIZER]) as tr:
+        trainer = Trainer(model, params.pretrain, PackedRows(train, val), dist_info=info,
+                          checkpoint_dir=paths.PRETRAIN_CHECKPOINTS, on_metrics=tr.on_metrics)
         result = trainer.fit()
-        save_pretrained(model, config, MODEL_DIR, tokenizer_path=TOKENIZER)  # collective
-        export_hf_llama(model, config, HF_DIR, tokenizer_path=TOKENIZER, eos_id=train.eos_id)  # collective
-        if run is not None:
-            plain, _ = load_pretrained(MODEL_DIR)
-            baseline = unigram_entropy(train.blocks(), train.vocab_size)
-            records = curve.read(up_to_step=result.step)
-            speeds = [r["tokens_per_s"] for r in records[len(records) // 5:] if "tokens_per_s" in r]
-            summary = {
-                "steps": result.step,
-                "train_loss": result.train_loss,
-                "val_loss": result.val_loss,
-                "val_perplexity": result.val_ppl,
-                "unigram_entropy": baseline,
-                "val_loss_vs_unigram": (result.val_loss / baseline) if result.val_loss else None,
-                "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
-                "tokens_seen": result.tokens_seen,
-                "parameters": config.num_params(),
-                "world_size": info.world_size,
-            }
-            samples = sample_prompts(plain, Tokenizer.from_file(str(TOKENIZER)), params.generate, train.eos_id)
-            write_reports(curve, result.step, summary, samples, params.generate)
-            # The losses are already in the per-step history; the rest lands at the final step.
-            per_step = {"steps", "train_loss", "val_loss"}
-            run.log_metrics({k: v for k, v in summary.items() if k not in per_step and v is not None}, step=result.step)
-            for path in ("metrics.json", "loss.png", "samples.md", "train_curve.csv", "val_curve.csv"):
-                run.log_artifact(REPORTS / path, "reports")
-            run.log_artifact(MODEL_DIR / "config.json", "model_config")
-            run.log_torch_model(plain, REGISTERED_NAME)
-            log.info("val loss %.3f (unigram entropy %.3f), %s", result.val_loss or float("nan"), baseline,
-                     json.dumps(samples[0]))
-    destroy()
+        save_pretrained(model, config, paths.PRETRAINED, tokenizer_path=paths.TOKENIZER)  # collective
+        export_hf_llama(model, config, paths.PRETRAINED_HF, tokenizer_path=paths.TOKENIZER, eos_id=train.eos_id)
+        if tr.run is None:  # not rank 0
+            return
+        plain, _ = load_pretrained(paths.PRETRAINED)
+        baseline = unigram_entropy(train.blocks(), train.vocab_size)
+        records = tr.curve.read(up_to_step=result.step)
+        speeds = [r["tokens_per_s"] for r in records[len(records) // 5:] if "tokens_per_s" in r]
+        summary = {
+            "steps": result.step,
+            "train_loss": result.train_loss,
+            "val_loss": result.val_loss,
+            "val_perplexity": result.val_ppl,
+            "unigram_entropy": baseline,
+            "val_loss_vs_unigram": (result.val_loss / baseline) if result.val_loss else None,
+            "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
+            "tokens_seen": result.tokens_seen,
+            "parameters": config.num_params(),
+            "world_size": info.world_size,
+        }
+        samples = sample_prompts(plain, Tokenizer.from_file(str(paths.TOKENIZER)), params.generate, train.eos_id)
+        write_reports(tr.curve, result.step, summary, samples, params.generate)
+        # The losses are already in the per-step history; the rest lands at the final step.
+        per_step = {"steps", "train_loss", "val_loss"}
+        tr.run.log_metrics({k: v for k, v in summary.items() if k not in per_step and v is not None}, step=result.step)
+        for name in ("metrics.json", "loss.png", "samples.md", "train_curve.csv", "val_curve.csv"):
+            tr.run.log_artifact(REPORTS / name, "reports")
+        tr.run.log_artifact(paths.PRETRAINED / "config.json", "model_config")
+        register(tr.run, plain, paths.PRETRAINED_MODEL, paths.PRETRAINED / "model.safetensors")
+        log.info("val loss %.3f (unigram entropy %.3f), %s", result.val_loss or float("nan"), baseline,
+                 json.dumps(samples[0]))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import shutil
 import time
-from pathlib import Path
 
+from lmforge import paths
 from lmforge.cli import run_stage
 from lmforge.data.pack import encode_to_shards, train_split_texts
 from lmforge.data.tokenizer import file_sha256, save_tokenizer, train_tokenizer
@@ -17,29 +17,24 @@ from lmforge.data.io import open_documents, write_json
 from lmforge.params import load_params
 from lmforge.tracking import stage_run
 
-CLEAN = Path("data/clean/documents.parquet")
-TOKENIZER = Path("data/tokenizer/tokenizer.json")
-SHARDS = Path("data/shards")
-STATS = Path("data/tokenizer/stats.json")
-
 
 def main() -> None:
     params = load_params()
     tok_params, val_fraction = params.tokenizer, params.data.val_fraction
-    with stage_run("tokenize", {"tokenizer": tok_params, "data": params.data}, inputs=[CLEAN]) as run:
-        open_documents(CLEAN, "clean")  # a clear error before any work if clean has not run
+    with stage_run("tokenize", {"tokenizer": tok_params, "data": params.data}, inputs=[paths.CLEAN_DOCUMENTS]) as run:
+        open_documents(paths.CLEAN_DOCUMENTS, "clean")  # a clear error before any work if clean has not run
         start = time.perf_counter()
-        tokenizer = train_tokenizer(train_split_texts(CLEAN, val_fraction, tok_params.encode_batch_size), tok_params)
-        save_tokenizer(tokenizer, TOKENIZER)
+        tokenizer = train_tokenizer(train_split_texts(paths.CLEAN_DOCUMENTS, val_fraction, tok_params.encode_batch_size), tok_params)
+        save_tokenizer(tokenizer, paths.TOKENIZER)
         train_seconds = time.perf_counter() - start
 
         # DVC removes outputs before a run, but a run by hand must not mix old and new shards.
-        shutil.rmtree(SHARDS, ignore_errors=True)
-        summary = encode_to_shards(CLEAN, tokenizer, file_sha256(TOKENIZER), tok_params, val_fraction, SHARDS)
+        shutil.rmtree(paths.SHARDS, ignore_errors=True)
+        summary = encode_to_shards(paths.CLEAN_DOCUMENTS, tokenizer, file_sha256(paths.TOKENIZER), tok_params, val_fraction, paths.SHARDS)
         stats = {"tokenizer_train_seconds": round(train_seconds, 3), **summary}
-        write_json(STATS, stats)
+        write_json(paths.TOKENIZER_STATS, stats)
         run.log_metrics(stats)
-        for path in (STATS, SHARDS / "manifest.json", TOKENIZER):
+        for path in (paths.TOKENIZER_STATS, paths.SHARDS / "manifest.json", paths.TOKENIZER):
             run.log_artifact(path)
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lmforge import quiet_env
+
 REPO = Path(__file__).resolve().parents[1]
 WORDS = (
     "the a model data token river stone light quick brown fox jumps over lazy dog in of and to "
@@ -42,7 +44,7 @@ def tool_env(**extra: str) -> dict[str, str]:
     """The environment stage subprocesses see: venv first on PATH, quiet, no outside store."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(DO_NOT_TRACK="1", MLFLOW_DISABLE_TELEMETRY="true", DVC_NO_ANALYTICS="1")
+    quiet_env(env)
     env.update(extra)
     return env
 

@@ -22,7 +22,8 @@ from train_helper import SyntheticRows, tiny_config  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.model import Transformer  # noqa: E402
 from lmforge.parallelize import apply_activation_checkpointing, apply_fsdp, init_distributed  # noqa: E402
-from lmforge.trainer import TrainConfig, Trainer  # noqa: E402
+from lmforge.params import TrainerParams  # noqa: E402
+from lmforge.trainer import PackedRows, Trainer  # noqa: E402
 
 HELPER = Path(__file__).parent / "train_helper.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def _run(args: list[str]) -> None:
 
 
 def _losses(path: Path) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in map(json.loads, path.read_text().splitlines())}
+    return {row["step"]: row["train_loss"] for row in map(json.loads, path.read_text().splitlines())}
 
 
 def test_two_fsdp_ranks_train_checkpoint_and_resume_at_world_size_one(tmp_path):
@@ -61,8 +62,8 @@ def test_two_fsdp_ranks_train_checkpoint_and_resume_at_world_size_one(tmp_path):
     # Load the two-rank checkpoint in this (single, group-less) process: the full state is the same.
     torch.manual_seed(123)
     model = Transformer(tiny_config())
-    cfg = TrainConfig(max_steps=12, micro_batch_size=4, grad_accum_steps=2, progress=False)
-    trainer = Trainer(model, cfg, SyntheticRows(256, 1), checkpoint_dir=two / "checkpoints")
+    cfg = TrainerParams(max_steps=12, micro_batch_size=4, grad_accum_steps=2, progress=False)
+    trainer = Trainer(model, cfg, PackedRows(SyntheticRows(256, 1)), checkpoint_dir=two / "checkpoints")
     assert trainer.maybe_resume() == latest
     assert trainer.step == 12 and trainer.data_position == 96
     saved = load_file(str(two / "model" / "model.safetensors"))
@@ -77,7 +78,7 @@ def test_two_fsdp_ranks_train_checkpoint_and_resume_at_world_size_one(tmp_path):
     resumed = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()[12:]]
     assert [row["step"] for row in resumed] == [9, 10, 11, 12]
     for row in resumed:
-        assert row["loss"] == pytest.approx(ref[row["step"]], rel=1e-5), row["step"]
+        assert row["train_loss"] == pytest.approx(ref[row["step"]], rel=1e-5), row["step"]
 
 
 def test_without_torchrun_there_is_one_rank_and_no_process_group(monkeypatch):

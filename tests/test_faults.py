@@ -27,7 +27,8 @@ from lmforge.errors import LmforgeError
 from lmforge.params import DataParams, parse_params
 from lmforge.runs import claim_run_dir
 from lmforge.tracking import LOGGING_FAILED_MARKER, stage_run
-from lmforge.trainer import Trainer, TrainConfig
+from lmforge.params import TrainerParams
+from lmforge.trainer import PackedRows, Trainer
 
 from conftest import REPO, run, tiny_params
 from train_helper import SyntheticRows, tiny_config
@@ -189,9 +190,9 @@ def _trainer(tmp_path: Path, **kwargs) -> Trainer:
     from lmforge.model import Transformer
 
     torch_model = Transformer(tiny_config())
-    config = TrainConfig(max_steps=4, micro_batch_size=4, warmup_steps=1, eval_every=0, checkpoint_every=1,
+    config = TrainerParams(max_steps=4, micro_batch_size=4, warmup_steps=1, eval_every=0, checkpoint_every=1,
                          progress=False)
-    return Trainer(torch_model, config, SyntheticRows(64, 0), SyntheticRows(16, 1), **kwargs)
+    return Trainer(torch_model, config, PackedRows(SyntheticRows(64, 0), SyntheticRows(16, 1)), **kwargs)
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path):

@@ -20,7 +20,9 @@ from lmforge.export import save_finetuned
 from lmforge.model import build_model
 from lmforge.model import ModelConfig, Transformer
 from lmforge.params import FinetuneParams, LoraParams
-from lmforge.trainer import TrainConfig, Trainer
+from lmforge.early_stopping import EarlyStopping
+from lmforge.params import TrainerParams
+from lmforge.trainer import Examples, Trainer
 
 CONFIG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=32)
 GROUP_A = "red green blue cyan pink gold".split()
@@ -58,18 +60,18 @@ def classify_data(tok, rows, labels, max_length=16):
     return list(zip(ids, [labels.index(r["label"]) for r in rows]))
 
 
-def cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"max_steps": 40, "micro_batch_size": 16, "warmup_steps": 0, "eval_every": 0,
+def cfg(**kw) -> TrainerParams:
+    return TrainerParams(**{"max_steps": 40, "micro_batch_size": 16, "warmup_steps": 0, "eval_every": 0,
                           "eval_batches": 4, "checkpoint_every": 0, "progress": False, "lr": 3e-3,
                           "min_lr": 3e-4, "weight_decay": 0.0, **kw})
 
 
-def classify_trainer(model, tok, rows, labels, **kw) -> Trainer:
+def classify_trainer(model, tok, rows, labels, early_stopping=None, **kw) -> Trainer:
     train, val = split_train_val(rows, 0.25, "text")
     _, pad = special_ids(tok)
     spec = task_spec("classify", pad)
-    return Trainer(model, cfg(**kw), classify_data(tok, train, labels), classify_data(tok, val, labels),
-                   loss_fn=spec.loss_fn, collate=spec.collate, eval_fn=spec.eval_fn, seq_len=16)
+    data = Examples(classify_data(tok, train, labels), classify_data(tok, val, labels), spec.collate, 16)
+    return Trainer(model, cfg(**kw), data, loss_fn=spec.loss_fn, eval_fn=spec.eval_fn, early_stopping=early_stopping)
 
 
 def test_classification_head_learns_a_separable_task():
@@ -77,7 +79,7 @@ def test_classification_head_learns_a_separable_task():
     tok, rows = word_tokenizer(), toy_rows(256)
     labels = label_set(rows, "label", "toy")
     model = build_model(Transformer(CONFIG), "classify", len(labels), "last")
-    trainer = classify_trainer(model, tok, rows, labels, best_metric="val_accuracy", best_mode="max")
+    trainer = classify_trainer(model, tok, rows, labels, EarlyStopping("val_accuracy", "max"))
     result = trainer.fit()
     assert result.best_metrics["val_accuracy"] >= 0.98
     assert trainer.evaluate()["val_accuracy"] == result.best_metrics["val_accuracy"]  # the best weights are loaded
@@ -190,7 +192,7 @@ def test_early_stopping_stops_after_patience_evals_without_improvement_on_every_
     tok, rows = word_tokenizer(), toy_rows(128)
     model = build_model(Transformer(CONFIG), "classify", 2)
     trainer = classify_trainer(model, tok, rows, ["animal", "colour"], max_steps=20, eval_every=1,
-                               best_metric="flat", best_mode="max", patience=2)
+                               early_stopping=EarlyStopping("flat", "max", patience=2))
     trainer.eval_fn = lambda m, b: {"flat": (1.0, 1.0)}  # never improves after the first eval
     result = trainer.fit()
     assert result.stopped_early and result.step == 3 and result.best_step == 1
@@ -253,8 +255,8 @@ def test_sft_learns_the_responses_and_the_saved_model_generates_them(tmp_path):
     tok = word_tokenizer(tmp_path / "tokenizer.json")
     rows, spec = sft_rows(tok), task_spec("sft", special_ids(tok)[1])
     model = build_model(Transformer(CONFIG), "sft")
-    trainer = Trainer(model, cfg(max_steps=40, lr=1e-2), rows[:96], rows[96:], loss_fn=spec.loss_fn,
-                      collate=spec.collate, seq_len=16)
+    trainer = Trainer(model, cfg(max_steps=40, lr=1e-2), Examples(rows[:96], rows[96:], spec.collate, 16),
+                      loss_fn=spec.loss_fn)
     before = trainer.evaluate()["val_loss"]
     trainer.fit()
     assert trainer.evaluate()["val_loss"] < before / 4
@@ -275,8 +277,8 @@ def test_sft_lora_keeps_the_base_and_exports_merged_weights_plus_the_adapter(tmp
     base = build_model(Transformer(CONFIG), "sft")
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model = apply_method(base, "lora", "sft", LoraParams(r=4, alpha=8, dropout=0.0))
-    trainer = Trainer(model, cfg(max_steps=5, lr=1e-2), rows[:96], rows[96:], loss_fn=spec.loss_fn,
-                      collate=spec.collate, seq_len=16)
+    trainer = Trainer(model, cfg(max_steps=5, lr=1e-2), Examples(rows[:96], rows[96:], spec.collate, 16),
+                      loss_fn=spec.loss_fn)
     first = trainer.evaluate()["val_loss"]
     trainer.fit()
     assert trainer.evaluate()["val_loss"] < first

@@ -21,8 +21,8 @@ from train_helper import SyntheticRows, tiny_config  # noqa: E402
 
 from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
-from lmforge.params import PretrainParams  # noqa: E402
-from lmforge.trainer import RowSampler, TrainConfig, Trainer, lr_at  # noqa: E402
+from lmforge.params import TrainerParams  # noqa: E402
+from lmforge.trainer import PackedRows, RowSampler, Trainer, lr_at  # noqa: E402
 
 HELPER = Path(__file__).parent / "train_helper.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 def make_trainer(model=None, **kw) -> Trainer:
     torch.manual_seed(0)
     model = model or Transformer(tiny_config())
-    cfg = TrainConfig(**{"max_steps": 4, "micro_batch_size": 4, "warmup_steps": 0, "eval_every": 0,
+    cfg = TrainerParams(**{"max_steps": 4, "micro_batch_size": 4, "warmup_steps": 0, "eval_every": 0,
                          "eval_batches": 2, "checkpoint_every": 0, "progress": False, "lr": 3e-3, **kw})
-    return Trainer(model, cfg, SyntheticRows(128, 1), SyntheticRows(32, 2))
+    return Trainer(model, cfg, PackedRows(SyntheticRows(128, 1), SyntheticRows(32, 2)))
 
 
 def test_one_optimizer_step_reduces_the_loss_on_a_fixed_batch():
@@ -65,7 +65,7 @@ def test_each_precision_trains_on_cpu(precision):
     trainer.on_metrics = lambda step, m: seen.append((step, m))
     result = trainer.fit()
     assert result.step == 3 and [s for s, _ in seen] == [1, 2, 3]
-    assert all(math.isfinite(m["loss"]) for _, m in seen)
+    assert all(math.isfinite(m["train_loss"]) for _, m in seen)
     assert result.val_loss is not None and math.isfinite(result.val_loss)
 
 
@@ -74,7 +74,7 @@ def test_metrics_cover_loss_lr_grad_norm_throughput_and_memory():
     trainer = make_trainer(max_steps=2)
     trainer.on_metrics = lambda step, m: seen.append(m)
     trainer.fit()
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_mib", "val_loss", "val_ppl"} <= set(seen[-1])
+    assert {"train_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_mib", "val_loss", "val_ppl"} <= set(seen[-1])
     assert seen[-1]["mfu"] is None  # no peak FLOPs for a CPU
     assert seen[-1]["peak_mem_mib"] > 0
 
@@ -97,15 +97,18 @@ def test_ranks_read_disjoint_rows_and_see_every_row_once_per_epoch():
 
 
 def test_lr_warms_up_then_decays_to_min_lr():
-    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100)
+    cfg = TrainerParams(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100)
     assert lr_at(0, cfg, 100) == pytest.approx(0.1)
     assert lr_at(9, cfg, 100) == pytest.approx(1.0)
     assert lr_at(100, cfg, 100) == pytest.approx(0.1)
     assert lr_at(40, cfg, 100) > lr_at(60, cfg, 100)
 
 
-def test_pretrain_params_map_onto_train_config():
-    assert TrainConfig(**PretrainParams().train_config_fields()) == TrainConfig()
+def test_the_code_defaults_are_the_ones_params_yaml_states():
+    """One set of defaults: the typed params declare them, params.yaml states the same values."""
+    from lmforge.params import Params, load_params
+
+    assert Params() == load_params(REPO / "params.yaml")
 
 
 def test_too_little_data_for_one_step_is_an_error_naming_the_fix():
@@ -129,7 +132,7 @@ def _read_losses(path: Path) -> dict[int, float]:
     out = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
-        out[row["step"]] = row["loss"]  # a resumed run rewrites the steps after its checkpoint
+        out[row["step"]] = row["train_loss"]  # a resumed run rewrites the steps after its checkpoint
     return out
 
 

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lmforge.export import full_state_dict, save_pretrained  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
 from lmforge.parallelize import apply_fsdp, destroy, init_distributed  # noqa: E402
-from lmforge.trainer import Trainer, TrainConfig  # noqa: E402
+from lmforge.params import TrainerParams  # noqa: E402
+from lmforge.trainer import PackedRows, Trainer  # noqa: E402
 
 VOCAB = 64
 SEQ_LEN = 16
@@ -79,13 +80,13 @@ def main() -> None:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         time.sleep(args.delay)
 
-    cfg = TrainConfig(
+    cfg = TrainerParams(
         max_steps=args.steps, micro_batch_size=args.micro, grad_accum_steps=args.accum, lr=3e-3, min_lr=3e-4,
         warmup_steps=2, precision=args.precision, eval_every=4, eval_batches=2,
         checkpoint_every=args.ckpt_every, keep_checkpoints=2, resume=args.resume, progress=False,
     )
     trainer = Trainer(
-        model, cfg, SyntheticRows(args.rows, 1), SyntheticRows(64, 2), dist_info=info,
+        model, cfg, PackedRows(SyntheticRows(args.rows, 1), SyntheticRows(64, 2)), dist_info=info,
         checkpoint_dir=args.out / "checkpoints", on_metrics=on_metrics,
     )
     result = trainer.fit()

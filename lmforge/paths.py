@@ -1,0 +1,34 @@
+"""Where each stage reads and writes, and the names it registers: the one place a path changes.
+
+dvc.yaml restates these paths for DVC (it cannot import Python); tests/test_paths.py fails when the
+two disagree. Paths are relative to the repository root, where every stage runs.
+"""
+
+from pathlib import Path
+
+CORPUS = Path("data/corpus")  # where data.source: files looks by default
+RAW_DOCUMENTS = Path("data/raw/documents.parquet")
+RAW_STATS = Path("data/raw/stats.json")
+CLEAN_DOCUMENTS = Path("data/clean/documents.parquet")
+CLEAN_STATS = Path("data/clean/stats.json")
+REJECTED_SAMPLES = Path("data/clean/rejected_samples.jsonl")
+TOKENIZER = Path("data/tokenizer/tokenizer.json")
+TOKENIZER_STATS = Path("data/tokenizer/stats.json")
+SHARDS = Path("data/shards")
+FINETUNE_DATA = Path("data/finetune")  # the built-in tasks: <task>_{train,test}.jsonl + stats.json
+
+PRETRAINED = Path("models/pretrain")
+PRETRAINED_HF = Path("models/pretrain_hf")
+FINETUNED = Path("models/finetune")
+PRETRAIN_CHECKPOINTS = Path("checkpoints/pretrain")
+FINETUNE_CHECKPOINTS = Path("checkpoints/finetune")
+
+PRETRAIN_REPORTS = Path("reports/pretrain")
+FINETUNE_REPORTS = Path("reports/finetune")
+REPORTS = Path("reports")
+FIGURES = REPORTS / "figures"  # task-dependent files: one DVC output whatever the task
+
+# The MLflow model registry.
+PRETRAINED_MODEL = "lmforge-pretrain"
+FINETUNED_MODEL = "lmforge-finetune"
+CANDIDATE_ALIAS = "candidate"
