@@ -1,5 +1,6 @@
-"""The one MLflow helper every stage uses: open a run, log params, metrics, artifacts,
-and tag its lineage (git commit, stage, the hash of every input it read).
+"""The one MLflow helper every stage uses: open a run, log params, metrics, artifacts and models,
+tag its lineage (lmforge.lineage: git commit, the hash of every input), and degrade to one warning
+when the store is down, damaged or read-only.
 
 Embedded default: `sqlite:///mlflow.db` + `./mlruns` in the repository root (git-ignored);
 `MLFLOW_TRACKING_URI` points it at a tracking server instead.
@@ -9,22 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import os
 import socket
-import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel
 
 from lmforge.data.io import pid_alive
+from lmforge.lineage import git_commit, input_hashes
 from lmforge.redact import redact
 
 EXPERIMENT_NAME = "lmforge"
@@ -175,62 +174,6 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-def git_commit(root: Path) -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root, capture_output=True, text=True, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def _dvc_lock_hashes(root: Path) -> dict[str, str]:
-    """path -> md5 of every output recorded in dvc.lock (upstream stages have finished)."""
-    lock = root / "dvc.lock"
-    if not lock.is_file():
-        return {}
-    data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
-    hashes: dict[str, str] = {}
-    for stage in (data.get("stages") or {}).values():
-        for entry in stage.get("outs", []) + stage.get("deps", []):
-            if "md5" in entry:
-                hashes[os.path.normpath(entry["path"])] = entry["md5"]
-    return hashes
-
-
-def content_hash(path: Path) -> str:
-    """md5 of a file, or of a directory's sorted (relative path, file md5) list."""
-    if path.is_file():
-        digest = hashlib.md5()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
-    if path.is_dir():
-        listing = [
-            f"{file.relative_to(path).as_posix()} {content_hash(file)}"
-            for file in sorted(path.rglob("*"))
-            if file.is_file()
-        ]
-        return hashlib.md5("\n".join(listing).encode()).hexdigest() + ".dir"
-    return "missing"
-
-
-def input_hashes(inputs: list[str | Path], root: Path) -> dict[str, str]:
-    """The hash of each input: DVC's from dvc.lock when recorded there, else computed."""
-    recorded = _dvc_lock_hashes(root)
-    hashes = {}
-    for item in inputs:
-        key = os.path.normpath(str(item))
-        hashes[key] = recorded.get(key) or content_hash(root / key)
-    return hashes
 
 
 def _run_exists(run_id: str, experiment_id: str) -> bool:

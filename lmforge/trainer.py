@@ -30,7 +30,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model import IGNORE_INDEX
 from lmforge.parallelize import DistInfo, init_distributed
 from lmforge.params import TrainerParams
-from lmforge.runs import MARKER as RUN_MARKER, run_nonce
+from lmforge.resume import MARKER as RUN_MARKER, run_nonce
 from lmforge.throughput import mfu, peak_flops, peak_memory_mib
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class Trainer:
         # The last step's figures, checkpointed: a run resumed after it finished reports them again.
         self.train_loss: float | None = None
         self.val: dict[str, float] = {}
-        # The run directory's marker (lmforge.runs): if it vanishes mid-run, the directory was deleted.
+        # The run directory's marker (lmforge.resume): if it vanishes mid-run, the directory was deleted.
         marker = Path(checkpoint_dir) / RUN_MARKER if checkpoint_dir else None
         self._run_marker = marker if marker is not None and marker.is_file() else None
 

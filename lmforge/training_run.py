@@ -14,10 +14,11 @@ from typing import Any
 from pydantic import BaseModel
 from torch import nn
 
-from lmforge.metrics import CurveLog
+from lmforge.curves import CurveLog
 from lmforge.parallelize import DistInfo, barrier, destroy
-from lmforge.runs import claim_run_dir, remember_run_id
-from lmforge.tracking import StageRun, content_hash, stage_run
+from lmforge.resume import claim_run_dir, remember_run_id
+from lmforge.lineage import content_hash
+from lmforge.tracking import StageRun, stage_run
 
 # Tag of each registered model version: the md5 of the model.safetensors it was logged from
 # (how the evaluate stage finds the version of the weights it scored).

@@ -27,10 +27,11 @@ from lmforge.evaluation import (
 from lmforge.export import WEIGHTS, load_pretrained
 from lmforge.generate import sample_prompts
 from lmforge.finetune import check_labels, load_finetuned, read_examples
-from lmforge.metrics import unigram_entropy
+from lmforge.curves import unigram_entropy
 from lmforge.model import Transformer
 from lmforge.params import Params, load_params
-from lmforge.tracking import StageRun, content_hash, stage_run
+from lmforge.lineage import content_hash
+from lmforge.tracking import StageRun, stage_run
 from lmforge.training_run import WEIGHTS_TAG
 
 log = logging.getLogger("stages.evaluate")

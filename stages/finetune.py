@@ -26,12 +26,12 @@ from lmforge.finetune import (
     encode_texts, is_peft, label_set, load_finetuned, merged_model, read_examples, special_ids,
     split_train_val, task_spec,
 )
-from lmforge.metrics import write_csv
+from lmforge.curves import write_csv
 from lmforge.model import build_model
 from lmforge.parallelize import apply_fsdp, init_distributed
 from lmforge.params import FinetuneParams, load_params
-from lmforge.runs import result_knobs
-from lmforge.tracking import content_hash
+from lmforge.resume import result_knobs
+from lmforge.lineage import content_hash
 from lmforge.trainer import Examples, Trainer
 from lmforge.training_run import register, training_run
 

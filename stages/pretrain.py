@@ -20,11 +20,11 @@ from lmforge.data.io import atomic_path, write_json
 from lmforge.data.shards import ShardReader
 from lmforge.export import export_hf_llama, load_pretrained, save_pretrained
 from lmforge.generate import sample_prompts
-from lmforge.metrics import CurveLog, plot_loss, unigram_entropy, write_csv
+from lmforge.curves import CurveLog, plot_loss, unigram_entropy, write_csv
 from lmforge.model import Transformer, build_config
 from lmforge.parallelize import apply_activation_checkpointing, apply_compile, apply_fsdp, init_distributed
 from lmforge.params import GenerateParams, Params, load_params
-from lmforge.runs import result_knobs
+from lmforge.resume import result_knobs
 from lmforge.trainer import PackedRows, Trainer
 from lmforge.training_run import register, training_run
 

@@ -25,7 +25,7 @@ from lmforge.checkpoint import CheckpointManager
 from lmforge.data.io import sweep_stale_temps, write_json
 from lmforge.errors import LmforgeError
 from lmforge.params import DataParams, parse_params
-from lmforge.runs import claim_run_dir
+from lmforge.resume import claim_run_dir
 from lmforge.tracking import LOGGING_FAILED_MARKER, stage_run
 from lmforge.params import TrainerParams
 from lmforge.trainer import PackedRows, Trainer

@@ -25,7 +25,7 @@ from lmforge.data.tokenizer import file_sha256, load_tokenizer, save_tokenizer, 
 from lmforge.errors import LmforgeError
 from lmforge.evaluation import write_per_class_csv
 from lmforge.finetune import encode_sft, encode_texts, read_examples, special_ids
-from lmforge.metrics import write_csv
+from lmforge.curves import write_csv
 from lmforge.params import DataParams, FinetuneParams, TokenizerParams
 
 from conftest import make_repo, make_texts, run, write_params

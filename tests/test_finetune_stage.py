@@ -12,7 +12,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from lmforge.finetune import load_finetuned
-from lmforge.tracking import content_hash
+from lmforge.lineage import content_hash
 
 from conftest import TINY_PARAMS, run
 

@@ -2,7 +2,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lmforge.params import DataParams
-from lmforge.tracking import content_hash, flatten, input_hashes, stage_run
+from lmforge.lineage import content_hash, input_hashes
+from lmforge.tracking import flatten, stage_run
 
 
 def test_flatten_nests_keys_with_dots():

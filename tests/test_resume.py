@@ -2,7 +2,7 @@ import pytest
 
 from lmforge.errors import LmforgeError
 from lmforge.params import PretrainParams
-from lmforge.runs import claim_run_dir, remember_run_id, result_knobs
+from lmforge.resume import claim_run_dir, remember_run_id, result_knobs
 
 
 def test_same_fingerprint_keeps_checkpoints_and_returns_the_mlflow_run(tmp_path):
