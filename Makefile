@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # DVC stages call `python -m stages.<name>`: make that the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test bench clean-outputs
+.PHONY: setup run test bench ui clean-outputs
 
 # Reinstall only when pyproject.toml or the torch spec changed (idempotent set-up).
 setup:
@@ -35,6 +35,11 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The MLflow UI on the embedded store; open the runs table it prints (not the Traces page).
+ui: setup
+	@echo "MLflow runs: http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 bench: setup
 	$(BIN)/python bench/data_prep.py

@@ -27,6 +27,13 @@ from lmforge.lineage import git_commit, input_hashes
 from lmforge.redact import redact
 
 EXPERIMENT_NAME = "lmforge"
+EXPERIMENT_DESCRIPTION = (
+    "lmforge: raw text to an evaluated language model. One run per DVC stage (ingest, clean, tokenize, "
+    "pretrain, finetune_data, finetune, evaluate), each metric named `<stage>/<metric>`; runs of the Prefect "
+    "flow nest under a `pipeline` run. Models: `lmforge-pretrain`, `lmforge-finetune` (alias `candidate`)."
+)
+# The runs table (the UI opens on traces otherwise): `<ui>/#/experiments/<id>/...`
+RUNS_TABLE = "#/experiments/{id}/runs?workflowType=machine_learning"
 logger = logging.getLogger(__name__)
 
 # Set by the Prefect flow (flows/pipeline.py) in the environment of each stage it runs: the stage's
@@ -159,9 +166,19 @@ def _ensure_experiment(root: Path) -> str:
                 relocate_local_store(root / "mlflow.db", old_store, location)
         return experiment.experiment_id
     try:
-        return mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=location)
+        return mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=location,
+                                        tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION})
     except mlflow.exceptions.MlflowException:  # created concurrently by another stage
         return mlflow.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
+
+
+def runs_table_link(experiment_id: str) -> str:
+    """Where to see the runs: the server's runs table, or how to open the local store's."""
+    page = RUNS_TABLE.format(id=experiment_id)
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")):
+        return redact(f"{uri.rstrip('/')}/{page}")
+    return f"`make ui` (mlflow ui --backend-store-uri sqlite:///mlflow.db), then http://127.0.0.1:5000/{page}"
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -209,8 +226,8 @@ class StageRun:
     stage goes on: `failed` is then True and every later call does nothing.
     """
 
-    def __init__(self, run_id: str | None) -> None:
-        self.run_id = run_id
+    def __init__(self, run_id: str | None, stage: str = "", experiment_id: str | None = None) -> None:
+        self.run_id, self.stage, self.experiment_id = run_id, stage, experiment_id
         self.failed = run_id is None
 
     @_guarded
@@ -223,13 +240,29 @@ class StageRun:
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         import mlflow
 
+        # Named `<stage>/<metric>`: a chart compares like with like (the LM's val_loss is not the
+        # classifier's), and the runs table groups each stage's figures.
         numeric = {
-            key: float(value)
+            f"{self.stage}/{key}" if self.stage else key: float(value)
             for key, value in flatten(metrics).items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)
         }
         if numeric:
             mlflow.log_metrics(numeric, step=step)
+
+    @_guarded
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Counts and constants of the run (parameters, world size, ...): not metrics, no steps."""
+        import mlflow
+
+        mlflow.set_tags({key: str(value) for key, value in tags.items() if value is not None})
+
+    @_guarded
+    def describe(self, text: str) -> None:
+        """The run's description in the MLflow UI (markdown): what the stage did, its key figures."""
+        import mlflow
+
+        mlflow.set_tag("mlflow.note.content", text)
 
     @_guarded
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -244,8 +277,10 @@ class StageRun:
         mlflow.log_dict(dict(data), name)
 
     @_guarded
-    def log_torch_model(self, model: Any, registered_name: str, name: str = "model") -> Any:
-        """Log a plain torch module (pytorch flavor) and register a new version of it.
+    def log_torch_model(self, model: Any, registered_name: str, signature: Any = None, input_example: Any = None,
+                        description: str | None = None) -> Any:
+        """Log a plain torch module (pytorch flavor), named like its registered model, and register
+        a new version of it (with `description`, when given, on the registered model).
 
         Pickle serialization with lmforge's source bundled (`code_paths`), so
         `mlflow.pytorch.load_model("models:/<name>/<version>")` works without lmforge installed.
@@ -255,9 +290,19 @@ class StageRun:
 
         import lmforge
 
+        if description:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient()
+            try:
+                client.create_registered_model(registered_name, description=description)
+            except mlflow.exceptions.MlflowException:  # it exists: keep its description current
+                client.update_registered_model(registered_name, description=description)
         return mlflow.pytorch.log_model(
             model,
-            name=name,
+            name=registered_name,
+            signature=signature,
+            input_example=input_example,
             serialization_format="pickle",
             pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy", "safetensors"],
             code_paths=[str(Path(lmforge.__file__).parent)],
@@ -271,6 +316,12 @@ class StageRun:
         client = MlflowClient()
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
+
+    @_guarded
+    def describe_model_version(self, name: str, version: str, text: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().update_model_version(name, version, description=text)
 
     @_guarded
     def set_model_alias(self, name: str, alias: str, version: str) -> None:
@@ -312,7 +363,7 @@ def mark_orphans_killed(client: Any, experiment_id: str) -> list[str]:
 @contextmanager
 def stage_run(
     stage: str,
-    params: Mapping[str, BaseModel],
+    params: Mapping[str, BaseModel | Mapping[str, Any]],
     inputs: list[str | Path],
     root: Path | None = None,
     resume_run_id: str | None = None,
@@ -331,7 +382,7 @@ def stage_run(
     problem = probe_store(root)
     if problem:
         report_logging_failure(problem, root)
-        yield StageRun(None)
+        yield StageRun(None, stage)
         return
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -348,8 +399,9 @@ def stage_run(
     if os.environ.get(FLOW_RUN_ENV):
         tags["lmforge.prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
     flat_params = {}
-    for section, model in params.items():
-        flat_params.update(flatten(model.model_dump(mode="json"), f"{section}."))
+    for section, values in params.items():
+        dumped = values.model_dump(mode="json") if isinstance(values, BaseModel) else dict(values)
+        flat_params.update(flatten(dumped, f"{section}."))
     # MLflow params are strings of bounded length; lists and dicts become JSON.
     logged = {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flat_params.items()}
     errors = _tracking_errors()
@@ -368,9 +420,10 @@ def stage_run(
         report_logging_failure(exc, root)
         run = None
     if run is None:
-        yield StageRun(None)
+        yield StageRun(None, stage)
         return
-    handle = StageRun(run.info.run_id)
+    handle = StageRun(run.info.run_id, stage, run.info.experiment_id)
+    logger.info("MLflow run %s/%s: %s", stage, run.info.run_id, runs_table_link(run.info.experiment_id))
     handle.log_params(logged)
     handle.log_dict({"stage": stage, "inputs": hashes}, "lineage.json")
     status = "FINISHED"

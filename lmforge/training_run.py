@@ -44,7 +44,7 @@ class TrainingRun:
 
 @contextlib.contextmanager
 def training_run(stage: str, info: DistInfo, checkpoints: Path, fingerprint: dict[str, Any], resume: str,
-                 sections: Mapping[str, BaseModel], inputs: list[str | Path],
+                 sections: Mapping[str, BaseModel | Mapping[str, Any]], inputs: list[str | Path],
                  renames: Mapping[str, str] | None = None) -> Iterator[TrainingRun]:
     """Keep `checkpoints` for this same run (fingerprint) or start it fresh, then open the stage's
     MLflow run on rank 0; every rank enters, and leaves with the process group destroyed."""
@@ -59,11 +59,30 @@ def training_run(stage: str, info: DistInfo, checkpoints: Path, fingerprint: dic
     destroy()
 
 
-def register(run: StageRun, model: nn.Module, name: str, weights: Path) -> str | None:
-    """A new registered version of `model` named `name`, tagged with the md5 of `weights`; None when
-    tracking is down."""
-    logged = run.log_torch_model(model, name)
+def model_signature(inputs: dict[str, tuple[str, tuple[int, ...]]], outputs: dict[str, tuple[str, tuple[int, ...]]]) -> Any:
+    """An MLflow signature from {name: (numpy dtype, shape)} of the tensors in and out (-1: any size)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    def schema(tensors: dict[str, tuple[str, tuple[int, ...]]]) -> Schema:
+        return Schema([TensorSpec(np.dtype(dtype), shape, name) for name, (dtype, shape) in tensors.items()])
+
+    return ModelSignature(inputs=schema(inputs), outputs=schema(outputs))
+
+
+def register(run: StageRun, model: nn.Module, name: str, weights: Path, *, description: str,
+             figures: Mapping[str, float | None], signature: Any = None, input_example: Any = None) -> str | None:
+    """A new registered version of `model` named `name`, described, tagged with the md5 of `weights`
+    (how evaluate finds it) and with its own `figures`; None when tracking is down."""
+    logged = run.log_torch_model(model, name, signature=signature, input_example=input_example,
+                                 description=description)
     version = getattr(logged, "registered_model_version", None)
-    if version is not None:
-        run.tag_model_version(name, str(version), {WEIGHTS_TAG: content_hash(weights)})
-    return None if version is None else str(version)
+    if version is None:
+        return None
+    shown = {key: value for key, value in figures.items() if value is not None}
+    run.tag_model_version(name, str(version), {WEIGHTS_TAG: content_hash(weights), "lmforge.run_id": str(run.run_id),
+                                               **{f"{run.stage}.{k}": f"{v:.6g}" for k, v in shown.items()}})
+    run.describe_model_version(name, str(version), f"From the `{run.stage}` run {run.run_id}: " +
+                               ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    return str(version)

@@ -37,8 +37,12 @@ def main() -> None:
         write_json(paths.CLEAN_STATS, stats)
         samples = [row for rows in cleaner.stats.rejected_samples.values() for row in rows]
         write_jsonl(paths.REJECTED_SAMPLES, samples)
-        run.log_metrics(stats)
+        run.log_metrics({k: stats[k] for k in ("documents_out", "kept_document_fraction", "kept_byte_fraction",
+                                                 "mb_per_s")})
         run.log_artifact(paths.CLEAN_STATS)
+        run.describe(f"Clean: kept {stats['documents_out']:,} of {stats['documents_in']:,} documents "
+                     f"({stats['kept_document_fraction']:.1%}) after the quality filters and dedup; what each "
+                     "step dropped is in stats.json, examples in rejected_samples.jsonl.")
         run.log_artifact(paths.REJECTED_SAMPLES)
         if stats["documents_out"] == 0:
             raise LmforgeError(

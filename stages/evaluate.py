@@ -120,8 +120,12 @@ def tag_candidate(run: StageRun, metrics: dict[str, Any]) -> str | None:
     if version is None:
         return None
     run.set_model_alias(paths.FINETUNED_MODEL, paths.CANDIDATE_ALIAS, version)
-    tags = {f"eval.{key}": f"{value:.6g}" for key, value in metrics.items() if isinstance(value, (int, float))}
+    # The fine-tuned model's own test figures only: val_loss/perplexity are the pretrained LM's.
+    own = {key: value for key, value in metrics.items()
+           if (key in ("accuracy", "macro_f1", "weighted_f1") or key.startswith("sft_")) and isinstance(value, (int, float))}
+    tags = {f"eval.{key}": f"{value:.6g}" for key, value in own.items()}
     run.tag_model_version(paths.FINETUNED_MODEL, version, {**tags, "eval.run_id": str(run.run_id)})
+    run.set_tags({"lmforge.evaluated_model": f"models:/{paths.FINETUNED_MODEL}/{version}"})
     return version
 
 
@@ -159,7 +163,16 @@ def main() -> None:
             run.log_artifact(paths.REPORTS / name, "reports")
         for path in sorted(paths.FIGURES.glob("*")):
             run.log_artifact(path, "reports/figures")
+        if "pretraining loss" in images:  # report.md's links resolve inside MLflow too
+            run.log_artifact(paths.PRETRAIN_REPORTS / "loss.png", "reports/pretrain")
         version = tag_candidate(run, metrics)
+        quality = (f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} (majority "
+                   f"{metrics['baselines']['majority_accuracy']:.3f}, bag of words "
+                   f"{metrics['baselines']['bag_of_words_accuracy']:.3f})" if classify is not None else
+                   ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("sft_")))
+        run.describe(f"Evaluate `{paths.FINETUNED_MODEL}` version {version} (alias `{paths.CANDIDATE_ALIAS}`) on "
+                     f"{params.finetune.test_file}: {quality}. Pretrained LM: val loss {metrics['val_loss']:.3f} "
+                     f"vs unigram {metrics['baselines']['unigram_entropy']:.3f}. Full report: reports/report.md.")
         log.info("%s; candidate version %s", json.dumps({k: v for k, v in metrics.items() if k != "baselines"}), version)
 
 

@@ -33,7 +33,7 @@ from lmforge.params import FinetuneParams, load_params
 from lmforge.resume import result_knobs
 from lmforge.lineage import content_hash
 from lmforge.trainer import Examples, Trainer
-from lmforge.training_run import register, training_run
+from lmforge.training_run import model_signature, register, training_run
 
 log = logging.getLogger("stages.finetune")
 
@@ -181,10 +181,29 @@ def main() -> None:
         columns = ["step", "train_loss", "lr", "val_loss"] + (["val_accuracy"] if fp.task == "classify" else [])
         write_csv(REPORTS / "curve.csv", records, columns, blank_missing=True)
         write_json(REPORTS / "metrics.json", summary)  # the same whether tracking is up or down
-        register(run, load_finetuned(MODEL_DIR).model, paths.FINETUNED_MODEL, MODEL_DIR / "model.safetensors")
-        per_step = {"steps", "train_loss"}
-        run.log_metrics({k: v for k, v in summary.items() if k not in per_step and v is not None
-                         and not isinstance(v, (bool, str))}, step=result.step)
+        quality = {k: summary.get(k) for k in ("best_val_loss", "final_val_loss", "best_val_accuracy",
+                                                 "final_val_accuracy") if summary.get(k) is not None}
+        run.log_metrics(quality, step=result.step)
+        run.set_tags({f"lmforge.{k}": summary.get(k) for k in ("steps", "best_step", "stopped_early", "trainable_params",
+                                                               "total_params", "train_examples", "val_examples",
+                                                               "world_size", "n_labels")})
+        if fp.task == "classify":
+            signature = model_signature({"input_ids": ("int64", (-1, -1)), "lengths": ("int64", (-1,))},
+                                        {"logits": ("float32", (-1, len(labels)))})
+            what = f"a {len(labels)}-way classifier ({', '.join(labels)}): token ids + lengths -> logits"
+        else:
+            signature = model_signature({"input_ids": ("int64", (-1, -1))},
+                                        {"logits": ("float32", (-1, -1, config.vocab_size))})
+            what = "an SFT language model: prompt + separator -> response"
+        register(run, load_finetuned(MODEL_DIR).model, paths.FINETUNED_MODEL, MODEL_DIR / "model.safetensors",
+                 description=f"lmforge's fine-tuned model ({fp.method}): {what}. Load it with "
+                             "lmforge.finetune.load_finetuned on the DVC output, or mlflow.pytorch.load_model.",
+                 figures=quality, signature=signature)
+        best_value = best.get(fp.early_stopping_metric)
+        run.describe(f"Fine-tune ({fp.task}, {fp.method}) from models/pretrain for {result.step} steps on "
+                     f"{data['n_train']:,} examples: best {fp.early_stopping_metric} "
+                     f"{best_value if best_value is None else round(best_value, 4)} at step {result.best_step}; "
+                     f"{trainable:,} of {total:,} parameters trained. Test figures: the evaluate run.")
         for name in ("metrics.json", "curve.csv"):
             run.log_artifact(REPORTS / name, "reports")
         run.log_artifact(MODEL_DIR / "config.json", "model_config")

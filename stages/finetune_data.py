@@ -49,8 +49,11 @@ def main() -> None:
             "sft": {"train": len(sft_train), "test": len(sft_test)},
         }
         write_json((paths.FINETUNE_DATA / "stats.json"), stats)
-        run.log_metrics(stats)
-        run.log_artifact((paths.FINETUNE_DATA / "stats.json"))
+        run.log_metrics({"classify_train": len(train), "classify_test": len(test), "sft_train": len(sft_train),
+                         "sft_test": len(sft_test)})
+        run.log_artifact(paths.FINETUNE_DATA / "stats.json")
+        run.describe(f"Built-in tasks: classify ({len(labels)} packages, {len(train):,} train / {len(test):,} test "
+                     f"docstrings), SFT ({len(sft_train):,} / {len(sft_test):,} signature -> summary pairs).")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import json
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -26,7 +27,7 @@ from lmforge.parallelize import apply_activation_checkpointing, apply_compile, a
 from lmforge.params import GenerateParams, Params, load_params
 from lmforge.resume import result_knobs
 from lmforge.trainer import PackedRows, Trainer
-from lmforge.training_run import register, training_run
+from lmforge.training_run import model_signature, register, training_run
 
 log = logging.getLogger("stages.pretrain")
 
@@ -76,7 +77,8 @@ def main() -> None:
         compute_dtype = PRECISION_DTYPES[params.pretrain.precision]
         apply_fsdp(model, param_dtype=compute_dtype if info.device.type == "cuda" else torch.float32)
 
-    sections = {"model": params.model, "pretrain": params.pretrain}
+    # MLflow shows the resolved shape (dim 256, not the params' null = "the preset's").
+    sections = {"model": {"preset": params.model.preset, **config.to_dict()}, "pretrain": params.pretrain}
     with training_run("pretrain", info, paths.PRETRAIN_CHECKPOINTS, run_fingerprint(params, train.manifest),
                       params.pretrain.resume, sections, [paths.SHARDS, paths.TOKENIZER]) as tr:
         trainer = Trainer(model, params.pretrain, PackedRows(train, val), dist_info=info,
@@ -105,12 +107,24 @@ def main() -> None:
         samples = sample_prompts(plain, Tokenizer.from_file(str(paths.TOKENIZER)), params.generate, train.eos_id)
         write_reports(tr.curve, result.step, summary, samples, params.generate)
         # The losses are already in the per-step history; the rest lands at the final step.
-        per_step = {"steps", "train_loss", "val_loss"}
-        tr.run.log_metrics({k: v for k, v in summary.items() if k not in per_step and v is not None}, step=result.step)
+        final = ("val_perplexity", "unigram_entropy", "val_loss_vs_unigram", "tokens_per_s")
+        tr.run.log_metrics({k: summary[k] for k in final if summary[k] is not None}, step=result.step)
+        tr.run.set_tags({f"lmforge.{k}": summary[k] for k in ("steps", "tokens_seen", "parameters", "world_size")})
+        figures = f"val loss {summary['val_loss']:.3f} nats/token (perplexity {summary['val_perplexity']:.1f})" \
+            if result.val_loss is not None else "no validation"
+        tr.run.describe(f"Pretrain `{params.model.preset}` ({config.num_params() / 1e6:.2f} M parameters) for "
+                        f"{result.step} steps, {result.tokens_seen:,} tokens: {figures} against a unigram entropy "
+                        f"of {baseline:.3f}. Curves: reports/; samples: reports/samples.md.")
         for name in ("metrics.json", "loss.png", "samples.md", "train_curve.csv", "val_curve.csv"):
             tr.run.log_artifact(REPORTS / name, "reports")
         tr.run.log_artifact(paths.PRETRAINED / "config.json", "model_config")
-        register(tr.run, plain, paths.PRETRAINED_MODEL, paths.PRETRAINED / "model.safetensors")
+        register(tr.run, plain, paths.PRETRAINED_MODEL, paths.PRETRAINED / "model.safetensors",
+                 description="lmforge's pretrained decoder (Llama-style): token ids (batch, time) -> next-token "
+                             "logits (batch, time, vocab). Tokenizer: tokenizer.json beside the weights.",
+                 figures={"val_loss": result.val_loss, "val_perplexity": result.val_ppl},
+                 signature=model_signature({"input_ids": ("int64", (-1, -1))},
+                                           {"logits": ("float32", (-1, -1, config.vocab_size))}),
+                 input_example=np.full((1, 8), train.eos_id, dtype=np.int64))
         log.info("val loss %.3f (unigram entropy %.3f), %s", result.val_loss or float("nan"), baseline,
                  json.dumps(samples[0]))
 

@@ -33,7 +33,11 @@ def main() -> None:
         summary = encode_to_shards(paths.CLEAN_DOCUMENTS, tokenizer, file_sha256(paths.TOKENIZER), tok_params, val_fraction, paths.SHARDS)
         stats = {"tokenizer_train_seconds": round(train_seconds, 3), **summary}
         write_json(paths.TOKENIZER_STATS, stats)
-        run.log_metrics(stats)
+        run.log_metrics({"train_tokens": stats["train.tokens"], "val_tokens": stats["val.tokens"],
+                         "bytes_per_token": stats["bytes_per_token"], "tokens_per_s": stats["tokens_per_s"]})
+        run.describe(f"Tokenize: byte-level BPE of {stats['vocab_size']:,} tokens; {stats['train.tokens']:,} train "
+                     f"and {stats['val.tokens']:,} val tokens in rows of {tok_params.seq_len + 1} "
+                     f"({stats['bytes_per_token']:.2f} bytes/token).")
         for path in (paths.TOKENIZER_STATS, paths.SHARDS / "manifest.json", paths.TOKENIZER):
             run.log_artifact(path)
 

@@ -46,7 +46,10 @@ def test_finetuned_model_is_registered_with_the_candidate_alias_and_its_figures(
     runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
     evaluate = next(r for r in runs if r.info.run_name == "evaluate")
     assert version.tags["eval.run_id"] == evaluate.info.run_id
-    assert evaluate.data.metrics["accuracy"] == metrics["accuracy"]
+    assert evaluate.data.metrics["evaluate/accuracy"] == metrics["accuracy"]
+    assert evaluate.data.tags["lmforge.evaluated_model"] == f"models:/lmforge-finetune/{version.version}"
+    assert "eval.val_loss" not in version.tags  # the pretrained LM's figure, not the classifier's
+    assert "accuracy" in evaluate.data.tags["mlflow.note.content"]
 
 
 def test_sft_task_reports_text_metrics_and_perplexity(tiny_repo, tmp_path):

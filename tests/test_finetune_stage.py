@@ -67,7 +67,7 @@ def test_stage_fine_tunes_a_classifier_exports_it_and_registers_a_version(finetu
     config = json.loads((tiny_repo / "models/finetune/config.json").read_text())
     assert {"task", "method", "labels", "pooling", "max_length", "prompt_separator", "dim"} <= set(config)
     (run_,) = _finetune_runs(tiny_repo)
-    history = _client(tiny_repo).get_metric_history(run_.info.run_id, "train_loss")
+    history = _client(tiny_repo).get_metric_history(run_.info.run_id, "finetune/train_loss")
     assert sorted(m.step for m in history) == list(range(1, metrics["steps"] + 1))
     (version,) = _client(tiny_repo).search_model_versions(f"name = 'lmforge-finetune' and run_id = '{run_.info.run_id}'")
     assert version.tags["lmforge.weights_md5"] == content_hash(tiny_repo / "models/finetune/model.safetensors")

@@ -61,10 +61,11 @@ def test_hf_export_from_the_stage_matches_our_logits(tiny_repo):
 def test_mlflow_run_has_the_loss_at_every_step_and_a_registered_model(tiny_repo):
     (run_,) = _runs(tiny_repo, "pretrain")
     client = _client(tiny_repo)
-    history = client.get_metric_history(run_.info.run_id, "train_loss")
+    history = client.get_metric_history(run_.info.run_id, "pretrain/train_loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
-    assert sorted(m.step for m in client.get_metric_history(run_.info.run_id, "val_loss")) == [3, 6]
-    assert run_.data.metrics["unigram_entropy"] > 0
+    assert sorted(m.step for m in client.get_metric_history(run_.info.run_id, "pretrain/val_loss")) == [3, 6]
+    assert run_.data.metrics["pretrain/unigram_entropy"] > 0
+    assert run_.data.params["model.dim"] == "32" and run_.data.tags["lmforge.parameters"].isdigit()
     assert run_.data.params["pretrain.max_steps"] == "6"
     versions = client.search_model_versions("name='lmforge-pretrain'")
     assert len(versions) == 1 and versions[0].run_id == run_.info.run_id
@@ -97,7 +98,7 @@ def test_two_ranks_under_torchrun_log_one_run_then_resume_at_one_rank(trained_re
     assert "at step 3" in result.stderr
     (again,) = _runs(root, "pretrain")
     assert again.info.run_id == first.info.run_id
-    steps = [m.step for m in _client(root).get_metric_history(first.info.run_id, "train_loss")]
+    steps = [m.step for m in _client(root).get_metric_history(first.info.run_id, "pretrain/train_loss")]
     assert sorted(set(steps)) == list(range(1, 7))
     assert json.loads((root / "reports/pretrain/metrics.json").read_text())["world_size"] == 1
 
@@ -131,7 +132,7 @@ def test_killed_stage_resumes_from_its_checkpoint_in_the_same_run(trained_ready)
     curve = (root / "reports/pretrain/train_curve.csv").read_text().splitlines()[1:]
     assert [int(line.split(",")[0]) for line in curve] == list(range(1, 17))
     (only,) = _runs(root, "pretrain")
-    steps = {m.step for m in _client(root).get_metric_history(only.info.run_id, "train_loss")}
+    steps = {m.step for m in _client(root).get_metric_history(only.info.run_id, "pretrain/train_loss")}
     assert steps == set(range(1, 17))
 
 

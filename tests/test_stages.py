@@ -55,11 +55,11 @@ def test_each_stage_logs_one_mlflow_run_with_metrics_and_lineage(tiny_repo):
     experiment = client.get_experiment_by_name("lmforge")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert {"ingest", "clean", "tokenize"} <= set(runs)
-    assert runs["ingest"].data.metrics["documents"] == 200
-    assert runs["clean"].data.metrics["documents_out"] > 0
-    assert "steps.exact_dedup.dropped" in runs["clean"].data.metrics
+    assert runs["ingest"].data.metrics["ingest/documents"] == 200
+    assert runs["clean"].data.metrics["clean/documents_out"] > 0
+    assert len(runs["clean"].data.metrics) <= 6  # the figures worth comparing; the counts are in stats.json
     tokenize = runs["tokenize"]
-    assert tokenize.data.metrics["tokens_per_s"] > 0 and tokenize.data.metrics["mb_per_s"] > 0
+    assert tokenize.data.metrics["tokenize/tokens_per_s"] > 0 and tokenize.data.metrics["tokenize/train_tokens"] > 0
     assert tokenize.data.params["tokenizer.vocab_size"] == "320"
     assert len(tokenize.data.tags["mlflow.source.git.commit"]) >= 40
     # The input hash is DVC's, read from dvc.lock: lineage the user can check with `dvc status`.

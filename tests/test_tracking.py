@@ -35,7 +35,7 @@ def test_tracking_uri_from_the_environment_is_used(tmp_path, monkeypatch):
         run.log_metrics({"documents": 3, "nested": {"x": 1.5}, "label": "skipped"})
     runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("lmforge").experiment_id])
     assert len(runs) == 1 and runs[0].info.run_name == "ingest"
-    assert runs[0].data.metrics == {"documents": 3.0, "nested.x": 1.5}
+    assert runs[0].data.metrics == {"ingest/documents": 3.0, "ingest/nested.x": 1.5}
     assert runs[0].data.params["data.source"] == "builtin"
     assert not (tmp_path / "mlflow.db").exists()
 
@@ -49,3 +49,26 @@ def test_failed_stage_marks_its_run_failed(tmp_path, monkeypatch):
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_every_run_and_registered_model_reads_well_in_the_ui(tiny_repo):
+    """After `dvc repro`: the experiment, each stage's run, both registered models and their
+    versions carry descriptions; each stage's metrics are its own (`<stage>/...`), so no name
+    means two things; each registered version carries its own figures."""
+    client = MlflowClient(f"sqlite:///{tiny_repo}/mlflow.db")
+    experiment = client.get_experiment_by_name("lmforge")
+    assert experiment.tags.get("mlflow.note.content")
+    assert experiment.artifact_location.startswith("file://")
+    runs = client.search_runs([experiment.experiment_id])
+    stages = {r.info.run_name for r in runs}
+    assert {"ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate"} <= stages
+    for run in runs:
+        assert run.data.tags.get("mlflow.note.content"), run.info.run_name
+        assert all(name.startswith(f"{run.info.run_name}/") for name in run.data.metrics), run.info.run_name
+    for name in ("lmforge-pretrain", "lmforge-finetune"):
+        assert client.get_registered_model(name).description
+        (version,) = client.search_model_versions(f"name = '{name}'")[:1]
+        assert version.description and version.tags["lmforge.weights_md5"]
+        assert any(key.endswith("val_loss") for key in version.tags)
+        logged = client.get_logged_model(version.model_id) if getattr(version, "model_id", None) else None
+        assert logged is None or logged.name == name
