@@ -354,6 +354,8 @@ def render_report_md(
     samples: list[dict[str, str]] | None = None,
     sampling: dict[str, Any] | None = None,
     images: dict[str, str] | None = None,
+    provenance: dict[str, Any] | None = None,
+    system: str = "fine-tuned model",
     title: str = "lmforge evaluation",
 ) -> str:
     """The human-readable report: a section per argument given, skipped when it is None.
@@ -363,16 +365,20 @@ def render_report_md(
         name -> {"accuracy", "macro_f1", ...}, tabled beside the model; sft: an `sft_report`;
         sft_examples: [{"prompt", "response", "reference"}]; samples: [{"prompt", "text"}]
         generated with `sampling` params; images: caption -> path relative to the report
-        ("confusion_matrix" is placed in the classification section, the rest under Figures).
+        ("confusion_matrix" is placed in the classification section, the rest under Figures);
+        provenance: what produced the figures (commit, runs, model version, method), tabled first;
+        system: the fine-tuned model's name in the tables (e.g. "fine-tuned lmforge (full)").
     """
     images = dict(images or {})
     parts = [f"# {title}"]
+    if provenance:
+        parts += [md_table(["provenance", ""], [[key, value] for key, value in provenance.items()])]
     if lm:
         parts += ["## Language modelling", "Mean next-token cross-entropy on held-out rows (lower is better).",
                   md_table(["model", "loss (nats/token)", "perplexity", "tokens"],
                            [[name, r.get("loss"), r.get("perplexity"), r.get("tokens")] for name, r in lm.items()])]
     if classification:
-        systems = {"model": classification, **(baselines or {})}
+        systems = {system: classification, **(baselines or {})}
         parts += ["## Classification", f"Test split: {classification['n']} examples.",
                   md_table(["system", "accuracy", "macro F1", "weighted F1"],
                            [[name, r.get("accuracy"), r.get("macro_f1"), r.get("weighted_f1")] for name, r in systems.items()])]

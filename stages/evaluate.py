@@ -30,7 +30,7 @@ from lmforge.finetune import check_labels, load_finetuned, read_examples
 from lmforge.curves import unigram_entropy
 from lmforge.model import Transformer
 from lmforge.params import Params, load_params
-from lmforge.lineage import content_hash
+from lmforge.lineage import content_hash, git_commit
 from lmforge.tracking import StageRun, stage_run
 from lmforge.training_run import WEIGHTS_TAG
 
@@ -129,6 +129,29 @@ def tag_candidate(run: StageRun, metrics: dict[str, Any]) -> str | None:
     return version
 
 
+def provenance(params: Params, run: StageRun, version: str | None) -> dict[str, Any]:
+    """What produced these figures: code, runs, model version, recipe (report.md's first table)."""
+    def run_of(checkpoints: Path) -> str:
+        marker = checkpoints / "run.json"
+        return (json.loads(marker.read_text()).get("mlflow_run_id") if marker.is_file() else None) or "not tracked"
+
+    finetune = json.loads((paths.FINETUNE_REPORTS / "metrics.json").read_text()) \
+        if (paths.FINETUNE_REPORTS / "metrics.json").is_file() else {}
+    pretrain = json.loads((paths.PRETRAIN_REPORTS / "metrics.json").read_text()) \
+        if (paths.PRETRAIN_REPORTS / "metrics.json").is_file() else {}
+    return {
+        "git commit": git_commit(Path.cwd()),
+        "pretrain": f"preset `{params.model.preset}`, {pretrain.get('steps', '?')} steps, MLflow run "
+                    f"`{run_of(paths.PRETRAIN_CHECKPOINTS)}`",
+        "fine-tune": f"{params.finetune.task} / {params.finetune.method}, {finetune.get('steps', '?')} steps, "
+                     f"MLflow run `{run_of(paths.FINETUNE_CHECKPOINTS)}`",
+        "model": f"`{paths.FINETUNED_MODEL}` version {version} (alias `{paths.CANDIDATE_ALIAS}`)" if version
+                 else "not registered (tracking down)",
+        "evaluate run": f"`{run.run_id}`" if run.run_id else "not tracked",
+        "test data": f"`{params.finetune.test_file}`",
+    }
+
+
 def main() -> None:
     params = load_params()
     inputs = [paths.PRETRAINED, paths.FINETUNED, paths.SHARDS, Path(params.finetune.test_file)]
@@ -152,9 +175,13 @@ def main() -> None:
         write_json(paths.REPORTS / "metrics.json", metrics)
         if (paths.PRETRAIN_REPORTS / "loss.png").is_file():
             images["pretraining loss"] = "pretrain/loss.png"
+        if (paths.FINETUNE_REPORTS / "loss.png").is_file():
+            images["fine-tuning loss"] = "finetune/loss.png"
+        version = tag_candidate(run, metrics)
         report = render_report_md(
             lm=lm, classification=classify, baselines=baselines, sft=sft, sft_examples=sft_examples,
             samples=samples, sampling=params.generate.model_dump(), images=images,
+            provenance=provenance(params, run, version), system=f"fine-tuned lmforge ({finetuned.meta.get('method')})",
         )
         with atomic_path(paths.REPORTS / "report.md") as tmp:
             tmp.write_text(report, encoding="utf-8")
@@ -163,9 +190,9 @@ def main() -> None:
             run.log_artifact(paths.REPORTS / name, "reports")
         for path in sorted(paths.FIGURES.glob("*")):
             run.log_artifact(path, "reports/figures")
-        if "pretraining loss" in images:  # report.md's links resolve inside MLflow too
-            run.log_artifact(paths.PRETRAIN_REPORTS / "loss.png", "reports/pretrain")
-        version = tag_candidate(run, metrics)
+        for caption, stage in (("pretraining loss", "pretrain"), ("fine-tuning loss", "finetune")):
+            if caption in images:  # report.md's links resolve inside MLflow too
+                run.log_artifact(paths.REPORTS / stage / "loss.png", f"reports/{stage}")
         quality = (f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} (majority "
                    f"{metrics['baselines']['majority_accuracy']:.3f}, bag of words "
                    f"{metrics['baselines']['bag_of_words_accuracy']:.3f})" if classify is not None else

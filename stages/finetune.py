@@ -26,7 +26,7 @@ from lmforge.finetune import (
     encode_texts, is_peft, label_set, load_finetuned, merged_model, read_examples, special_ids,
     split_train_val, task_spec,
 )
-from lmforge.curves import write_csv
+from lmforge.curves import plot_loss, write_csv
 from lmforge.model import build_model
 from lmforge.parallelize import apply_fsdp, init_distributed
 from lmforge.params import FinetuneParams, load_params
@@ -180,6 +180,7 @@ def main() -> None:
                            n_labels=len(labels))
         columns = ["step", "train_loss", "lr", "val_loss"] + (["val_accuracy"] if fp.task == "classify" else [])
         write_csv(REPORTS / "curve.csv", records, columns, blank_missing=True)
+        plot_loss(REPORTS / "loss.png", records, None, f"fine-tune ({fp.task}, {fp.method})")
         write_json(REPORTS / "metrics.json", summary)  # the same whether tracking is up or down
         quality = {k: summary.get(k) for k in ("best_val_loss", "final_val_loss", "best_val_accuracy",
                                                  "final_val_accuracy") if summary.get(k) is not None}
@@ -204,7 +205,7 @@ def main() -> None:
                      f"{data['n_train']:,} examples: best {fp.early_stopping_metric} "
                      f"{best_value if best_value is None else round(best_value, 4)} at step {result.best_step}; "
                      f"{trainable:,} of {total:,} parameters trained. Test figures: the evaluate run.")
-        for name in ("metrics.json", "curve.csv"):
+        for name in ("metrics.json", "curve.csv", "loss.png"):
             run.log_artifact(REPORTS / name, "reports")
         run.log_artifact(MODEL_DIR / "config.json", "model_config")
         if (MODEL_DIR / "adapter").is_dir():

@@ -250,7 +250,7 @@ def test_report_md_has_the_tables_and_escapes_cells():
     assert "| model | loss (nats/token) | perplexity | tokens |" in md
     assert "| pretrained | 2.0000 | 7.3891 | 1000 |" in md
     assert "| unigram baseline | 4.5000 | 90.0171 | – |" in md
-    assert "| model | 0.6000 |" in md and "| majority | 0.3000 | 0.1000 | – |" in md
+    assert "| fine-tuned model | 0.6000 |" in md and "| majority | 0.3000 | 0.1000 | – |" in md
     assert "| dog | 0.0000 | 0.0000 | 0.0000 | 2 |" in md
     assert "![confusion matrix](plots/confusion.png)" in md and "![loss curve](plots/loss.png)" in md
     assert "| 1 | say \\| hi | x \\| y<br>z &lt;\\|endoftext\\|> | x y |" in md
@@ -265,3 +265,12 @@ def test_report_md_skips_sections_not_given():
     md = render_report_md(lm={"pretrained": {"loss": 1.0, "perplexity": math.e, "tokens": 10}})
     assert "## Language modelling" in md
     assert "Classification" not in md and "SFT" not in md and "Samples" not in md
+
+
+def test_report_md_leads_with_its_provenance_and_names_the_system():
+    md = render_report_md(provenance={"git commit": "abc123", "model": "`lmforge-finetune` version 3"},
+                          classification={"n": 2, "accuracy": 1.0, "macro_f1": 1.0, "weighted_f1": 1.0, "per_class": {}},
+                          system="fine-tuned lmforge (lora)")
+    lines = md.splitlines()
+    assert lines[0] == "# lmforge evaluation" and lines[2].startswith("| provenance |")
+    assert "| git commit | abc123 |" in md and "| fine-tuned lmforge (lora) | 1.0000 |" in md
