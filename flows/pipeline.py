@@ -54,7 +54,7 @@ from prefect import flow, get_run_logger, task
 
 from flows.dvc_repo import apply_param_overrides, dvc_changed, dvc_lock_entry, dvc_stages, exp_save
 from flows.errors import PipelineError, StageInputError
-from flows.summary import mlflow_run_url, publish_summary
+from flows.summary import mlflow_run_links, publish_summary
 from lmforge import quiet_env
 from lmforge.health import check_health
 from lmforge.redact import redact
@@ -286,7 +286,8 @@ def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, r
         "lmforge.prefect_flow_run_id": flow_run_id, "lmforge.overrides": redact(json.dumps(overrides)),
         "lmforge.force": str(force),
     })
-    url = mlflow_run_url(run.run_id, run.experiment_id)
+    links = mlflow_run_links(run.run_id, run.experiment_id, repo)
+    url = str(links)
     logger.info("MLflow run `pipeline` %s: %s", run.run_id, url)
     env = {PARENT_RUN_ENV: run.run_id, FLOW_RUN_ENV: flow_run_id}
     results: list[dict[str, Any]] = []
@@ -313,14 +314,14 @@ def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, r
             experiment = exp_save(repo, overrides, f"flow-{flow_run.name or flow_run_id[:8]}", _stage_env({}), logger)
     except BaseException as exc:
         outcome = f"failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-        publish_summary(results, repo, metrics_files, run.run_id, url, overrides, outcome, experiment)
+        publish_summary(results, repo, metrics_files, links, overrides, outcome, experiment)
         run.end("FAILED")
         raise
     failures = [r for r in results if r["logging_failed"]]
     if run.failed:  # the flow's own MLflow calls: the first failure turned them off (PipelineRun)
         failures.append({"stage": "pipeline (parent run)", "logging_failed": run.failure})
     outcome = "succeeded" if not failures else "stages done, MLflow logging failed"
-    metrics = publish_summary(results, repo, metrics_files, run.run_id, url, overrides, outcome, experiment)
+    metrics = publish_summary(results, repo, metrics_files, links, overrides, outcome, experiment)
     run.end("FINISHED" if not failures else "FAILED")
     if failures:
         uri = os.environ.get("MLFLOW_TRACKING_URI", "(local store)")

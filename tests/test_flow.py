@@ -7,6 +7,7 @@ the tests read what those runs left in MLflow, Prefect and the repository."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -213,20 +214,36 @@ def test_failing_stage_fails_the_flow_with_its_error_and_runs_nothing_after(runs
     assert "stage.tokenize" not in parent.data.tags
 
 
-def test_summary_artifact_names_the_mlflow_run(runs):
+def _summary(run: dict) -> str:
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-    first = runs["first"]
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=[SUMMARY_KEY]),
-            flow_run_id=ArtifactFilterFlowRunId(any_=[first["state"].state_details.flow_run_id]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run["state"].state_details.flow_run_id]),
         ))
     (artifact,) = artifacts
     assert artifact.type == "markdown"
-    assert first["result"]["mlflow_run_id"] in artifact.data and first["result"]["mlflow_url"] in artifact.data
-    assert "| pretrain | ran |" in artifact.data and "val_loss" in artifact.data
+    return artifact.data
+
+
+def test_summary_artifact_leads_with_the_model_against_its_baselines_and_links_mlflow(runs, mlflow_uri):
+    first = runs["first"]
+    markdown = _summary(first)
+    experiment = MlflowClient(mlflow_uri).get_experiment_by_name("lmforge").experiment_id
+    assert first["result"]["mlflow_url"] == f"{mlflow_uri}/#/experiments/{experiment}/runs/{first['result']['mlflow_run_id']}"
+    assert f"]({first['result']['mlflow_url']})" in markdown
+    assert f"]({mlflow_uri}/#/experiments/{experiment}/runs?workflowType=machine_learning)" in markdown
+    headline = markdown[markdown.index("|"):markdown.index("\n\n", markdown.index("|"))].splitlines()
+    assert headline[0] == "| figure | model | baseline | from stage |"
+    figures = {row.split("|")[1].strip(): row for row in headline[2:]}
+    assert "unigram " in figures["val loss (nats/token)"] and "majority class " in figures["test accuracy"]
+    assert {"val loss at the end of pretraining", "fine-tuning best val loss"} <= set(figures)
+    assert markdown.index("| figure |") < markdown.index("| pretrain | ran |") < markdown.index("<summary>pretrain")
+    figures_text = "\n".join(line for line in markdown.splitlines() if not line.startswith("MLflow"))  # ids are hex
+    assert not re.search(r"\b\d+(\.\d+)?[eE][+-]?\d+\b", figures_text)  # no number with an exponent
+    assert "| pretrain | skipped (cache hit) |" in _summary(runs["second"])
 
 
 def test_unknown_override_key_fails_naming_it(runs):
