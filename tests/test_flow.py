@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.dvc_repo import dvc_stages
-from flows.pipeline import FLOW_NAME, SKIPPED, check_prefect_api, pipeline
+from flows.pipeline import CACHED, FLOW_NAME, SKIPPED, check_prefect_api, pipeline
 from flows.summary import SUMMARY_KEY
 from lmforge.launch import command
 from lmforge.params import DataParams
@@ -212,6 +212,24 @@ def test_failing_stage_fails_the_flow_with_its_error_and_runs_nothing_after(runs
     (parent,) = parents
     assert parent.info.status == "FAILED" and parent.data.tags["stage.clean"] == "failed"
     assert "stage.tokenize" not in parent.data.tags
+
+
+def test_cache_hits_end_in_a_state_named_cached_and_stages_that_ran_in_completed(runs):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    def states(run: dict) -> dict[str, str]:
+        with get_client(sync_client=True) as client:
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[run["state"].state_details.flow_run_id])))
+        assert all(t.state.is_completed() for t in task_runs)  # a cache hit is still COMPLETED to Prefect
+        return {t.name: t.state.name for t in task_runs}
+
+    assert states(runs["first"]) == {name: "Completed" for name in ALL}
+    assert states(runs["second"]) == {name: CACHED for name in ALL}  # `dvc status` said so: DVC not started
+    # after tokenize ran, DVC itself decided that finetune_data was unchanged
+    expected = {name: CACHED if status == SKIPPED else "Completed" for name, status in _statuses(runs["override"]).items()}
+    assert states(runs["override"]) == expected and expected["finetune_data"] == CACHED
 
 
 def _summary(run: dict) -> str:
