@@ -11,6 +11,8 @@ MLflow run and a summary artifact), its stage task, and its CLI; the entry point
   those, as long as no stage upstream of them has run in this flow run, are cache hits reported
   without starting DVC at all (it would print "didn't change, skipping"); once a stage has run, DVC
   decides for each later stage (its "didn't change, skipping" / "is cached" lines mark a hit).
+  A cache hit's task run ends in a COMPLETED state named "Cached" (CACHED), so the Prefect UI
+  tells it from a stage that ran ("Completed").
 - Overrides (`key=value`, like `dvc exp run -S`) are written into params.yaml with DVC's own
   hydra-override editor (what `dvc exp run -S` does, comments kept), then the file as written is
   validated with lmforge.params (an unknown key or bad value fails the flow naming it, and the
@@ -50,11 +52,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import State, flow, get_run_logger, task
+from prefect.states import Completed
 
 from flows.dvc_repo import apply_param_overrides, dvc_changed, dvc_lock_entry, dvc_stages, exp_save
 from flows.errors import PipelineError, StageInputError
-from flows.summary import mlflow_run_url, publish_summary
+from flows.summary import mlflow_run_links, publish_summary
 from lmforge import quiet_env
 from lmforge.health import check_health
 from lmforge.redact import redact
@@ -67,6 +70,7 @@ DEFAULT_STAGE_TIMEOUT_S = 12 * 3600
 CACHE_HIT_LINES = ("didn't change, skipping", "is cached")
 LOCK_LINE = "Unable to acquire lock"
 SKIPPED = "skipped (cache hit)"
+CACHED = "Cached"  # the Prefect state name of a stage task that was a cache hit (type COMPLETED)
 STOP_GRACE_S = 10  # a stopped stage's seconds to exit on SIGTERM before SIGKILL
 # A tracking server gone mid-run costs seconds, not MLflow's minutes of retries: the flow's own
 # MLflow calls and its stages' (setdefault: the environment may ask for more patience).
@@ -128,17 +132,25 @@ def _stage_env(extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def _cache_hit(stage: str, seconds: float, why: str) -> State:
+    """The final state of a stage task that did not run: COMPLETED, named CACHED (Prefect's UI
+    shows that name), with the stage's result as its data."""
+    return Completed(name=CACHED, message=f"DVC cache hit: {why}",
+                     data={"stage": stage, "status": SKIPPED, "seconds": seconds, "logging_failed": None})
+
+
 @task(name="stage")
 def repro_stage(stage: str, root: str, force: bool, env: dict[str, str], known_hit: bool,
-              timeout_s: float) -> dict[str, Any]:
-    """One DVC stage: `dvc repro --single-item <stage>`, streamed to the run logger."""
+                timeout_s: float) -> dict[str, Any] | State:
+    """One DVC stage: `dvc repro --single-item <stage>`, streamed to the run logger. Returns the
+    stage's result, or for a cache hit a state named CACHED that carries it (see stage_result)."""
     from lmforge.tracking import LOGGING_FAILED_MARKER
 
     logger = get_run_logger()
     started = time.perf_counter()
     if known_hit:
         logger.info("stage %s: dvc status says it is up to date: %s", stage, SKIPPED)
-        return {"stage": stage, "status": SKIPPED, "seconds": time.perf_counter() - started, "logging_failed": None}
+        return _cache_hit(stage, time.perf_counter() - started, "`dvc status` says it is up to date; not run")
     before = dvc_lock_entry(Path(root), stage)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["-f"] if force else [])
     logger.info("stage %s: %s", stage, " ".join(cmd[1:]))
@@ -190,7 +202,15 @@ def repro_stage(stage: str, root: str, force: bool, env: dict[str, str], known_h
         logger.warning("stage %s finished, but its MLflow logging failed: %s", stage, failed)
     status = SKIPPED if hit else "ran"
     logger.info("stage %s: %s in %.1f s", stage, status, seconds)
+    if hit and not failed:
+        return _cache_hit(stage, seconds, "`dvc repro` found it unchanged and skipped it")
     return {"stage": stage, "status": status, "seconds": seconds, "logging_failed": failed}
+
+
+def stage_result(returned: dict[str, Any] | State) -> dict[str, Any]:
+    """What a stage task call returned, as its result: a task that returns a state ends in that
+    state, and the call then returns the state itself (Prefect 3), not its data."""
+    return returned.result() if isinstance(returned, State) else returned
 
 
 def _group_alive(pgid: int) -> bool:
@@ -286,7 +306,8 @@ def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, r
         "lmforge.prefect_flow_run_id": flow_run_id, "lmforge.overrides": redact(json.dumps(overrides)),
         "lmforge.force": str(force),
     })
-    url = mlflow_run_url(run.run_id, run.experiment_id)
+    links = mlflow_run_links(run.run_id, run.experiment_id, repo)
+    url = str(links)
     logger.info("MLflow run `pipeline` %s: %s", run.run_id, url)
     env = {PARENT_RUN_ENV: run.run_id, FLOW_RUN_ENV: flow_run_id}
     results: list[dict[str, Any]] = []
@@ -302,7 +323,7 @@ def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, r
             )
             known_hit = not force and not upstream_ran and name not in changed
             try:
-                result = stage_task(name, str(repo), force, env, known_hit, stage_timeout_s)
+                result = stage_result(stage_task(name, str(repo), force, env, known_hit, stage_timeout_s))
             except BaseException:
                 run.tag({f"stage.{name}": "failed"})
                 raise
@@ -313,14 +334,14 @@ def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, r
             experiment = exp_save(repo, overrides, f"flow-{flow_run.name or flow_run_id[:8]}", _stage_env({}), logger)
     except BaseException as exc:
         outcome = f"failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-        publish_summary(results, repo, metrics_files, run.run_id, url, overrides, outcome, experiment)
+        publish_summary(results, repo, metrics_files, links, overrides, outcome, experiment)
         run.end("FAILED")
         raise
     failures = [r for r in results if r["logging_failed"]]
     if run.failed:  # the flow's own MLflow calls: the first failure turned them off (PipelineRun)
         failures.append({"stage": "pipeline (parent run)", "logging_failed": run.failure})
     outcome = "succeeded" if not failures else "stages done, MLflow logging failed"
-    metrics = publish_summary(results, repo, metrics_files, run.run_id, url, overrides, outcome, experiment)
+    metrics = publish_summary(results, repo, metrics_files, links, overrides, outcome, experiment)
     run.end("FINISHED" if not failures else "FAILED")
     if failures:
         uri = os.environ.get("MLFLOW_TRACKING_URI", "(local store)")

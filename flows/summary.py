@@ -1,11 +1,15 @@
 """The flow's summary: the metrics files dvc.yaml lists, read into numbers, and the markdown
-artifact `lmforge-pipeline-summary` (stages, results, metrics, a link to the MLflow run), redacted."""
+artifact `lmforge-pipeline-summary` (the model against its baselines first, then the stages, the
+MLflow links and every stage's figures collapsed), redacted."""
 
 from __future__ import annotations
 
+import html
 import json
-import os
+import math
+import shlex
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,43 @@ from prefect import get_run_logger
 from lmforge.redact import redact
 
 SUMMARY_KEY = "lmforge-pipeline-summary"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A headline figure: its label, the stage whose metrics file has it, its (flattened) key, and
+    its baselines as (name, key) in the same file; `exp`: the baselines are entropies (nats/token)
+    and the figure a perplexity, so exp(baseline) is shown."""
+
+    label: str
+    stage: str
+    key: str
+    baselines: tuple[tuple[str, str], ...] = ()
+    exp: bool = False
+
+
+_UNIGRAM_EVAL = (("unigram", "baselines.unigram_entropy"),)
+_UNIGRAM_PRETRAIN = (("unigram", "unigram_entropy"),)
+# What evaluate (reports/metrics.json; an SFT run has sft_* keys instead of accuracy and F1),
+# pretrain (reports/pretrain/metrics.json) and finetune (reports/finetune/metrics.json) write.
+HEADLINE = (
+    Figure("test accuracy", "evaluate", "accuracy",
+           (("majority class", "baselines.majority_accuracy"), ("bag of words", "baselines.bag_of_words_accuracy"))),
+    Figure("test macro F1", "evaluate", "macro_f1",
+           (("majority class", "baselines.majority_macro_f1"), ("bag of words", "baselines.bag_of_words_macro_f1"))),
+    Figure("SFT exact match", "evaluate", "sft_exact_match"),
+    Figure("SFT token F1", "evaluate", "sft_token_f1"),
+    Figure("SFT ROUGE-L", "evaluate", "sft_rouge_l"),
+    Figure("val loss (nats/token)", "evaluate", "val_loss", _UNIGRAM_EVAL),
+    Figure("val perplexity", "evaluate", "perplexity", _UNIGRAM_EVAL, exp=True),
+    Figure("SFT model val perplexity", "evaluate", "sft_val_perplexity", _UNIGRAM_EVAL, exp=True),
+    Figure("val loss at the end of pretraining", "pretrain", "val_loss", _UNIGRAM_PRETRAIN),
+    Figure("val perplexity at the end of pretraining", "pretrain", "val_perplexity", _UNIGRAM_PRETRAIN, exp=True),
+    Figure("pretraining tokens/s", "pretrain", "tokens_per_s"),
+    Figure("fine-tuning best val loss", "finetune", "best_val_loss"),
+    Figure("fine-tuning best val accuracy", "finetune", "best_val_accuracy"),
+)
 
 
 def _flat_numbers(data: Any, prefix: str = "") -> dict[str, float]:
@@ -42,48 +83,143 @@ def read_metrics(root: Path, metrics_files: Mapping[str, list[str]]) -> dict[str
     return shown
 
 
-def mlflow_run_url(run_id: str, experiment_id: str) -> str:
+# ----------------------------------------------------------------------------------- MLflow links
+
+
+@dataclass(frozen=True)
+class MlflowLinks:
+    """Where the pipeline's MLflow run is shown: its page, the experiment's runs table (the UI's
+    machine-learning view), and, for a local store, the command that serves it at LOCAL_UI."""
+
+    run_id: str
+    run: str
+    runs: str
+    serve: str | None = None  # None: a tracking server already serves them
+
+    def __str__(self) -> str:
+        return self.run if self.serve is None else f"{self.run} (local store: `{self.serve}` first)"
+
+
+def mlflow_links(run_id: str, experiment_id: str, uri: str, root: Path) -> MlflowLinks:
+    """The links for tracking URI `uri` (redacted). An http(s) URI is the server's UI; anything else
+    is a store `mlflow ui` serves, the repository's own `sqlite:///<root>/mlflow.db` from its root."""
+    if uri.startswith(("http://", "https://")):
+        base, serve = uri.rstrip("/"), None
+    else:
+        base = LOCAL_UI
+        default = f"sqlite:///{root.resolve()}/mlflow.db"
+        serve = (f"cd {shlex.quote(str(root.resolve()))} && mlflow ui --backend-store-uri sqlite:///mlflow.db"
+                 if uri == default else f"mlflow ui --backend-store-uri {shlex.quote(uri)}")
+    experiment = f"{base}/#/experiments/{experiment_id}"
+    return MlflowLinks(run_id=run_id, run=redact(f"{experiment}/runs/{run_id}"),
+                       runs=redact(f"{experiment}/runs?workflowType=machine_learning"),
+                       serve=redact(serve) if serve else None)
+
+
+def mlflow_run_links(run_id: str, experiment_id: str, root: Path) -> MlflowLinks:
+    """mlflow_links for the tracking URI in use (MLFLOW_TRACKING_URI, else the repository's store)."""
     from lmforge.tracking import tracking_uri
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri.startswith(("http://", "https://")):
-        return redact(f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}")
-    return redact(f"{tracking_uri()} (local store: `mlflow ui --backend-store-uri {tracking_uri()}`)")
+    return mlflow_links(run_id, experiment_id, tracking_uri(root), root)
 
 
-def summary_markdown(results: list[dict[str, Any]], metrics: Mapping[str, Mapping[str, float]], run_id: str,
-                     url: str, overrides: list[str], outcome: str, experiment: str | None) -> str:
-    lines = [
-        f"# lmforge pipeline: {outcome}",
-        "",
-        f"MLflow run `pipeline`: `{run_id}` — {url}",
+# ------------------------------------------------------------------------------------- markdown
+
+
+def human(value: float) -> str:
+    """A number as people read it: integers with thousands separators, floats to 4 significant
+    digits without an exponent (from 1,000 up, rounded to a whole number with separators);
+    an exponent only below 0.0001 or from 10^15 up."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if not math.isfinite(value):
+        return str(value)
+    magnitude = abs(value)
+    if magnitude == 0:
+        return "0"
+    if magnitude >= 1e15 or magnitude < 1e-4:
+        return f"{value:.3e}"
+    if magnitude >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
+def _exp(value: float) -> float:
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return math.inf
+
+
+def headline_rows(metrics: Mapping[str, Mapping[str, float]]) -> list[tuple[str, str, str, str]]:
+    """(figure, the model's value, its baselines, stage) for each HEADLINE figure the metrics have."""
+    rows = []
+    for figure in HEADLINE:
+        values = metrics.get(figure.stage) or {}
+        if figure.key not in values:
+            continue
+        baselines = [f"{name} {human(_exp(values[key]) if figure.exp else values[key])}"
+                     for name, key in figure.baselines if key in values]
+        rows.append((figure.label, human(values[figure.key]), " · ".join(baselines) or "—", figure.stage))
+    return rows
+
+
+def _stats_block(stage: str, values: Mapping[str, float]) -> str:
+    """One stage's figures as an HTML table in a <details> block, on consecutive lines: a markdown
+    renderer takes it as one raw HTML block (Prefect's UIs sanitize it and keep details/summary)."""
+    rows = "".join(f'<tr><td>{html.escape(key)}</td><td align="right">{html.escape(human(value))}</td></tr>'
+                   for key, value in values.items())
+    return (f"<details><summary>{html.escape(stage)} ({len(values)} figures)</summary>\n"
+            f"<table><tr><th>figure</th><th>value</th></tr>{rows}</table>\n</details>")
+
+
+def summary_markdown(results: list[dict[str, Any]], metrics: Mapping[str, Mapping[str, float]],
+                     links: MlflowLinks, overrides: list[str], outcome: str, experiment: str | None) -> str:
+    """The artifact's markdown: the headline table (the model against its baselines), the MLflow
+    links, the stages (ran or cache hit, seconds), then every stage's figures, collapsed."""
+    lines = [f"# lmforge pipeline: {outcome}", ""]
+    headline = headline_rows(metrics)
+    if headline:
+        lines += ["| figure | model | baseline | from stage |", "|---|---:|---|---|"]
+        lines += [f"| {figure} | **{value}** | {baselines} | {stage} |" for figure, value, baselines, stage in headline]
+    else:
+        lines.append("No model figures yet: evaluate, pretrain and finetune have not written their metrics.")
+    lines.append("")
+    if links.serve is None:
+        lines.append(f"MLflow: [run `pipeline` {links.run_id}]({links.run}) · [the experiment's runs]({links.runs})")
+    else:
+        lines.append(f"MLflow (local store): `{links.serve}`, then open {links.runs} "
+                     f"(this run: {links.run})")
+    lines += [
         "",
         f"Overrides: {', '.join(f'`{o}`' for o in overrides) if overrides else 'none'}"
         + (f" (DVC experiment `{experiment}`)" if experiment else ""),
         "",
+        "## Stages",
+        "",
         "| stage | result | seconds |",
-        "|---|---|---|",
+        "|---|---|---:|",
     ]
-    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} |" for r in results]
-    lines += ["", "## Metrics", ""]
-    for stage, values in metrics.items():
-        if values:
-            lines += [f"### {stage}", "", "| metric | value |", "|---|---|"]
-            lines += [f"| {key} | {value:.6g} |" for key, value in values.items()]
-            lines.append("")
-    return redact("\n".join(lines))  # the URL, the overrides and the outcome may all carry one
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} |" for r in results] or ["| (none finished) | | |"]
+    stats = [_stats_block(stage, values) for stage, values in metrics.items() if values]
+    if stats:
+        lines += ["", "## Every stage's figures", ""]
+        for block in stats:
+            lines += [block, ""]
+    return redact("\n".join(lines).rstrip("\n") + "\n")  # the URL, the overrides and the outcome may carry one
 
 
 def publish_summary(results: list[dict[str, Any]], repo: Path, metrics_files: Mapping[str, list[str]],
-                    run_id: str, url: str, overrides: list[str], outcome: str,
+                    links: MlflowLinks, overrides: list[str], outcome: str,
                     experiment: str | None) -> dict[str, dict[str, float]]:
     """Publish the summary artifact of this flow run; returns the metrics it shows."""
     from prefect.artifacts import create_markdown_artifact
 
     metrics = read_metrics(repo, metrics_files)
     try:
-        create_markdown_artifact(markdown=summary_markdown(results, metrics, run_id, url, overrides, outcome,
-                                                           experiment),
+        create_markdown_artifact(markdown=summary_markdown(results, metrics, links, overrides, outcome, experiment),
                                  key=SUMMARY_KEY, description=redact(f"lmforge pipeline: {outcome}"))
     except Exception as exc:  # noqa: BLE001 - a lost summary must not hide the run's own outcome or error
         get_run_logger().warning("summary artifact %s not published: %s", SUMMARY_KEY, redact(str(exc)))

@@ -7,6 +7,7 @@ the tests read what those runs left in MLflow, Prefect and the repository."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.dvc_repo import dvc_stages
-from flows.pipeline import FLOW_NAME, SKIPPED, check_prefect_api, pipeline
+from flows.pipeline import CACHED, FLOW_NAME, SKIPPED, check_prefect_api, pipeline
 from flows.summary import SUMMARY_KEY
 from lmforge.launch import command
 from lmforge.params import DataParams
@@ -213,20 +214,54 @@ def test_failing_stage_fails_the_flow_with_its_error_and_runs_nothing_after(runs
     assert "stage.tokenize" not in parent.data.tags
 
 
-def test_summary_artifact_names_the_mlflow_run(runs):
+def test_cache_hits_end_in_a_state_named_cached_and_stages_that_ran_in_completed(runs):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    def states(run: dict) -> dict[str, str]:
+        with get_client(sync_client=True) as client:
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[run["state"].state_details.flow_run_id])))
+        assert all(t.state.is_completed() for t in task_runs)  # a cache hit is still COMPLETED to Prefect
+        return {t.name: t.state.name for t in task_runs}
+
+    assert states(runs["first"]) == {name: "Completed" for name in ALL}
+    assert states(runs["second"]) == {name: CACHED for name in ALL}  # `dvc status` said so: DVC not started
+    # after tokenize ran, DVC itself decided that finetune_data was unchanged
+    expected = {name: CACHED if status == SKIPPED else "Completed" for name, status in _statuses(runs["override"]).items()}
+    assert states(runs["override"]) == expected and expected["finetune_data"] == CACHED
+
+
+def _summary(run: dict) -> str:
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-    first = runs["first"]
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=[SUMMARY_KEY]),
-            flow_run_id=ArtifactFilterFlowRunId(any_=[first["state"].state_details.flow_run_id]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run["state"].state_details.flow_run_id]),
         ))
     (artifact,) = artifacts
     assert artifact.type == "markdown"
-    assert first["result"]["mlflow_run_id"] in artifact.data and first["result"]["mlflow_url"] in artifact.data
-    assert "| pretrain | ran |" in artifact.data and "val_loss" in artifact.data
+    return artifact.data
+
+
+def test_summary_artifact_leads_with_the_model_against_its_baselines_and_links_mlflow(runs, mlflow_uri):
+    first = runs["first"]
+    markdown = _summary(first)
+    experiment = MlflowClient(mlflow_uri).get_experiment_by_name("lmforge").experiment_id
+    assert first["result"]["mlflow_url"] == f"{mlflow_uri}/#/experiments/{experiment}/runs/{first['result']['mlflow_run_id']}"
+    assert f"]({first['result']['mlflow_url']})" in markdown
+    assert f"]({mlflow_uri}/#/experiments/{experiment}/runs?workflowType=machine_learning)" in markdown
+    headline = markdown[markdown.index("|"):markdown.index("\n\n", markdown.index("|"))].splitlines()
+    assert headline[0] == "| figure | model | baseline | from stage |"
+    figures = {row.split("|")[1].strip(): row for row in headline[2:]}
+    assert "unigram " in figures["val loss (nats/token)"] and "majority class " in figures["test accuracy"]
+    assert {"val loss at the end of pretraining", "fine-tuning best val loss"} <= set(figures)
+    assert markdown.index("| figure |") < markdown.index("| pretrain | ran |") < markdown.index("<summary>pretrain")
+    figures_text = "\n".join(line for line in markdown.splitlines() if not line.startswith("MLflow"))  # ids are hex
+    assert not re.search(r"\b\d+(\.\d+)?[eE][+-]?\d+\b", figures_text)  # no number with an exponent
+    assert "| pretrain | skipped (cache hit) |" in _summary(runs["second"])
 
 
 def test_unknown_override_key_fails_naming_it(runs):
