@@ -47,8 +47,9 @@ def run_fingerprint(params: Params, manifest: dict[str, Any]) -> dict[str, Any]:
 def write_reports(curve: CurveLog, final_step: int, summary: dict[str, Any], samples: list[dict[str, str]],
                   gen: GenerateParams) -> None:
     records = curve.read(up_to_step=final_step)
-    write_csv(REPORTS / "train_curve.csv", records, ["step", "train_loss", "lr", "grad_norm", "tokens_per_s"])
-    write_csv(REPORTS / "val_curve.csv", records, ["step", "val_loss", "val_ppl"])
+    # One row per step, val columns nan between evals: `dvc plots` draws both losses from it.
+    write_csv(REPORTS / "curve.csv", records,
+              ["step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "val_ppl"], blank_missing=True)
     plot_loss(REPORTS / "loss.png", records, summary["unigram_entropy"], "pretrain")
     write_json(REPORTS / "metrics.json", summary)
     sampling = f"temperature {gen.temperature}, top_k {gen.top_k}, top_p {gen.top_p}, seed {gen.seed}"
@@ -107,7 +108,7 @@ def main() -> None:
         # The losses are already in the per-step history; the rest lands at the final step.
         per_step = {"steps", "train_loss", "val_loss"}
         tr.run.log_metrics({k: v for k, v in summary.items() if k not in per_step and v is not None}, step=result.step)
-        for name in ("metrics.json", "loss.png", "samples.md", "train_curve.csv", "val_curve.csv"):
+        for name in ("metrics.json", "loss.png", "samples.md", "curve.csv"):
             tr.run.log_artifact(REPORTS / name, "reports")
         tr.run.log_artifact(paths.PRETRAINED / "config.json", "model_config")
         register(tr.run, plain, paths.PRETRAINED_MODEL, paths.PRETRAINED / "model.safetensors")
