@@ -29,6 +29,7 @@ PRETRAIN_REPORTS = Path("reports/pretrain")
 FINETUNE_REPORTS = Path("reports/finetune")
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"  # task-dependent files: one DVC output whatever the task
+PLOTS = REPORTS / "plots"  # `make plots`: dvc.yaml's plots as images (not a DVC output)
 
 # The MLflow model registry.
 PRETRAINED_MODEL = "lmforge-pretrain"
