@@ -1,5 +1,6 @@
-# Two entry points: `make run` (the pipeline on the built-in corpus) and `make test`.
-# Both create .venv/ and install torch first (pinned CPU build by default; override
+# Two entry points: `make run` (the pipeline on the built-in corpus) and `make test`; after a
+# run, `make plots` draws dvc.yaml's plots into reports/plots/*.svg, offline.
+# All create .venv/ and install torch first (pinned CPU build by default; override
 # with e.g. `make run TORCH=torch` to keep a CUDA build), then the project.
 
 SHELL := /bin/bash
@@ -16,7 +17,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # DVC stages call `python -m stages.<name>`: make that the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test bench ui clean-outputs
+.PHONY: setup run test plots bench ui clean-outputs
 
 # Reinstall only when pyproject.toml or the torch spec changed (idempotent set-up).
 setup:
@@ -40,6 +41,10 @@ test: setup
 ui: setup
 	@echo "MLflow runs: http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# The Vega-Lite specs of `dvc plots show --json`, rendered by vl-convert (no browser, no CDN).
+plots: setup
+	$(BIN)/python -m lmforge.plots
 
 bench: setup
 	$(BIN)/python bench/data_prep.py

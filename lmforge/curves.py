@@ -58,9 +58,10 @@ class CurveLog:
 
 def write_csv(path: str | Path, records: list[dict[str, Any]], columns: list[str], blank_missing: bool = False) -> None:
     """A CSV for `dvc plots`: only the rows that have every column (e.g. val rows only on eval
-    steps), or with `blank_missing` one row per record and empty cells where a value is missing."""
+    steps), or with `blank_missing` one row per record and `nan` where a value is missing.
+    Not an empty cell: DVC's Vega-Lite templates read "" as 0 and draw it; they skip `nan`."""
     if blank_missing:
-        rows = [["" if record.get(column) is None else record[column] for column in columns] for record in records]
+        rows = [[math.nan if record.get(column) is None else record[column] for column in columns] for record in records]
     else:
         complete = [record for record in records if all(column in record for column in columns)]
         rows = [[record[column] for column in columns] for record in complete]

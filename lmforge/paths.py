@@ -11,9 +11,11 @@ RAW_DOCUMENTS = Path("data/raw/documents.parquet")
 RAW_STATS = Path("data/raw/stats.json")
 CLEAN_DOCUMENTS = Path("data/clean/documents.parquet")
 CLEAN_STATS = Path("data/clean/stats.json")
+CLEAN_METRICS = Path("data/clean/metrics.json")  # the few figures of stats.json that DVC compares
 REJECTED_SAMPLES = Path("data/clean/rejected_samples.jsonl")
 TOKENIZER = Path("data/tokenizer/tokenizer.json")
 TOKENIZER_STATS = Path("data/tokenizer/stats.json")
+TOKENIZER_METRICS = Path("data/tokenizer/metrics.json")
 SHARDS = Path("data/shards")
 FINETUNE_DATA = Path("data/finetune")  # the built-in tasks: <task>_{train,test}.jsonl + stats.json
 
@@ -27,6 +29,7 @@ PRETRAIN_REPORTS = Path("reports/pretrain")
 FINETUNE_REPORTS = Path("reports/finetune")
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"  # task-dependent files: one DVC output whatever the task
+PLOTS = REPORTS / "plots"  # `make plots`: dvc.yaml's plots as images (not a DVC output)
 
 # The MLflow model registry.
 PRETRAINED_MODEL = "lmforge-pretrain"

@@ -1,5 +1,6 @@
 """DVC stage `clean`: data/raw/documents.parquet -> data/clean/documents.parquet,
-with stats.json (what each filter kept and dropped) and samples of rejected documents.
+with stats.json (what each filter kept and dropped), metrics.json (how much was kept) and
+samples of rejected documents.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from lmforge.data.io import DocumentWriter, iter_document_batches, open_document
 from lmforge.errors import LmforgeError
 from lmforge.params import load_params
 from lmforge.tracking import stage_run
+
+# The figures `dvc metrics show` and `dvc exp show` put side by side; stats.json keeps the rest.
+COMPARED = ("documents_in", "documents_out", "kept_byte_fraction")
 
 
 def main() -> None:
@@ -35,6 +39,7 @@ def main() -> None:
         stats["mb_per_s"] = stats["bytes_in"] / 1e6 / seconds if seconds else 0.0
         # Stats and samples are written even when nothing survives, so the user can see why.
         write_json(paths.CLEAN_STATS, stats)
+        write_json(paths.CLEAN_METRICS, {key: stats[key] for key in COMPARED})
         samples = [row for rows in cleaner.stats.rejected_samples.values() for row in rows]
         write_jsonl(paths.REJECTED_SAMPLES, samples)
         run.log_metrics({k: stats[k] for k in ("documents_out", "kept_document_fraction", "kept_byte_fraction",

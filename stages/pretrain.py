@@ -48,8 +48,9 @@ def run_fingerprint(params: Params, manifest: dict[str, Any]) -> dict[str, Any]:
 def write_reports(curve: CurveLog, final_step: int, summary: dict[str, Any], samples: list[dict[str, str]],
                   gen: GenerateParams) -> None:
     records = curve.read(up_to_step=final_step)
-    write_csv(REPORTS / "train_curve.csv", records, ["step", "train_loss", "lr", "grad_norm", "tokens_per_s"])
-    write_csv(REPORTS / "val_curve.csv", records, ["step", "val_loss", "val_ppl"])
+    # One row per step, val columns nan between evals: `dvc plots` draws both losses from it.
+    write_csv(REPORTS / "curve.csv", records,
+              ["step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "val_ppl"], blank_missing=True)
     plot_loss(REPORTS / "loss.png", records, summary["unigram_entropy"], "pretrain")
     write_json(REPORTS / "metrics.json", summary)
     sampling = f"temperature {gen.temperature}, top_k {gen.top_k}, top_p {gen.top_p}, seed {gen.seed}"
@@ -115,7 +116,7 @@ def main() -> None:
         tr.run.describe(f"Pretrain `{params.model.preset}` ({config.num_params() / 1e6:.2f} M parameters) for "
                         f"{result.step} steps, {result.tokens_seen:,} tokens: {figures} against a unigram entropy "
                         f"of {baseline:.3f}. Curves: reports/; samples: reports/samples.md.")
-        for name in ("metrics.json", "loss.png", "samples.md", "train_curve.csv", "val_curve.csv"):
+        for name in ("metrics.json", "loss.png", "samples.md", "curve.csv"):
             tr.run.log_artifact(REPORTS / name, "reports")
         tr.run.log_artifact(paths.PRETRAINED / "config.json", "model_config")
         register(tr.run, plain, paths.PRETRAINED_MODEL, paths.PRETRAINED / "model.safetensors",

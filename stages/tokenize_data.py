@@ -17,6 +17,9 @@ from lmforge.data.io import open_documents, write_json
 from lmforge.params import load_params
 from lmforge.tracking import stage_run
 
+# The figures `dvc metrics show` and `dvc exp show` put side by side; stats.json keeps the rest.
+COMPARED = ("train.tokens", "bytes_per_token")
+
 
 def main() -> None:
     params = load_params()
@@ -33,6 +36,7 @@ def main() -> None:
         summary = encode_to_shards(paths.CLEAN_DOCUMENTS, tokenizer, file_sha256(paths.TOKENIZER), tok_params, val_fraction, paths.SHARDS)
         stats = {"tokenizer_train_seconds": round(train_seconds, 3), **summary}
         write_json(paths.TOKENIZER_STATS, stats)
+        write_json(paths.TOKENIZER_METRICS, {key: stats[key] for key in COMPARED})
         run.log_metrics({"train_tokens": stats["train.tokens"], "val_tokens": stats["val.tokens"],
                          "bytes_per_token": stats["bytes_per_token"], "tokens_per_s": stats["tokens_per_s"]})
         run.describe(f"Tokenize: byte-level BPE of {stats['vocab_size']:,} tokens; {stats['train.tokens']:,} train "

@@ -39,10 +39,12 @@ def test_repro_trains_exports_and_reports(tiny_repo):
     assert metrics["steps"] == 6
     vocab = json.loads((tiny_repo / "data/shards/manifest.json").read_text())["vocab_size"]
     assert metrics["val_loss"] < math.log(vocab) - 0.3  # below a uniform guess: it learned (6 tiny steps)
-    for path in ("loss.png", "samples.md", "train_curve.csv", "val_curve.csv"):
+    for path in ("loss.png", "samples.md", "curve.csv"):
         assert (tiny_repo / "reports/pretrain" / path).stat().st_size > 0
-    train_curve = (tiny_repo / "reports/pretrain/train_curve.csv").read_text().splitlines()
-    assert train_curve[0] == "step,train_loss,lr,grad_norm,tokens_per_s" and len(train_curve) == 7
+    curve = (tiny_repo / "reports/pretrain/curve.csv").read_text().splitlines()
+    assert curve[0] == "step,train_loss,val_loss,lr,grad_norm,tokens_per_s,val_ppl" and len(curve) == 7
+    # One row per step; val columns only on eval steps (eval_every 3), nan between.
+    assert [row.split(",")[2] != "nan" for row in curve[1:]] == [False, False, True, False, False, True]
     model, config = load_pretrained(tiny_repo / "models/pretrain")
     assert config.vocab_size == json.loads((tiny_repo / "data/shards/manifest.json").read_text())["vocab_size"]
     assert (tiny_repo / "models/pretrain/tokenizer.json").is_file()
@@ -81,8 +83,8 @@ def test_dvc_plots_and_metrics_list_the_pretrain_figures(tiny_repo):
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], tiny_repo).stdout)
     text = json.dumps(shown)
     assert "reports/pretrain/metrics.json" in text and "val_loss" in text
-    plots = run(["dvc", "plots", "show", "--json"], tiny_repo).stdout
-    assert "train_curve.csv" in plots
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], tiny_repo).stdout)["data"]
+    assert {row["field"] for row in plots["pretrain_loss"][0]["content"]["data"]["values"]} == {"train_loss", "val_loss"}
 
 
 def test_two_ranks_under_torchrun_log_one_run_then_resume_at_one_rank(trained_ready):
@@ -129,7 +131,7 @@ def test_killed_stage_resumes_from_its_checkpoint_in_the_same_run(trained_ready)
     assert saved < 16, "the run finished before it was killed"
     result = run(["python", "-m", "stages.pretrain"], root)
     assert f"at step {saved}" in result.stderr
-    curve = (root / "reports/pretrain/train_curve.csv").read_text().splitlines()[1:]
+    curve = (root / "reports/pretrain/curve.csv").read_text().splitlines()[1:]
     assert [int(line.split(",")[0]) for line in curve] == list(range(1, 17))
     (only,) = _runs(root, "pretrain")
     steps = {m.step for m in _client(root).get_metric_history(only.info.run_id, "pretrain/train_loss")}

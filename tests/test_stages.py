@@ -26,8 +26,9 @@ def _client(root: Path) -> MlflowClient:
 def test_repro_writes_every_output_and_second_repro_is_a_no_op(tiny_repo):
     for path in (
         "data/raw/documents.parquet", "data/raw/stats.json", "data/clean/documents.parquet",
-        "data/clean/stats.json", "data/clean/rejected_samples.jsonl", "data/tokenizer/tokenizer.json",
-        "data/tokenizer/stats.json", "data/shards/manifest.json",
+        "data/clean/stats.json", "data/clean/metrics.json", "data/clean/rejected_samples.jsonl",
+        "data/tokenizer/tokenizer.json", "data/tokenizer/stats.json", "data/tokenizer/metrics.json",
+        "data/shards/manifest.json",
     ):
         assert (tiny_repo / path).is_file(), path
     again = run(["dvc", "repro"], tiny_repo)
