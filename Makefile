@@ -17,7 +17,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # DVC stages call `python -m stages.<name>`: make that the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test plots bench ui clean-outputs
+.PHONY: setup run test plots bench ui
 
 # Reinstall only when pyproject.toml or the torch spec changed (idempotent set-up).
 setup:
