@@ -168,7 +168,7 @@ def test_first_run_runs_every_stage_nested_under_one_pipeline_run(runs, mlflow_u
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert sorted(children) == sorted(ALL)
     assert all(r.data.tags["lmforge.prefect_flow_run_id"] == first["flow_run_id"] for r in children.values())
-    assert children["pretrain"].data.metrics["train_loss"] > 0
+    assert children["pretrain"].data.metrics["pretrain/train_loss"] > 0
     assert children["evaluate"].data.metrics
     assert first["result"]["metrics"]["pretrain"]["steps"] == 6
 
