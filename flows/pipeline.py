@@ -74,7 +74,6 @@ CACHED = "Cached"  # the Prefect state name of a stage task that was a cache hit
 STOP_GRACE_S = 10  # a stopped stage's seconds to exit on SIGTERM before SIGKILL
 # A tracking server gone mid-run costs seconds, not MLflow's minutes of retries: the flow's own
 # MLflow calls and its stages' (setdefault: the environment may ask for more patience).
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 class Stopped(KeyboardInterrupt):
@@ -125,9 +124,7 @@ def _stage_env(extra: Mapping[str, str]) -> dict[str, str]:
     interpreter's tools first on PATH, output unbuffered (streamed line by line), then `extra`."""
     env = quiet_env(dict(os.environ))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"
-    for key, value in MLFLOW_HTTP_DEFAULTS.items():
-        env.setdefault(key, value)
+    env["PYTHONUNBUFFERED"] = "1"  # (each stage sets its MLflow client defaults itself: tracking.stage_run)
     env.update(extra)
     return env
 
@@ -384,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_p.add_argument("--cron", default="0 3 * * *", help='cron schedule (default "0 3 * * *")')
     args = parser.parse_args(argv)
     quiet_env()
-    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+    from lmforge.tracking import HTTP_CLIENT_DEFAULTS
+
+    for key, value in HTTP_CLIENT_DEFAULTS.items():  # the one set the stages use too
         os.environ.setdefault(key, value)
     problem = check_prefect_api()
     if problem:

@@ -103,6 +103,8 @@ class MlflowLinks:
 def mlflow_links(run_id: str, experiment_id: str, uri: str, root: Path) -> MlflowLinks:
     """The links for tracking URI `uri` (redacted). An http(s) URI is the server's UI; anything else
     is a store `mlflow ui` serves, the repository's own `sqlite:///<root>/mlflow.db` from its root."""
+    from lmforge.tracking import RUNS_TABLE
+
     if uri.startswith(("http://", "https://")):
         base, serve = uri.rstrip("/"), None
     else:
@@ -112,7 +114,7 @@ def mlflow_links(run_id: str, experiment_id: str, uri: str, root: Path) -> Mlflo
                  if uri == default else f"mlflow ui --backend-store-uri {shlex.quote(uri)}")
     experiment = f"{base}/#/experiments/{experiment_id}"
     return MlflowLinks(run_id=run_id, run=redact(f"{experiment}/runs/{run_id}"),
-                       runs=redact(f"{experiment}/runs?workflowType=machine_learning"),
+                       runs=redact(f"{base}/{RUNS_TABLE.format(id=experiment_id)}"),
                        serve=redact(serve) if serve else None)
 
 

@@ -56,10 +56,10 @@ def claim_run_dir(root: Path, fingerprint: dict[str, Any], resume: str) -> str |
     return None
 
 
-def run_nonce(root: Path) -> str | None:
-    """The nonce of the run that owns `root` (None when `root` is no run directory)."""
+def run_record(root: Path) -> dict[str, Any]:
+    """What `root`'s run.json says (fingerprint, mlflow_run_id, nonce); {} when `root` is no run directory."""
     marker = root / MARKER
-    return json.loads(marker.read_text()).get("nonce") if marker.is_file() else None
+    return json.loads(marker.read_text()) if marker.is_file() else {}
 
 
 def remember_run_id(root: Path, run_id: str) -> None:

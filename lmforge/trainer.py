@@ -30,7 +30,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model import IGNORE_INDEX
 from lmforge.parallelize import DistInfo, init_distributed
 from lmforge.params import TrainerParams
-from lmforge.resume import MARKER as RUN_MARKER, run_nonce
+from lmforge.resume import MARKER as RUN_MARKER, run_record
 from lmforge.throughput import mfu, peak_flops, peak_memory_mib
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class Trainer:
             self.optimizer, lambda s: lr_at(s, self.cfg, self.total_steps)
         )
         self.scaler = self._build_scaler()
-        owner = run_nonce(Path(checkpoint_dir)) if checkpoint_dir else None
+        owner = run_record(Path(checkpoint_dir)).get("nonce") if checkpoint_dir else None
         self.checkpoints = CheckpointManager(checkpoint_dir, config.keep_checkpoints, owner) if checkpoint_dir else None
         if early_stopping is not None and checkpoint_dir:
             early_stopping.checkpoints = CheckpointManager(Path(checkpoint_dir) / "best", 1, owner)

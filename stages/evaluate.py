@@ -30,6 +30,7 @@ from lmforge.finetune import check_labels, load_finetuned, read_examples
 from lmforge.curves import unigram_entropy
 from lmforge.model import Transformer
 from lmforge.params import Params, load_params
+from lmforge.resume import run_record
 from lmforge.lineage import content_hash, git_commit
 from lmforge.tracking import StageRun, stage_run
 from lmforge.training_run import WEIGHTS_TAG
@@ -132,8 +133,7 @@ def tag_candidate(run: StageRun, metrics: dict[str, Any]) -> str | None:
 def provenance(params: Params, run: StageRun, version: str | None) -> dict[str, Any]:
     """What produced these figures: code, runs, model version, recipe (report.md's first table)."""
     def run_of(checkpoints: Path) -> str:
-        marker = checkpoints / "run.json"
-        return (json.loads(marker.read_text()).get("mlflow_run_id") if marker.is_file() else None) or "not tracked"
+        return run_record(checkpoints).get("mlflow_run_id") or "not tracked"
 
     finetune = json.loads((paths.FINETUNE_REPORTS / "metrics.json").read_text()) \
         if (paths.FINETUNE_REPORTS / "metrics.json").is_file() else {}
