@@ -17,7 +17,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # DVC stages call `python -m stages.<name>`: make that the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test plots bench ui
+.PHONY: setup run test test-gpu plots bench ui
 
 # Reinstall only when pyproject.toml or the torch spec changed (idempotent set-up).
 setup:
@@ -34,8 +34,15 @@ setup:
 run: setup
 	$(BIN)/dvc repro
 
+# Two test processes, each file's tests on one of them (module fixtures are built once): the
+# suite waits on subprocesses and servers about half the time, so this halves its wall time.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# The CUDA tests (tests/gpu/: bf16 + compile, fp16, torchrun FSDP2 over NCCL, kill and resume,
+# export, LoRA). They skip where torch sees no GPU; keep a CUDA build: `make test-gpu TORCH=torch`.
+test-gpu: setup
+	$(BIN)/python -m pytest -q -rs tests/gpu
 
 # The MLflow UI on the embedded store; open the runs table it prints (not the Traces page).
 ui: setup

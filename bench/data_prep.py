@@ -65,17 +65,11 @@ def worker(method: str, work: Path, params: TokenizerParams) -> dict:
         return {"seconds": seconds, "bytes": stats["bytes_in"],
                 "tokens": stats["train.tokens_encoded"] + stats["val.tokens_encoded"], "rss_mb": _peak_rss_mb()}
     if method == "clean":
-        from lmforge.data.clean import Cleaner
-        from lmforge.data.io import DocumentWriter, iter_document_batches
-
-        clean_params = CleanParams()
-        cleaner = Cleaner(clean_params)
+        out = Path(tempfile.mkdtemp(dir=work))
         start = time.perf_counter()
-        with DocumentWriter(work / f"cleaned-{os.getpid()}.parquet") as writer:
-            for kept in cleaner.clean_batches(iter_document_batches(work / "raw.parquet", clean_params.batch_size, "ingest")):
-                writer.write(kept)
+        stats = _clean(work / "raw", out)
         seconds = time.perf_counter() - start
-        return {"seconds": seconds, "bytes": cleaner.stats.bytes_in, "tokens": 0, "rss_mb": _peak_rss_mb()}
+        return {"seconds": seconds, "bytes": stats["bytes_in"], "tokens": 0, "rss_mb": _peak_rss_mb()}
 
     texts = _texts(clean_path)
     size = sum(len(t.encode("utf-8")) for t in texts)
@@ -119,20 +113,31 @@ def worker(method: str, work: Path, params: TokenizerParams) -> dict:
     raise ValueError(method)
 
 
+def _clean(raw: Path, out: Path) -> dict:
+    """The clean stage's tasks (filter, dedup per band, write), run one after another here."""
+    from lmforge.data.clean_tasks import run_clean
+
+    def in_order(function, items, desc="", postfix=None):
+        return [function(item) for item in items]
+
+    return run_clean(CleanParams(), raw, out / "clean", out / "staging", in_order)["stats"]
+
+
 def prepare(work: Path, files: str | None, repeat: int, tok_params: TokenizerParams) -> dict:
     """Raw and clean Parquet of the corpus (repeated `repeat` times) and a trained tokenizer."""
-    from lmforge.data.clean import Cleaner
     from lmforge.data.documents import make_document
-    from lmforge.data.io import DocumentWriter, iter_document_batches
+    from lmforge.data.io import DocumentWriter
+    from lmforge.data.partitions import iter_dataset_batches, part_name, write_manifest
     from lmforge.data.sources import iter_documents
     from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
 
     data = DataParams(source="files", files=[files]) if files else DataParams()
     docs = list(iter_documents(data, Counter()))
-    with DocumentWriter(work / "raw.parquet") as writer:
+    with DocumentWriter(work / "raw" / part_name(0)) as writer:
         writer.write(docs)
-    cleaner = Cleaner(CleanParams())
-    kept = [d for batch in cleaner.clean_batches(iter_document_batches(work / "raw.parquet", 2000, "ingest")) for d in batch]
+    write_manifest(work / "raw", [{"name": part_name(0), "documents": writer.documents, "bytes": writer.bytes}])
+    _clean(work / "raw", work / "cleaned")
+    kept = [d for batch in iter_dataset_batches(work / "cleaned" / "clean", 2000, "clean") for d in batch]
     with DocumentWriter(work / "clean.parquet") as writer:
         for copy in range(repeat):
             # Distinct ids per copy so the split does not put all copies of a document together.

@@ -33,6 +33,16 @@ Rounds interleave the methods; medians are reported. On a shared host (CPU time 
 neighbours) iterations are bimodal, undisturbed or several times slower, so the table also gives
 the fast decile of all timed iterations, an estimate of the undisturbed speed; compare ratios of
 that column when the median rounds disagree. Results: bench/results/train_speed.json.
+
+On a GPU (bench/train_speed_cuda.py: GPT-2 124M shape, bf16, compile, against nanoGPT's
+--compile=True --dtype=bfloat16; MFU, peak memory, the checkpoint-step spike sync vs async):
+
+    python bench/train_speed.py --device cuda --nanogpt /tmp/nanogpt --batch-size 16 --steps 20
+    # results: bench/results/train_speed_cuda.json
+
+The peak memory of the loss at vocab 50,304, plain against chunked (any device):
+
+    python bench/train_speed.py --loss-memory --device cpu --batch-size 4 --loss-chunk 1024
 """
 
 from __future__ import annotations
@@ -51,11 +61,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import train_speed_cuda as cuda_bench  # noqa: E402
 
 DEFAULT_METHODS = ("ours", "nanogpt", "ours-compile")
 ALL_METHODS = ("ours", "nanogpt", "ours-compile", "ours-matched", "nanogpt-compile")
 SHAPE = {"n_layers": 4, "n_heads": 4, "dim": 256}
-RESULT_TAG = "BENCH_RESULT "
+RESULT_TAG = "BENCH_RESULT "  # bench/train_speed_cuda.py's children print the same tag
 
 
 def _peak_rss_mb() -> float:
@@ -80,7 +93,9 @@ def worker_ours(args: argparse.Namespace) -> dict:
     from lmforge.model import Transformer, build_config
     from lmforge.parallelize import DistInfo, apply_compile
     from lmforge.params import TrainerParams
-    from lmforge.trainer import PackedRows, Trainer
+    from lmforge.batches import PackedRows
+
+    from lmforge.trainer import Trainer
 
     torch.manual_seed(1337)
     train = ShardReader(args.shards, "train", verify="size")
@@ -234,7 +249,9 @@ def summarize(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nanogpt", type=Path, required=True, help="a checkout of karpathy/nanoGPT (not in this repo)")
+    parser.add_argument("--nanogpt", type=Path, help="a checkout of karpathy/nanoGPT (not in this repo)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: the GPT-2 124M benchmark of bench/train_speed_cuda.py")
     parser.add_argument("--shards", type=Path, default=REPO / "data" / "shards", help="seq_len 256, uint16 shards")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
@@ -242,14 +259,34 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {ALL_METHODS}")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_speed.json")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help="default bench/results/train_speed[_cuda|_loss_memory].json")
+    parser.add_argument("--worker", nargs="?", const="cpu", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
+    cuda_bench.add_arguments(parser)
     args = parser.parse_args()
 
     if args.worker:
-        print(RESULT_TAG + json.dumps(worker_ours(args)), flush=True)
+        result = worker_ours(args) if args.worker == "cpu" else cuda_bench.worker(args)
+        print(RESULT_TAG + json.dumps(result), flush=True)
         return
+    if args.loss_memory or args.device == "cuda":
+        suffix = "_loss_memory" if args.loss_memory else "_cuda"
+        if not args.loss_memory:
+            args.method_list = [m.strip() for m in (args.methods if args.methods != ",".join(DEFAULT_METHODS)
+                                                    else ",".join(cuda_bench.CUDA_METHODS)).split(",")]
+        report = cuda_bench.main_loss_memory(args) if args.loss_memory else cuda_bench.main_cuda(args)
+        out = args.out or REPO / "bench" / "results" / f"train_speed{suffix}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        import torch
+
+        report["env"] = {"torch": torch.__version__, "python": sys.version.split()[0], "cpu_count": os.cpu_count()}
+        report["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+        return
+    if args.nanogpt is None:
+        parser.error("--nanogpt PATH is required (a checkout of karpathy/nanoGPT)")
+    args.out = args.out or REPO / "bench" / "results" / "train_speed.json"
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(ALL_METHODS))

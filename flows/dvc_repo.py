@@ -32,6 +32,13 @@ def dvc_stages(root: Path) -> tuple[list[str], dict[str, list[str]], dict[str, l
         names = [stage.name for stage in order]
         upstream = {stage.name: sorted(s.name for s in nx.descendants(graph, stage)) for stage in stages}
         metrics = {stage.name: [str(out.def_path) for out in stage.outs if out.metric] for stage in stages}
+        outs = [(stage.name, Path(str(out.def_path))) for stage in stages for out in stage.outs]
+    # A metrics file inside a stage's directory output is listed in dvc.yaml's top-level `metrics:`
+    # (DVC refuses it among the stage's own outs): it belongs to the stage that writes that directory.
+    for path in (yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("metrics", []):
+        owner = next((name for name, out in outs if Path(path).is_relative_to(out)), None)
+        if owner is not None:
+            metrics[owner].append(str(path))
     return names, upstream, metrics
 
 

@@ -1,8 +1,6 @@
 """The Prefect flow `lmforge-pipeline` (the DVC stages as tasks, with param overrides, a parent
-MLflow run and a summary artifact), its stage task, and its CLI; the entry point of prefect.yaml.
-
-    python -m flows.pipeline run [-S key=value ...] [--force] [--stages a,b]
-    python -m flows.pipeline serve --cron "0 3 * * *"      # deployment `nightly` (flow.serve)
+MLflow run and a summary artifact) and its stage task; the entry point of prefect.yaml and of
+`python -m flows.pipeline run|serve|rollback`, whose command line is flows.cli.
 
 - The tasks are DVC's stages in DVC's topological order (read from dvc.yaml through DVC's own
   index, never restated here). Each runs `dvc repro --single-item <stage>` (`-f` with force) from
@@ -22,23 +20,28 @@ MLflow run and a summary artifact), its stage task, and its CLI; the entry point
 - MLflow: a parent run `pipeline` (experiment `lmforge`, lmforge.tracking.PipelineRun); each stage's
   own run nests under it through LMFORGE_PARENT_RUN_ID (lmforge.tracking.stage_run reads it) and is
   tagged with the Prefect flow run id. The parent carries `stage.<name>` = `ran` |
-  `skipped (cache hit)` | `failed`.
+  `skipped (cache hit)` | `failed`, `stage.<name>.run_id` = the run that produced the stage's outputs
+  (this flow's, or for a cache hit an earlier one: found by the md5s dvc.lock records), the DVC
+  metrics as `<stage>/<metric>`, the key params and a description linking each stage's run
+  (flows.summary.record_parent_run).
 - A stage that fails fails the flow with the stage's own error line first; later stages do not run
   and earlier outputs stay. pretrain and finetune retry with backoff (they resume from checkpoints),
   except when the stage rejected its params or input (its `[stage] error:` line, exit status 2):
   that fails the same way every time, so it is never retried.
+- `push` (the deployment `nightly` in prefect.yaml sets it): after the stages, the task `publish`
+  (flows.remote) runs `dvc push` and commits and pushes dvc.lock to git's origin, so another
+  clone's `dvc pull` finds every stage a cache hit. It takes no overrides (they are experiments).
 - No credential is printed, logged or stored: every URI and message the flow emits goes through
   lmforge.redact (user-info passwords and token-like query parameters become ***).
-- `run` stops cleanly on SIGTERM/SIGINT: the running stage's process group is stopped and
-  Prefect's temporary local server is shut down; no process of the run is left behind.
+- A stage task stopped by a signal or its timeout stops the stage's whole process group (DVC and
+  the stage under it); no process of the run is left behind.
 
-What the flow reads and writes through DVC is in flows.dvc_repo, its summary artifact in
-flows.summary, its errors in flows.errors.
+What the flow reads and writes through DVC is in flows.dvc_repo, what it shares with the team in
+flows.remote, its summary artifact in flows.summary, its errors in flows.errors.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -57,13 +60,12 @@ from prefect.states import Completed
 
 from flows.dvc_repo import apply_param_overrides, dvc_changed, dvc_lock_entry, dvc_stages, exp_save
 from flows.errors import PipelineError, StageInputError
-from flows.summary import mlflow_run_links, publish_summary
+from flows.remote import publish
+from flows.summary import mlflow_run_links, publish_summary, record_parent_run
 from lmforge import quiet_env
-from lmforge.health import check_health
 from lmforge.redact import redact
 
 FLOW_NAME = "lmforge-pipeline"
-DEPLOYMENT_NAME = "nightly"
 RETRIED_STAGES = {"pretrain": 2, "finetune": 2}  # they resume from their checkpoints
 RETRY_DELAYS_S = [30, 120]
 DEFAULT_STAGE_TIMEOUT_S = 12 * 3600
@@ -72,18 +74,6 @@ LOCK_LINE = "Unable to acquire lock"
 SKIPPED = "skipped (cache hit)"
 CACHED = "Cached"  # the Prefect state name of a stage task that was a cache hit (type COMPLETED)
 STOP_GRACE_S = 10  # a stopped stage's seconds to exit on SIGTERM before SIGKILL
-# A tracking server gone mid-run costs seconds, not MLflow's minutes of retries: the flow's own
-# MLflow calls and its stages' (setdefault: the environment may ask for more patience).
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGINT reached `python -m flows.pipeline run`. Raised in the main thread, so the
-    running stage is stopped (repro_stage's `finally`) and the interpreter exits normally: Prefect
-    stops its temporary server in an atexit hook, which the default SIGTERM action never runs."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
 
 
 # ----------------------------------------------------------------------------------- stage task
@@ -141,7 +131,7 @@ def repro_stage(stage: str, root: str, force: bool, env: dict[str, str], known_h
                 timeout_s: float) -> dict[str, Any] | State:
     """One DVC stage: `dvc repro --single-item <stage>`, streamed to the run logger. Returns the
     stage's result, or for a cache hit a state named CACHED that carries it (see stage_result)."""
-    from lmforge.tracking import LOGGING_FAILED_MARKER
+    from lmforge.tracking_store import LOGGING_FAILED_MARKER
 
     logger = get_run_logger()
     started = time.perf_counter()
@@ -171,7 +161,7 @@ def repro_stage(stage: str, root: str, force: bool, env: dict[str, str], known_h
             if line.strip():
                 logger.info("[%s] %s", stage, line)
         rc = process.wait()
-    finally:  # also on SIGTERM/SIGINT (Stopped, Prefect's TerminationSignal) and Prefect's timeout
+    finally:  # also on SIGTERM/SIGINT (flows.cli.Stopped, Prefect's TerminationSignal) and Prefect's timeout
         watchdog.cancel()
         if process.poll() is None or _group_alive(process.pid):
             _stop_group(process)
@@ -254,11 +244,17 @@ def _stop_group(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> Non
 
 @flow(name=FLOW_NAME)
 def pipeline(overrides: list[str] | None = None, force: bool = False, stages: list[str] | None = None,
-             root: str | None = None, stage_timeout_s: float = DEFAULT_STAGE_TIMEOUT_S) -> dict[str, Any]:
-    """Run the DVC stages (all, or `stages`) as tasks; see the module docstring."""
+             root: str | None = None, stage_timeout_s: float = DEFAULT_STAGE_TIMEOUT_S,
+             push: bool = False) -> dict[str, Any]:
+    """Run the DVC stages (all, or `stages`) as tasks; with `push`, then publish what they produced
+    (flows.remote.publish); see the module docstring."""
+    if push and overrides:  # the team's branch gets the params.yaml it has, not a run's experiment
+        raise PipelineError("push publishes dvc.lock to the team's branch, so it takes no overrides: commit the "
+                            "params change instead, or run the experiment without push and share it with "
+                            "`dvc exp push origin <name>`")
     with _credentials_masked():
         return _run_pipeline(list(overrides or []), force, stages, Path(root or os.getcwd()).resolve(),
-                             stage_timeout_s)
+                             stage_timeout_s, push)
 
 
 @contextmanager
@@ -277,10 +273,11 @@ def _credentials_masked() -> Iterator[None]:
 
 
 def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, repo: Path,
-                  stage_timeout_s: float) -> dict[str, Any]:
+                  stage_timeout_s: float, push: bool = False) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
-    from lmforge.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, PipelineRun, check_tracking_server
+    from lmforge.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, PipelineRun
+    from lmforge.tracking_store import check_tracking_server
 
     logger = get_run_logger()
     # The flow logs its own, redacted, run URL; MLflow's "View run at" line would print the password.
@@ -329,12 +326,17 @@ def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, r
             run.tag({f"stage.{name}": result["status"], f"stage.{name}.seconds": f"{result['seconds']:.2f}"})
         if overrides:
             experiment = exp_save(repo, overrides, f"flow-{flow_run.name or flow_run_id[:8]}", _stage_env({}), logger)
+        if push:
+            publish_task(str(repo), f"flow run {flow_run.name or flow_run_id}")
     except BaseException as exc:
         outcome = f"failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        record_parent_run(run, repo, order, results, metrics_files, overrides, outcome)
         publish_summary(results, repo, metrics_files, links, overrides, outcome, experiment)
         run.end("FAILED")
         raise
     failures = [r for r in results if r["logging_failed"]]
+    record_parent_run(run, repo, order, results, metrics_files, overrides,
+                      "succeeded" if not failures else "stages done, MLflow logging failed")
     if run.failed:  # the flow's own MLflow calls: the first failure turned them off (PipelineRun)
         failures.append({"stage": "pipeline (parent run)", "logging_failed": run.failure})
     outcome = "succeeded" if not failures else "stages done, MLflow logging failed"
@@ -351,93 +353,14 @@ def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, r
             "experiment": experiment}
 
 
-# ----------------------------------------------------------------------------------------- CLI
+@task(name="publish")
+def publish_task(root: str, note: str) -> str | None:
+    """`dvc push` what the stages produced, then commit and push dvc.lock (flows.remote.publish)."""
+    logger = get_run_logger()
+    return publish(Path(root), _stage_env({}), note, lambda line: logger.info("[publish] %s", line))
 
 
-def check_prefect_api(timeout: float = 5.0) -> str | None:
-    """None when PREFECT_API_URL is unset (temporary local server) or answers; else why not."""
-    url = os.environ.get("PREFECT_API_URL")
-    return check_health(url, "the Prefect server", "PREFECT_API_URL", timeout) if url else None
+if __name__ == "__main__":  # `python -m flows.pipeline ...`: the command line is flows.cli
+    from flows.cli import main
 
-
-def nightly_deployment(cron: str, root: str | None = None) -> Any:
-    """The deployment `nightly` of the flow, on a cron schedule (what `serve` serves)."""
-    return pipeline.to_deployment(
-        name=DEPLOYMENT_NAME, cron=cron, parameters={"root": root} if root else None,
-        description="The lmforge pipeline on a schedule: DVC reruns what changed.", tags=["lmforge"],
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=FLOW_NAME)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run_p = sub.add_parser("run", help="run the pipeline once")
-    run_p.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="param override, as in `dvc exp run -S` (repeatable)")
-    run_p.add_argument("--force", action="store_true", help="rerun the stages even when DVC has them cached")
-    run_p.add_argument("--stages", default=None, help="comma-separated stages to run (default: all)")
-    run_p.add_argument("--stage-timeout", type=float, default=DEFAULT_STAGE_TIMEOUT_S, help="seconds per stage")
-    serve_p = sub.add_parser("serve", help=f"serve the deployment `{DEPLOYMENT_NAME}` on a cron schedule")
-    serve_p.add_argument("--cron", default="0 3 * * *", help='cron schedule (default "0 3 * * *")')
-    args = parser.parse_args(argv)
-    quiet_env()
-    from lmforge.tracking import HTTP_CLIENT_DEFAULTS
-
-    for key, value in HTTP_CLIENT_DEFAULTS.items():  # the one set the stages use too
-        os.environ.setdefault(key, value)
-    problem = check_prefect_api()
-    if problem:
-        print(f"error: {problem}: start it (`prefect server start`) or unset PREFECT_API_URL to use a "
-              "temporary local server", file=sys.stderr)
-        return 2
-    if args.command == "serve":
-        from prefect import serve
-
-        serve(nightly_deployment(args.cron))
-        return 0
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    with _stop_on_signals():
-        try:
-            state = pipeline(overrides=args.overrides, force=args.force, stages=stages,
-                             stage_timeout_s=args.stage_timeout, return_state=True)
-        except Stopped as exc:
-            print(f"error: stopped by {signal.Signals(exc.signum).name}: the running stage was stopped, later "
-                  "stages not run, earlier stages' outputs kept", file=sys.stderr)
-            return 128 + exc.signum
-    if state.is_completed():
-        result = state.result()
-        for r in result["stages"]:
-            print(f"{r['stage']:<14} {r['status']:<20} {r['seconds']:7.1f} s")
-        print(f"MLflow run pipeline: {redact(result['mlflow_url'])}")
-        return 0
-    try:
-        state.result()
-    except BaseException as exc:  # noqa: BLE001 - the flow's error, printed first and plainly
-        print(f"error: {redact(str(exc))}", file=sys.stderr)
-    return 1
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGINT raise Stopped in the main thread (see Stopped). Only the first: later ones
-    are ignored so that they cannot cut the shutdown short (stopping a stage is bounded by
-    STOP_GRACE_S, Prefect's server by its own 5 s). During a flow run Prefect swaps in its own
-    SIGTERM handler; it raises TerminationSignal, and on the way out sends SIGTERM again to the
-    handler it replaced, this one. The previous handlers come back at the end."""
-    stopping = threading.Event()
-
-    def handler(signum: int, frame: Any) -> None:
-        if not stopping.is_set():
-            stopping.set()
-            raise Stopped(signum)
-
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old if old is not None else signal.SIG_DFL)  # None: set outside Python
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,7 @@
-"""The flow's summary: the metrics files dvc.yaml lists, read into numbers, and the markdown
-artifact `lmforge-pipeline-summary` (the model against its baselines first, then the stages, the
-MLflow links and every stage's figures collapsed), redacted."""
+"""The flow's summary: the metrics files dvc.yaml lists, read into numbers, the markdown artifact
+`lmforge-pipeline-summary` (the model against its baselines first, then the stages, the MLflow links
+and every stage's figures collapsed), and the same on the parent `pipeline` MLflow run (its figures,
+key params, and a link to the run that produced each stage's outputs), redacted."""
 
 from __future__ import annotations
 
@@ -11,13 +12,21 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import get_run_logger
 
+from lmforge.numbers import human
 from lmforge.redact import redact
 
+if TYPE_CHECKING:
+    from lmforge.tracking import PipelineRun
+
 SUMMARY_KEY = "lmforge-pipeline-summary"
+# The params a reader of the parent run compares first (the overridden ones are added to them).
+KEY_PARAMS = ("data.source", "tokenizer.vocab_size", "tokenizer.seq_len", "model.preset", "pretrain.max_steps",
+              "pretrain.lr", "pretrain.precision", "pretrain.nproc", "finetune.task", "finetune.method",
+              "finetune.max_steps", "finetune.lr")
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 
@@ -120,32 +129,12 @@ def mlflow_links(run_id: str, experiment_id: str, uri: str, root: Path) -> Mlflo
 
 def mlflow_run_links(run_id: str, experiment_id: str, root: Path) -> MlflowLinks:
     """mlflow_links for the tracking URI in use (MLFLOW_TRACKING_URI, else the repository's store)."""
-    from lmforge.tracking import tracking_uri
+    from lmforge.tracking_store import tracking_uri
 
     return mlflow_links(run_id, experiment_id, tracking_uri(root), root)
 
 
 # ------------------------------------------------------------------------------------- markdown
-
-
-def human(value: float) -> str:
-    """A number as people read it: integers with thousands separators, floats to 4 significant
-    digits without an exponent (from 1,000 up, rounded to a whole number with separators);
-    an exponent only below 0.0001 or from 10^15 up."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if not math.isfinite(value):
-        return str(value)
-    magnitude = abs(value)
-    if magnitude == 0:
-        return "0"
-    if magnitude >= 1e15 or magnitude < 1e-4:
-        return f"{value:.3e}"
-    if magnitude >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:.4g}"
 
 
 def _exp(value: float) -> float:
@@ -178,9 +167,11 @@ def _stats_block(stage: str, values: Mapping[str, float]) -> str:
 
 
 def summary_markdown(results: list[dict[str, Any]], metrics: Mapping[str, Mapping[str, float]],
-                     links: MlflowLinks, overrides: list[str], outcome: str, experiment: str | None) -> str:
-    """The artifact's markdown: the headline table (the model against its baselines), the MLflow
-    links, the stages (ran or cache hit, seconds), then every stage's figures, collapsed."""
+                     links: MlflowLinks, overrides: list[str], outcome: str, experiment: str | None,
+                     promotion: str | None = None) -> str:
+    """The artifact's markdown: the headline table (the model against its baselines), the promote
+    stage's decision, the MLflow links, the stages (ran or cache hit, seconds), then every stage's
+    figures, collapsed."""
     lines = [f"# lmforge pipeline: {outcome}", ""]
     headline = headline_rows(metrics)
     if headline:
@@ -189,6 +180,8 @@ def summary_markdown(results: list[dict[str, Any]], metrics: Mapping[str, Mappin
     else:
         lines.append("No model figures yet: evaluate, pretrain and finetune have not written their metrics.")
     lines.append("")
+    if promotion:
+        lines += [f"**Promotion:** {promotion}", ""]
     if links.serve is None:
         lines.append(f"MLflow: [run `pipeline` {links.run_id}]({links.run}) · [the experiment's runs]({links.runs})")
     else:
@@ -213,6 +206,18 @@ def summary_markdown(results: list[dict[str, Any]], metrics: Mapping[str, Mappin
     return redact("\n".join(lines).rstrip("\n") + "\n")  # the URL, the overrides and the outcome may carry one
 
 
+def promotion_line(repo: Path) -> str | None:
+    """The promote stage's decision in one line (reports/promotion_decision.json), None without one."""
+    from lmforge.paths import PROMOTION_DECISION
+    from lmforge.promotion import decision_line
+
+    try:
+        record = json.loads((repo / PROMOTION_DECISION).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return decision_line(record)
+
+
 def publish_summary(results: list[dict[str, Any]], repo: Path, metrics_files: Mapping[str, list[str]],
                     links: MlflowLinks, overrides: list[str], outcome: str,
                     experiment: str | None) -> dict[str, dict[str, float]]:
@@ -221,8 +226,64 @@ def publish_summary(results: list[dict[str, Any]], repo: Path, metrics_files: Ma
 
     metrics = read_metrics(repo, metrics_files)
     try:
-        create_markdown_artifact(markdown=summary_markdown(results, metrics, links, overrides, outcome, experiment),
+        create_markdown_artifact(markdown=summary_markdown(results, metrics, links, overrides, outcome, experiment,
+                                                           promotion_line(repo)),
                                  key=SUMMARY_KEY, description=redact(f"lmforge pipeline: {outcome}"))
     except Exception as exc:  # noqa: BLE001 - a lost summary must not hide the run's own outcome or error
         get_run_logger().warning("summary artifact %s not published: %s", SUMMARY_KEY, redact(str(exc)))
     return metrics
+
+
+# ------------------------------------------------------------------------------ the parent run
+
+
+def parent_figures(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Every DVC metric as `<stage>/<key>`: the names the stages' own runs use, so one MLflow chart
+    holds a figure from the stage runs and from the pipeline runs alike."""
+    return {f"{stage}/{key}": value for stage, values in metrics.items() for key, value in values.items()
+            if math.isfinite(value)}
+
+
+def key_params(repo: Path, overrides: list[str]) -> dict[str, str]:
+    """KEY_PARAMS and every overridden key, with their values in params.yaml as the stages read it."""
+    from lmforge.params import load_params
+    from lmforge.tracking import flatten
+
+    flat = flatten(load_params(repo / "params.yaml").model_dump(mode="json"))
+    keys = list(KEY_PARAMS) + [o.partition("=")[0].strip() for o in overrides]
+    return {key: redact(json.dumps(flat[key]) if isinstance(flat[key], (list, dict)) else str(flat[key]))
+            for key in dict.fromkeys(keys) if key in flat}
+
+
+def parent_description(order: list[str], results: list[dict[str, Any]], producing: Mapping[str, str | None],
+                       metrics: Mapping[str, Mapping[str, float]], experiment_id: str, outcome: str) -> str:
+    """The parent run's description (markdown): the headline, then each stage with what it did in this
+    flow and a link to the run that produced its outputs (UI-relative: right on any host)."""
+    lines = [f"lmforge pipeline: {outcome}.", ""]
+    headline = headline_rows(metrics)
+    if headline:
+        lines += ["| figure | model | baseline |", "|---|---:|---|"]
+        lines += [f"| {figure} | {value} | {baselines} |" for figure, value, baselines, _ in headline]
+        lines.append("")
+    status = {r["stage"]: r["status"] for r in results}
+    lines += ["| stage | in this flow | run that produced its outputs |", "|---|---|---|"]
+    for stage in order:
+        run_id = producing.get(stage)
+        link = f"[{run_id[:8]}](#/experiments/{experiment_id}/runs/{run_id})" if run_id else "none recorded"
+        lines.append(f"| {stage} | {status.get(stage, 'not run')} | {link} |")
+    return redact("\n".join(lines) + "\n")
+
+
+def record_parent_run(run: PipelineRun, repo: Path, order: list[str], results: list[dict[str, Any]],
+                      metrics_files: Mapping[str, list[str]], overrides: list[str], outcome: str) -> None:
+    """Put the headline figures, the key params and the stages' producing runs on the parent run:
+    tags `stage.<name>.run_id` and a description that links them (ran or cached alike)."""
+    metrics = read_metrics(repo, metrics_files)
+    producing = run.producing_runs(order) or {}
+    run.tag({f"stage.{stage}.run_id": run_id for stage, run_id in producing.items() if run_id})
+    try:
+        params = key_params(repo, overrides)
+    except Exception:  # noqa: BLE001 - a params.yaml the stages rejected: the run keeps its figures
+        params = {}
+    run.record(parent_figures(metrics), params,
+               parent_description(order, results, producing, metrics, run.experiment_id, outcome))

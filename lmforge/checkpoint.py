@@ -4,18 +4,20 @@ Each is written to `step_XXXXXXXX.tmp` and renamed when complete; the last K are
 back to the previous checkpoint, with a warning naming the bad one. One format serves 1..N processes.
 DCP's metadata file is a pickle, so a checkpoint is loaded only when its `checksums.json` names this
 run as its writer (`owner`, the run directory's nonce) and every file still has its recorded sha256.
+With `async_save`, DCP stages a CPU copy of the state and writes it in a background thread while
+training goes on; checksums and the rename follow the write, so a process killed mid-write leaves
+only a `.tmp` behind and the previous checkpoint stays the newest loadable one.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import random
 import shutil
+import threading
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +42,9 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    # DCP warns that it "assumes a single process" when no group exists: that is the intent here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+# DCP warns that it "assumes a single process" when no group exists: that is the intent here. A
+# process-wide filter, as the warning also comes from DCP's background writer thread.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 def _rank() -> int:
@@ -114,13 +113,18 @@ class Restored:
 class CheckpointManager:
     """Save, find and load checkpoints under `root`; every method is collective under a process group."""
 
-    def __init__(self, root: str | Path, keep: int = 2, owner: str | None = None) -> None:
-        """`owner`: the writer's identity recorded in every checkpoint and required to load one."""
+    def __init__(self, root: str | Path, keep: int = 2, owner: str | None = None, async_save: bool = False) -> None:
+        """`owner`: the writer's identity recorded in every checkpoint and required to load one.
+        `async_save`: `save` returns once the state is staged; `wait` (or the next save) joins the write."""
         if keep < 1:
             raise LmforgeError(f"keep_checkpoints must be >= 1 (got {keep})")
         self.root = Path(root)
         self.keep = keep
         self.owner = owner
+        self.async_save = async_save
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._group: Any = None  # a gloo group of its own: the background write must not share NCCL's
 
     def path_for(self, step: int) -> Path:
         return self.root / f"{PREFIX}{step:08d}"
@@ -143,7 +147,11 @@ class CheckpointManager:
     def save(
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]
     ) -> Path:
-        """Write step `step`: model and optimizer shards (DCP), `extra` (JSON, rank 0), RNG (JSON, per rank)."""
+        """Write step `step`: model and optimizer shards (DCP), `extra` (JSON, rank 0), RNG (JSON, per rank).
+
+        Waits for the previous background write first; with `async_save`, returns before this one is
+        on disk (the returned path exists once `wait` returns)."""
+        self.wait()
         final = self.path_for(step)
         tmp = final.with_name(final.name + ".tmp")
         if _rank() == 0:
@@ -152,13 +160,43 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _quiet():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not _distributed())
         (tmp / f"rng_rank{_rank()}.json").write_text(json.dumps(rng_state()))
         if _rank() == 0:
             (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **extra}, indent=2))
+        state = {"model": model_sd, "optim": optim_sd}
+        if not self.async_save:
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
+            self._commit(tmp, final, None)
+            return final
+        if _distributed() and self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        # Returns once a CPU copy is staged: the optimizer may change the live tensors from here on.
+        future = dcp.async_save(state, checkpoint_id=str(tmp), no_dist=not _distributed(),
+                                process_group=self._group)
+        self._writer = threading.Thread(target=self._finish, args=(future, tmp, final),
+                                        name="lmforge-checkpoint", daemon=True)
+        self._writer.start()
+        return final
+
+    def _finish(self, future: Any, tmp: Path, final: Path) -> None:
+        try:
+            future.result()
+            self._commit(tmp, final, self._group)
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        """Join the background write, if any; raise what it raised."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise LmforgeError(f"a background checkpoint write under {self.root} failed: {error}") from error
+
+    def _commit(self, tmp: Path, final: Path, group: Any) -> None:
         # Only when every rank has written is the directory renamed into place: that rename is the commit.
-        barrier()
+        barrier(group)
         if _rank() == 0:
             (tmp / CHECKSUMS).write_text(json.dumps({"owner": self.owner, "files": _checksums(tmp)}, indent=1))
             if final.exists():
@@ -166,8 +204,7 @@ class CheckpointManager:
             tmp.rename(final)
             for old in self.complete()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
-        barrier()
-        return final
+        barrier(group)
 
     def verify(self, path: Path) -> None:
         """Refuse a checkpoint this run did not write, or one changed since: DCP's metadata is a
@@ -215,14 +252,12 @@ class CheckpointManager:
             from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
             state: dict[str, Any] = {"model": get_model_state_dict(model)}
-            with _quiet():
-                dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+            dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
             set_model_state_dict(model, state["model"])
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
-            with _quiet():
-                dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+            dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng_file = path / f"rng_rank{_rank()}.json"
         if rng_file.exists():

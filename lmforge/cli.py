@@ -14,7 +14,7 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     """Run a stage's main; an LmforgeError becomes one clear line and exit status 2 (a bad param or
     input: never worth a retry), a full disk one line and status 1."""
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(message)s")
-    for noisy in ("alembic", "mlflow", "urllib3", "httpx", "filelock"):
+    for noisy in ("alembic", "mlflow", "urllib3", "httpx", "filelock", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         main()

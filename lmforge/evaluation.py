@@ -12,7 +12,7 @@ import math
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,11 @@ from torch import nn
 
 from lmforge.data.io import atomic_path, write_csv
 from lmforge.errors import LmforgeError
-from lmforge.trainer import RowDataset, lm_loss
+from lmforge.numbers import human
+from lmforge.batches import RowDataset
+
+# --- language modelling ------------------------------------------------------------------------
+from lmforge.loss import lm_loss
 
 # --- language modelling ------------------------------------------------------------------------
 
@@ -248,6 +252,34 @@ def sft_report(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float | i
     }
 
 
+# --- a fine-tuned model on its test set (evaluate scores the new model, promote re-scores the champion)
+
+
+def score_classifier(finetuned: Any, texts: Sequence[str], truth: Sequence[str]) -> dict[str, Any]:
+    """classification_report of a loaded classifier (lmforge.finetune.FinetunedModel) on test rows."""
+    return classification_report(truth, finetuned.predict(list(texts)), finetuned.labels)
+
+
+@torch.no_grad()
+def score_sft(finetuned: Any, prompts: Sequence[str], refs: Sequence[str], max_new_tokens: int,
+              seed: int) -> tuple[dict[str, Any], list[str]]:
+    """(sft_report + test loss and perplexity, the generations) of a loaded SFT model. Greedy
+    decoding: the figures do not depend on a sampling seed."""
+    loss_sum, n_tokens = finetuned.lm_loss(list(prompts), list(refs))
+    preds = finetuned.generate(list(prompts), max_new_tokens=max_new_tokens, temperature=0.0,
+                               top_k=None, top_p=None, seed=seed)
+    loss = loss_sum / max(n_tokens, 1)
+    return sft_report(preds, refs) | {"loss": loss, "perplexity": safe_exp(loss)}, preds
+
+
+def model_scores(task: str, report: Mapping[str, Any]) -> dict[str, float]:
+    """The model's own test figures, named as in reports/metrics.json (promote.metric picks one)."""
+    if task == "classify":
+        return {key: report[key] for key in ("accuracy", "macro_f1", "weighted_f1")}
+    return {f"sft_{key}": value for key, value in report.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 # --- writers -----------------------------------------------------------------------------------
 
 
@@ -313,16 +345,19 @@ def write_confusion_json(path: str | Path, report: dict[str, Any]) -> None:
 
 
 def md_cell(value: Any, max_chars: int = 400) -> str:
-    """One table cell: numbers formatted, text truncated, and `|`, newlines and `<` escaped so
-    the cell cannot break the table row or be swallowed as HTML (`<|endoftext|>`)."""
+    """One table cell: numbers as people read them (lmforge.numbers.human), a list as its items'
+    text, text truncated, and `|`, newlines and `<` escaped so the cell cannot break the table row
+    or be swallowed as HTML (`<|endoftext|>`)."""
     if value is None:
         return "–"
     if isinstance(value, bool):
         return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "n/a"
-        return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
+    if isinstance(value, float) and math.isnan(value):
+        return "n/a"
+    if isinstance(value, (int, float)):
+        return human(value)
+    if isinstance(value, (list, tuple)):  # text, not a Python repr: `a, b`
+        return ", ".join(md_cell(item, max_chars) for item in value)
     text = str(value)
     if len(text) > max_chars:
         text = text[: max_chars - 1] + "…"
@@ -401,8 +436,9 @@ def render_report_md(
                             for i, e in enumerate(sft_examples)])]
     if samples:
         parts.append("## Samples")
-        if sampling:
-            parts.append(md_table(list(sampling), [list(sampling.values())]))
+        shown = {key: value for key, value in (sampling or {}).items() if key != "prompts"}  # each sample's below
+        if shown:
+            parts.append(md_table(list(shown), [list(shown.values())]))
         for i, sample in enumerate(samples, 1):
             parts += [f"**{i}.** prompt: {md_cell(sample.get('prompt') or '(empty)')}", _fenced(sample["text"])]
     if images:

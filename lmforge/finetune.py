@@ -44,12 +44,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.data.documents import split_of
-from lmforge.data.sources import MAX_WARNINGS_PER_FILE, TABLE_READERS, iter_table_rows, row_text
+from lmforge.data.readers import MAX_WARNINGS_PER_FILE, TABLE_READERS, iter_table_rows, row_text
 from lmforge.data.tokenizer import encode_plain
 from lmforge.errors import LmforgeError
 from lmforge.export import read_finetuned
 from lmforge.model import IGNORE_INDEX, ModelConfig, Transformer, build_model
-from lmforge.trainer import Batch, Collate, EvalFn, LossFn, lm_loss
+from lmforge.batches import Batch, Collate
+
+from lmforge.loss import lm_loss
+
+from lmforge.trainer import EvalFn, LossFn
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -63,7 +67,7 @@ def read_examples(path: str | Path, ft: Any, task: str | None = None) -> list[di
     "response"} (sft), read through `ft`'s field names (lmforge.params.FinetuneParams); "id" is None
     when the file has none.
 
-    Read by ingest's readers (lmforge.data.sources.iter_table_rows) with ingest's rules: invalid
+    Read by ingest's readers (lmforge.data.readers.iter_table_rows) with ingest's rules: invalid
     UTF-8 replaced by U+FFFD; lines that are not JSON objects, and rows whose field is missing,
     blank or not a string (a list, a dict, a number: never stringified), skipped, counted and warned
     about by file:line; a corrupt file or a missing column an error naming the file and the key.

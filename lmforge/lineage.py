@@ -1,15 +1,20 @@
-"""Lineage: what a run was made from. The git commit of the code (with `-dirty` when tracked files
-changed) and the hash of every input, DVC's own md5 from dvc.lock when recorded, else computed alike.
+"""Lineage: what a run was made from and what it made. The git commit of the code (with `-dirty`
+when tracked files changed), the hash of every input (DVC's own md5 from dvc.lock when recorded, else
+computed alike) and of every output a stage declares in dvc.yaml, in DVC's format, so the run that
+produced a DVC-cached output is found by the md5 dvc.lock records for it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
 
 import yaml
+
+from lmforge import paths
 
 
 def git_commit(root: Path) -> str:
@@ -26,7 +31,7 @@ def git_commit(root: Path) -> str:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def _dvc_lock_hashes(root: Path) -> dict[str, str]:
+def recorded_hashes(root: Path) -> dict[str, str]:
     """path -> md5 of every output recorded in dvc.lock (upstream stages have finished)."""
     lock = root / "dvc.lock"
     if not lock.is_file():
@@ -41,7 +46,9 @@ def _dvc_lock_hashes(root: Path) -> dict[str, str]:
 
 
 def content_hash(path: Path) -> str:
-    """md5 of a file, or of a directory's sorted (relative path, file md5) list."""
+    """DVC 3's md5 of a file or directory (the `md5` dvc.lock records for an output): a file's md5,
+    or for a directory the md5 of its files' sorted [{"md5", "relpath"}] list as DVC serializes it,
+    plus ".dir"; "missing" when there is nothing at `path`."""
     if path.is_file():
         digest = hashlib.md5()
         with path.open("rb") as handle:
@@ -49,20 +56,63 @@ def content_hash(path: Path) -> str:
                 digest.update(chunk)
         return digest.hexdigest()
     if path.is_dir():
-        listing = [
-            f"{file.relative_to(path).as_posix()} {content_hash(file)}"
-            for file in sorted(path.rglob("*"))
-            if file.is_file()
-        ]
-        return hashlib.md5("\n".join(listing).encode()).hexdigest() + ".dir"
+        listing = [{"md5": content_hash(file), "relpath": file.relative_to(path).as_posix()}
+                   for file in path.rglob("*") if file.is_file()]
+        listing.sort(key=lambda entry: entry["relpath"])
+        return hashlib.md5(json.dumps(listing, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
     return "missing"
+
+
+def stage_outputs(root: Path, stage: str) -> list[str]:
+    """The outputs dvc.yaml declares for `stage` (outs, metrics, plots) that DVC caches, i.e. not
+    `cache: false` (checkpoints): what identifies the stage's result. Empty without dvc.yaml."""
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return []
+    entry = ((yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages") or {}).get(stage) or {}
+    outputs = []
+    for kind in ("outs", "metrics", "plots"):
+        for item in entry.get(kind) or []:
+            path, options = (next(iter(item.items())) if isinstance(item, dict) else (item, None))
+            if (options or {}).get("cache", True):
+                outputs.append(os.path.normpath(str(path)))
+    return outputs
+
+
+def output_hashes(root: Path, stage: str) -> dict[str, str]:
+    """content_hash of each of the stage's cached outputs as written (dvc.lock's md5 of each, once
+    DVC has recorded the stage)."""
+    return {path: content_hash(root / path) for path in stage_outputs(root, stage)}
 
 
 def input_hashes(inputs: list[str | Path], root: Path) -> dict[str, str]:
     """The hash of each input: DVC's from dvc.lock when recorded there, else computed."""
-    recorded = _dvc_lock_hashes(root)
+    recorded = recorded_hashes(root)
     hashes = {}
     for item in inputs:
         key = os.path.normpath(str(item))
         hashes[key] = recorded.get(key) or content_hash(root / key)
     return hashes
+
+
+# The data a model is made from, upstream to downstream: name (of its lineage tag) -> path.
+DATA_LINEAGE = {"raw": paths.RAW, "clean": paths.CLEAN, "tokenizer": paths.TOKENIZER,
+                "shards": paths.SHARDS}
+
+
+def dvc_remote_url(root: Path) -> str | None:
+    """The URL of the repository's default DVC remote (`dvc remote add -d`), None without one."""
+    from dvc.config import Config
+
+    config = Config(dvc_dir=str(root / ".dvc"))
+    name = config["core"].get("remote")
+    remote = config.get("remote", {}).get(name) if name else None
+    return remote["url"].rstrip("/") if remote and remote.get("url") else None
+
+
+def dataset_source(path: str | Path, digest: str, remote: str | None, root: Path) -> str:
+    """Where a DVC-tracked dataset with DVC hash `digest` can be fetched: its object in the remote
+    (DVC 3's layout `<remote>/files/md5/<2 hex>/<rest>`), else the path in this workspace."""
+    if remote and digest != "missing":
+        return f"{remote}/files/md5/{digest[:2]}/{digest[2:]}"
+    return (root / path).resolve().as_uri()

@@ -1,6 +1,8 @@
 """The Llama-style decoder: config, presets, layers and the loss; plain torch, no parallelism.
 
 Parallelism (FSDP2, activation checkpointing, compile) is applied from outside by `lmforge.parallelize`.
+Document masking (attention within a packed document only) and the chunked loss: lmforge.attention
+and lmforge.loss.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.attention import DocumentMask, attend, document_mask
 from lmforge.errors import LmforgeError
+from lmforge.loss import IGNORE_INDEX, chunked_cross_entropy
 from lmforge.presets import PRESETS as PRESET_SHAPES
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin: (T, D) already sliced to the positions of x."""
+    """x: (B, H, T, D); cos/sin: (T, D) already sliced to the positions of x, or (B, 1, T, D) when
+    each row has its own positions (document masking)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + _rotate_half(x) * sin
 
@@ -183,7 +186,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        cache: KVCache | None = None, start_pos: int = 0,
+        cache: KVCache | None = None, start_pos: int = 0, mask: DocumentMask | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -196,7 +199,9 @@ class Attention(nn.Module):
             # Query head i reads kv head i // n_rep, as HF's repeat_kv does.
             n_rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        if start_pos == 0:
+        if mask is not None:
+            out = attend(q, k, v, mask)
+        elif start_pos == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif t == 1:
             # One new token attends to every cached position: no mask needed.
@@ -234,9 +239,9 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        cache: KVCache | None = None, start_pos: int = 0,
+        cache: KVCache | None = None, start_pos: int = 0, mask: DocumentMask | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -272,29 +277,47 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def hidden_states(
-        self, idx: torch.Tensor, *, cache: KVCache | None = None, start_pos: int = 0
+        self, idx: torch.Tensor, *, cache: KVCache | None = None, start_pos: int = 0,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final-norm hidden states (B, T, dim): what `output` turns into logits (and what a
-        fine-tuning head reads)."""
+        fine-tuning head reads). `segments` (B, T): the document index of each token of a packed
+        row (lmforge.batches.document_segments); attention then stays inside a document and rotary
+        positions restart at each one."""
         t = idx.shape[1]
         if start_pos + t > self.config.max_seq_len:
             raise LmforgeError(
                 f"sequence of {start_pos + t} tokens is longer than the model's max_seq_len "
                 f"{self.config.max_seq_len}: shorten it or raise model max_seq_len"
             )
-        cos = self.rope_cos[start_pos : start_pos + t]
-        sin = self.rope_sin[start_pos : start_pos + t]
+        mask = None
+        if segments is None:
+            cos = self.rope_cos[start_pos : start_pos + t]
+            sin = self.rope_sin[start_pos : start_pos + t]
+        else:
+            if cache is not None or start_pos:
+                raise LmforgeError("document segments are for training on packed rows, not for cached decoding")
+            mask = document_mask(segments)
+            cos, sin = self.rope_cos[mask.positions].unsqueeze(1), self.rope_sin[mask.positions].unsqueeze(1)
         h = self.embed(idx)
         for layer in self.layers:
-            h = layer(h, cos, sin, cache, start_pos)
+            h = layer(h, cos, sin, cache, start_pos, mask)
         return self.norm(h)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-        cache: KVCache | None = None, start_pos: int = 0,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T, vocab); with targets also the mean cross-entropy (IGNORE_INDEX skipped)."""
-        logits = self.output(self.hidden_states(idx, cache=cache, start_pos=start_pos))
+        cache: KVCache | None = None, start_pos: int = 0, segments: torch.Tensor | None = None,
+        loss_chunk: int = 0,
+    ) -> torch.Tensor | tuple[torch.Tensor | None, torch.Tensor]:
+        """Logits (B, T, vocab); with targets also the mean cross-entropy (IGNORE_INDEX skipped).
+
+        `loss_chunk` > 0 (with targets): the loss is the *summed* cross-entropy, computed `loss_chunk`
+        tokens at a time so the (B, T, vocab) logits never exist; logits come back as None.
+        """
+        hidden = self.hidden_states(idx, cache=cache, start_pos=start_pos, segments=segments)
+        if targets is not None and loss_chunk > 0:
+            return None, chunked_cross_entropy(hidden, self.output.weight, targets, loss_chunk)
+        logits = self.output(hidden)
         if targets is None:
             return logits
         loss = F.cross_entropy(

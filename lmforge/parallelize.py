@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -74,10 +75,10 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    """A barrier when a group exists, nothing otherwise."""
+def barrier(group: Any = None) -> None:
+    """A barrier (over `group`, default: all processes) when a process group exists, nothing otherwise."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def apply_fsdp(

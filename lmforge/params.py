@@ -47,12 +47,32 @@ class DataParams(Section):
     hf: HfSourceParams = HfSourceParams()
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
     batch_size: int = Field(2000, gt=0)
+    # Target size of one partition, the unit of parallel work of ingest, clean and tokenize.
+    partition_mb: float = Field(64.0, gt=0)
 
     @model_validator(mode="after")
     def _files_need_globs(self) -> DataParams:
         if self.source == "files" and not self.files:
             raise ValueError("data.source is 'files' but data.files is empty: list at least one glob")
         return self
+
+
+class EngineParams(Section):
+    """Where the data stages run their partitions: an embedded Dask cluster or an existing one."""
+
+    # None: an embedded LocalCluster on this machine; "tcp://host:8786": join that Dask scheduler.
+    address: str | None = None
+    # Embedded only: worker processes (one thread each: the filters hold the GIL); None: the cores.
+    workers: int | None = Field(None, gt=0)
+    # Serve Dask's dashboard (embedded: a free port on 127.0.0.1) and print its link.
+    dashboard: bool = False
+
+    @field_validator("address")
+    @classmethod
+    def _scheduler_url(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError("give the scheduler's URL, e.g. tcp://10.0.0.5:8786 (or null for the embedded engine)")
+        return value
 
 
 class CleanParams(Section):
@@ -106,6 +126,9 @@ class TokenizerParams(Section):
     special_tokens: list[str] = ["<|endoftext|>", "<|pad|>"]
     encode_batch_size: int = Field(2048, gt=0)
     shard_rows: int = Field(4096, gt=0)
+    # The BPE trains on about this many MB of train-split text, chosen by a hash of each document's
+    # id, so its cost does not grow with the corpus (a corpus smaller than this is used whole).
+    train_sample_mb: float = Field(100.0, gt=0)
 
     @model_validator(mode="after")
     def _eos_is_special(self) -> TokenizerParams:
@@ -191,6 +214,12 @@ class PretrainParams(TrainerParams):
     # Applied by lmforge.parallelize, not by the trainer.
     activation_checkpointing: bool = False
     compile: bool = False
+    # Attention stays inside each packed document and rotary positions restart at it (lmforge.attention).
+    document_mask: bool = False
+    # > 0: the loss runs this many tokens at a time, never holding the whole logits (lmforge.loss).
+    loss_chunk_tokens: int = Field(0, ge=0)
+    # Checkpoints written by a background thread from a staged CPU copy (lmforge.checkpoint).
+    async_checkpoint: bool = False
 
 
 class LoraParams(Section):
@@ -282,6 +311,33 @@ class EvaluateParams(Section):
     report_examples: int = Field(10, ge=0)  # generated responses shown in report.md
 
 
+# What the promote stage may compare on, per task: reports/metrics.json's keys. Loss-like figures
+# improve downwards; every other one upwards.
+CLASSIFY_METRICS = ("accuracy", "macro_f1", "weighted_f1")
+SFT_METRICS = ("sft_exact_match", "sft_token_f1", "sft_rouge_l", "sft_loss", "sft_perplexity")
+LOWER_IS_BETTER = frozenset({"sft_loss", "sft_perplexity"})
+
+
+class PromoteMetricParams(Section):
+    """`promote.metric`: the figure of each task the challenger must beat the champion on (one per
+    task, so switching finetune.task needs no second edit)."""
+
+    classify: Literal[CLASSIFY_METRICS] = "macro_f1"  # type: ignore[valid-type]
+    sft: Literal[SFT_METRICS] = "sft_rouge_l"  # type: ignore[valid-type]
+
+
+class PromoteParams(Section):
+    """`promote`: when the new fine-tuned model (challenger) replaces the one in use (champion)."""
+
+    metric: PromoteMetricParams = PromoteMetricParams()
+    # The challenger must beat the champion by at least this much (in the metric's units, in the
+    # better direction): a tie or noise-sized gain keeps the champion.
+    min_delta: float = Field(0.01, ge=0)
+
+    def metric_for(self, task: str) -> str:
+        return getattr(self.metric, task)
+
+
 class GenerateParams(Section):
     """Sampling for the generated samples in reports (pretrain now, evaluate later)."""
 
@@ -306,6 +362,7 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     data: DataParams = DataParams()
+    engine: EngineParams = EngineParams()
     clean: CleanParams = CleanParams()
     tokenizer: TokenizerParams = TokenizerParams()
     model: ModelParams = ModelParams()
@@ -314,6 +371,7 @@ class Params(BaseModel):
     generate: GenerateParams = GenerateParams()
     tasks: TasksParams = TasksParams()
     evaluate: EvaluateParams = EvaluateParams()
+    promote: PromoteParams = PromoteParams()
 
     @model_validator(mode="after")
     def _fits_the_context(self) -> Params:

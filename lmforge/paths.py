@@ -7,9 +7,10 @@ two disagree. Paths are relative to the repository root, where every stage runs.
 from pathlib import Path
 
 CORPUS = Path("data/corpus")  # where data.source: files looks by default
-RAW_DOCUMENTS = Path("data/raw/documents.parquet")
-RAW_STATS = Path("data/raw/stats.json")
-CLEAN_DOCUMENTS = Path("data/clean/documents.parquet")
+# Partitioned datasets (lmforge.data.partitions): part-NNNNN.parquet files and manifest.json, written last.
+RAW = Path("data/raw")
+RAW_STATS = RAW / "stats.json"
+CLEAN = Path("data/clean")
 CLEAN_STATS = Path("data/clean/stats.json")
 CLEAN_METRICS = Path("data/clean/metrics.json")  # the few figures of stats.json that DVC compares
 REJECTED_SAMPLES = Path("data/clean/rejected_samples.jsonl")
@@ -28,10 +29,14 @@ FINETUNE_CHECKPOINTS = Path("checkpoints/finetune")
 PRETRAIN_REPORTS = Path("reports/pretrain")
 FINETUNE_REPORTS = Path("reports/finetune")
 REPORTS = Path("reports")
+PROMOTION = REPORTS / "promotion.json"  # the promote stage's numbers (a DVC metric)
+PROMOTION_DECISION = REPORTS / "promotion_decision.json"  # its words: metric, reason, hashes, lineage
 FIGURES = REPORTS / "figures"  # task-dependent files: one DVC output whatever the task
 PLOTS = REPORTS / "plots"  # `make plots`: dvc.yaml's plots as images (not a DVC output)
 
 # The MLflow model registry.
 PRETRAINED_MODEL = "lmforge-pretrain"
 FINETUNED_MODEL = "lmforge-finetune"
-CANDIDATE_ALIAS = "candidate"
+CANDIDATE_ALIAS = "candidate"  # the version evaluate scored last
+CHAMPION_ALIAS = "champion"  # the model in use: moved only by the promote stage and rollback
+CHALLENGER_ALIAS = "challenger"  # the last version that did not beat the champion

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 MARKER = "run.json"
 # Knobs that change how a run executes, not what it computes.
 EXECUTION_ONLY = frozenset(
-    {"resume", "progress", "checkpoint_every", "keep_checkpoints", "compile", "activation_checkpointing", "test_file", "nproc"}
+    {"resume", "progress", "checkpoint_every", "keep_checkpoints", "compile", "activation_checkpointing", "test_file", "nproc",
+     "async_checkpoint", "loss_chunk_tokens"}
 )
 
 

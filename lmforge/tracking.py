@@ -1,20 +1,19 @@
 """The one MLflow helper every stage uses: open a run, log params, metrics, artifacts and models,
 tag its lineage (lmforge.lineage: git commit, the hash of every input), and degrade to one warning
-when the store is down, damaged or read-only.
+when the store is down, damaged or read-only; and the Prefect flow's parent run `pipeline`
+(PipelineRun) that the stages' runs nest under.
 
-Embedded default: `sqlite:///mlflow.db` + `./mlruns` in the repository root (git-ignored);
-`MLFLOW_TRACKING_URI` points it at a tracking server instead.
+Where the runs are stored, and whether that store can take one, is lmforge.tracking_store.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
-import socket
-import sys
+import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,16 +21,21 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lmforge.data.io import pid_alive
-from lmforge.lineage import git_commit, input_hashes
+from lmforge.lineage import git_commit, input_hashes, output_hashes, recorded_hashes, stage_outputs
 from lmforge.redact import redact
-
-EXPERIMENT_NAME = "lmforge"
-EXPERIMENT_DESCRIPTION = (
-    "lmforge: raw text to an evaluated language model. One run per DVC stage (ingest, clean, tokenize, "
-    "pretrain, finetune_data, finetune, evaluate), each metric named `<stage>/<metric>`; runs of the Prefect "
-    "flow nest under a `pipeline` run. Models: `lmforge-pretrain`, `lmforge-finetune` (alias `candidate`)."
+from lmforge.tracking_store import (
+    HTTP_CLIENT_DEFAULTS,
+    LOGGING_FAILED_MARKER,
+    ensure_experiment,
+    mark_orphans_killed,
+    probe_store,
+    process_tags,
+    report_logging_failure,
+    store_label,
+    tracking_errors,
+    tracking_uri,
 )
+
 # The runs table (the UI opens on traces otherwise): `<ui>/#/experiments/<id>/...`
 RUNS_TABLE = "#/experiments/{id}/runs?workflowType=machine_learning"
 logger = logging.getLogger(__name__)
@@ -40,136 +44,9 @@ logger = logging.getLogger(__name__)
 # run nests under the flow's `pipeline` run and carries the flow run's id.
 PARENT_RUN_ENV = "LMFORGE_PARENT_RUN_ID"
 FLOW_RUN_ENV = "LMFORGE_PREFECT_FLOW_RUN_ID"
-# First words of the stderr line a stage prints when MLflow logging fails (the flow looks for it).
-LOGGING_FAILED_MARKER = "[lmforge] mlflow logging failed"
-
-
-# A stage probes its store once, briefly; a server that dies later costs seconds per call, not
-# MLflow's default minutes of retries (setdefault: the environment may ask for more patience).
-PROBE_TIMEOUT_S = 3.0
-HTTP_CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-                        # MLflow prints "View run at <URI>" with any credential in it; we log our own, redacted
-                        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
-SQLITE_HEADER = b"SQLite format 3\x00"
-
-
-def _tracking_errors() -> tuple[type[BaseException], ...]:
-    """What an unreachable, damaged or read-only tracking store raises. Every call caught with
-    these is a tracking call (never the stage's own work), so OSError here is the store's."""
-    import sqlite3
-
-    import requests
-    from mlflow.exceptions import MlflowException
-    from sqlalchemy.exc import SQLAlchemyError
-
-    return (MlflowException, requests.exceptions.RequestException, SQLAlchemyError, sqlite3.Error, OSError)
-
-
-def store_label(root: Path | None = None) -> str:
-    """The store in use, as printed: the URI with any credential masked."""
-    named = os.environ.get("MLFLOW_TRACKING_URI")
-    return f"MLFLOW_TRACKING_URI={redact(named)}" if named else f"local store {tracking_uri(root)}"
-
-
-def report_logging_failure(reason: BaseException | str, root: Path | None = None) -> None:
-    """One warning naming the store, and the marker line on stderr; the stage carries on."""
-    if isinstance(reason, BaseException):
-        first = str(reason).splitlines()[0] if str(reason) else ""
-        reason = f"{type(reason).__name__}: {first}"
-    message = redact(f"{LOGGING_FAILED_MARKER}: {reason} ({store_label(root)}); the stage goes on without logging")
-    logger.warning(message)
-    print(message, file=sys.stderr, flush=True)
-
-
-def tracking_uri(root: Path | None = None) -> str:
-    """The tracking URI in use: the environment's, else the local store in `root`."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or Path.cwd()).resolve()}/mlflow.db"
-
-
-def _sqlite_problem(db: Path) -> str | None:
-    """Why the SQLite store at `db` cannot take a run (missing is fine: MLflow creates it)."""
-    import sqlite3
-
-    directory = db.parent
-    if not directory.is_dir():
-        return f"{directory} does not exist"
-    if not db.exists():
-        return None if os.access(directory, os.W_OK | os.X_OK) else f"{directory} is not writable"
-    if not os.access(db, os.R_OK | os.W_OK) or not os.access(directory, os.W_OK | os.X_OK):
-        return f"{db} (or its directory) is not writable"
-    with db.open("rb") as handle:
-        if handle.read(len(SQLITE_HEADER)) != SQLITE_HEADER and db.stat().st_size > 0:
-            return f"{db} is not a SQLite database (damaged): move it aside to start a new store"
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=PROBE_TIMEOUT_S)) as conn:
-            verdict = conn.execute("PRAGMA quick_check").fetchone()
-    except sqlite3.Error as exc:
-        return f"{db} cannot be read ({exc}): move it aside to start a new store"
-    if not verdict or verdict[0] != "ok":
-        return f"{db} is damaged ({verdict[0] if verdict else 'no answer'}): move it aside to start a new store"
-    return None
-
-
-def probe_store(root: Path | None = None, timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """None when the tracking store can take a run; else one line saying why not. Run once per
-    stage, before any MLflow call, so a dead or damaged store costs seconds, not minutes."""
-    uri = tracking_uri(root)
-    if uri.startswith(("http://", "https://")):
-        return check_tracking_server(timeout)
-    if uri.startswith("sqlite:///"):
-        return _sqlite_problem(Path(uri[len("sqlite:///"):]))
-    return None
-
-
-def relocate_local_store(db: Path, old: str, new: str) -> int:
-    """Point a copied or moved workspace's embedded store at its own `mlruns/`: MLflow records
-    absolute artifact locations, so a copy would otherwise write into the original workspace.
-    Rewrites the `old` store (a file URI or a path) to `new` (a file URI), as URI and as path, in
-    every text column; returns the number of values changed."""
-    import sqlite3
-    from urllib.parse import unquote, urlparse
-
-    as_path = [unquote(urlparse(uri).path) if uri.startswith("file:") else uri for uri in (old, new)]
-    prefixes = [(Path(as_path[0]).as_uri(), new), (as_path[0], as_path[1])]
-    changed = 0
-    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn, conn:
-        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        for table in tables:
-            columns = [row[1] for row in conn.execute(f'PRAGMA table_info("{table}")')
-                       if any(kind in (row[2] or "").upper() for kind in ("TEXT", "CHAR", "CLOB"))]
-            for column, (before, after) in ((c, p) for c in columns for p in prefixes):
-                changed += conn.execute(
-                    f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
-                    f'WHERE substr("{column}", 1, ?) = ?', (after, len(before) + 1, len(before), before),
-                ).rowcount
-    logger.info("the local MLflow store moved: %d locations now under %s", changed, new)
-    return changed
-
-
-def _ensure_experiment(root: Path) -> str:
-    import mlflow
-
-    # MLflow sets its own loggers to INFO on import; its schema-migration chatter is noise here.
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    embedded = "MLFLOW_TRACKING_URI" not in os.environ
-    mlflow.set_tracking_uri(tracking_uri(root))
-    if embedded:  # set_tracking_uri exports the variable; unset must keep meaning "this repo's store"
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
-    # Embedded store: keep artifacts beside the database, not wherever the cwd happens to be.
-    location = (root / "mlruns").resolve().as_uri() if embedded else None
-    if experiment is not None:
-        recorded = experiment.artifact_location
-        if location and "/mlruns" in recorded:  # `<root>/mlruns` or `<root>/mlruns/<id>`, as URI or path
-            old_store = recorded[: recorded.rindex("/mlruns") + len("/mlruns")]
-            if old_store not in (location, Path(root / "mlruns").resolve().as_posix()):
-                relocate_local_store(root / "mlflow.db", old_store, location)
-        return experiment.experiment_id
-    try:
-        return mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=location,
-                                        tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION})
-    except mlflow.exceptions.MlflowException:  # created concurrently by another stage
-        return mlflow.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
+# Tag prefix of a stage run's outputs: `lmforge.output.<path>` = DVC's md5 of what the run wrote
+# (lineage.content_hash), so a later flow whose stage is a DVC cache hit finds the run that made it.
+OUTPUT_TAG = "lmforge.output."
 
 
 def runs_table_link(experiment_id: str) -> str:
@@ -211,7 +88,7 @@ def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
             return None
         try:
             return method(self, *args, **kwargs)
-        except _tracking_errors() as exc:
+        except tracking_errors() as exc:
             self.failed = True
             report_logging_failure(exc)
             return None
@@ -278,9 +155,10 @@ class StageRun:
 
     @_guarded
     def log_torch_model(self, model: Any, registered_name: str, signature: Any = None, input_example: Any = None,
-                        description: str | None = None) -> Any:
+                        description: str | None = None, extra_files: list[Path] | None = None) -> Any:
         """Log a plain torch module (pytorch flavor), named like its registered model, and register
-        a new version of it (with `description`, when given, on the registered model).
+        a new version of it (with `description`, when given, on the registered model). `extra_files`
+        land in the model's `extra_files/` (the exported directory: loadable without the pickle).
 
         Pickle serialization with lmforge's source bundled (`code_paths`), so
         `mlflow.pytorch.load_model("models:/<name>/<version>")` works without lmforge installed.
@@ -307,7 +185,21 @@ class StageRun:
             pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy", "safetensors"],
             code_paths=[str(Path(lmforge.__file__).parent)],
             registered_model_name=registered_name,
+            extra_files=[str(path) for path in extra_files or []] or None,
         )
+
+    @_guarded
+    def log_datasets(self, datasets: Mapping[str, tuple[str, str]], context: str) -> None:
+        """name -> (source URI, DVC hash) as the run's input datasets (MLflow's Datasets panel)."""
+        import mlflow
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        for name, (source, digest) in datasets.items():
+            with warnings.catch_warnings():  # a file URI matches two equivalent local sources: either will do
+                warnings.simplefilter("ignore", UserWarning)
+                resolved = resolve_dataset_source(source)
+            mlflow.log_input(MetaDataset(resolved, name=name, digest=digest), context=context)
 
     @_guarded
     def tag_model_version(self, name: str, version: str, tags: Mapping[str, str]) -> None:
@@ -339,25 +231,16 @@ class StageRun:
         return str(max(matching)) if matching else None
 
 
-def _process_tags() -> dict[str, str]:
-    """Who runs this run: a RUNNING run whose process is gone was killed (see `mark_orphans_killed`)."""
-    return {"lmforge.host": socket.gethostname(), "lmforge.pid": str(os.getpid())}
-
-
-def mark_orphans_killed(client: Any, experiment_id: str) -> list[str]:
-    """Runs left RUNNING by processes of this host that no longer exist (a kill -9, a power cut)
-    are marked KILLED; returns their ids. Runs of other hosts are left to those hosts."""
-    host = socket.gethostname().replace("'", "")
-    orphans = []
-    for run in client.search_runs(
-        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`lmforge.host` = '{host}'",
-        max_results=1000,
-    ):
-        pid = run.data.tags.get("lmforge.pid", "")
-        if pid.isdigit() and not pid_alive(int(pid)):
-            client.set_terminated(run.info.run_id, "KILLED")
-            orphans.append(run.info.run_id)
-    return orphans
+@contextmanager
+def tracking_guard(run: StageRun) -> Iterator[None]:
+    """Tracking calls a stage makes itself, beyond StageRun's methods (promote's registry work): a
+    tracking failure ends the block, warns once and turns the run's logging off; anything else raises.
+    (A block cannot be skipped: check `run.failed` before entering.)"""
+    try:
+        yield
+    except tracking_errors() as exc:
+        run.failed = True
+        report_logging_failure(exc)
 
 
 @contextmanager
@@ -367,8 +250,12 @@ def stage_run(
     inputs: list[str | Path],
     root: Path | None = None,
     resume_run_id: str | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[StageRun]:
     """Open the MLflow run of one stage (experiment `lmforge`, run name = stage).
+
+    `system_metrics`: MLflow samples CPU, memory (and GPU, with nvidia-ml-py) into the run while it
+    is open (psutil; the training stages ask for it, on rank 0 only since only rank 0 opens a run).
 
     `resume_run_id`: continue that run (a training stage resumed after a kill logs into the
     run it started, so its curve is one line in the UI) when it exists in this store.
@@ -391,7 +278,7 @@ def stage_run(
     tags = {
         "lmforge.stage": stage,
         "mlflow.source.git.commit": git_commit(root),
-        **_process_tags(),
+        **process_tags(),
         **{f"lmforge.input.{path}": digest for path, digest in hashes.items()},
     }
     if os.environ.get(PARENT_RUN_ENV):  # run by the Prefect flow: nest under its `pipeline` run
@@ -404,9 +291,9 @@ def stage_run(
         flat_params.update(flatten(dumped, f"{section}."))
     # MLflow params are strings of bounded length; lists and dicts become JSON.
     logged = {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flat_params.items()}
-    errors = _tracking_errors()
+    errors = tracking_errors()
     try:
-        experiment_id = _ensure_experiment(root)
+        experiment_id = ensure_experiment(root)
         for orphan in mark_orphans_killed(MlflowClient(tracking_uri(root)), experiment_id):
             logger.info("MLflow run %s was left RUNNING by a process that is gone: marked KILLED", orphan)
         start: dict[str, Any] = {"experiment_id": experiment_id, "run_name": stage}
@@ -415,7 +302,7 @@ def stage_run(
                 start = {"run_id": resume_run_id}
             else:  # MLflow params are immutable: a resume with other params is a new, linked run
                 tags["lmforge.continues_run"] = resume_run_id
-        run = mlflow.start_run(**start, tags=tags)
+        run = mlflow.start_run(**start, tags=tags, log_system_metrics=True if system_metrics else None)
     except errors as exc:  # the store does not answer: do the stage's work all the same
         report_logging_failure(exc, root)
         run = None
@@ -435,23 +322,15 @@ def stage_run(
     except BaseException:
         status = "FAILED"
         raise
+    else:  # what the run made, as dvc.lock will record it (no output depends on this tag)
+        if not handle.failed:
+            handle.set_tags({f"{OUTPUT_TAG}{path}": md5 for path, md5 in output_hashes(root, stage).items()})
     finally:
         try:
             mlflow.end_run(status)
         except errors as exc:
             if not handle.failed:
                 report_logging_failure(exc, root)
-
-
-def check_tracking_server(timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """None when the tracking store answers (a local store always does); else why not, naming
-    MLFLOW_TRACKING_URI. Checked before a pipeline runs anything."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri.startswith(("http://", "https://")):
-        return None
-    from lmforge.health import check_health
-
-    return check_health(uri, "the MLflow tracking server", "MLFLOW_TRACKING_URI", timeout)
 
 
 class PipelineRun:
@@ -472,10 +351,10 @@ class PipelineRun:
         from mlflow.tracking import MlflowClient
 
         root = root.resolve()
-        experiment_id = _ensure_experiment(root)
+        experiment_id = ensure_experiment(root)
         run = MlflowClient(tracking_uri(root)).create_run(
             experiment_id, run_name="pipeline",
-            tags={"lmforge.stage": "pipeline", "mlflow.source.git.commit": git_commit(root), **_process_tags(),
+            tags={"lmforge.stage": "pipeline", "mlflow.source.git.commit": git_commit(root), **process_tags(),
                   **(tags or {})},
         )
         return cls(root, run.info.run_id, experiment_id)
@@ -488,6 +367,43 @@ class PipelineRun:
             client = MlflowClient(tracking_uri(self.root))
             for key, value in tags.items():
                 client.set_tag(self.run_id, key, value)
+
+    @_guarded
+    def producing_runs(self, stages: list[str]) -> dict[str, str | None]:
+        """stage -> the id of the newest FINISHED run of that stage whose output tags equal the md5s
+        dvc.lock records for the stage's outputs (it made the files in the workspace, in this flow
+        or an earlier one); None when no run did (never recorded, or made with tracking down)."""
+        with self._noted("finding the stages' runs"):
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri(self.root))
+            recorded = recorded_hashes(self.root)
+            found: dict[str, str | None] = {}
+            for stage in stages:
+                outputs = {path: recorded.get(path) for path in stage_outputs(self.root, stage)}
+                if not outputs or None in outputs.values() or any("`" in p or "'" in p for p in outputs):
+                    found[stage] = None
+                    continue
+                conditions = [f"tags.`lmforge.stage` = '{stage}'", "attributes.status = 'FINISHED'"]
+                conditions += [f"tags.`{OUTPUT_TAG}{path}` = '{md5}'" for path, md5 in outputs.items()]
+                runs = client.search_runs([self.experiment_id], " and ".join(conditions),
+                                          order_by=["attributes.start_time DESC"], max_results=1)
+                found[stage] = runs[0].info.run_id if runs else None
+            return found
+
+    @_guarded
+    def record(self, metrics: Mapping[str, float], params: Mapping[str, str], description: str) -> None:
+        """The run's headline figures (named like the stages' own metrics), key params and description."""
+        with self._noted("recording the pipeline run's figures"):
+            from mlflow.entities import Metric, Param, RunTag
+            from mlflow.tracking import MlflowClient
+
+            now = int(time.time() * 1000)
+            MlflowClient(tracking_uri(self.root)).log_batch(
+                self.run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+                params=[Param(key, value) for key, value in params.items()],
+                tags=[RunTag("mlflow.note.content", description)],
+            )
 
     @_guarded
     def end(self, status: str) -> None:

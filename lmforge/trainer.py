@@ -16,18 +16,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
+from lmforge.batches import Batch, Examples, PackedRows, Prefetcher, RowSampler
 from lmforge.checkpoint import CheckpointManager
 from lmforge.early_stopping import EarlyStopping
 from lmforge.errors import LmforgeError
-from lmforge.model import IGNORE_INDEX
+from lmforge.loss import lm_loss
 from lmforge.parallelize import DistInfo, init_distributed
 from lmforge.params import TrainerParams
 from lmforge.resume import MARKER as RUN_MARKER, run_record
@@ -35,21 +35,12 @@ from lmforge.throughput import mfu, peak_flops, peak_memory_mib
 
 log = logging.getLogger(__name__)
 
-Batch = dict[str, torch.Tensor]
 # (model, batch) -> (summed loss over counted tokens, number of counted tokens)
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int | torch.Tensor]]
-Collate = Callable[[list[Any]], Batch]
 MetricsCallback = Callable[[int, dict[str, float | None]], None]
 # (model, batch) -> {metric name: (summed numerator, denominator)}; summed over val batches and ranks,
 # the metric is numerator / denominator (e.g. {"val_accuracy": (correct, examples)}).
 EvalFn = Callable[[nn.Module, Batch], dict[str, tuple[torch.Tensor | float, torch.Tensor | float]]]
-
-class RowDataset(Protocol):
-    """Rows of packed token ids: `__getitem__(i)` is an int array of length seq_len + 1."""
-
-    def __len__(self) -> int: ...
-    def __getitem__(self, i: int) -> Any: ...
-
 
 @dataclass
 class TrainResult:
@@ -65,43 +56,6 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def lm_collate(rows: list[Any]) -> Batch:
-    """Packed rows -> next-token inputs and targets."""
-    x = torch.from_numpy(np.stack([np.asarray(r, dtype=np.int64) for r in rows]))
-    return {"inputs": x[:, :-1], "targets": x[:, 1:]}
-
-
-def lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy and the count of targets that are not IGNORE_INDEX."""
-    logits = model(batch["inputs"])
-    targets = batch["targets"]
-    loss_sum = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
-    return loss_sum, (targets != IGNORE_INDEX).sum()
-
-
-@dataclass(frozen=True)
-class PackedRows:
-    """Pretraining data: rows of seq_len + 1 token ids, documents packed end to end."""
-
-    train: RowDataset
-    val: RowDataset | None = None
-    collate: Collate = lm_collate
-
-
-@dataclass(frozen=True)
-class Examples:
-    """Fine-tuning data: examples of any form that `collate` batches, at most `max_tokens` tokens
-    each (it sizes the loss-scaling hint, the token budget and the FLOPs estimate)."""
-
-    train: Sequence[Any]
-    val: Sequence[Any] | None
-    collate: Collate
-    max_tokens: int
-
-
 def lr_at(step: int, cfg: TrainerParams, total_steps: int) -> float:
     """Multiplier of cfg.lr after `step` optimizer steps: linear warmup, then cosine to min_lr."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
@@ -110,33 +64,6 @@ def lr_at(step: int, cfg: TrainerParams, total_steps: int) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.min_lr / cfg.lr
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class RowSampler:
-    """A global stream of row indices: epoch e is a permutation seeded by (seed, e), epochs back to back.
-
-    Position p (rows consumed so far, over all ranks) is the whole data state: epoch = p // n,
-    index = p % n. Each optimizer step takes the next `global batch` rows and deals them to ranks
-    in disjoint micro-batches, so N ranks see every row exactly once per epoch.
-    """
-
-    def __init__(self, n_rows: int, seed: int) -> None:
-        self.n_rows, self.seed = n_rows, seed
-        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
-        return self._perm
-
-    def rows(self, start: int, count: int) -> list[int]:
-        """Row ids at stream positions start .. start + count - 1."""
-        out = []
-        for p in range(start, start + count):
-            epoch, index = divmod(p, self.n_rows)
-            out.append(int(self._permutation(epoch)[index]))
-        return out
 
 
 class Trainer:
@@ -158,7 +85,11 @@ class Trainer:
         flops_per_token: float | None = None,
         eval_fn: EvalFn | None = None,
         early_stopping: EarlyStopping | None = None,
+        prefetch: bool = True,
+        async_checkpoint: bool = False,
     ) -> None:
+        """`prefetch`: build the next step's micro-batches in a background thread (same batches,
+        same order); `async_checkpoint`: write checkpoints in the background (CheckpointManager)."""
         self.model, self.cfg, self.data = model, config, data
         self.dist = dist_info or init_distributed()
         self.device = self.dist.device
@@ -190,7 +121,11 @@ class Trainer:
         )
         self.scaler = self._build_scaler()
         owner = run_record(Path(checkpoint_dir)).get("nonce") if checkpoint_dir else None
-        self.checkpoints = CheckpointManager(checkpoint_dir, config.keep_checkpoints, owner) if checkpoint_dir else None
+        self.checkpoints = (
+            CheckpointManager(checkpoint_dir, config.keep_checkpoints, owner, async_save=async_checkpoint)
+            if checkpoint_dir else None
+        )
+        self.prefetch = prefetch
         if early_stopping is not None and checkpoint_dir:
             early_stopping.checkpoints = CheckpointManager(Path(checkpoint_dir) / "best", 1, owner)
         self._mfu_note_done = False
@@ -271,12 +206,19 @@ class Trainer:
         non_blocking = self.device.type == "cuda"
         return {k: v.to(self.device, non_blocking=non_blocking) for k, v in batch.items()}
 
-    def train_micro_batches(self, position: int) -> Iterator[Batch]:
-        """This rank's micro-batches of the optimizer step that starts at stream `position`."""
+    def host_micro_batches(self, position: int) -> list[Batch]:
+        """This rank's micro-batches (in host memory) of the optimizer step that starts at stream `position`."""
         b, w, r = self.cfg.micro_batch_size, self.dist.world_size, self.dist.rank
+        out = []
         for m in range(self.cfg.grad_accum_steps):
             ids = self.sampler.rows(position + (m * w + r) * b, b)
-            yield self._to_device(self.collate([self.train_data[i] for i in ids]))
+            out.append(self.collate([self.train_data[i] for i in ids]))
+        return out
+
+    def train_micro_batches(self, position: int) -> Iterator[Batch]:
+        """This rank's micro-batches of the optimizer step that starts at stream `position`, on the device."""
+        for batch in self.host_micro_batches(position):
+            yield self._to_device(batch)
 
     def val_micro_batches(self) -> Iterator[Batch]:
         """A fixed slice of the val rows (the first eval_batches global batches), disjoint across ranks."""
@@ -471,24 +413,18 @@ class Trainer:
         assert self.early_stopping is not None and self.early_stopping.checkpoints is not None
         self.early_stopping.checkpoints.save(self.step, self.model, self.optimizer, self._extra_state())
 
-    def fit(self) -> TrainResult:
-        """Train to total_steps (resuming first when allowed), evaluating and checkpointing on schedule."""
-        from tqdm.auto import tqdm
-
-        self.model.train()
-        self.maybe_resume()
+    def _loop(self, bar: Any, prefetcher: Prefetcher | None) -> Path | None:
         last_ckpt: Path | None = None
-        bar = tqdm(
-            total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and self.dist.is_main),
-            desc="train", dynamic_ncols=True,
-        )
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
         while self.step < self.total_steps and not self.stopped_early:
             self._check_run_dir()
             t0 = time.perf_counter()
             lr = self.scheduler.get_last_lr()[0]
-            train_loss, tokens = self.compute_gradients(self.train_micro_batches(self.data_position))
+            if prefetcher is None:
+                micro_batches = self.train_micro_batches(self.data_position)
+            else:
+                ahead = self.data_position + self.rows_per_step if self.step + 1 < self.total_steps else None
+                micro_batches = map(self._to_device, prefetcher.get(self.data_position, ahead))
+            train_loss, tokens = self.compute_gradients(micro_batches)
             if not math.isfinite(train_loss):  # all-reduced: every rank stops here together
                 raise LmforgeError(
                     f"the training loss is {train_loss} at step {self.step + 1}: stopped before the weights are "
@@ -520,6 +456,28 @@ class Trainer:
             bar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)
             if last or (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0):
                 last_ckpt = self.save_checkpoint() or last_ckpt
+        return last_ckpt
+
+    def fit(self) -> TrainResult:
+        """Train to total_steps (resuming first when allowed), evaluating and checkpointing on schedule."""
+        from tqdm.auto import tqdm
+
+        self.model.train()
+        self.maybe_resume()
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and self.dist.is_main),
+            desc="train", dynamic_ncols=True,
+        )
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        prefetcher = Prefetcher(self.host_micro_batches, pin=self.device.type == "cuda") if self.prefetch else None
+        try:
+            last_ckpt = self._loop(bar, prefetcher)
+        finally:
+            if prefetcher is not None:
+                prefetcher.close()
+            if self.checkpoints is not None:
+                self.checkpoints.wait()  # a background write finishes (and commits) before fit returns
         bar.close()
         stopping = self.early_stopping
         if stopping is not None and stopping.stopped and self.dist.is_main:

@@ -6,6 +6,9 @@ checkpoints, register the exported model, tear the process group down. Each stag
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +20,9 @@ from torch import nn
 from lmforge.curves import CurveLog
 from lmforge.parallelize import DistInfo, barrier, destroy
 from lmforge.resume import claim_run_dir, remember_run_id
-from lmforge.lineage import content_hash
-from lmforge.tracking import StageRun, stage_run
+from lmforge.lineage import DATA_LINEAGE, content_hash, dataset_source, dvc_remote_url, git_commit, input_hashes
+from lmforge.params import load_params
+from lmforge.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, StageRun, stage_run
 
 # Tag of each registered model version: the md5 of the model.safetensors it was logged from
 # (how the evaluate stage finds the version of the weights it scored).
@@ -51,7 +55,8 @@ def training_run(stage: str, info: DistInfo, checkpoints: Path, fingerprint: dic
     resume_run_id = claim_run_dir(checkpoints, fingerprint, resume) if info.is_main else None
     barrier()
     curve = CurveLog(checkpoints / "curve.jsonl")
-    opened = stage_run(stage, sections, inputs, resume_run_id=resume_run_id) if info.is_main else contextlib.nullcontext()
+    opened = (stage_run(stage, sections, inputs, resume_run_id=resume_run_id, system_metrics=True) if info.is_main
+              else contextlib.nullcontext())
     with opened as run:
         if run is not None and run.run_id is not None:
             remember_run_id(checkpoints, run.run_id)
@@ -72,11 +77,15 @@ def model_signature(inputs: dict[str, tuple[str, tuple[int, ...]]], outputs: dic
 
 
 def register(run: StageRun, model: nn.Module, name: str, weights: Path, *, description: str,
-             figures: Mapping[str, float | None], signature: Any = None, input_example: Any = None) -> str | None:
+             figures: Mapping[str, float | None], signature: Any = None, input_example: Any = None,
+             datasets: Mapping[str, Path] | None = None) -> str | None:
     """A new registered version of `model` named `name`, described, tagged with the md5 of `weights`
-    (how evaluate finds it) and with its own `figures`; None when tracking is down."""
+    (how evaluate finds it), its own `figures` and its lineage (record_lineage; `datasets`: the
+    stage's own data inputs by name); None when tracking is down. The exported directory's files
+    travel with it (`extra_files/`), so promote can re-score it without the pickle."""
+    exported = [path for path in sorted(weights.parent.iterdir()) if path.is_file()]
     logged = run.log_torch_model(model, name, signature=signature, input_example=input_example,
-                                 description=description)
+                                 description=description, extra_files=exported)
     version = getattr(logged, "registered_model_version", None)
     if version is None:
         return None
@@ -85,4 +94,35 @@ def register(run: StageRun, model: nn.Module, name: str, weights: Path, *, descr
                                                **{f"{run.stage}.{k}": f"{v:.6g}" for k, v in shown.items()}})
     run.describe_model_version(name, str(version), f"From the `{run.stage}` run {run.run_id}: " +
                                ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    run.tag_model_version(name, str(version), record_lineage(run, Path.cwd(), datasets or {}))
     return str(version)
+
+
+def lineage_tags(root: Path, data: Mapping[str, str], sources: Mapping[str, str], params: Mapping[str, Any]) -> dict[str, str]:
+    """The tags `lineage.*` of a registered version: code, data (DVC hash and where to fetch it),
+    the params of every stage (their md5; the values are the run's artifact lineage/params.json),
+    and the runs it came from (the flow's `pipeline` run and Prefect flow run, when run by the flow)."""
+    tags = {"lineage.git_commit": git_commit(root),
+            "lineage.params_md5": hashlib.md5(json.dumps(params, sort_keys=True).encode()).hexdigest()}
+    for name, digest in data.items():
+        tags[f"lineage.data.{name}"] = digest
+        tags[f"lineage.data.{name}.source"] = sources[name]
+    for tag, env in (("lineage.parent_run_id", PARENT_RUN_ENV), ("lineage.prefect_flow_run_id", FLOW_RUN_ENV)):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def record_lineage(run: StageRun, root: Path, datasets: Mapping[str, Path]) -> dict[str, str]:
+    """Log what the model was made from on its run (every stage's params as lineage/params.json; the
+    data as MLflow input datasets, source the DVC remote's object, digest the DVC hash) and return
+    the version's lineage tags. `datasets`: the stage's own inputs beyond the data stages' outputs."""
+    params = load_params().model_dump(mode="json")
+    located = {**DATA_LINEAGE, **datasets}
+    hashes = input_hashes(list(located.values()), root)
+    digests = {name: hashes[os.path.normpath(str(path))] for name, path in located.items()}
+    remote = dvc_remote_url(root)
+    sources = {name: dataset_source(located[name], digest, remote, root) for name, digest in digests.items()}
+    run.log_dict(params, "lineage/params.json")
+    run.log_datasets({name: (sources[name], digest) for name, digest in digests.items()}, context="lineage")
+    return lineage_tags(root, digests, sources, params)

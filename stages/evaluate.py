@@ -21,8 +21,8 @@ from lmforge.cli import run_stage
 from lmforge.data.io import atomic_path, write_json
 from lmforge.data.shards import ShardReader
 from lmforge.evaluation import (
-    bag_of_words_baseline, classification_report, language_model_loss, majority_baseline,
-    plot_confusion_matrix, render_report_md, safe_exp, sft_report, write_confusion_json, write_per_class_csv,
+    bag_of_words_baseline, language_model_loss, majority_baseline, model_scores, plot_confusion_matrix,
+    render_report_md, safe_exp, score_classifier, score_sft, write_confusion_json, write_per_class_csv,
 )
 from lmforge.export import WEIGHTS, load_pretrained
 from lmforge.generate import sample_prompts
@@ -58,7 +58,7 @@ def evaluate_classify(params: Params, finetuned: Any) -> tuple[dict[str, Any], d
     test = read_examples(Path(ft.test_file), ft, "classify")
     texts, truth = [r["text"] for r in test], [r["label"] for r in test]
     check_labels(test, finetuned.labels, "label", ft.test_file)
-    report = classification_report(truth, finetuned.predict(texts), finetuned.labels)
+    report = score_classifier(finetuned, texts, truth)
     train_texts, train_labels = [r["text"] for r in train], [r["label"] for r in train]
     baselines = {
         "majority class": majority_baseline(train_labels, truth, finetuned.labels),
@@ -76,11 +76,7 @@ def evaluate_sft(params: Params, finetuned: Any) -> tuple[dict[str, Any], list[d
     ft, gen, cfg = params.finetune, params.generate, params.evaluate
     test = read_examples(Path(ft.test_file), ft, "sft")[: cfg.sft_max_examples]
     prompts, refs = [r["prompt"] for r in test], [r["response"] for r in test]
-    loss_sum, n_tokens = finetuned.lm_loss(prompts, refs)
-    # Greedy decoding: the figures should not depend on a sampling seed.
-    preds = finetuned.generate(prompts, max_new_tokens=cfg.sft_max_new_tokens, temperature=0.0,
-                               top_k=None, top_p=None, seed=gen.seed)
-    report = sft_report(preds, refs) | {"loss": loss_sum / max(n_tokens, 1), "perplexity": safe_exp(loss_sum / max(n_tokens, 1))}
+    report, preds = score_sft(finetuned, prompts, refs, cfg.sft_max_new_tokens, gen.seed)
     examples = [{"prompt": p, "response": r, "reference": t} for p, r, t in zip(prompts, preds, refs)]
     write_json(paths.FIGURES / "sft_examples.json", examples)
     return report, examples[: cfg.report_examples]
@@ -102,13 +98,13 @@ def headline(lm: dict[str, Any], classify: dict[str, Any] | None, baselines: dic
     }
     base: dict[str, Any] = {"unigram_entropy": lm["unigram baseline"]["loss"]}
     if classify is not None:
-        metrics |= {k: classify[k] for k in ("accuracy", "macro_f1", "weighted_f1")}
+        metrics |= model_scores("classify", classify)
         base["majority_accuracy"] = baselines["majority class"]["accuracy"]
         base["majority_macro_f1"] = baselines["majority class"]["macro_f1"]
         bow = baselines["bag of words (tf-idf + logistic regression)"]
         base["bag_of_words_accuracy"], base["bag_of_words_macro_f1"] = bow["accuracy"], bow["macro_f1"]
     if sft is not None:
-        metrics |= {f"sft_{k}": v for k, v in sft.items() if isinstance(v, (int, float))}
+        metrics |= model_scores("sft", sft)
         if "fine-tuned (SFT)" in lm:
             metrics["sft_val_perplexity"] = lm["fine-tuned (SFT)"]["perplexity"]
     return metrics | {"baselines": base}

@@ -32,13 +32,18 @@ from lmforge.parallelize import apply_fsdp, init_distributed
 from lmforge.params import FinetuneParams, load_params
 from lmforge.resume import result_knobs
 from lmforge.lineage import content_hash
-from lmforge.trainer import Examples, Trainer
+from lmforge.batches import Examples
+from lmforge.trainer import Trainer
 from lmforge.training_run import model_signature, register, training_run
 
 log = logging.getLogger("stages.finetune")
 
 MODEL_DIR = paths.FINETUNED
 REPORTS = paths.FINETUNE_REPORTS
+# The figures `dvc metrics show` and `dvc exp show` put side by side (metrics.json, numbers only);
+# stats.json keeps the rest (task, method, parameter and example counts, world size).
+COMPARED = ("steps", "best_step", "train_loss", "final_val_loss", "best_val_loss", "final_val_accuracy",
+            "best_val_accuracy")
 
 
 def check_tokenizer(tokenizer_path: Path) -> None:
@@ -181,7 +186,8 @@ def main() -> None:
         columns = ["step", "train_loss", "lr", "val_loss"] + (["val_accuracy"] if fp.task == "classify" else [])
         write_csv(REPORTS / "curve.csv", records, columns, blank_missing=True)
         plot_loss(REPORTS / "loss.png", records, None, f"fine-tune ({fp.task}, {fp.method})")
-        write_json(REPORTS / "metrics.json", summary)  # the same whether tracking is up or down
+        write_json(REPORTS / "stats.json", summary)  # both the same whether tracking is up or down
+        write_json(REPORTS / "metrics.json", {k: summary[k] for k in COMPARED if summary.get(k) is not None})
         quality = {k: summary.get(k) for k in ("best_val_loss", "final_val_loss", "best_val_accuracy",
                                                  "final_val_accuracy") if summary.get(k) is not None}
         run.log_metrics(quality, step=result.step)
@@ -199,13 +205,13 @@ def main() -> None:
         register(run, load_finetuned(MODEL_DIR).model, paths.FINETUNED_MODEL, MODEL_DIR / "model.safetensors",
                  description=f"lmforge's fine-tuned model ({fp.method}): {what}. Load it with "
                              "lmforge.finetune.load_finetuned on the DVC output, or mlflow.pytorch.load_model.",
-                 figures=quality, signature=signature)
+                 figures=quality, signature=signature, datasets={"finetune_train": Path(fp.train_file)})
         best_value = best.get(fp.early_stopping_metric)
         run.describe(f"Fine-tune ({fp.task}, {fp.method}) from models/pretrain for {result.step} steps on "
                      f"{data['n_train']:,} examples: best {fp.early_stopping_metric} "
                      f"{best_value if best_value is None else round(best_value, 4)} at step {result.best_step}; "
                      f"{trainable:,} of {total:,} parameters trained. Test figures: the evaluate run.")
-        for name in ("metrics.json", "curve.csv", "loss.png"):
+        for name in ("stats.json", "curve.csv", "loss.png"):
             run.log_artifact(REPORTS / name, "reports")
         run.log_artifact(MODEL_DIR / "config.json", "model_config")
         if (MODEL_DIR / "adapter").is_dir():

@@ -7,6 +7,7 @@ One process: `python -m stages.pretrain`. Many: `torchrun --nproc_per_node=N -m 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Any
@@ -26,13 +27,18 @@ from lmforge.model import Transformer, build_config
 from lmforge.parallelize import apply_activation_checkpointing, apply_compile, apply_fsdp, init_distributed
 from lmforge.params import GenerateParams, Params, load_params
 from lmforge.resume import result_knobs
-from lmforge.trainer import PackedRows, Trainer
+from lmforge.batches import DocumentCollate, PackedRows, lm_collate
+from lmforge.loss import lm_loss
+from lmforge.trainer import Trainer
 from lmforge.training_run import model_signature, register, training_run
 
 log = logging.getLogger("stages.pretrain")
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REPORTS = paths.PRETRAIN_REPORTS
+# The figures `dvc metrics show` and `dvc exp show` put side by side (metrics.json); stats.json
+# keeps the rest (the model's size, the world size, the loss against the unigram entropy).
+COMPARED = ("steps", "train_loss", "val_loss", "val_perplexity", "unigram_entropy", "tokens_per_s", "tokens_seen")
 
 
 def run_fingerprint(params: Params, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +58,8 @@ def write_reports(curve: CurveLog, final_step: int, summary: dict[str, Any], sam
     write_csv(REPORTS / "curve.csv", records,
               ["step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "val_ppl"], blank_missing=True)
     plot_loss(REPORTS / "loss.png", records, summary["unigram_entropy"], "pretrain")
-    write_json(REPORTS / "metrics.json", summary)
+    write_json(REPORTS / "stats.json", summary)
+    write_json(REPORTS / "metrics.json", {key: summary[key] for key in COMPARED if summary[key] is not None})
     sampling = f"temperature {gen.temperature}, top_k {gen.top_k}, top_p {gen.top_p}, seed {gen.seed}"
     lines = [f"# Samples from the pretrained model\n\nSampling: {sampling}, {gen.max_new_tokens} new tokens.\n"]
     lines += [f"**{sample['prompt']}**{sample['text']}\n" for sample in samples]
@@ -82,8 +89,12 @@ def main() -> None:
     sections = {"model": {"preset": params.model.preset, **config.to_dict()}, "pretrain": params.pretrain}
     with training_run("pretrain", info, paths.PRETRAIN_CHECKPOINTS, run_fingerprint(params, train.manifest),
                       params.pretrain.resume, sections, [paths.SHARDS, paths.TOKENIZER]) as tr:
-        trainer = Trainer(model, params.pretrain, PackedRows(train, val), dist_info=info,
-                          checkpoint_dir=paths.PRETRAIN_CHECKPOINTS, on_metrics=tr.on_metrics)
+        knobs = params.pretrain
+        collate = DocumentCollate(train.eos_id) if knobs.document_mask else lm_collate
+        trainer = Trainer(model, knobs, PackedRows(train, val, collate), dist_info=info,
+                          checkpoint_dir=paths.PRETRAIN_CHECKPOINTS, on_metrics=tr.on_metrics,
+                          loss_fn=functools.partial(lm_loss, loss_chunk=knobs.loss_chunk_tokens),
+                          async_checkpoint=knobs.async_checkpoint)
         result = trainer.fit()
         save_pretrained(model, config, paths.PRETRAINED, tokenizer_path=paths.TOKENIZER)  # collective
         export_hf_llama(model, config, paths.PRETRAINED_HF, tokenizer_path=paths.TOKENIZER, eos_id=train.eos_id)
@@ -116,7 +127,7 @@ def main() -> None:
         tr.run.describe(f"Pretrain `{params.model.preset}` ({config.num_params() / 1e6:.2f} M parameters) for "
                         f"{result.step} steps, {result.tokens_seen:,} tokens: {figures} against a unigram entropy "
                         f"of {baseline:.3f}. Curves: reports/; samples: reports/samples.md.")
-        for name in ("metrics.json", "loss.png", "samples.md", "curve.csv"):
+        for name in ("stats.json", "loss.png", "samples.md", "curve.csv"):
             tr.run.log_artifact(REPORTS / name, "reports")
         tr.run.log_artifact(paths.PRETRAINED / "config.json", "model_config")
         register(tr.run, plain, paths.PRETRAINED_MODEL, paths.PRETRAINED / "model.safetensors",

@@ -1,19 +1,19 @@
-"""DVC stage `tokenize`: train the BPE on the train split of data/clean, then encode,
-pack and shard both splits into data/shards/{train,val} with manifest.json written last.
+"""DVC stage `tokenize`: train the BPE on a bounded sample of the train split of data/clean, then
+encode, pack and shard each clean partition into data/shards/{train,val}, manifest.json last.
 
+Sampling, training and encoding run as tasks on the engine (lmforge.data.tokenize_tasks) with
+completion markers in a staging directory, so a killed run resumes.
 (Not named tokenize.py: that would shadow the standard library's `tokenize` module.)
 """
 
 from __future__ import annotations
 
-import shutil
-import time
-
 from lmforge import paths
 from lmforge.cli import run_stage
-from lmforge.data.pack import encode_to_shards, train_split_texts
-from lmforge.data.tokenizer import file_sha256, save_tokenizer, train_tokenizer
-from lmforge.data.io import open_documents, write_json
+from lmforge.data.io import write_json
+from lmforge.data.partitions import staging_dir
+from lmforge.data.tokenize_tasks import STAGE, tokenize_dataset
+from lmforge.engine import dask_client
 from lmforge.params import load_params
 from lmforge.tracking import stage_run
 
@@ -23,25 +23,23 @@ COMPARED = ("train.tokens", "bytes_per_token")
 
 def main() -> None:
     params = load_params()
-    tok_params, val_fraction = params.tokenizer, params.data.val_fraction
-    with stage_run("tokenize", {"tokenizer": tok_params, "data": params.data}, inputs=[paths.CLEAN_DOCUMENTS]) as run:
-        open_documents(paths.CLEAN_DOCUMENTS, "clean")  # a clear error before any work if clean has not run
-        start = time.perf_counter()
-        tokenizer = train_tokenizer(train_split_texts(paths.CLEAN_DOCUMENTS, val_fraction, tok_params.encode_batch_size), tok_params)
-        save_tokenizer(tokenizer, paths.TOKENIZER)
-        train_seconds = time.perf_counter() - start
-
-        # DVC removes outputs before a run, but a run by hand must not mix old and new shards.
-        shutil.rmtree(paths.SHARDS, ignore_errors=True)
-        summary = encode_to_shards(paths.CLEAN_DOCUMENTS, tokenizer, file_sha256(paths.TOKENIZER), tok_params, val_fraction, paths.SHARDS)
-        stats = {"tokenizer_train_seconds": round(train_seconds, 3), **summary}
+    tok_params = params.tokenizer
+    with stage_run("tokenize", {"tokenizer": tok_params, "data": params.data, "engine": params.engine},
+                   inputs=[paths.CLEAN]) as run:
+        with dask_client(params.engine) as client:
+            stats = tokenize_dataset(client, tok_params, params.data.val_fraction, paths.CLEAN, staging_dir(STAGE),
+                                     paths.TOKENIZER, paths.SHARDS)
         write_json(paths.TOKENIZER_STATS, stats)
         write_json(paths.TOKENIZER_METRICS, {key: stats[key] for key in COMPARED})
         run.log_metrics({"train_tokens": stats["train.tokens"], "val_tokens": stats["val.tokens"],
-                         "bytes_per_token": stats["bytes_per_token"], "tokens_per_s": stats["tokens_per_s"]})
-        run.describe(f"Tokenize: byte-level BPE of {stats['vocab_size']:,} tokens; {stats['train.tokens']:,} train "
-                     f"and {stats['val.tokens']:,} val tokens in rows of {tok_params.seq_len + 1} "
-                     f"({stats['bytes_per_token']:.2f} bytes/token).")
+                         "bytes_per_token": stats["bytes_per_token"], "tokens_per_s": stats["tokens_per_s"],
+                         "sample_bytes": stats["sample_bytes"], "partitions": stats["partitions"],
+                         "workers": stats["workers"]})
+        run.describe(f"Tokenize: byte-level BPE of {stats['vocab_size']:,} tokens trained on "
+                     f"{stats['sample_bytes'] / 1e6:,.1f} MB of train text; {stats['train.tokens']:,} train and "
+                     f"{stats['val.tokens']:,} val tokens in rows of {tok_params.seq_len + 1} "
+                     f"({stats['bytes_per_token']:.2f} bytes/token), {stats['partitions']} partitions on "
+                     f"{stats['workers']} workers.")
         for path in (paths.TOKENIZER_STATS, paths.SHARDS / "manifest.json", paths.TOKENIZER):
             run.log_artifact(path)
 

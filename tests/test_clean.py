@@ -1,29 +1,33 @@
-"""The clean pipeline: batch-vectorized filters and dedup make exactly the decisions of the
-straightforward per-document rules (kept below as the reference), and count every document once."""
+"""The clean pipeline: batch-vectorized filters and the partitioned, per-band dedup make exactly
+the decisions of the straightforward one-document-at-a-time rules (kept below as the reference),
+whatever the partitioning, and count every document once."""
 
 from __future__ import annotations
 
 import hashlib
 import random
 import re
+import tempfile
 import unicodedata
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from rensa import RMinHash, RMinHashLSH
 
-from lmforge.data.clean import Cleaner
-from lmforge.data.dedup import CanonicalTexts, lsh_bands
+from lmforge.data.clean_tasks import run_clean
+from lmforge.data.dedup import CanonicalTexts, lsh_bands, signatures
+from lmforge.data.documents import METADATA_COLUMNS, make_document
+from lmforge.data.io import DocumentWriter
+from lmforge.data.partitions import iter_dataset_batches, part_name, write_manifest
 from lmforge.data.filters import build_filters
 from lmforge.data.text import TextBatch, normalize, normalize_batch
 from lmforge.params import CleanParams
 
 from conftest import make_texts
 
-RAW = Path(__file__).resolve().parents[1] / "data/raw/documents.parquet"
+RAW = Path(__file__).resolve().parents[1] / "data/raw"
 
 # --- The reference: one document at a time, plain Python (the original implementation). ---
 
@@ -206,18 +210,46 @@ def _docs(texts: list[str]) -> list[dict]:
     return [{"id": f"d{i}", "text": text, "source": "test", "name": f"n{i}"} for i, text in enumerate(texts)]
 
 
-def _run(params: CleanParams, docs: list[dict]) -> tuple[list[dict], dict, list[dict]]:
-    cleaner = Cleaner(params)
-    batches = [docs[i : i + params.batch_size] for i in range(0, len(docs), params.batch_size)]
-    kept = [doc for batch in cleaner.clean_batches(batches) for doc in batch]
-    samples = [row for rows in cleaner.stats.rejected_samples.values() for row in rows]
-    return kept, cleaner.stats.to_dict(), samples
+def serial_map(function, items, desc="", postfix=None):
+    """The stage's tasks run here, in order: the same code as on the Dask engine, without it."""
+    return [function(item) for item in items]
+
+
+def write_raw(directory: Path, docs: list[dict], parts: int) -> None:
+    """`docs` as a partitioned raw dataset of `parts` consecutive slices (ingest's layout)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, len(docs), parts + 1).astype(int)
+    entries = []
+    for index in range(parts):
+        with DocumentWriter(directory / part_name(index)) as writer:
+            # Every metadata column the documents carry (the real corpus has module, package, ...).
+            writer.write([make_document(doc["text"], doc.get("source") or "test",
+                                        **{column: doc.get(column) for column in METADATA_COLUMNS})
+                          | {"id": doc["id"]} for doc in docs[bounds[index] : bounds[index + 1]]])
+        entries.append({"name": part_name(index), "documents": writer.documents, "bytes": writer.bytes})
+    write_manifest(directory, entries)
+
+
+EXTRAS = ("seconds", "mb_per_s", "partitions", "dedup_seconds")
+
+
+def _run(params: CleanParams, docs: list[dict], parts: int = 3) -> tuple[list[dict], dict, list[dict]]:
+    """(kept documents, stats without the run's timings and per-partition lines, samples)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_raw(root / "raw", docs, parts)
+        result = run_clean(params, root / "raw", root / "clean", root / "staging", serial_map)
+        kept = [doc for batch in iter_dataset_batches(root / "clean", 1000, "clean") for doc in batch]
+    columns = {key for doc in docs for key in doc}
+    kept = [{key: value for key, value in doc.items() if key in columns} for doc in kept]
+    stats = {key: value for key, value in result["stats"].items() if key not in EXTRAS}
+    return kept, stats, result["samples"]
 
 
 @pytest.fixture(scope="module")
 def real_docs() -> list[dict]:
-    if RAW.exists():
-        return pq.read_table(RAW).to_pylist()
+    if (RAW / "manifest.json").exists():
+        return [doc for batch in iter_dataset_batches(RAW, 10_000, "ingest") for doc in batch]
     return _docs(make_texts(3000, seed=7) + tricky_texts(1000, seed=8))
 
 
@@ -248,13 +280,17 @@ def test_words_are_python_whitespace_split_tokens():
     assert words == [word for text in texts for word in text.split()]
 
 
-def test_canonical_texts_and_shingles_equal_the_per_document_ones():
+def test_canonical_texts_and_signatures_equal_the_per_document_ones():
     texts = [normalize(text) for text in tricky_texts(300, seed=5)] + TRICKY
     canonical = CanonicalTexts(texts)
     assert [canonical[i] for i in range(len(texts))] == [ref_canonical(text) for text in texts]
     for size in (1, 3, 5):
-        sets = canonical.shingle_sets(size, np.arange(len(texts)))
-        assert sets == [ref_shingles(text, size) for text in texts]
+        expected = []
+        for text in texts:
+            minhash = RMinHash(num_perm=64, seed=3)
+            minhash.update(ref_shingles(text, size))
+            expected.append(minhash.digest())
+        assert signatures(canonical, 64, size, 3).tolist() == expected
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
@@ -288,11 +324,10 @@ def test_rejected_samples_are_bounded_per_reason():
     assert set(per_reason) == {r for step in stats["steps"].values() for r in step["reasons"]}
 
 
-def test_clean_one_and_batches_agree():
-    docs = _docs(tricky_texts(120, seed=11))
-    one = Cleaner(CleanParams())
-    singly = [kept for doc in docs if (kept := one.clean_one(doc)) is not None]
-    assert singly == _run(CleanParams(), docs)[0]
+@pytest.mark.parametrize("parts", [1, 7])
+def test_the_partitioning_changes_nothing(parts):
+    docs = _docs(tricky_texts(300, seed=11))
+    assert _run(PARAMS["strict"], docs, parts=parts) == _run(PARAMS["strict"], docs, parts=3)
 
 
 def test_exact_duplicates_keep_the_first_and_drop_case_and_punctuation_variants():
@@ -318,3 +353,17 @@ def test_near_duplicates_within_one_batch_and_across_batches_are_both_dropped():
     params = CleanParams(batch_size=2)
     kept, _, _ = _run(params, _docs([base, variant, "Unrelated words about a quiet harbour at dawn.", variant + " ok"]))
     assert [doc["id"] for doc in kept] == ["d0", "d2"]
+
+
+def test_near_and_exact_duplicates_in_other_partitions_drop_the_later_copy():
+    base = make_texts(1, seed=5, words_per_doc=(200, 200))[0]
+    words = base.split()
+    near = " ".join(words[:100] + ["zebra"] + words[101:])
+    exact = base.upper() + "!"
+    fillers = make_texts(9, seed=6, words_per_doc=(60, 60))
+    docs = _docs([fillers[0], base, fillers[1], fillers[2], near, fillers[3], fillers[4], exact, fillers[5]])
+    kept, stats, samples = _run(CleanParams(), docs, parts=3)  # base in part 0, near in part 1, exact in part 2
+    assert [doc["id"] for doc in kept] == ["d0", "d1", "d2", "d3", "d5", "d6", "d8"]
+    assert stats["steps"]["exact_dedup"]["reasons"] == {"exact_duplicate": 1}
+    assert stats["steps"]["near_dedup"]["reasons"] == {"near_duplicate": 1}
+    assert [(row["id"], row["reason"]) for row in samples] == [("d4", "near_duplicate"), ("d7", "exact_duplicate")]

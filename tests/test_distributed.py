@@ -23,7 +23,8 @@ from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.model import Transformer  # noqa: E402
 from lmforge.parallelize import apply_activation_checkpointing, apply_fsdp, init_distributed  # noqa: E402
 from lmforge.params import TrainerParams  # noqa: E402
-from lmforge.trainer import PackedRows, Trainer  # noqa: E402
+from lmforge.batches import PackedRows  # noqa: E402
+from lmforge.trainer import Trainer  # noqa: E402
 
 HELPER = Path(__file__).parent / "train_helper.py"
 REPO = Path(__file__).resolve().parents[1]

@@ -244,17 +244,18 @@ def test_report_md_has_the_tables_and_escapes_cells():
         sft=sft_report(["a b"], ["a b"]),
         sft_examples=[{"prompt": "say | hi", "response": "x | y\nz <|endoftext|>", "reference": "x y"}],
         samples=[{"prompt": "def", "text": "code ```fenced``` here"}],
-        sampling={"temperature": 0.8, "top_k": 50},
+        sampling={"prompts": ["def", "class"], "temperature": 0.8, "top_k": 50},
         images={"confusion_matrix": "plots/confusion.png", "loss curve": "plots/loss.png"},
     )
     assert "| model | loss (nats/token) | perplexity | tokens |" in md
-    assert "| pretrained | 2.0000 | 7.3891 | 1000 |" in md
-    assert "| unigram baseline | 4.5000 | 90.0171 | – |" in md
-    assert "| fine-tuned model | 0.6000 |" in md and "| majority | 0.3000 | 0.1000 | – |" in md
-    assert "| dog | 0.0000 | 0.0000 | 0.0000 | 2 |" in md
+    assert "| pretrained | 2 | 7.389 | 1,000 |" in md
+    assert "| unigram baseline | 4.5 | 90.02 | – |" in md
+    assert "| fine-tuned model | 0.6 |" in md and "| majority | 0.3 | 0.1 | – |" in md
+    assert "| dog | 0 | 0 | 0 | 2 |" in md
     assert "![confusion matrix](plots/confusion.png)" in md and "![loss curve](plots/loss.png)" in md
     assert "| 1 | say \\| hi | x \\| y<br>z &lt;\\|endoftext\\|> | x y |" in md
-    assert "| temperature | top_k |" in md and "| 0.8000 | 50 |" in md
+    assert "| temperature | top_k |" in md and "| 0.8 | 50 |" in md  # each sample shows its own prompt
+    assert "**1.** prompt: def" in md and "['" not in md  # prompts as text, never a Python list
     assert "````text\ncode ```fenced``` here\n````" in md
     for line in md.splitlines():  # every table row has as many cells as its header
         if line.startswith("| 1 | say"):
@@ -273,4 +274,4 @@ def test_report_md_leads_with_its_provenance_and_names_the_system():
                           system="fine-tuned lmforge (lora)")
     lines = md.splitlines()
     assert lines[0] == "# lmforge evaluation" and lines[2].startswith("| provenance |")
-    assert "| git commit | abc123 |" in md and "| fine-tuned lmforge (lora) | 1.0000 |" in md
+    assert "| git commit | abc123 |" in md and "| fine-tuned lmforge (lora) | 1 |" in md

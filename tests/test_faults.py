@@ -26,15 +26,18 @@ from lmforge.data.io import sweep_stale_temps, write_json
 from lmforge.errors import LmforgeError
 from lmforge.params import DataParams, parse_params
 from lmforge.resume import claim_run_dir
-from lmforge.tracking import LOGGING_FAILED_MARKER, stage_run
+from lmforge.tracking import stage_run
+from lmforge.tracking_store import LOGGING_FAILED_MARKER
 from lmforge.params import TrainerParams
-from lmforge.trainer import PackedRows, Trainer
+from lmforge.batches import PackedRows
+
+from lmforge.trainer import Trainer
 
 from conftest import REPO, run, tiny_params
 from train_helper import SyntheticRows, tiny_config
 
 SECRET = "s3cr3t-pw"
-STAGES = ("ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate")
+STAGES = ("ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate", "promote")
 
 
 def _free_port() -> int:
@@ -196,7 +199,7 @@ def _trainer(tmp_path: Path, **kwargs) -> Trainer:
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path):
-    from lmforge.trainer import lm_loss
+    from lmforge.loss import lm_loss
 
     calls = []
 

@@ -158,7 +158,7 @@ def test_json_nested_too_deep_is_a_bad_line_for_ingest_not_a_recursion_error(tmp
 def test_ingest_finding_no_documents_fails_and_keeps_the_previous_outputs(tmp_path):
     root = make_repo(tmp_path, n_docs=20)
     assert run(["python", "-m", "stages.ingest"], root, check=False).returncode == 0
-    outputs = [root / "data/raw/documents.parquet", root / "data/raw/stats.json"]
+    outputs = [root / "data/raw/part-00000.parquet", root / "data/raw/manifest.json", root / "data/raw/stats.json"]
     before = [path.read_bytes() for path in outputs]
     (root / "data/blank").mkdir()
     (root / "data/blank/a.txt").write_text("   \n\n", encoding="utf-8")

@@ -22,7 +22,9 @@ from lmforge.model import ModelConfig, Transformer
 from lmforge.params import FinetuneParams, LoraParams
 from lmforge.early_stopping import EarlyStopping
 from lmforge.params import TrainerParams
-from lmforge.trainer import Examples, Trainer
+from lmforge.batches import Examples
+
+from lmforge.trainer import Trainer
 
 CONFIG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=32)
 GROUP_A = "red green blue cyan pink gold".split()

@@ -22,15 +22,17 @@ from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.dvc_repo import dvc_stages
-from flows.pipeline import CACHED, FLOW_NAME, SKIPPED, check_prefect_api, pipeline
+from flows.cli import check_prefect_api
+from flows.pipeline import CACHED, FLOW_NAME, SKIPPED, pipeline
 from flows.summary import SUMMARY_KEY
 from lmforge.launch import command
 from lmforge.params import DataParams
-from lmforge.tracking import LOGGING_FAILED_MARKER, check_tracking_server, stage_run
+from lmforge.tracking import stage_run
+from lmforge.tracking_store import LOGGING_FAILED_MARKER, check_tracking_server
 
 from conftest import make_repo, tool_env
 
-ALL = ["ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate"]
+ALL = ["ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate", "promote"]
 QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
          "DVC_NO_ANALYTICS": "1"}
 
@@ -185,12 +187,39 @@ def test_second_run_is_all_cache_hits_and_faster(runs, mlflow_uri):
     assert second["seconds"] < runs["first"]["seconds"] / 3
 
 
+def test_the_parent_run_links_every_stage_and_carries_the_headline_and_key_params(runs, mlflow_uri):
+    """Fresh and all-cached alike, `stage.<name>.run_id` and the description point at the runs that
+    produced the outputs in the workspace: for the second flow, the first flow's runs."""
+    by_id = _pipeline_runs(mlflow_uri)
+    first, second, override = (by_id[runs[key]["result"]["mlflow_run_id"]] for key in ("first", "second", "override"))
+    made = {r.info.run_name: r.info.run_id for r in by_id.values()
+            if r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
+    assert sorted(made) == sorted(ALL)
+    evaluate = runs["first"]["result"]["metrics"]["evaluate"]
+    for parent in (first, second):
+        assert {name: parent.data.tags.get(f"stage.{name}.run_id") for name in ALL} == made
+        note = parent.data.tags["mlflow.note.content"]
+        assert all(f"(#/experiments/{parent.info.experiment_id}/runs/{made[name]})" in note for name in ALL)
+        assert "| test accuracy |" in note
+        assert parent.data.metrics["evaluate/accuracy"] == evaluate["accuracy"]
+        assert parent.data.metrics["evaluate/baselines.majority_accuracy"] == evaluate["baselines.majority_accuracy"]
+        assert {"pretrain/val_loss", "pretrain/unigram_entropy", "tokenize/train.tokens",
+                "clean/documents_out"} <= set(parent.data.metrics)
+        assert parent.data.params["model.preset"] == "tiny" and parent.data.params["finetune.task"] == "classify"
+    # The override reran tokenize and after: those link to its own runs, the cached ones to the first flow's.
+    reran = {r.info.run_name: r.info.run_id for r in by_id.values()
+             if r.data.tags.get("mlflow.parentRunId") == override.info.run_id}
+    assert sorted(reran) == ["evaluate", "finetune", "pretrain", "promote", "tokenize"]
+    assert {name: override.data.tags[f"stage.{name}.run_id"] for name in ALL} == {**made, **reran}
+    assert override.data.params["tokenizer.vocab_size"] == "300"
+
+
 def test_override_reruns_the_stage_and_downstream_and_is_a_dvc_experiment(runs):
     override = runs["override"]
     assert override["state"].is_completed(), override["error"]
     assert _statuses(override) == {
         "ingest": SKIPPED, "clean": SKIPPED, "tokenize": "ran", "pretrain": "ran",
-        "finetune_data": SKIPPED, "finetune": "ran", "evaluate": "ran",
+        "finetune_data": SKIPPED, "finetune": "ran", "evaluate": "ran", "promote": "ran",
     }
     assert runs["lock_before"]["tokenize"]["params"]["params.yaml"]["tokenizer"]["vocab_size"] == 300
     experiment = override["result"]["experiment"]
@@ -205,7 +234,7 @@ def test_failing_stage_fails_the_flow_with_its_error_and_runs_nothing_after(runs
     assert failing["state"].is_failed()
     assert failing["error"].startswith("[clean] error: all 200 documents were dropped")
     assert runs["lock_after"]["tokenize"] == runs["lock_before"]["tokenize"]  # later stages not run
-    assert (runs["root"] / "data/raw/documents.parquet").is_file()  # earlier outputs kept
+    assert (runs["root"] / "data/raw/manifest.json").is_file()  # earlier outputs kept
     parents = [r for r in _pipeline_runs(mlflow_uri).values()
                if r.data.tags.get("lmforge.prefect_flow_run_id") == failing["flow_run_id"]
                and r.info.run_name == "pipeline"]
@@ -364,7 +393,7 @@ def test_prefect_yaml_declares_the_nightly_deployment_on_a_work_pool():
 
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())
     (deployment,) = config["deployments"]
-    assert deployment["name"] == "nightly" and deployment["work_pool"]["name"] == "gpu-pool"
+    assert deployment["name"] == "nightly" and deployment["work_pool"]["name"] == "lmforge"
     assert [s["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
     root = Path(__file__).resolve().parents[1]
     assert load_flow_from_entrypoint(str(root / deployment["entrypoint"])).name == FLOW_NAME

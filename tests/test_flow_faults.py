@@ -21,7 +21,8 @@ from mlflow.tracking import MlflowClient
 import flows.pipeline as pipeline_module
 from flows.dvc_repo import apply_param_overrides
 from flows.errors import PipelineError
-from flows.pipeline import _credentials_masked, check_prefect_api, main
+from flows.cli import check_prefect_api, main
+from flows.pipeline import _credentials_masked
 from flows.summary import SUMMARY_KEY
 from lmforge.redact import MASK
 

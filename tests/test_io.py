@@ -2,7 +2,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmforge.data.documents import make_document
-from lmforge.data.io import DocumentWriter, atomic_path, iter_document_batches, write_json
+from lmforge.data.io import DocumentWriter, atomic_path, write_json
+from lmforge.data.partitions import iter_part_batches
 from lmforge.errors import LmforgeError
 
 
@@ -32,7 +33,7 @@ def test_corrupt_parquet_names_the_file_and_the_stage_to_rerun(tmp_path):
     path = tmp_path / "documents.parquet"
     path.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(LmforgeError, match="documents.parquet is not a readable Parquet file.*dvc repro -f ingest"):
-        list(iter_document_batches(path, 10, "ingest"))
+        list(iter_part_batches(path, 10, "ingest"))
 
 
 def test_documents_file_without_text_column_is_a_clear_error(tmp_path):
@@ -40,4 +41,4 @@ def test_documents_file_without_text_column_is_a_clear_error(tmp_path):
 
     pq.write_table(pa.table({"id": ["a"], "body": ["x"]}), tmp_path / "d.parquet")
     with pytest.raises(LmforgeError, match=r"no column\(s\) \['text'\]"):
-        list(iter_document_batches(tmp_path / "d.parquet", 10, "ingest"))
+        list(iter_part_batches(tmp_path / "d.parquet", 10, "ingest"))

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from lmforge.plots import dvc_plot_specs, render
+from lmforge.tracking import flatten
 
 from conftest import REPO, run
 
@@ -85,11 +86,16 @@ def test_plots_have_readable_titles_and_axis_labels(shown):
 def test_dvc_metrics_are_the_figures_compared_across_experiments(tiny_repo):
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], tiny_repo).stdout)[""]["data"]
     assert set(shown) == {"data/clean/metrics.json", "data/tokenizer/metrics.json", "reports/pretrain/metrics.json",
-                          "reports/finetune/metrics.json", "reports/metrics.json"}
+                          "reports/finetune/metrics.json", "reports/metrics.json", "reports/promotion.json"}
     assert set(shown["data/clean/metrics.json"]["data"]) == {"documents_in", "documents_out", "kept_byte_fraction"}
     assert set(shown["data/tokenizer/metrics.json"]["data"]) == {"train.tokens", "bytes_per_token"}
     clean = json.loads((tiny_repo / "data/clean/stats.json").read_text())
     assert shown["data/clean/metrics.json"]["data"]["documents_out"] == clean["documents_out"]
+    # Numbers only: a string (task, method), a flag or a constant of the params has no column here.
+    values = {f"{path}:{key}": value for path, entry in shown.items() for key, value in flatten(entry["data"]).items()}
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()), values
+    assert not [name for name in values if name.rsplit(":", 1)[1] in ("world_size", "parameters", "total_params",
+                                                                       "trainable_params", "n_labels")]
 
 
 def test_render_draws_dvc_specs_to_svg_and_png_with_the_network_cut(tiny_repo, tmp_path, monkeypatch):

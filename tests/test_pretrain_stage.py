@@ -92,7 +92,7 @@ def test_two_ranks_under_torchrun_log_one_run_then_resume_at_one_rank(trained_re
     run(["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stages.pretrain"],
         root, OMP_NUM_THREADS="1")
     (first,) = _runs(root, "pretrain")
-    assert json.loads((root / "reports/pretrain/metrics.json").read_text())["world_size"] == 2
+    assert json.loads((root / "reports/pretrain/stats.json").read_text())["world_size"] == 2
     # As if the 2-rank run had died after step 3: one process resumes its sharded checkpoint and
     # finishes the same run (same params, so the same MLflow run).
     shutil.rmtree(root / "checkpoints/pretrain/step_00000006")
@@ -102,7 +102,7 @@ def test_two_ranks_under_torchrun_log_one_run_then_resume_at_one_rank(trained_re
     assert again.info.run_id == first.info.run_id
     steps = [m.step for m in _client(root).get_metric_history(first.info.run_id, "pretrain/train_loss")]
     assert sorted(set(steps)) == list(range(1, 7))
-    assert json.loads((root / "reports/pretrain/metrics.json").read_text())["world_size"] == 1
+    assert json.loads((root / "reports/pretrain/stats.json").read_text())["world_size"] == 1
 
 
 def test_changed_max_steps_starts_a_fresh_run_not_a_continuation(trained_ready):

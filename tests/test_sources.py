@@ -142,7 +142,7 @@ def test_txt_separator_splits_documents_and_counts_empty_pieces(tmp_path):
 
 
 def test_txt_separator_split_across_read_chunks_is_exact(tmp_path, monkeypatch):
-    monkeypatch.setattr("lmforge.data.sources.READ_CHUNK_BYTES", 4)
+    monkeypatch.setattr("lmforge.data.readers.READ_CHUNK_BYTES", 4)
     (tmp_path / "a.txt").write_text("first piece<SEP>second piece<SEP>third", encoding="utf-8")
     docs, _ = ingest(["a.txt"], txt_separator="<SEP>")
     assert [doc["text"] for doc in docs] == ["first piece", "second piece", "third"]
@@ -159,7 +159,7 @@ def test_files_are_read_in_sorted_order_once_across_globs(tmp_path):
 
 _RESOLVE_IN_SUBPROCESS = """
 import json, sys
-from lmforge.data.sources import resolve_files
+from lmforge.data.locations import resolve_files
 print(json.dumps(resolve_files(sys.argv[1:])))
 """
 
@@ -171,8 +171,9 @@ def test_symlink_loops_under_a_recursive_glob_end_and_each_file_is_read_once(tmp
     os.symlink("..", tmp_path / "corpus" / "d" / "loop")  # d/loop/d/loop/... forever
     os.symlink("..", tmp_path / "corpus" / "d" / "loop2")  # two loops: glob's ** branches 2^depth
     # In a subprocess: a walk that never ends must fail the test, not hang it.
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}  # this checkout's lmforge, from any cwd
     result = subprocess.run([sys.executable, "-c", _RESOLVE_IN_SUBPROCESS, "corpus/**/*.txt"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=30, check=True)
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30, check=True)
     assert json.loads(result.stdout) == ["corpus/a.txt", "corpus/d/b.txt"]
     docs, counters = ingest(["corpus/**/*.txt"])
     assert sorted(doc["text"] for doc in docs) == ["alpha text", "beta text"] and counters["files_read"] == 2
@@ -187,7 +188,7 @@ def test_symlinked_directory_is_followed_and_its_files_read_once(tmp_path):
 
 
 def test_glob_matching_more_than_the_cap_names_the_glob_and_says_narrow_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("lmforge.data.sources.MAX_GLOB_MATCHES", 3)
+    monkeypatch.setattr("lmforge.data.locations.MAX_GLOB_MATCHES", 3)
     for i in range(4):
         (tmp_path / f"{i}.txt").write_text("text", encoding="utf-8")
     with pytest.raises(LmforgeError, match=r"'\*\*/\*\.txt' matches more than 3 files; narrow the glob"):

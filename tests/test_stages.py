@@ -4,6 +4,7 @@ repository and a real local MLflow store (the embedded default), no mocks."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -13,7 +14,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from lmforge import paths
 from lmforge.data.shards import ShardReader
+from lmforge.lineage import input_hashes
+from lmforge.engine import FAULT_ENV
 from lmforge.errors import LmforgeError
 
 from conftest import make_repo, run, tool_env, write_params
@@ -25,7 +29,8 @@ def _client(root: Path) -> MlflowClient:
 
 def test_repro_writes_every_output_and_second_repro_is_a_no_op(tiny_repo):
     for path in (
-        "data/raw/documents.parquet", "data/raw/stats.json", "data/clean/documents.parquet",
+        "data/raw/part-00000.parquet", "data/raw/manifest.json", "data/raw/stats.json",
+        "data/clean/part-00000.parquet", "data/clean/manifest.json",
         "data/clean/stats.json", "data/clean/metrics.json", "data/clean/rejected_samples.jsonl",
         "data/tokenizer/tokenizer.json", "data/tokenizer/stats.json", "data/tokenizer/metrics.json",
         "data/shards/manifest.json",
@@ -63,10 +68,13 @@ def test_each_stage_logs_one_mlflow_run_with_metrics_and_lineage(tiny_repo):
     assert tokenize.data.metrics["tokenize/tokens_per_s"] > 0 and tokenize.data.metrics["tokenize/train_tokens"] > 0
     assert tokenize.data.params["tokenizer.vocab_size"] == "320"
     assert len(tokenize.data.tags["mlflow.source.git.commit"]) >= 40
-    # The input hash is DVC's, read from dvc.lock: lineage the user can check with `dvc status`.
+    # The input hash is DVC's when dvc.lock records the path, else the directory's own content hash.
+    assert tokenize.data.tags["lmforge.input.data/clean"] == input_hashes([paths.CLEAN], tiny_repo)["data/clean"]
     lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())
-    clean_out = next(o for o in lock["stages"]["clean"]["outs"] if o["path"] == "data/clean/documents.parquet")
-    assert tokenize.data.tags["lmforge.input.data/clean/documents.parquet"] == clean_out["md5"]
+    raw_out = next(o for o in lock["stages"]["ingest"]["outs"] if o["path"] == "data/raw")
+    assert runs["clean"].data.tags["lmforge.input.data/raw"] == raw_out["md5"]
+    clean_out = next(o for o in lock["stages"]["clean"]["outs"] if o["path"] == "data/clean")
+    assert tokenize.data.tags["lmforge.input.data/clean"] == clean_out["md5"]
     artifacts = {a.path for a in client.list_artifacts(runs["clean"].info.run_id)}
     assert {"stats.json", "rejected_samples.jsonl", "lineage.json"} <= artifacts
 
@@ -123,25 +131,50 @@ def test_stage_run_before_its_input_exists_says_which_stage_to_run(tmp_path):
 
 
 def test_tokenize_killed_midway_leaves_no_shards_a_reader_accepts_and_rerun_completes(tmp_path):
-    root = make_repo(tmp_path, n_docs=1500)
-    _write_params(root, tokenizer={"shard_rows": 2, "encode_batch_size": 4})
+    root = make_repo(tmp_path)
+    _write_params(root, engine={"workers": 1})
     for module in ("ingest", "clean"):
         assert _stage(root, module).returncode == 0
+    # The BPE is trained, then the encoding of partition 0 hangs (a test fault point): kill it there.
     process = subprocess.Popen(
-        ["python", "-m", "stages.tokenize_data"], cwd=root, env=tool_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ["python", "-m", "stages.tokenize_data"], cwd=root, env=tool_env(**{FAULT_ENV: "tokenize:0:hang"}),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    shards = root / "data/shards/train"
-    deadline = time.monotonic() + 120
-    while not (shards.is_dir() and len(list(shards.glob("*.arrow"))) >= 3):
-        assert process.poll() is None, "the stage finished before it could be killed; grow the corpus"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    staged = root / "data/.staging/tokenize"
+    try:
+        deadline = time.monotonic() + 120
+        while not list((staged / "shards/train").glob("*.arrow")):
+            assert process.poll() is None and time.monotonic() < deadline, "the stage never reached its encode tasks"
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the stage and its engine's worker processes
+        process.wait()
     with pytest.raises(LmforgeError, match="unfinished"):
         ShardReader(root / "data/shards", "train")
-    assert all(not p.name.startswith(".") for p in shards.glob("*.arrow"))
     assert _stage(root, "tokenize_data").returncode == 0
     reader = ShardReader(root / "data/shards", "train")
+    assert len(reader) > 3 and not staged.exists()
     assert len(reader) > 3
+
+
+def test_a_corpus_of_your_own_needs_labelled_files_and_finetune_data_names_the_params(tmp_path):
+    """`dvc repro` on .txt + .jsonl files: with finetune still on the built-in task files (which only
+    the stdlib corpus can give), finetune_data stops in one line naming the params to set; pointed
+    at labelled files, it goes through (the built-in files written empty, unused)."""
+    root = make_repo(tmp_path)
+    (root / "data/corpus/more.jsonl").write_text(
+        "".join(json.dumps({"text": f"Note {i}: the river returns a small stone to the lazy fox."}) + "\n"
+                for i in range(20)), encoding="utf-8")
+    corpus = {"files": ["data/corpus/*.txt", "data/corpus/*.jsonl"]}
+    builtin = {"train_file": "data/finetune/classify_train.jsonl", "test_file": "data/finetune/classify_test.jsonl"}
+    _write_params(root, data=corpus, finetune=builtin)
+    result = run(["dvc", "repro", "finetune_data"], root, check=False)
+    assert result.returncode != 0
+    (line,) = [l for l in (result.stdout + result.stderr).splitlines() if l.startswith("[finetune_data] error:")]
+    assert "finetune.train_file" in line and "finetune.test_file" in line and "data.source: files" in line
+    assert "Traceback" not in result.stdout + result.stderr
+    assert json.loads((root / "data/raw/stats.json").read_text())["documents"] == 220  # both kinds of file read
+
+    _write_params(root, data=corpus)  # finetune reads data/labeled/{train,test}.jsonl
+    run(["dvc", "repro", "finetune_data"], root)
+    assert (root / "data/finetune/classify_train.jsonl").read_text() == ""

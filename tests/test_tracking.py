@@ -3,7 +3,7 @@ from mlflow.tracking import MlflowClient
 
 from lmforge.params import DataParams
 from lmforge.lineage import content_hash, input_hashes
-from lmforge.tracking import flatten, stage_run
+from lmforge.tracking import OUTPUT_TAG, flatten, stage_run
 
 
 def test_flatten_nests_keys_with_dots():
@@ -61,10 +61,11 @@ def test_every_run_and_registered_model_reads_well_in_the_ui(tiny_repo):
     assert experiment.artifact_location.startswith("file://")
     runs = client.search_runs([experiment.experiment_id])
     stages = {r.info.run_name for r in runs}
-    assert {"ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate"} <= stages
+    assert {"ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate", "promote"} <= stages
     for run in runs:
         assert run.data.tags.get("mlflow.note.content"), run.info.run_name
-        assert all(name.startswith(f"{run.info.run_name}/") for name in run.data.metrics), run.info.run_name
+        # MLflow's system metrics (training runs) are its own `system/...`, one meaning in every run
+        assert all(name.startswith((f"{run.info.run_name}/", "system/")) for name in run.data.metrics), run.info.run_name
     for name in ("lmforge-pretrain", "lmforge-finetune"):
         assert client.get_registered_model(name).description
         (version,) = client.search_model_versions(f"name = '{name}'")[:1]
@@ -72,3 +73,17 @@ def test_every_run_and_registered_model_reads_well_in_the_ui(tiny_repo):
         assert any(key.endswith("val_loss") for key in version.tags)
         logged = client.get_logged_model(version.model_id) if getattr(version, "model_id", None) else None
         assert logged is None or logged.name == name
+
+
+def test_each_stage_run_is_tagged_with_the_md5s_dvc_lock_records_for_its_outputs(tiny_repo):
+    """How a flow whose stage is a cache hit finds the run that made the stage's outputs."""
+    import yaml
+
+    lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())["stages"]
+    client = MlflowClient(f"sqlite:///{tiny_repo}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
+    for stage, entry in lock.items():
+        run = next(r for r in runs if r.info.run_name == stage)
+        tagged = {key[len(OUTPUT_TAG):]: value for key, value in run.data.tags.items() if key.startswith(OUTPUT_TAG)}
+        recorded = {out["path"]: out["md5"] for out in entry["outs"] if not out["path"].startswith("checkpoints/")}
+        assert tagged == recorded, stage

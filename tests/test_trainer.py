@@ -22,7 +22,8 @@ from train_helper import SyntheticRows, tiny_config  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
 from lmforge.params import TrainerParams  # noqa: E402
-from lmforge.trainer import PackedRows, RowSampler, Trainer, lr_at  # noqa: E402
+from lmforge.batches import PackedRows, RowSampler  # noqa: E402
+from lmforge.trainer import Trainer, lr_at  # noqa: E402
 
 HELPER = Path(__file__).parent / "train_helper.py"
 REPO = Path(__file__).resolve().parents[1]

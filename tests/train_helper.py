@@ -18,9 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.export import full_state_dict, save_pretrained  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
-from lmforge.parallelize import apply_fsdp, destroy, init_distributed  # noqa: E402
+from lmforge.parallelize import apply_compile, apply_fsdp, destroy, init_distributed  # noqa: E402
 from lmforge.params import TrainerParams  # noqa: E402
-from lmforge.trainer import PackedRows, Trainer  # noqa: E402
+from lmforge.batches import PackedRows  # noqa: E402
+from lmforge.trainer import Trainer  # noqa: E402
 
 VOCAB = 64
 SEQ_LEN = 16
@@ -62,16 +63,23 @@ def main() -> None:
     ap.add_argument("--delay", type=float, default=0.0, help="sleep after each step (to be killed mid-run)")
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--no-fsdp", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--async-checkpoint", action="store_true")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    info = init_distributed(device="cpu")
+    # CUDA: some kernels (SDPA backward) have no deterministic variant; they warn instead of failing.
+    torch.use_deterministic_algorithms(True, warn_only=args.device == "cuda")
+    info = init_distributed(device=args.device)
     torch.manual_seed(0)
     config = tiny_config()
-    model = Transformer(config)
+    model = Transformer(config).to(info.device)
+    if args.compile:
+        apply_compile(model)
     if info.distributed and not args.no_fsdp:
-        apply_fsdp(model)
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
+        apply_fsdp(model, param_dtype=low if args.device == "cuda" else torch.float32)
     metrics_file = args.out / "metrics.jsonl"
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -87,7 +95,7 @@ def main() -> None:
     )
     trainer = Trainer(
         model, cfg, PackedRows(SyntheticRows(args.rows, 1), SyntheticRows(64, 2)), dist_info=info,
-        checkpoint_dir=args.out / "checkpoints", on_metrics=on_metrics,
+        checkpoint_dir=args.out / "checkpoints", on_metrics=on_metrics, async_checkpoint=args.async_checkpoint,
     )
     result = trainer.fit()
     # Gathered on every rank (a collective), written by rank 0.

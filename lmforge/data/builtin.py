@@ -50,6 +50,17 @@ def iter_builtin_documents(
         yield from iter_topic_documents()
 
 
+def iter_builtin_files(files: list[str], topics: bool, counters: Counter) -> Iterator[Document]:
+    """One partition of the built-in corpus: the documents of these stdlib files (paths relative to
+    stdlib_dir(), in this order), then the topics if `topics`. The partitions of
+    stdlib_source_files() in order, topics in the last, give iter_builtin_documents()' documents."""
+    root = stdlib_dir()
+    for relative in files:
+        yield from _module_documents(root / relative, module_name(Path(relative)), counters)
+    if topics:
+        yield from iter_topic_documents()
+
+
 def stdlib_source_files(root: Path) -> list[Path]:
     """The stdlib's .py files that are importable library modules, sorted by relative path."""
     found: list[Path] = []

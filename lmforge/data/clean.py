@@ -1,14 +1,15 @@
-"""The clean pipeline: normalize, run each quality filter, then exact and near dedup,
-counting for every step what it kept and dropped (documents, bytes, reasons).
+"""The clean stage's per-document work and its bookkeeping: normalize and run each quality
+filter over a batch (`Cleaner`), counting for every step what it kept and dropped (documents,
+bytes, reasons) and sampling rejected documents; and the merge of per-partition counts and
+samples into data/clean/stats.json and rejected_samples.jsonl (`merge_stats`, `merge_samples`).
 
-Streams batch by batch (each step vectorized over the batch; only the dedup indexes
-outlive it); `CleanStats.to_dict()` is what becomes data/clean/stats.json.
+Dedup is global (lmforge/data/dedup.py, run by lmforge/data/clean_tasks.py); its two steps are
+counted here the same way, by `count_dedup`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lmforge.data.dedup import CanonicalTexts, ExactDedup, NearDedup
 from lmforge.data.documents import Document
 from lmforge.data.filters import build_filters
 from lmforge.data.text import TextBatch, normalize_batch
 from lmforge.params import CleanParams
 
+DEDUP_STEPS = {"exact_dedup": "exact_duplicate", "near_dedup": "near_duplicate"}
 SAMPLE_TEXT_CHARS = 2000
 
 
@@ -41,16 +42,13 @@ class CleanStats:
     bytes_out: int = 0
     normalized_changed: int = 0
     steps: dict[str, StepCount] = field(default_factory=dict)
-    rejected_samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        return with_fractions({
             "documents_in": self.documents_in,
             "bytes_in": self.bytes_in,
             "documents_out": self.documents_out,
             "bytes_out": self.bytes_out,
-            "kept_document_fraction": self.documents_out / self.documents_in if self.documents_in else 0.0,
-            "kept_byte_fraction": self.bytes_out / self.bytes_in if self.bytes_in else 0.0,
             "normalized_changed": self.normalized_changed,
             "steps": {
                 name: {
@@ -61,61 +59,61 @@ class CleanStats:
                 }
                 for name, step in self.steps.items()
             },
-        }
+        })
+
+
+def with_fractions(stats: dict[str, Any]) -> dict[str, Any]:
+    """The stats.json layout: counts, then the kept fractions after documents/bytes out."""
+    docs_in, bytes_in = stats["documents_in"], stats["bytes_in"]
+    head = {key: stats[key] for key in ("documents_in", "bytes_in", "documents_out", "bytes_out")}
+    return {
+        **head,
+        "kept_document_fraction": stats["documents_out"] / docs_in if docs_in else 0.0,
+        "kept_byte_fraction": stats["bytes_out"] / bytes_in if bytes_in else 0.0,
+        "normalized_changed": stats["normalized_changed"],
+        "steps": stats["steps"],
+    }
+
+
+@dataclass
+class Filtered:
+    """What survived the filters in one batch: the documents (normalized text) and, per
+    survivor, its row in the input, its raw size and its clean size in UTF-8 bytes."""
+
+    docs: list[Document]
+    rows: np.ndarray
+    raw_bytes: np.ndarray
+    clean_bytes: np.ndarray
 
 
 class Cleaner:
-    """Applies the configured steps to documents; keeps its dedup indexes across batches.
+    """Normalizes documents and applies the quality filters, batch by batch, counting each step.
 
-    Each step sees a whole batch (only the documents still alive count), so the filters
-    run vectorized; drops are then booked in document order, as if one document at a time.
+    Each step sees a whole batch (only the documents still alive count), so the filters run
+    vectorized; drops are then booked in document order, as if one document at a time. The
+    dedup steps are counted later (`count_dedup`), once the global dedup has decided.
     """
 
     def __init__(self, params: CleanParams) -> None:
         self.params = params
         self.filters = build_filters(params)
-        self.dedups: list[ExactDedup | NearDedup] = []
-        if params.exact_dedup:
-            self.dedups.append(ExactDedup())
-        if params.near_dedup:
-            self.dedups.append(
-                NearDedup(
-                    params.minhash_threshold,
-                    params.minhash_num_perm,
-                    params.minhash_shingle_size,
-                    params.minhash_seed,
-                )
-            )
-        self.stats = CleanStats(steps={step.name: StepCount() for step in [*self.filters, *self.dedups]})
+        dedups = [name for name in DEDUP_STEPS if getattr(params, name)]
+        self.stats = CleanStats(steps={name: StepCount() for name in [step.name for step in self.filters] + dedups})
+        # The first rejected_samples_per_reason rejected documents of each reason, with their row.
+        self.samples: list[dict[str, Any]] = []
+        self._sampled: Counter = Counter()
+        self._rows = 0
 
-    def _reject(self, step_name: str, reason: str, doc: Document, size: int) -> None:
-        step = self.stats.steps[step_name]
-        step.dropped += 1
-        step.dropped_bytes += size
-        step.reasons[reason] += 1
-        samples = self.stats.rejected_samples.setdefault(reason, [])
-        if len(samples) < self.params.rejected_samples_per_reason:
-            samples.append(
-                {
-                    "reason": reason,
-                    "step": step_name,
-                    "id": doc["id"],
-                    "source": doc.get("source"),
-                    "name": doc.get("name"),
-                    "chars": len(doc["text"]),
-                    "text": doc["text"][:SAMPLE_TEXT_CHARS],
-                }
-            )
+    def sample(self, step: str, reason: str, doc: Document, raw_text: str, row: int) -> None:
+        if self._sampled[reason] < self.params.rejected_samples_per_reason:
+            self._sampled[reason] += 1
+            self.samples.append(sample_row(step, reason, doc, raw_text, row))
 
-    def clean_one(self, doc: Document) -> Document | None:
-        """The cleaned document, or None when a step dropped it (and counted why)."""
-        kept = self.clean_batch([doc])
-        return kept[0] if kept else None
-
-    def clean_batch(self, docs: list[Document]) -> list[Document]:
-        """The documents of `docs` that every step keeps, cleaned, in order."""
+    def clean_batch(self, docs: list[Document]) -> Filtered:
+        """The documents of `docs` that every filter keeps, normalized, in order."""
+        first_row, self._rows = self._rows, self._rows + len(docs)
         if not docs:
-            return []
+            return Filtered([], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
         raw_texts = [doc["text"] or "" for doc in docs]
         raw = _to_arrow(raw_texts)
         sizes = pc.binary_length(raw).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -127,48 +125,93 @@ class Cleaner:
         batch = TextBatch(normalized)
 
         alive = np.ones(len(docs), dtype=bool)
-        dropped_by = np.full(len(docs), -1, dtype=np.int64)  # index of the step
+        dropped_by = np.full(len(docs), -1, dtype=np.int64)  # index of the filter
         codes = np.zeros(len(docs), dtype=np.int64)
-        steps: list[tuple[str, tuple[str, ...]]] = []
-
-        def book(step_codes: np.ndarray, name: str, reasons: tuple[str, ...]) -> None:
+        for index, step in enumerate(self.filters):
+            step_codes = step.reject_codes(batch, alive)
             dropped = alive & (step_codes > 0)
-            dropped_by[dropped] = len(steps)
+            dropped_by[dropped] = index
             codes[dropped] = step_codes[dropped]
-            steps.append((name, tuple(reasons)))
             alive[dropped] = False
-            self.stats.steps[name].kept += int(alive.sum())
+            self.stats.steps[step.name].kept += int(alive.sum())
 
-        for step in self.filters:
-            book(step.reject_codes(batch, alive), step.name, step.reasons)
+        for index in np.flatnonzero(dropped_by >= 0).tolist():
+            step = self.filters[dropped_by[index]]
+            reason = step.reasons[codes[index] - 1]
+            count = self.stats.steps[step.name]
+            count.dropped += 1
+            count.dropped_bytes += int(sizes[index])
+            count.reasons[reason] += 1
+            self.sample(step.name, reason, docs[index], raw_texts[index], first_row + index)
 
         texts = list(raw_texts)
         for index, text in zip(np.flatnonzero(changed).tolist(), normalized.filter(pa.array(changed)).to_pylist()):
             texts[index] = text
-        if self.dedups and alive.any():
-            survivors = np.flatnonzero(alive)
-            canonical = CanonicalTexts([texts[index] for index in survivors.tolist()])
-            for dedup in self.dedups:
-                step_codes = np.zeros(len(docs), dtype=np.int64)
-                step_codes[survivors] = dedup.reject_codes(canonical, alive[survivors])
-                book(step_codes, dedup.name, dedup.reasons)
-        else:
-            for dedup in self.dedups:
-                book(np.zeros(len(docs), dtype=np.int64), dedup.name, dedup.reasons)
-
-        for index in np.flatnonzero(dropped_by >= 0).tolist():
-            name, reasons = steps[dropped_by[index]]
-            self._reject(name, reasons[codes[index] - 1], docs[index], int(sizes[index]))
+        survivors = np.flatnonzero(alive)
+        clean_bytes = pc.binary_length(normalized.filter(pa.array(alive))).to_numpy(zero_copy_only=False).astype(np.int64)
+        self.stats.documents_out += len(survivors)
+        self.stats.bytes_out += int(clean_bytes.sum())
         # The id stays the raw document's: it decides the split, which must not move
         # when cleaning thresholds change.
-        kept = [dict(docs[index], text=texts[index]) for index in np.flatnonzero(alive).tolist()]
-        self.stats.documents_out += len(kept)
-        self.stats.bytes_out += int(pc.sum(pc.binary_length(normalized.filter(pa.array(alive)))).as_py() or 0)
-        return kept
+        kept = [dict(docs[index], text=texts[index]) for index in survivors.tolist()]
+        return Filtered(kept, survivors + first_row, sizes[survivors], clean_bytes)
 
-    def clean_batches(self, batches: Iterable[list[Document]]) -> Iterator[list[Document]]:
-        for batch in batches:
-            yield self.clean_batch(batch)
+
+def sample_row(step: str, reason: str, doc: Document, raw_text: str, row: int) -> dict[str, Any]:
+    """A rejected_samples.jsonl row (the raw text, cut), with its input row for ordering."""
+    return {
+        "reason": reason,
+        "step": step,
+        "id": doc["id"],
+        "source": doc.get("source"),
+        "name": doc.get("name"),
+        "chars": len(raw_text),
+        "text": raw_text[:SAMPLE_TEXT_CHARS],
+        "row": row,
+    }
+
+
+def count_dedup(stats: dict[str, Any], dropped: dict[str, np.ndarray], raw_bytes: np.ndarray,
+                clean_bytes: np.ndarray) -> dict[str, Any]:
+    """`stats` of the filters (a partition's) with the dedup steps booked: `dropped` maps each
+    dedup step that ran to a mask over the filters' survivors, whose sizes are given."""
+    alive = np.ones(len(raw_bytes), dtype=bool)
+    steps = dict(stats["steps"])
+    for name, mask in dropped.items():
+        mask = mask & alive
+        alive &= ~mask
+        count = int(mask.sum())
+        steps[name] = {"kept": int(alive.sum()), "dropped": count, "dropped_bytes": int(raw_bytes[mask].sum()),
+                       "reasons": {DEDUP_STEPS[name]: count} if count else {}}
+    return with_fractions({**stats, "steps": steps, "documents_out": int(alive.sum()),
+                           "bytes_out": int(clean_bytes[alive].sum())})
+
+
+def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stats of a corpus: the sum of its partitions' stats (same layout)."""
+    total: dict[str, Any] = {key: sum(part[key] for part in parts)
+                             for key in ("documents_in", "bytes_in", "documents_out", "bytes_out", "normalized_changed")}
+    steps: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for name, step in part["steps"].items():
+            into = steps.setdefault(name, {"kept": 0, "dropped": 0, "dropped_bytes": 0, "reasons": Counter()})
+            for key in ("kept", "dropped", "dropped_bytes"):
+                into[key] += step[key]
+            into["reasons"].update(step["reasons"])
+    total["steps"] = {name: dict(step, reasons=dict(sorted(step["reasons"].items()))) for name, step in steps.items()}
+    return with_fractions(total)
+
+
+def merge_samples(parts: list[list[dict[str, Any]]], per_reason: int) -> list[dict[str, Any]]:
+    """rejected_samples.jsonl: the first `per_reason` rejected documents of each reason in the
+    corpus order (partition, then row), grouped by reason in the order the reasons first occur."""
+    by_reason: dict[str, list[dict[str, Any]]] = {}
+    for samples in parts:
+        for row in sorted(samples, key=lambda sample: sample["row"]):
+            rows = by_reason.setdefault(row["reason"], [])
+            if len(rows) < per_reason:
+                rows.append({key: value for key, value in row.items() if key != "row"})
+    return [row for rows in by_reason.values() for row in rows]
 
 
 def _to_arrow(texts: list[str]) -> pa.Array:

@@ -1,37 +1,23 @@
-"""Deduplication for the clean stage: exact (hash of a canonical form of the text) and
-near-duplicate (MinHash LSH over word shingles, via rensa's Rust MinHash).
+"""Deduplication for the clean stage, as pure functions over arrays: exact (a hash of a
+canonical form of the text) and near-duplicate (MinHash over word shingles, via rensa's Rust
+MinHash, grouped by LSH band), in the shape datatrove uses at scale.
 
-Both keep the first document seen and drop later ones, in document order, also within a
-batch. Their indexes hold a few hundred bytes per kept document, never the texts, so
-memory stays far below the corpus size.
+Per partition: `exact_keys`, `signatures` and `band_keys` of each document. Per band (one
+key column of the whole corpus): `band_buckets` groups the documents that share a key and
+`verified_pairs` keeps the pairs whose estimated Jaccard similarity reaches the threshold.
+Once: `near_duplicates` walks those pairs in global order. Documents are named by a global id
+(`gid`: partition << 32 | row) whose order is the corpus order, so "first seen wins".
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
-import re
+from collections.abc import Callable
 
 import numpy as np
-from rensa import RMinHash, RMinHashLSH
+from rensa import RMinHash
 
 from lmforge.data.text import ALNUM, char_classes
-
-_NON_WORD = re.compile(r"[\W_]+")
-
-
-def canonical(text: str) -> str:
-    """Case, punctuation and whitespace folded: what 'the same text' means for exact dedup."""
-    return _NON_WORD.sub(" ", text.casefold()).strip()
-
-
-def shingles(text: str, size: int) -> list[str]:
-    """Word n-grams of the canonical text; short texts give one shingle (the whole text)."""
-    words = canonical(text).split()
-    if len(words) <= size:
-        return [" ".join(words)]
-    return [" ".join(words[i : i + size]) for i in range(len(words) - size + 1)]
-
 
 _M32 = np.uint64(0xFFFFFFFF)
 _SEED1, _SEED2 = np.uint64(0x243F6A8885A308D3), np.uint64(0x13198A2E03707344)
@@ -92,8 +78,10 @@ def token_hashes(data: bytes, starts: np.ndarray, ends: np.ndarray) -> np.ndarra
 
 
 class CanonicalTexts:
-    """`canonical` of many texts at once: casefolded in Python, then the runs of `[^\\W_]`
-    (the canonical words) found in numpy and joined with single spaces."""
+    """The canonical form of many texts at once, what 'the same text' means for dedup: case,
+    punctuation and whitespace folded (`re.sub(r"[\\W_]+", " ", text.casefold()).strip()`).
+    Casefolded in Python, then the runs of `[^\\W_]` (the canonical words) found in numpy and
+    joined with single spaces."""
 
     def __init__(self, texts: list[str]) -> None:
         folded = [text.casefold() for text in texts]
@@ -134,7 +122,8 @@ class CanonicalTexts:
         return self.text[self.offsets[index] : self.offsets[index + 1]]
 
     def shingle_hashes(self, size: int, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """rensa token hashes of the `shingles` of each of `docs`, flat, with row offsets."""
+        """rensa token hashes of the word shingles of each of `docs` (every run of `size` canonical
+        words; a text of `size` words or fewer is one shingle, itself), flat, with row offsets."""
         data = self.text.encode("utf-8", "surrogatepass")
         cps = np.frombuffer(self.text.encode("utf-32-le"), dtype=np.uint32)
         wide = [np.flatnonzero(cps >= bound) for bound in (0x80, 0x800, 0x10000)]
@@ -156,133 +145,146 @@ class CanonicalTexts:
                         self.offsets[doc_of + 1])
         return token_hashes(data, byte_positions(starts), byte_positions(ends)), rows
 
-    def shingle_sets(self, size: int, docs: np.ndarray) -> list[list[str]]:
-        """`shingles` of each of `docs`: substrings from a word's start to the end of the
-        word size - 1 later (canonical words are separated by exactly one space)."""
-        counts = np.diff(self.word_offsets)[docs]
-        long = counts > size
-        firsts = self.word_offsets[docs][long]
-        n_grams = counts[long] - size + 1
-        index = np.repeat(firsts - np.cumsum(np.r_[0, n_grams[:-1]]), n_grams) + np.arange(n_grams.sum())
-        text = self.text
-        grams = [text[a:b] for a, b in zip(self.word_starts[index].tolist(), self.word_ends[index + size - 1].tolist())]
-        sets: list[list[str]] = []
-        taken = 0
-        for doc, is_long, count in zip(docs.tolist(), long.tolist(), counts.tolist()):
-            if is_long:
-                sets.append(grams[taken : taken + count - size + 1])
-                taken += count - size + 1
-            else:
-                sets.append([self[doc]])
-        return sets
+
+# --- Per partition: the keys of each document. ---
+
+def exact_keys(texts: CanonicalTexts) -> tuple[np.ndarray, np.ndarray]:
+    """blake2b-96 of each canonical text, as (high 64 bits, low 32 bits): equal keys = same text."""
+    digests = b"".join(
+        hashlib.blake2b(texts[doc].encode("utf-8", "surrogatepass"), digest_size=12).digest() for doc in range(len(texts))
+    )
+    raw = np.frombuffer(digests, dtype=np.uint8).reshape(-1, 12)
+    return raw[:, :8].copy().view("<u8").ravel(), raw[:, 8:].copy().view("<u4").ravel()
 
 
-class ExactDedup:
-    """Drops a document whose canonical text was already kept (blake2b-96 of it)."""
+def signatures(texts: CanonicalTexts, num_perm: int, shingle_size: int, seed: int) -> np.ndarray:
+    """MinHash signature (num_perm uint32) of each text's word shingles, one rensa call for all:
+    the digest `RMinHash(num_perm, seed).update(shingles)` gives for each document."""
+    if len(texts) == 0:
+        return np.zeros((0, num_perm), dtype=np.uint32)
+    hashes, rows = texts.shingle_hashes(shingle_size, np.arange(len(texts)))
+    matrix = RMinHash.digest_matrix_from_flat_token_hashes(hashes, rows.astype(np.uint64), num_perm, seed)
+    return np.array(matrix.to_rows(), dtype=np.uint32).reshape(-1, num_perm)
 
-    name = "exact_dedup"
-    reasons = ("exact_duplicate",)
 
-    def __init__(self) -> None:
-        self._seen: set[bytes] = set()
+# The band layout is chosen so that a pair this far from the threshold towards identity
+# (halfway: Jaccard 0.9 for threshold 0.8) shares a band with at least this probability.
+RECALL_POINT = 0.5
+RECALL_TARGET = 0.99
 
-    def reject_codes(self, texts: CanonicalTexts, alive: np.ndarray) -> np.ndarray:
-        codes = np.zeros(len(texts), dtype=np.int16)
-        seen = self._seen
-        for doc in np.flatnonzero(alive).tolist():
-            key = hashlib.blake2b(texts[doc].encode("utf-8", "surrogatepass"), digest_size=12).digest()
-            if key in seen:
-                codes[doc] = 1
-            else:
-                seen.add(key)
-        return codes
 
-    def reject_reason(self, text: str) -> str | None:
-        return self.reasons[0] if self.reject_codes(CanonicalTexts([text]), np.ones(1, dtype=bool))[0] else None
+def candidate_probability(jaccard: float, bands: int, rows: int) -> float:
+    """P(two documents of this Jaccard similarity share at least one of `bands` bands of `rows`)."""
+    return 1.0 - (1.0 - jaccard**rows) ** bands
 
 
 def lsh_bands(threshold: float, num_perm: int) -> int:
-    """Number of LSH bands whose S-curve midpoint (1/b)^(1/r) is closest to `threshold`."""
-    candidates = [b for b in range(1, num_perm + 1) if num_perm % b == 0]
-    return min(candidates, key=lambda b: abs((1 / b) ** (b / num_perm) - threshold))
+    """Bands of the LSH (a divisor of num_perm; rows = num_perm / bands): the fewest (fewest
+    false candidates to verify) that find a pair at Jaccard threshold + RECALL_POINT * (1 -
+    threshold) with probability >= RECALL_TARGET; all num_perm bands if none does."""
+    target = threshold + RECALL_POINT * (1.0 - threshold)
+    divisors = [b for b in range(1, num_perm + 1) if num_perm % b == 0]
+    return next((b for b in divisors if candidate_probability(target, b, num_perm // b) >= RECALL_TARGET), num_perm)
 
 
-class NearDedup:
-    """Drops a document whose estimated Jaccard similarity to a kept one is >= threshold.
+_BAND_SEED, _BAND_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9)
 
-    LSH candidates are verified against the stored signature, so band collisions below
-    the threshold do not cost a document. Signatures of a batch are computed in one rensa
-    call; queries and inserts stay in document order, so the first of a group is kept.
+
+def band_keys(sigs: np.ndarray, bands: int) -> np.ndarray:
+    """(documents, bands) uint64: a hash of each band's rows. Two documents share a key when
+    the band's rows are equal (or, once in 2^64, by chance: then verification drops the pair)."""
+    n, num_perm = sigs.shape
+    rows = sigs.reshape(n, bands, num_perm // bands).astype(np.uint64)
+    keys = np.full((n, bands), _BAND_SEED, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for column in range(rows.shape[2]):
+            keys = (keys ^ rows[:, :, column]) * _BAND_MULTIPLIER
+            keys ^= keys >> np.uint64(31)
+    return keys
+
+
+# --- Per band (or the exact key): documents that share a key, in global order. ---
+
+def _runs(sorted_keys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and ends of the runs of equal rows in lexicographically sorted key columns."""
+    n = len(sorted_keys[0])
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    new = np.zeros(n, dtype=bool)
+    new[0] = True
+    for column in sorted_keys:
+        new[1:] |= column[1:] != column[:-1]
+    starts = np.flatnonzero(new)
+    return starts, np.r_[starts[1:], n]
+
+
+def exact_duplicates(high: np.ndarray, low: np.ndarray, gids: np.ndarray) -> np.ndarray:
+    """The gids whose exact key an earlier gid has (every copy but the first), sorted."""
+    order = np.lexsort((gids, low, high))
+    starts, _ = _runs([high[order], low[order]])
+    later = np.ones(len(gids), dtype=bool)
+    later[starts] = False
+    return np.sort(gids[order][later])
+
+
+def band_buckets(keys: np.ndarray, gids: np.ndarray, exact: tuple[np.ndarray, np.ndarray] | None) -> list[np.ndarray]:
+    """The gids of each group of two or more documents sharing a band key, in global order.
+
+    With `exact` (the exact keys, when exact dedup runs first) a document whose exact key an
+    earlier member of its bucket has is left out: it is an exact duplicate (identical texts
+    have identical signatures, so its first copy is in every bucket it is in) and exact dedup
+    drops it, so it must neither be dropped again nor keep anyone out.
     """
+    columns = (gids, keys) if exact is None else (gids, exact[1], exact[0], keys)
+    order = np.lexsort(columns)
+    starts, ends = _runs([keys[order]])
+    buckets = []
+    for start, end in zip(starts[ends - starts > 1].tolist(), ends[ends - starts > 1].tolist()):
+        members = order[start:end]
+        if exact is not None:
+            # Sorted by exact key, then gid, within the bucket: the first of each exact key stays.
+            _, firsts = np.unique(np.stack([exact[0][members], exact[1][members]]), axis=1, return_index=True)
+            members = members[np.sort(firsts)] if len(firsts) < len(members) else members
+            if len(members) < 2:
+                continue
+        buckets.append(np.sort(gids[members]))
+    return buckets
 
-    name = "near_dedup"
-    reasons = ("near_duplicate",)
 
-    def __init__(self, threshold: float, num_perm: int, shingle_size: int, seed: int) -> None:
-        self.threshold = threshold
-        self.num_perm = num_perm
-        self.shingle_size = shingle_size
-        self.seed = seed
-        self._lsh = RMinHashLSH(threshold=threshold, num_perm=num_perm, num_bands=lsh_bands(threshold, num_perm))
-        # Kept signatures: blocks of consecutive keys (a batch's rensa matrix, or rows).
-        self._first_keys: list[int] = []
-        self._blocks: list = []
-        self._next_key = 0
+def verified_pairs(buckets: list[np.ndarray], signature_of: Callable[[np.ndarray], np.ndarray],
+                   threshold: float) -> np.ndarray:
+    """(earlier gid, later gid) pairs whose estimated Jaccard similarity is >= threshold.
 
-    def signature(self, text: str) -> RMinHash:
-        minhash = RMinHash(num_perm=self.num_perm, seed=self.seed)
-        minhash.update(shingles(text, self.shingle_size))
-        return minhash
+    Within a bucket, in global order, a document is compared with the bucket's representatives
+    (the members that matched no earlier representative): a pair per representative it matches,
+    or it becomes one. A bucket of n copies of one text costs n comparisons, not n^2 / 2.
+    """
+    pairs: list[tuple[int, int]] = []
+    for bucket in buckets:
+        sigs = signature_of(bucket)
+        reps = [0]
+        for member in range(1, len(bucket)):
+            similar = np.count_nonzero(sigs[reps] == sigs[member], axis=1) / sigs.shape[1] >= threshold
+            if similar.any():
+                pairs.extend((int(bucket[reps[k]]), int(bucket[member])) for k in np.flatnonzero(similar).tolist())
+            else:
+                reps.append(member)
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
-    def _digests(self, key: int) -> np.ndarray:
-        """Signature of the kept document `key` (rows of a batch matrix, unpacked on first use)."""
-        index = bisect.bisect_right(self._first_keys, key) - 1
-        block = self._blocks[index]
-        if not isinstance(block, np.ndarray):
-            block = self._blocks[index] = np.array(block.to_rows(), dtype=np.uint32).reshape(-1, self.num_perm)
-        return block[key - self._first_keys[index]]
 
-    def _keep(self, digests, count: int) -> None:
-        self._first_keys.append(self._next_key)
-        self._blocks.append(digests)
-        self._next_key += count
+# --- Once: the walk in global order. ---
 
-    def reject_codes(self, texts: CanonicalTexts, alive: np.ndarray) -> np.ndarray:
-        """Signatures of the batch in one rensa call; rows that share no LSH band with a kept
-        document nor with another row of the batch are kept at once (nothing could make them
-        duplicates); the others are decided one by one, in order, as `reject_reason` would."""
-        codes = np.zeros(len(texts), dtype=np.int16)
-        docs = np.flatnonzero(alive)
-        if len(docs) == 0:
-            return codes
-        hashes, rows = texts.shingle_hashes(self.shingle_size, docs)
-        matrix = RMinHash.digest_matrix_from_flat_token_hashes(hashes, rows.astype(np.uint64), self.num_perm, self.seed)
-        flagged = np.asarray(self._lsh.query_duplicate_flags_matrix_one_shot(matrix), dtype=bool)
-        if flagged.any():
-            rows_flagged = np.flatnonzero(flagged)
-            token_sets = texts.shingle_sets(self.shingle_size, docs[rows_flagged])
-            for row, tokens in zip(rows_flagged.tolist(), token_sets):
-                minhash = RMinHash(num_perm=self.num_perm, seed=self.seed)
-                minhash.update(tokens)
-                digest = np.array(minhash.digest(), dtype=np.uint32)
-                if any(
-                    np.count_nonzero(self._digests(key) == digest) / self.num_perm >= self.threshold
-                    for key in self._lsh.query(minhash)
-                ):
-                    codes[docs[row]] = 1
-                    continue
-                self._lsh.insert(self._next_key, minhash)
-                self._keep(digest[None, :], 1)
-            clear = np.flatnonzero(~flagged)
-            if len(clear) == 0:
-                return codes
-            hashes = np.concatenate([hashes[rows[row] : rows[row + 1]] for row in clear.tolist()])
-            clear_rows = np.zeros(len(clear) + 1, dtype=np.uint64)
-            np.cumsum(rows[clear + 1] - rows[clear], out=clear_rows[1:])
-            matrix = RMinHash.digest_matrix_from_flat_token_hashes(hashes, clear_rows, self.num_perm, self.seed)
-        self._lsh.insert_matrix(matrix, start_key=self._next_key)
-        self._keep(matrix, matrix.len())
-        return codes
-
-    def reject_reason(self, text: str) -> str | None:
-        return self.reasons[0] if self.reject_codes(CanonicalTexts([text]), np.ones(1, dtype=bool))[0] else None
+def near_duplicates(pairs: np.ndarray) -> np.ndarray:
+    """The later gids to drop, walking `pairs` (earlier, later), from every band, in global order:
+    a document is dropped when it matches an earlier document that is kept, the rule of a single
+    pass that keeps an index of the kept documents. Sorted."""
+    if len(pairs) == 0:
+        return np.zeros(0, dtype=np.int64)
+    pairs = np.unique(pairs, axis=0)
+    pairs = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]
+    starts, ends = _runs([pairs[:, 1]])
+    dropped: set[int] = set()
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        if any(earlier not in dropped for earlier in pairs[start:end, 0].tolist()):
+            dropped.add(int(pairs[start, 1]))
+    return np.array(sorted(dropped), dtype=np.int64)

@@ -1,5 +1,5 @@
 """File I/O shared by the data stages: atomic writes (temp name, then rename) and
-streaming Parquet reads/writes of documents with clear errors for missing or corrupt files.
+the streaming Parquet writer of documents (lmforge.data.partitions reads them back, with clear errors).
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmforge.data.documents import DOCUMENT_SCHEMA, Document, check_columns, to_record_batch
-from lmforge.errors import LmforgeError
+from lmforge.data.documents import DOCUMENT_SCHEMA, Document, to_record_batch
 
 
 # Temp names carry the writer's PID (`.<name>.tmp-<pid>` files, `.<name>.tmp-<pid>-<random>` dirs), so a
@@ -145,26 +143,3 @@ class DocumentWriter:
             self.close()
         else:
             self.abort(exc)
-
-
-def open_documents(path: str | Path, stage_hint: str) -> pq.ParquetFile:
-    """Open a documents file written by an earlier stage, or say which stage to rerun."""
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"{path} not found: run `dvc repro {stage_hint}` first")
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise LmforgeError(f"{path} is not a readable Parquet file ({exc}); rerun `dvc repro -f {stage_hint}`") from None
-    check_columns(parquet.schema_arrow.names, str(path), {"id": "written by ingest", "text": "written by ingest"})
-    return parquet
-
-
-def iter_document_batches(path: str | Path, batch_size: int, stage_hint: str) -> Iterator[list[Document]]:
-    """Documents of a Parquet file, `batch_size` at a time (memory bounded by the batch)."""
-    parquet = open_documents(path, stage_hint)
-    try:
-        for batch in parquet.iter_batches(batch_size=batch_size):
-            yield batch.to_pylist()
-    except (pa.ArrowException, OSError) as exc:
-        raise LmforgeError(f"{path} is corrupt ({exc}); rerun `dvc repro -f {stage_hint}`") from None

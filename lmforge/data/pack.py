@@ -8,6 +8,7 @@ files and manifest they go into are lmforge.data.shards.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from lmforge.data.documents import split_of
-from lmforge.data.io import open_documents
-from lmforge.data.shards import ShardWriter, SplitSummary, token_dtype, write_manifest
+from lmforge.data.partitions import open_part
+from lmforge.data.shards import ShardInfo, ShardWriter, SplitSummary, token_dtype, write_manifest
 from lmforge.data.tokenizer import encode_plain
 from lmforge.errors import LmforgeError
 from lmforge.params import TokenizerParams
@@ -65,7 +65,7 @@ class Packer:
 
 
 def _id_text_batches(path: Path, batch_size: int) -> Iterator[tuple[list[str], pa.Array]]:
-    parquet = open_documents(path, "clean")
+    parquet = open_part(path, "clean")
     try:
         for batch in parquet.iter_batches(batch_size=batch_size, columns=["id", "text"]):
             yield batch.column(0).to_pylist(), batch.column(1)
@@ -100,12 +100,75 @@ def _encode_ahead(
             yield pending[0].result(), pending[1], pending[2]
 
 
-def train_split_texts(path: Path, val_fraction: float, batch_size: int) -> Iterator[str]:
-    """Texts of the train split only: the tokenizer never sees held-out documents."""
-    for ids, texts in _id_text_batches(path, batch_size):
-        for doc_id, text in zip(ids, texts.to_pylist()):
-            if split_of(doc_id, val_fraction) == "train":
-                yield text
+def encode_part(
+    path: Path, tokenizer: Tokenizer, params: TokenizerParams, val_fraction: float, root: Path, prefix: str = ""
+) -> dict[str, Any]:
+    """Encode and pack the documents of one Parquet file (a partition) into shards under `root`,
+    named `<split>/<prefix><split>-NNNNN.arrow`. A partition packs alone: its last row's tail of
+    fewer than seq_len+1 tokens is dropped and counted. Returns {"bytes_in", "splits": summaries}."""
+    eos_id = tokenizer.token_to_id(params.eos_token)
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    packers = {split: Packer(params.seq_len, eos_id, dtype) for split in SPLITS}
+    writers = {split: ShardWriter(root, split, params.seq_len, dtype, params.shard_rows, prefix) for split in SPLITS}
+    bytes_in = 0
+    for ids, is_val, size in _encode_ahead(_batches(path, params.encode_batch_size, val_fraction), tokenizer):
+        for split, in_split in (("train", ~is_val), ("val", is_val)):
+            writers[split].add(packers[split].add([doc for doc, keep in zip(ids, in_split) if keep]))
+        bytes_in += size
+    splits = {}
+    for split in SPLITS:
+        packer, shards = packers[split], writers[split].close()
+        splits[split] = asdict(SplitSummary(
+            documents=packer.documents,
+            tokens_encoded=packer.tokens,
+            tail_tokens_dropped=packer.tail_tokens,
+            rows=sum(s.rows for s in shards),
+            tokens=sum(s.tokens for s in shards),
+            shards=shards,
+        ))
+    return {"bytes_in": bytes_in, "splits": splits}
+
+
+def merge_parts(parts: list[dict[str, Any]], seq_len: int) -> dict[str, SplitSummary]:
+    """The splits of the whole dataset from its partitions' summaries, shards in partition order;
+    a split without one full row is an error that says what to change."""
+    merged = {}
+    for split in SPLITS:
+        summaries = [part["splits"][split] for part in parts]
+        total = SplitSummary(
+            **{key: sum(s[key] for s in summaries) for key in ("documents", "tokens_encoded", "tail_tokens_dropped", "rows", "tokens")},
+            shards=[ShardInfo(**shard) for s in summaries for shard in s["shards"]],
+        )
+        if not total.shards:
+            hint = "raise data.val_fraction" if split == "val" else "add documents"
+            raise LmforgeError(
+                f"the {split} split has {total.tokens_encoded} tokens from {total.documents} documents, fewer than "
+                f"one row of tokenizer.seq_len+1 = {seq_len + 1} in any partition; {hint}, raise data.partition_mb "
+                "or lower tokenizer.seq_len"
+            )
+        merged[split] = total
+    return merged
+
+
+def shard_stats(splits: dict[str, SplitSummary], vocab_size: int, bytes_in: int, seconds: float) -> dict[str, Any]:
+    """The stage's figures over all partitions (stats.json)."""
+    tokens = sum(summary.tokens_encoded for summary in splits.values())
+    return {
+        "vocab_size": vocab_size,
+        "dtype": token_dtype(vocab_size).name,
+        "encode_seconds": round(seconds, 3),
+        "bytes_in": bytes_in,
+        "mb_per_s": bytes_in / 1e6 / seconds if seconds else 0.0,
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "bytes_per_token": bytes_in / tokens if tokens else 0.0,
+        **{
+            f"{split}.{key}": value
+            for split, summary in splits.items()
+            for key, value in vars(summary).items()
+            if key != "shards"
+        },
+        **{f"{split}.shards": len(summary.shards) for split, summary in splits.items()},
+    }
 
 
 def encode_to_shards(
@@ -116,64 +179,14 @@ def encode_to_shards(
     val_fraction: float,
     root: Path,
 ) -> dict[str, Any]:
-    """Encode every document of `path` into shards under `root`; returns the stage's stats."""
-    eos_id = tokenizer.token_to_id(params.eos_token)
-    vocab_size = tokenizer.get_vocab_size()
-    dtype = token_dtype(vocab_size)
-    packers = {split: Packer(params.seq_len, eos_id, dtype) for split in SPLITS}
-    writers = {split: ShardWriter(root, split, params.seq_len, dtype, params.shard_rows) for split in SPLITS}
-    total_docs = open_documents(path, "clean").metadata.num_rows
-    bytes_in = 0
+    """One documents file as a dataset of one partition: its shards and manifest under `root`
+    (for tests and benchmarks; the stage runs encode_part per partition on the engine)."""
     start = time.perf_counter()
-    with tqdm(total=total_docs, unit="doc", desc="tokenize", disable=None) as bar:
-        for ids, is_val, size in _encode_ahead(_batches(path, params.encode_batch_size, val_fraction), tokenizer):
-            for split, in_split in (("train", ~is_val), ("val", is_val)):
-                writers[split].add(packers[split].add([doc for doc, keep in zip(ids, in_split) if keep]))
-            bytes_in += size
-            bar.update(len(ids))
+    part = encode_part(path, tokenizer, params, val_fraction, root)
     seconds = time.perf_counter() - start
-
-    summaries = {}
-    for split in SPLITS:
-        packer = packers[split]
-        shards = writers[split].close()
-        if not shards:
-            hint = "raise data.val_fraction" if split == "val" else "add documents"
-            raise LmforgeError(
-                f"the {split} split has {packer.tokens} tokens from {packer.documents} documents, fewer than "
-                f"one row of tokenizer.seq_len+1 = {params.seq_len + 1}; {hint} or lower tokenizer.seq_len"
-            )
-        summaries[split] = SplitSummary(
-            documents=packer.documents,
-            tokens_encoded=packer.tokens,
-            tail_tokens_dropped=packer.tail_tokens,
-            rows=sum(s.rows for s in shards),
-            tokens=sum(s.tokens for s in shards),
-            shards=shards,
-        )
-    write_manifest(
-        root,
-        tokenizer_sha256=tokenizer_sha256,
-        vocab_size=vocab_size,
-        eos_id=eos_id,
-        seq_len=params.seq_len,
-        dtype=dtype,
-        splits=summaries,
-    )
-    tokens = sum(packer.tokens for packer in packers.values())
-    return {
-        "vocab_size": vocab_size,
-        "dtype": dtype.name,
-        "encode_seconds": round(seconds, 3),
-        "bytes_in": bytes_in,
-        "mb_per_s": bytes_in / 1e6 / seconds if seconds else 0.0,
-        "tokens_per_s": tokens / seconds if seconds else 0.0,
-        "bytes_per_token": bytes_in / tokens if tokens else 0.0,
-        **{
-            f"{split}.{key}": value
-            for split, summary in summaries.items()
-            for key, value in vars(summary).items()
-            if key != "shards"
-        },
-        **{f"{split}.shards": len(summary.shards) for split, summary in summaries.items()},
-    }
+    splits = merge_parts([part], params.seq_len)
+    vocab_size = tokenizer.get_vocab_size()
+    write_manifest(root, tokenizer_sha256=tokenizer_sha256, vocab_size=vocab_size,
+                   eos_id=tokenizer.token_to_id(params.eos_token), seq_len=params.seq_len,
+                   dtype=token_dtype(vocab_size), splits=splits)
+    return shard_stats(splits, vocab_size, part["bytes_in"], seconds)

@@ -53,9 +53,10 @@ class SplitSummary:
 class ShardWriter:
     """Writes rows into shards of `shard_rows` rows each: temp name, then rename."""
 
-    def __init__(self, root: Path, split: str, seq_len: int, dtype: np.dtype, shard_rows: int) -> None:
+    def __init__(self, root: Path, split: str, seq_len: int, dtype: np.dtype, shard_rows: int, prefix: str = "") -> None:
         self.root = root
         self.split = split
+        self.prefix = prefix  # a partition's shards: "part-00003-"
         self.schema = shard_schema(seq_len, dtype)
         self.row_len = seq_len + 1
         self.shard_rows = shard_rows
@@ -83,7 +84,7 @@ class ShardWriter:
         return self.shards
 
     def _write_shard(self, rows: np.ndarray) -> None:
-        relative = f"{self.split}/{self.split}-{len(self.shards):05d}.arrow"
+        relative = f"{self.split}/{self.prefix}{self.split}-{len(self.shards):05d}.arrow"
         path = self.root / relative
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         values = pa.array(rows.reshape(-1), type=self.schema.field(COLUMN).type.value_type)

@@ -1,0 +1,240 @@
+"""The team's path end to end with real processes on loopback: `deploy/local-stack up` (S3 storage,
+an MLflow server with its artifacts in the bucket, a Prefect server, a process pool and its worker),
+`prefect deploy --name nightly`, `prefect deployment run lmforge-pipeline/nightly` executed by the
+worker from its own clone of a bare repository, then what other machines see: MLflow runs and
+artifacts, the DVC remote, git, a second clone's `dvc pull`, the registered model from a clean
+directory. The stack is stopped at the end, even when a test fails.
+
+One tiny run (module fixture); the tests read what it left. Marked `stack` (minutes: 4.6 to 7.7 on
+this 2-core machine shared with other jobs); the two tests at the end need no stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, make_repo, run, tool_env
+from flows.errors import PipelineError
+from flows.pipeline import pipeline
+
+STACK = REPO / "deploy" / "local-stack"
+ALL = ["ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate", "promote"]
+RUN_TIMEOUT_S = 420
+
+
+def stack(command: str, home: Path, repo: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(STACK), command, "--dir", str(home), "--repo", str(repo)], cwd=repo,
+                          env=tool_env(LMFORGE_PYTHON=sys.executable), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def exports(text: str) -> dict[str, str]:
+    """`export KEY=value` lines (as `env` prints them) as a mapping."""
+    return {m.group(1): m.group(2).strip("'") for m in re.finditer(r"^export (\w+)=(.*)$", text, re.M)}
+
+
+def kill_leftovers(home: Path) -> None:
+    """Last resort when `down` failed: SIGKILL every recorded process group."""
+    state = home / "stack.json"
+    if state.is_file():
+        for record in json.loads(state.read_text())["services"].values():
+            try:
+                os.killpg(record["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def wait_for_flow_run(api: str, flow_run_id: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10).json()
+        if run.get("state") and run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {flow_run_id} not finished after {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """The stack up, the deployment registered from a developer's checkout whose origin is a bare
+    repository, one run triggered and finished by the worker."""
+    base = tmp_path_factory.mktemp("deploy")
+    home, workspace = base / "stack", make_repo(base / "workspace")
+    origin = base / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(workspace), str(origin)], check=True)
+    started = time.perf_counter()
+    try:
+        up = stack("up", home, workspace)
+        assert up.returncode == 0, up.stdout + up.stderr
+        env = exports(stack("env", home, workspace).stdout)
+        user = tool_env(**env)
+        deploy = subprocess.run([sys.executable, "-m", "prefect", "deploy", "--name", "nightly"], cwd=workspace,
+                                env=user | {"LMFORGE_GIT_URL": origin.as_uri()}, capture_output=True, text=True,
+                                timeout=120)
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        trigger = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "lmforge-pipeline/nightly"],
+                                 cwd=workspace, env=user, capture_output=True, text=True, timeout=120)
+        assert trigger.returncode == 0, trigger.stdout + trigger.stderr
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", trigger.stdout).group(1)
+        flow_run = wait_for_flow_run(env["PREFECT_API_URL"], flow_run_id, RUN_TIMEOUT_S)
+        yield {"home": home, "workspace": workspace, "origin": origin, "env": env, "flow_run": flow_run,
+               "clone": home / "worker" / "lmforge", "base": base, "up": up.stdout,
+               "seconds": time.perf_counter() - started}
+    finally:
+        down = stack("down", home, workspace, timeout=120)
+        if down.returncode != 0:
+            kill_leftovers(home)
+        assert down.returncode == 0, down.stdout + down.stderr
+
+
+def worker_log(deployed) -> str:
+    return (deployed["home"] / "logs" / "worker.log").read_text(errors="replace")
+
+
+def s3(env: dict[str, str]):
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+
+
+def keys(env: dict[str, str], bucket: str) -> list[str]:
+    pages = s3(env).get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+@pytest.mark.stack
+def test_up_starts_every_service_on_loopback_and_env_exports_them(deployed):
+    env = deployed["env"]
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"):
+        assert env[key].startswith("http://127.0.0.1:"), env
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "LMFORGE_DVC_REMOTE", "LMFORGE_DVC_REMOTE_URL"} <= set(env)
+    status = stack("status", deployed["home"], deployed["workspace"])
+    assert status.returncode == 0, status.stdout
+    lines = {line.split()[0]: line for line in status.stdout.splitlines()}
+    assert all(" up " in lines[name] for name in ("s3", "mlflow", "prefect", "worker")), status.stdout
+    assert env["MLFLOW_TRACKING_URI"] in lines["mlflow"] and env["PREFECT_API_URL"] in lines["prefect"]
+    assert env["AWS_SECRET_ACCESS_KEY"] not in deployed["up"] + status.stdout  # only `env` prints it
+    config = (deployed["workspace"] / ".dvc" / "config.local").read_text()
+    assert env["LMFORGE_DVC_REMOTE_URL"] in config and env["AWS_ENDPOINT_URL"] in config
+
+
+@pytest.mark.stack
+def test_the_worker_runs_the_deployment_from_its_own_clone(deployed):
+    run = deployed["flow_run"]
+    assert run["state"]["type"] == "COMPLETED", worker_log(deployed)[-6000:]
+    assert run["work_pool_name"] == "lmforge" and run["infrastructure_pid"]  # the process worker started it
+    assert f"submitting flow run '{run['id']}'" in worker_log(deployed)
+    assert (deployed["clone"] / "dvc.lock").is_file() and (deployed["clone"] / "models" / "finetune").is_dir()
+    workspace = deployed["workspace"]
+    assert not (workspace / "dvc.lock").exists() and not (workspace / "models").exists()  # developer's untouched
+    print(f"stack up + deploy + tiny run by the worker: {deployed['seconds']:.0f} s")
+
+
+@pytest.mark.stack
+def test_stage_runs_nest_under_the_pipeline_run_and_artifacts_land_in_the_bucket(deployed):
+    client = MlflowClient(deployed["env"]["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("lmforge")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    (parent,) = [r for r in runs if r.info.run_name == "pipeline"]
+    assert parent.data.tags["lmforge.prefect_flow_run_id"] == deployed["flow_run"]["id"]
+    children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    assert children == sorted(ALL)
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # served: clients hold no keys
+    stored = keys(deployed["env"], "lmforge-artifacts")
+    assert any(k.endswith("/MLmodel") for k in stored), stored[:20]  # the registered models
+    assert any(k.endswith("/report.md") for k in stored), stored[:20]  # evaluate's report
+
+
+@pytest.mark.stack
+def test_the_run_is_published_to_the_dvc_remote_and_git(deployed):
+    clone, origin = deployed["clone"], deployed["origin"]
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    hashes = {out["md5"] for stage in lock.values() for out in stage.get("outs", [])}
+    # DVC's remote layout: files/md5/<first 2 hex digits>/<the rest> (a directory's listing ends .dir)
+    stored = {"".join(k.split("/")[-2:]) for k in keys(deployed["env"], "lmforge-dvc")}
+    missing = sorted(h for h in hashes if h not in stored)
+    assert hashes and not missing, f"dvc.lock outputs not in the remote: {missing}"
+    published = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=origin, capture_output=True, text=True)
+    assert published.returncode == 0, published.stderr
+    assert published.stdout == (clone / "dvc.lock").read_text()
+    message = subprocess.run(["git", "log", "-1", "--format=%s"], cwd=origin, capture_output=True, text=True).stdout
+    assert message.startswith("lmforge-pipeline: dvc.lock of flow run")
+
+
+@pytest.mark.stack
+def test_a_second_clone_pulls_and_finds_every_stage_a_cache_hit(deployed):
+    second = deployed["base"] / "second"
+    subprocess.run(["git", "clone", "-q", deployed["origin"].as_uri(), str(second)], check=True)
+    env = tool_env(**deployed["env"])
+    pulled = subprocess.run([sys.executable, "-m", "flows.remote", "pull"], cwd=second, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert (second / "models" / "finetune").is_dir() and (second / "reports" / "metrics.json").is_file()
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=second, env=env, capture_output=True,
+                            text=True, timeout=180)
+    assert status.returncode == 0 and "Data and pipelines are up to date." in status.stdout, status.stdout
+
+
+@pytest.mark.stack
+def test_the_registered_model_loads_from_a_clean_directory_with_only_the_tracking_uri(deployed, tmp_path):
+    # The first nightly run's model is the first champion (the promote stage), loaded by its alias.
+    client = MlflowClient(deployed["env"]["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias("lmforge-finetune", "champion")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": deployed["env"]["MLFLOW_TRACKING_URI"]}
+    code = ("import mlflow.pytorch, sys; m = mlflow.pytorch.load_model(sys.argv[1]); "
+            "print(type(m).__name__, sum(p.numel() for p in m.parameters()))")
+    loaded = subprocess.run([sys.executable, "-c", code, "models:/lmforge-finetune@champion"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert int(loaded.stdout.split()[-1]) > 0
+    assert champion.tags.get("lmforge.weights_md5")
+
+
+@pytest.mark.stack
+def test_no_storage_secret_reaches_the_worker_or_the_flow_logs(deployed):
+    secret = deployed["env"]["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in worker_log(deployed)
+    logs = httpx.post(f"{deployed['env']['PREFECT_API_URL']}/logs/filter", timeout=10,
+                      json={"logs": {"flow_run_id": {"any_": [deployed["flow_run"]["id"]]}}, "limit": 200}).json()
+    assert logs and not any(secret in entry["message"] for entry in logs)
+
+
+@pytest.mark.stack
+def test_down_stops_every_process_and_frees_every_port(deployed):
+    state = json.loads((deployed["home"] / "stack.json").read_text())
+    down = stack("down", deployed["home"], deployed["workspace"], timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    for name, record in state["services"].items():
+        assert not Path(f"/proc/{record['pid']}").exists() or \
+            Path(f"/proc/{record['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", name
+        if record.get("port"):
+            with socket.socket() as sock:
+                assert sock.connect_ex(("127.0.0.1", record["port"])) != 0, f"{name} still listening"
+    status = stack("status", deployed["home"], deployed["workspace"])
+    assert status.returncode == 1 and "no stack" in status.stdout
+
+
+def test_a_checkout_without_a_remote_is_told_what_to_set(tmp_path):
+    run(["git", "init", "-q"], tmp_path)
+    run(["dvc", "init", "-q"], tmp_path)
+    result = run([sys.executable, "-m", "flows.remote", "pull"], tmp_path, check=False, PYTHONPATH=str(REPO))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: no DVC remote: set LMFORGE_DVC_REMOTE_URL"), result.stderr
+
+
+def test_push_refuses_overrides_before_anything_runs():
+    with pytest.raises(PipelineError, match="takes no overrides"):
+        pipeline.fn(overrides=["tokenizer.vocab_size=300"], push=True)

@@ -1,0 +1,63 @@
+"""The data stages' engine: an embedded Dask cluster of processes, results in input order,
+a clear error for a scheduler that is not there, and completion markers."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from lmforge.data.markers import completed, mark_completed, task_key
+from lmforge.engine import dask_client, map_tasks, worker_count
+from lmforge.errors import LmforgeError
+from lmforge.params import EngineParams
+
+
+def _pid_and_square(x: int) -> tuple[int, int]:
+    return os.getpid(), x * x
+
+
+def _fail_on_three(x: int) -> int:
+    if x == 3:
+        raise ValueError("partition 3 is bad")
+    return x
+
+
+def test_embedded_cluster_runs_tasks_in_worker_processes_and_keeps_input_order():
+    with dask_client(EngineParams(workers=2)) as client:
+        assert worker_count(client) == 2
+        results = map_tasks(client, _pid_and_square, list(range(20)), desc="test")
+        assert [square for _, square in results] == [x * x for x in range(20)]
+        assert os.getpid() not in {pid for pid, _ in results}
+        with pytest.raises(ValueError, match="partition 3 is bad"):
+            map_tasks(client, _fail_on_three, list(range(6)), desc="test")
+
+
+def test_a_scheduler_that_is_not_there_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr("lmforge.engine.CONNECT_TIMEOUT_S", 2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(LmforgeError, match=rf"engine.address tcp://127.0.0.1:{port}: no Dask scheduler"):
+        with dask_client(EngineParams(address=f"tcp://127.0.0.1:{port}")):
+            pass
+
+
+def test_engine_address_must_be_a_url():
+    with pytest.raises(ValueError, match="scheduler's URL"):
+        EngineParams(address="10.0.0.5")
+
+
+def test_markers_are_keyed_and_damage_means_rerun(tmp_path):
+    key = task_key({"clean": {"min_chars": 16}}, "input-hash", 1)
+    assert completed(tmp_path, "part-00000", key) is None
+    mark_completed(tmp_path, "part-00000", key, {"documents": 3})
+    assert completed(tmp_path, "part-00000", key) == {"documents": 3}
+    assert completed(tmp_path, "part-00000", task_key("other")) is None
+    # A marker whose task's outputs are gone (deleted by hand) means the task runs again.
+    (tmp_path / "part-00000.parquet").write_bytes(b"x")
+    assert completed(tmp_path, "part-00000", key, [tmp_path / "part-00000.parquet"]) == {"documents": 3}
+    assert completed(tmp_path, "part-00000", key, [tmp_path / "part-00001.parquet"]) is None
+    (tmp_path / ".done" / "part-00000.json").write_bytes(b"\xff{not json")
+    assert completed(tmp_path, "part-00000", key) is None

@@ -1,0 +1,315 @@
+"""Champion and challenger on a real MLflow registry (SQLite store in a temp dir, no mocks): the
+decision, the aliases and tags it leaves, rollback through the flow's CLI, the promote stage without
+tracking, re-scoring a registered champion, and the pipeline end to end (`dvc repro` through promote)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lmforge import paths
+from lmforge.errors import LmforgeError
+from lmforge.tracking_store import LOGGING_FAILED_MARKER
+from lmforge.promotion import (
+    DECISION_TAG, PREVIOUS_CHAMPION_TAG, RESTORED_TAG, ROLLED_BACK_TAG, TEST_SET_TAG, aliases, decide, promote,
+    rollback,
+)
+
+from conftest import REPO, make_texts, run, tool_env
+
+NAME = paths.FINETUNED_MODEL
+KNOBS = {"task": "classify"}
+
+
+# ------------------------------------------------------------------------------------ the decision
+
+
+def test_the_first_model_wins_without_a_champion():
+    assert decide("macro_f1", 0.4, None, 0.01)[0] is True
+
+
+def test_a_gain_of_exactly_min_delta_promotes_despite_float_rounding():
+    promoted, delta, _ = decide("accuracy", 0.30, 0.29, 0.01)  # 0.30 - 0.29 is 0.00999...98 in floats
+    assert promoted and delta == pytest.approx(0.01)
+
+
+def test_a_smaller_gain_or_a_loss_keeps_the_champion_and_says_why():
+    promoted, delta, reason = decide("macro_f1", 0.805, 0.80, 0.01)
+    assert not promoted and delta == pytest.approx(0.005)
+    assert reason.startswith("champion stays") and "min_delta 0.01" in reason
+    assert decide("macro_f1", 0.7, 0.8, 0.0)[0] is False
+
+
+def test_loss_like_metrics_improve_downwards():
+    promoted, delta, _ = decide("sft_loss", 1.5, 2.0, 0.1)
+    assert promoted and delta == 0.5
+    assert decide("sft_perplexity", 9.0, 8.0, 0.0)[0] is False
+
+
+# ------------------------------------------------------------------------------------ the registry
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite store holding lmforge-finetune and no version (made once: creating the schema takes seconds)."""
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").create_registered_model(NAME)
+    return db
+
+
+@pytest.fixture
+def client(empty_store: Path, tmp_path: Path) -> MlflowClient:
+    """A real registry of this test's own, with versions made by `new_version`."""
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
+    return MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def new_version(client: MlflowClient, tmp_path: Path, lineage: str) -> str:
+    """A registered version (its files a stand-in: these tests give scores, not models)."""
+    source = tmp_path / f"model-{lineage}"
+    source.mkdir()
+    version = client.create_model_version(NAME, source.as_uri()).version
+    client.set_model_version_tag(NAME, version, "lineage.data.raw", lineage)
+    return str(version)
+
+
+def promote_with(client: MlflowClient, version: str, score: float, champion_scores: dict[str, float],
+                 test_set: str = "t1", min_delta: float = 0.01):
+    """promote() whose re-scoring looks scores up (and counts the calls)."""
+    rescored: list[str] = []
+
+    def rescore(v: str) -> float:
+        rescored.append(v)
+        return champion_scores[v]
+
+    decision = promote(client, NAME, version, score, "macro_f1", min_delta, test_set, KNOBS, rescore, run_id="r")
+    return decision, rescored
+
+
+def test_first_model_becomes_champion(client, tmp_path):
+    v1 = new_version(client, tmp_path, "raw-1")
+    decision, rescored = promote_with(client, v1, 0.6, {})
+    assert decision.decided and decision.promoted and rescored == []
+    assert aliases(client, NAME)[paths.CHAMPION_ALIAS] == v1
+    tags = client.get_model_version(NAME, v1).tags
+    assert tags["promote.score.macro_f1"] == "0.6" and tags[TEST_SET_TAG] == "t1"
+    assert PREVIOUS_CHAMPION_TAG not in tags
+    assert decision.numbers() == {"decided": 1, "promoted": 1, "challenger_score": 0.6, "min_delta": 0.01,
+                                  "challenger_version": int(v1)}
+
+
+def test_worse_challenger_keeps_the_champion_and_both_versions_record_why(client, tmp_path):
+    v1, v2 = new_version(client, tmp_path, "raw-1"), new_version(client, tmp_path, "raw-2")
+    promote_with(client, v1, 0.6, {})
+    decision, rescored = promote_with(client, v2, 0.55, {})
+    assert decision.decided and not decision.promoted
+    assert rescored == []  # the champion's score on the same test set was recorded: reused
+    assert aliases(client, NAME) == {paths.CHAMPION_ALIAS: v1, paths.CHALLENGER_ALIAS: v2}
+    for version in (v1, v2):
+        record = json.loads(client.get_model_version(NAME, version).tags[DECISION_TAG])
+        assert record["reason"].startswith("champion stays: macro_f1 0.55 vs champion's 0.6")
+        assert record["champion"]["score"] == 0.6 and record["challenger"]["score"] == 0.55
+        assert record["delta"] == pytest.approx(-0.05) and record["test_set_md5"] == "t1"
+        assert record["champion"]["lineage"]["data.raw"] == "raw-1"
+        assert record["challenger"]["lineage"]["data.raw"] == "raw-2"
+
+
+def test_better_challenger_replaces_the_champion_rescored_on_a_new_test_set(client, tmp_path):
+    v1, v2 = new_version(client, tmp_path, "raw-1"), new_version(client, tmp_path, "raw-2")
+    promote_with(client, v1, 0.6, {})
+    decision, rescored = promote_with(client, v2, 0.7, {v1: 0.62}, test_set="t2")
+    assert rescored == [v1]  # another test set: the champion is scored again, its old figure is not used
+    assert decision.promoted and decision.champion.score == 0.62 and decision.delta == pytest.approx(0.08)
+    assert aliases(client, NAME)[paths.CHAMPION_ALIAS] == v2
+    assert client.get_model_version(NAME, v2).tags[PREVIOUS_CHAMPION_TAG] == v1
+    assert client.get_model_version(NAME, v1).tags[TEST_SET_TAG] == "t2"  # its new score is recorded
+
+
+def test_a_champion_that_cannot_be_scored_is_replaced_with_the_reason(client, tmp_path):
+    v1, v2 = new_version(client, tmp_path, "raw-1"), new_version(client, tmp_path, "raw-2")
+    promote_with(client, v1, 0.6, {})
+
+    def cannot(version: str) -> float:
+        raise LmforgeError("labels differ")
+
+    decision = promote(client, NAME, v2, 0.5, "macro_f1", 0.01, "t2", KNOBS, cannot)
+    assert decision.promoted and "cannot be scored on this test set: labels differ" in decision.reason
+
+
+def test_the_champion_itself_as_challenger_changes_nothing(client, tmp_path):
+    v1 = new_version(client, tmp_path, "raw-1")
+    promote_with(client, v1, 0.6, {})
+    decision, _ = promote_with(client, v1, 0.6, {})
+    assert decision.decided and not decision.promoted and "already the champion" in decision.reason
+    assert aliases(client, NAME) == {paths.CHAMPION_ALIAS: v1}
+
+
+def _rollback_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = tool_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", USER="alice", LOGNAME="alice",
+                   PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "flows.pipeline", "rollback", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_rollback_restores_the_previous_champion_and_records_who_and_why(client, tmp_path):
+    v1, v2 = new_version(client, tmp_path, "raw-1"), new_version(client, tmp_path, "raw-2")
+    promote_with(client, v1, 0.6, {})
+    promote_with(client, v2, 0.7, {})
+    result = _rollback_cli(tmp_path, "--reason", "v2 mislabels refunds")
+    assert result.returncode == 0, result.stderr
+    assert f"moved from version {v2} back to version {v1}" in result.stdout
+    assert aliases(client, NAME)[paths.CHAMPION_ALIAS] == v1
+    left = json.loads(client.get_model_version(NAME, v2).tags[ROLLED_BACK_TAG])
+    assert left["by"] == "alice" and left["reason"] == "v2 mislabels refunds" and left["to"] == v1
+    assert json.loads(client.get_model_version(NAME, v1).tags[RESTORED_TAG])["from"] == v2
+    with pytest.raises(LmforgeError, match=f"version {v1} was the first champion: there is no previous champion"):
+        rollback(client, NAME, "alice", "again", "now")
+
+
+def test_rollback_without_a_champion_is_a_clear_error_line(client, tmp_path):
+    result = _rollback_cli(tmp_path)
+    assert result.returncode == 2 and "has no `champion` alias: nothing to roll back" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------- lineage
+
+
+def test_a_dataset_source_is_its_object_in_the_default_dvc_remote(tmp_path):
+    from lmforge.lineage import dataset_source, dvc_remote_url
+
+    run(["dvc", "init", "--no-scm", "-q"], tmp_path)
+    assert dvc_remote_url(tmp_path) is None
+    assert dataset_source("data/shards", "ab12.dir", None, tmp_path) == (tmp_path / "data/shards").as_uri()
+    run(["dvc", "remote", "add", "-d", "team", "s3://lmforge-bucket/dvc/"], tmp_path)
+    remote = dvc_remote_url(tmp_path)
+    assert remote == "s3://lmforge-bucket/dvc"
+    # DVC 3's layout: files/md5/<first 2 hex>/<the rest>, `.dir` kept for a directory's listing
+    assert dataset_source("data/shards", "ab12cd.dir", remote, tmp_path) == "s3://lmforge-bucket/dvc/files/md5/ab/12cd.dir"
+
+
+# ------------------------------------------------------------------------- the stage, the pipeline
+
+
+def _copy(tiny_repo: Path, tmp_path: Path) -> Path:
+    """A private copy, checkpoints included (a missing persist output would rerun its stage)."""
+    root = tmp_path / "repo"
+    shutil.copytree(tiny_repo, root, symlinks=True)
+    return root
+
+
+def _versions(root: Path) -> list[int]:
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    return sorted(int(v.version) for v in client.search_model_versions(f"name = '{NAME}'"))
+
+
+def test_the_pipeline_makes_its_first_model_champion_with_its_lineage(tiny_repo):
+    numbers = json.loads((tiny_repo / paths.PROMOTION).read_text())
+    assert numbers["decided"] == 1 and numbers["promoted"] == 1
+    assert all(isinstance(value, (int, float)) for value in numbers.values())  # a DVC metric: numbers only
+    client = MlflowClient(f"sqlite:///{tiny_repo}/mlflow.db")
+    champion = client.get_model_version_by_alias(NAME, paths.CHAMPION_ALIAS)
+    assert int(champion.version) == numbers["challenger_version"]
+    lock = (tiny_repo / "dvc.lock").read_text()
+    for name in ("raw", "clean", "tokenizer", "shards"):
+        assert champion.tags[f"lineage.data.{name}"] in lock  # DVC's own hash of that output
+    assert champion.tags["lineage.git_commit"] not in ("", "unknown")
+    run = client.get_run(champion.run_id)
+    inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert inputs["shards"].digest == champion.tags["lineage.data.shards"]
+    assert "data/shards" in inputs["shards"].source  # no DVC remote here: the workspace path
+    decision = json.loads((tiny_repo / paths.PROMOTION_DECISION).read_text())
+    assert decision["metric"] == "macro_f1" and decision["reason"] == "first model: it becomes champion"
+    shown = run_dvc_metrics(tiny_repo)
+    assert "reports/promotion.json" in shown
+
+
+def run_dvc_metrics(root: Path) -> str:
+    return run(["dvc", "metrics", "show", "--json"], root).stdout
+
+
+def test_the_champion_rescored_from_the_registry_matches_evaluate(tiny_repo, monkeypatch):
+    """Re-scoring downloads the version's exported files and scores them as evaluate did."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from lmforge.params import load_params
+    from stages.promote import score_version
+
+    monkeypatch.chdir(tiny_repo)
+    version = MlflowClient(f"sqlite:///{tiny_repo}/mlflow.db").get_model_version_by_alias(NAME, paths.CHAMPION_ALIAS)
+    with _use_tracking_uri(f"sqlite:///{tiny_repo}/mlflow.db"):
+        score = score_version(load_params(), "macro_f1", version.version)
+    assert score == json.loads((tiny_repo / "reports/metrics.json").read_text())["macro_f1"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_promote_without_tracking_decides_nothing_and_does_not_fail(tiny_repo, tmp_path):
+    root = _copy(tiny_repo, tmp_path)
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = run(["python", "-m", "stages.promote"], root, MLFLOW_TRACKING_URI=down)
+    numbers = json.loads((root / paths.PROMOTION).read_text())
+    assert numbers["decided"] == 0 and numbers["promoted"] == 0
+    warnings = [line for line in result.stderr.splitlines() if line.startswith(LOGGING_FAILED_MARKER)]
+    assert len(warnings) == 1 and down in warnings[0]  # once, naming the store
+    assert "tracking is down" in json.loads((root / paths.PROMOTION_DECISION).read_text())["reason"]
+
+
+def test_no_new_data_is_all_cache_hits_and_new_documents_rerun_from_ingest_and_decide(tiny_repo, tmp_path):
+    root = _copy(tiny_repo, tmp_path)
+    before = _versions(root)
+    unchanged = run(["dvc", "repro"], root).stdout
+    assert "Stage 'promote' didn't change, skipping" in unchanged and "Running stage" not in unchanged
+    assert _versions(root) == before  # no new model version
+    corpus = root / paths.CORPUS
+    for i, text in enumerate(make_texts(40, seed=7)):
+        (corpus / f"new{i:03d}.txt").write_text(text, encoding="utf-8")
+    rerun = run(["dvc", "repro"], root).stdout
+    assert "Running stage 'ingest'" in rerun and "Running stage 'promote'" in rerun
+    assert len(_versions(root)) == len(before) + 1
+    numbers = json.loads((root / paths.PROMOTION).read_text())
+    assert numbers["decided"] == 1 and numbers["champion_version"] == before[-1]
+    assert numbers["challenger_version"] == _versions(root)[-1]
+    champion = aliases(MlflowClient(f"sqlite:///{root}/mlflow.db"), NAME)[paths.CHAMPION_ALIAS]
+    assert champion == str(numbers["challenger_version"] if numbers["promoted"] else numbers["champion_version"])
+
+
+def test_the_flow_summary_shows_the_decision_in_one_line(client, tmp_path):
+    from flows.summary import mlflow_links, promotion_line, summary_markdown
+
+    v1, v2 = new_version(client, tmp_path, "raw-1"), new_version(client, tmp_path, "raw-2")
+    promote_with(client, v1, 0.6, {})
+    decision, _ = promote_with(client, v2, 0.9, {})
+    assert promotion_line(tmp_path) is None  # no decision file yet
+    (tmp_path / paths.PROMOTION_DECISION).parent.mkdir(parents=True)
+    (tmp_path / paths.PROMOTION_DECISION).write_text(json.dumps(decision.record()))
+    line = promotion_line(tmp_path)
+    assert line.startswith(f"v{v2} promoted to `champion`: challenger wins: macro_f1 0.9 vs champion's 0.6")
+    links = mlflow_links("0123abcd", "7", "http://127.0.0.1:5000", tmp_path)
+    assert f"**Promotion:** {line}" in summary_markdown([], {}, links, [], "succeeded", None, line)
+
+
+def test_a_training_run_logs_system_metrics(tmp_path, monkeypatch):
+    """What training_run asks of stage_run (MLflow samples every 10 s by default; faster here)."""
+    import time
+
+    from lmforge.tracking import stage_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    with stage_run("pretrain", {}, inputs=[], root=tmp_path, system_metrics=True) as handle:
+        time.sleep(2.5)
+    metrics = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(handle.run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
