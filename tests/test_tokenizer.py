@@ -1,7 +1,9 @@
+import os
+
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from lmforge.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from lmforge.data.tokenizer import encode_plain, load_tokenizer, save_tokenizer, tokenizer_threads, train_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.params import TokenizerParams
 
@@ -43,3 +45,22 @@ def test_corrupt_tokenizer_file_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(LmforgeError, match="tokenizer.json is not a valid tokenizer.json"):
         load_tokenizer(tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("before", [None, "true"])
+def test_tokenizer_threads_switch_per_block_and_restore_the_environment(monkeypatch, before):
+    # A worker's encode task keeps to its core when every worker has a partition (no oversubscription).
+    if before is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", before)
+    tokenizer = train_tokenizer(make_texts(300), PARAMS)
+    texts = make_texts(200)
+    with tokenizer_threads(spread=False):
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+        serial = encode_plain(tokenizer, texts)
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == before
+    with tokenizer_threads(spread=True):
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+        assert encode_plain(tokenizer, texts) == serial  # the tokens never depend on the threads
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == before

@@ -25,7 +25,7 @@ from lmforge.data.markers import completed, mark_completed, task_key
 from lmforge.data.pack import encode_part, merge_parts, shard_stats
 from lmforge.data.partitions import iter_part_batches
 from lmforge.data.shards import token_dtype, write_manifest
-from lmforge.data.tokenizer import file_sha256, load_tokenizer, save_tokenizer, train_tokenizer
+from lmforge.data.tokenizer import file_sha256, load_tokenizer, save_tokenizer, tokenizer_threads, train_tokenizer
 from lmforge.engine import fault_point, map_tasks, throughput_postfix, worker_count
 from lmforge.params import TokenizerParams
 
@@ -55,8 +55,11 @@ def tokenize_dataset(client: Any, params: TokenizerParams, val_fraction: float, 
                            params.encode_batch_size, str(staging))
     (trained,) = map_tasks(client, train_on_sample, [train_task], desc="tokenize: train BPE")
     started = time.perf_counter()
+    workers = worker_count(client)
+    spread = len(parts) < workers  # idle workers otherwise: let each encoder use every core
     encoded = map_tasks(client, encode_partition,
-                        [EncodeTask(part, trained["sha256"], dumped, val_fraction, str(staging)) for part in parts],
+                        [EncodeTask(part, trained["sha256"], dumped, val_fraction, str(staging), spread)
+                         for part in parts],
                         desc="tokenize", postfix=throughput_postfix(started))
     encode_seconds = time.perf_counter() - started
     resumed = sum(result.pop("resumed") for result in encoded)
@@ -84,7 +87,7 @@ def tokenize_dataset(client: Any, params: TokenizerParams, val_fraction: float, 
         "sample_bytes": sum(sample["bytes"] for sample in samples),
         **shard_stats(splits, vocab_size, sum(part["bytes_in"] for part in encoded), encode_seconds),
         "partitions": len(parts),
-        "workers": worker_count(client),
+        "workers": workers,
         "parts": [{key: part[key] for key in ("name", "documents", "bytes", "seconds")} for part in encoded],
     }
 
@@ -164,7 +167,9 @@ def train_on_sample(task: TrainTask) -> dict[str, Any]:
     if (done := completed(staging, "tokenizer", key, [output])) is not None:
         return done
     started = time.perf_counter()
-    tokenizer = train_tokenizer(_sample_texts(staging, task.samples, task.batch_size), TokenizerParams(**task.params))
+    with tokenizer_threads(spread=True):  # the one task running: every core is the trainer's
+        tokenizer = train_tokenizer(_sample_texts(staging, task.samples, task.batch_size),
+                                    TokenizerParams(**task.params))
     save_tokenizer(tokenizer, output)
     result = {"sha256": file_sha256(output), "seconds": round(time.perf_counter() - started, 3)}
     mark_completed(staging, "tokenizer", key, result)
@@ -183,6 +188,7 @@ class EncodeTask(NamedTuple):
     params: dict[str, Any]  # TokenizerParams as JSON
     val_fraction: float
     staging: str
+    spread: bool  # fewer partitions than workers: the tokenizer may use every core (tokenizer_threads)
 
 
 def encode_partition(task: EncodeTask) -> dict[str, Any]:
@@ -199,7 +205,9 @@ def encode_partition(task: EncodeTask) -> dict[str, Any]:
     for stale in root.glob(f"*/{prefix}*.arrow"):  # of an attempt killed mid-way: its shard count may differ
         stale.unlink()
     tokenizer = load_tokenizer(staging / TOKENIZER)
-    part = encode_part(Path(task.part.path), tokenizer, TokenizerParams(**task.params), task.val_fraction, root, prefix)
+    with tokenizer_threads(task.spread):
+        part = encode_part(Path(task.part.path), tokenizer, TokenizerParams(**task.params), task.val_fraction,
+                           root, prefix)
     fault_point(STAGE, task.part.index)
     result = {"name": task.part.name, **part,
               "documents": sum(split["documents"] for split in part["splits"].values()),

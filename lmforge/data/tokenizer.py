@@ -5,7 +5,9 @@ saved as one `tokenizer.json` (which also loads as `transformers.PreTrainedToken
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -50,6 +52,29 @@ def encode_plain(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
     the one way the project encodes text."""
     encodings = text_only(tokenizer).encode_batch_fast(list(texts), add_special_tokens=False)
     return [encoding.ids for encoding in encodings]
+
+
+@contextmanager
+def tokenizer_threads(spread: bool) -> Iterator[None]:
+    """Whether `tokenizers` spreads an encode or a training over all the machine's cores inside this
+    block (`spread`) or keeps to the calling thread.
+
+    A Dask worker is one core's share of its machine: when every worker has a partition to encode,
+    a tokenizer that also used every core would oversubscribe them (and 1 worker would quietly use
+    all cores); when there are fewer tasks than workers, the idle cores are the tokenizer's.
+    tokenizers reads TOKENIZERS_PARALLELISM at every call, so the switch holds per task. A worker
+    with several threads shares one environment between its tasks: the last switch wins, which
+    changes only the speed, never the tokens.
+    """
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if spread else "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
