@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
+import weakref
 
 import pytest
 
 from lmforge.data.markers import completed, mark_completed, task_key
-from lmforge.engine import dask_client, map_tasks, worker_count
+from lmforge.engine import ReleasingMemory, dask_client, map_tasks, worker_count
 from lmforge.errors import LmforgeError
 from lmforge.params import EngineParams
 
@@ -61,3 +62,29 @@ def test_markers_are_keyed_and_damage_means_rerun(tmp_path):
     assert completed(tmp_path, "part-00000", key, [tmp_path / "part-00001.parquet"]) is None
     (tmp_path / ".done" / "part-00000.json").write_bytes(b"\xff{not json")
     assert completed(tmp_path, "part-00000", key) is None
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+        self.payload = bytearray(1 << 20)
+
+
+def test_a_task_hands_back_what_it_freed_before_the_next_runs():
+    # A worker runs partition after partition: garbage one task left in reference cycles must not
+    # stack up until Python's next full collection (the worker's peak would grow with the corpus).
+    refs: list[weakref.ref] = []
+
+    def task(n: int) -> int:
+        cycle = _Cycle()
+        refs.append(weakref.ref(cycle))
+        return n * 2
+
+    assert ReleasingMemory(task)(21) == 42
+    assert refs[0]() is None
+
+    def fails(_: int) -> int:
+        raise LmforgeError("bad partition")
+
+    with pytest.raises(LmforgeError, match="bad partition"):
+        ReleasingMemory(fails)(1)
