@@ -4,11 +4,13 @@ when they are in /var/cache/apt/archives; otherwise `apt-get download <package>`
   dict-gcide       Webster's Revised Unabridged Dictionary (1913) + GCIDE: one document per entry
   fortunes         the fortune cookie files: one document per fortune
   python3.11-doc   the Python documentation, HTML -> text (html.parser): one document per page section
+  perl-modules-5.36  the Perl core modules' POD documentation (code blocks left out): one document per =head1 section
+  opencv-doc       the OpenCV tutorials (not the API reference), HTML -> text: one document per page section
 
 Each package is unpacked with `dpkg-deb -x` into a scratch directory; the documents are written as
 .jsonl ({"text": ...}, one file per source), which every lmforge reader takes with no setting:
 
-    python bench/real_text.py --out /tmp/real-text                  # ~60 MB of text
+    python bench/real_text.py --out /tmp/real-text                  # ~67 MB of text (50 MB once cleaned)
     python bench/data_scale.py --files '/tmp/real-text/*.jsonl'
     python bench/tokenize_vs_run_clm.py --files '/tmp/real-text/*.jsonl'
 
@@ -30,7 +32,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 ARCHIVES = Path("/var/cache/apt/archives")
-PACKAGES = ("dict-gcide", "fortunes", "python3.11-doc")
+PACKAGES = ("dict-gcide", "fortunes", "python3.11-doc", "perl-modules-5.36", "opencv-doc")
 
 
 def unpack(package: str, scratch: Path) -> Path:
@@ -120,7 +122,51 @@ def python_doc(root: Path) -> Iterator[str]:
         yield from _python_doc_sections(path.read_text(encoding="utf-8", errors="replace"))
 
 
-EXTRACT = {"dict-gcide": gcide, "fortunes": fortunes, "python3.11-doc": python_doc}
+# POD formatting codes with their text kept: B<bold>, C<code>, I<italic>, F<file>, S<...>, L<name|link> (the name).
+_POD_CODE = re.compile(r"[BCIFSLXZE]<+\s*([^<>]*?)\s*>+")
+
+
+def _pod_text(paragraph: str) -> str:
+    for _ in range(3):  # nested codes, inside out
+        paragraph = _POD_CODE.sub(lambda m: m.group(1).split("|")[0], paragraph)
+    return paragraph
+
+
+def perl_pod(root: Path) -> Iterator[str]:
+    """One document per =head1 section of each module's POD: headings and prose paragraphs, without
+    the verbatim (indented) code paragraphs."""
+    for path in sorted(root.glob("usr/share/perl/*/**/*")):
+        if path.suffix not in (".pod", ".pm") or path.is_symlink():
+            continue
+        section: list[str] = []
+        in_pod = False
+        for paragraph in re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace")):
+            command = paragraph.split(None, 1)[0] if paragraph.strip() else ""
+            if command == "=cut":
+                in_pod = False
+                continue
+            if command.startswith("="):
+                in_pod = True
+                if command == "=head1" and section:
+                    yield "\n".join(section)
+                    section = []
+                if command in ("=head1", "=head2", "=head3", "=head4", "=item"):
+                    section.append(_pod_text(paragraph.split(None, 1)[1].strip()) if " " in paragraph.strip() else "")
+                continue
+            if in_pod and paragraph.strip() and not paragraph[:1].isspace():
+                section.append(_pod_text(" ".join(paragraph.split())))
+        if section:
+            yield "\n".join(section)
+
+
+def opencv_tutorials(root: Path) -> Iterator[str]:
+    for path in sorted(root.glob("usr/share/doc/opencv-doc/**/tutorial_*.html")):
+        if not path.is_symlink():
+            yield from _python_doc_sections(path.read_text(encoding="utf-8", errors="replace"))
+
+
+EXTRACT = {"dict-gcide": gcide, "fortunes": fortunes, "python3.11-doc": python_doc, "perl-modules-5.36": perl_pod,
+           "opencv-doc": opencv_tutorials}
 
 
 def main() -> None:

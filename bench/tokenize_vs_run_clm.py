@@ -12,7 +12,7 @@ Each is timed from the outside (process start, imports and BPE training included
 A, B, A, B, ...; the ratio is theirs' wall / ours' (> 1: ours is faster). The corpus is ingested and
 cleaned once beforehand (not timed). Targets (issue 13): >= 50 MB of real English text, ratio >= 1.2.
 
-    python bench/real_text.py --out /tmp/real-text                      # ~60 MB of real text
+    python bench/real_text.py --out /tmp/real-text                      # ~67 MB of real text (50 MB once cleaned)
     python bench/tokenize_vs_run_clm.py --files '/tmp/real-text/*.jsonl'
     python bench/tokenize_vs_run_clm.py --files '/tmp/real-text/fortunes.jsonl' --rounds 1   # quick check
 """
