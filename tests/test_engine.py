@@ -10,7 +10,7 @@ import weakref
 import pytest
 
 from lmforge.data.markers import completed, mark_completed, task_key
-from lmforge.engine import ReleasingMemory, dask_client, map_tasks, worker_count
+from lmforge.engine import UserError, WorkerTask, dask_client, map_tasks, worker_count
 from lmforge.errors import LmforgeError
 from lmforge.params import EngineParams
 
@@ -80,11 +80,29 @@ def test_a_task_hands_back_what_it_freed_before_the_next_runs():
         refs.append(weakref.ref(cycle))
         return n * 2
 
-    assert ReleasingMemory(task)(21) == 42
+    assert WorkerTask(task)(21) == 42
     assert refs[0]() is None
 
     def fails(_: int) -> int:
-        raise LmforgeError("bad partition")
+        raise ValueError("a bug")
 
-    with pytest.raises(LmforgeError, match="bad partition"):
-        ReleasingMemory(fails)(1)
+    with pytest.raises(ValueError, match="a bug"):
+        WorkerTask(fails)(1)
+
+
+def _user_error_once_per_attempt(flag_dir: str) -> int:
+    attempt = len(os.listdir(flag_dir))
+    with open(os.path.join(flag_dir, f"attempt-{attempt}"), "w"):
+        pass
+    raise LmforgeError("data/raw/part-00003.parquet is corrupt; rerun `dvc repro -f ingest`")
+
+
+def test_a_user_error_is_raised_once_not_retried(tmp_path):
+    # Bad input gives the same error on every attempt: Dask's retries are for workers that die.
+    assert isinstance(WorkerTask(_user_error_once_per_attempt)(str(tmp_path)), UserError)
+    for stale in tmp_path.iterdir():
+        stale.unlink()
+    with dask_client(EngineParams(workers=1)) as client:
+        with pytest.raises(LmforgeError, match="part-00003.parquet is corrupt"):
+            map_tasks(client, _user_error_once_per_attempt, [str(tmp_path)], desc="test")
+    assert len(list(tmp_path.iterdir())) == 1
