@@ -25,6 +25,7 @@ import pyarrow
 from tqdm import tqdm
 
 from lmforge.errors import LmforgeError
+from lmforge.lineage import file_md5, remember_md5
 from lmforge.params import EngineParams
 
 T = TypeVar("T")
@@ -160,6 +161,16 @@ class WorkerTask:
         finally:
             gc.collect()
             pyarrow.default_memory_pool().release_unused()
+
+
+def hash_on_workers(client: Any, directory: Path) -> None:
+    """DVC's md5 of every file under `directory`, computed by the workers (each its share of the
+    files) and remembered for the stage run's output tags (lineage.remember_md5), so the driver
+    never reads the data its workers wrote. A file changed afterwards is hashed again."""
+    files = sorted(path for path in Path(directory).rglob("*") if path.is_file())
+    md5s = map_tasks(client, file_md5, [str(path.resolve()) for path in files], desc=f"md5 {directory}")
+    for path, md5 in zip(files, md5s):
+        remember_md5(path, md5)
 
 
 def throughput_postfix(started: float) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:

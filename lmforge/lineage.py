@@ -45,16 +45,41 @@ def recorded_hashes(root: Path) -> dict[str, str]:
     return hashes
 
 
+# md5s of files this process published, computed where they were written (the data stages' workers):
+# path -> (size, mtime_ns, md5), trusted while the file's size and mtime are still those.
+_KNOWN_MD5: dict[str, tuple[int, int, str]] = {}
+
+
+def file_md5(path: str | Path) -> str:
+    digest = hashlib.md5()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remember_md5(path: Path, md5: str) -> None:
+    """Record `path`'s md5, computed elsewhere, so content_hash does not read the file again: a data
+    stage's driver would otherwise read every byte its workers wrote."""
+    stat = path.stat()
+    _KNOWN_MD5[str(path.resolve())] = (stat.st_size, stat.st_mtime_ns, md5)
+
+
+def _md5_of(path: Path) -> str:
+    known = _KNOWN_MD5.get(str(path.resolve()))
+    if known is not None:
+        stat = path.stat()
+        if (stat.st_size, stat.st_mtime_ns) == known[:2]:
+            return known[2]
+    return file_md5(path)
+
+
 def content_hash(path: Path) -> str:
     """DVC 3's md5 of a file or directory (the `md5` dvc.lock records for an output): a file's md5,
     or for a directory the md5 of its files' sorted [{"md5", "relpath"}] list as DVC serializes it,
     plus ".dir"; "missing" when there is nothing at `path`."""
     if path.is_file():
-        digest = hashlib.md5()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return _md5_of(path)
     if path.is_dir():
         listing = [{"md5": content_hash(file), "relpath": file.relative_to(path).as_posix()}
                    for file in path.rglob("*") if file.is_file()]

@@ -13,7 +13,7 @@ from lmforge.cli import run_stage
 from lmforge.data.clean_tasks import run_clean
 from lmforge.data.io import write_json, write_jsonl
 from lmforge.data.partitions import clear_staging, read_manifest, staging_dir
-from lmforge.engine import dask_client, map_tasks, worker_count
+from lmforge.engine import dask_client, hash_on_workers, map_tasks, worker_count
 from lmforge.errors import LmforgeError
 from lmforge.params import load_params
 from lmforge.tracking import stage_run
@@ -30,6 +30,8 @@ def main() -> None:
             workers = worker_count(client)
             result = run_clean(params.clean, paths.RAW, paths.CLEAN, staging_dir("clean"),
                                functools.partial(map_tasks, client))
+            if not run.failed:  # the output tags' md5s, on the workers
+                hash_on_workers(client, paths.CLEAN)
         stats = {**result["stats"], "workers": workers}
         # Stats and samples are written even when nothing survives, so the user can see why.
         write_json(paths.CLEAN_STATS, stats)

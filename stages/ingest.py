@@ -14,7 +14,7 @@ from lmforge.cli import run_stage
 from lmforge.data.ingest import STAGE, ingest_dataset
 from lmforge.data.locations import is_url, resolve_files
 from lmforge.data.partitions import staging_dir
-from lmforge.engine import dask_client
+from lmforge.engine import dask_client, hash_on_workers
 from lmforge.params import load_params
 from lmforge.tracking import stage_run
 
@@ -28,6 +28,8 @@ def main() -> None:
         # The Hub's stream is read by the driver: no engine to start for it.
         with dask_client(params.engine) if data.source != "hf" else nullcontext() as client:
             stats = ingest_dataset(client, data, staging_dir(STAGE).resolve(), paths.RAW, paths.RAW_STATS)
+            if client is not None and not run.failed:  # the output tags' md5s, on the workers
+                hash_on_workers(client, paths.RAW)
         # A few comparable figures as metrics; every count and each partition's seconds are in the stats artifact.
         run.log_metrics({key: stats[key] for key in ("documents", "bytes", "mb_per_s", "partitions", "workers")})
         run.log_artifact(paths.RAW_STATS)

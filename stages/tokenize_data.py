@@ -13,7 +13,7 @@ from lmforge.cli import run_stage
 from lmforge.data.io import write_json
 from lmforge.data.partitions import staging_dir
 from lmforge.data.tokenize_tasks import STAGE, tokenize_dataset
-from lmforge.engine import dask_client
+from lmforge.engine import dask_client, hash_on_workers
 from lmforge.params import load_params
 from lmforge.tracking import stage_run
 
@@ -29,6 +29,8 @@ def main() -> None:
         with dask_client(params.engine) as client:
             stats = tokenize_dataset(client, tok_params, params.data.val_fraction, paths.CLEAN, staging_dir(STAGE),
                                      paths.TOKENIZER, paths.SHARDS)
+            if not run.failed:  # the output tags' md5s, on the workers
+                hash_on_workers(client, paths.SHARDS)
         write_json(paths.TOKENIZER_STATS, stats)
         write_json(paths.TOKENIZER_METRICS, {key: stats[key] for key in COMPARED})
         run.log_metrics({"train_tokens": stats["train.tokens"], "val_tokens": stats["val.tokens"],

@@ -10,7 +10,8 @@ import weakref
 import pytest
 
 from lmforge.data.markers import completed, mark_completed, task_key
-from lmforge.engine import UserError, WorkerTask, dask_client, map_tasks, worker_count
+from lmforge import lineage
+from lmforge.engine import UserError, WorkerTask, dask_client, hash_on_workers, map_tasks, worker_count
 from lmforge.errors import LmforgeError
 from lmforge.params import EngineParams
 
@@ -106,3 +107,25 @@ def test_a_user_error_is_raised_once_not_retried(tmp_path):
         with pytest.raises(LmforgeError, match="part-00003.parquet is corrupt"):
             map_tasks(client, _user_error_once_per_attempt, [str(tmp_path)], desc="test")
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_output_md5s_come_from_the_workers_and_hold_until_a_file_changes(tmp_path, monkeypatch):
+    # A data stage's output tags need DVC's md5 of every part: the driver must not read them all.
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    for name, size in (("part-00000.parquet", 3000), ("train/shard-00000.arrow", 5000), ("manifest.json", 40)):
+        (out / name).write_bytes(os.urandom(size))
+    expected = lineage.content_hash(out)
+    with dask_client(EngineParams(workers=1)) as client:
+        hash_on_workers(client, out)
+
+    def driver_reads(path):
+        raise AssertionError(f"the driver read {path}")
+
+    monkeypatch.setattr(lineage, "file_md5", driver_reads)
+    assert lineage.content_hash(out) == expected
+    (out / "manifest.json").write_bytes(b"changed after it was hashed")
+    with pytest.raises(AssertionError, match="the driver read .*manifest.json"):
+        lineage.content_hash(out)
+    monkeypatch.undo()
+    assert lineage.content_hash(out) != expected
