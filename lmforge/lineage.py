@@ -50,12 +50,17 @@ def recorded_hashes(root: Path) -> dict[str, str]:
 _KNOWN_MD5: dict[str, tuple[int, int, str]] = {}
 
 
-def file_md5(path: str | Path) -> str:
-    digest = hashlib.md5()
+def file_digest(path: str | Path, algorithm: str) -> str:
+    """The hex digest of a file's bytes (`algorithm` as hashlib names it), read in 1 MiB chunks."""
+    digest = hashlib.new(algorithm)
     with Path(path).open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_md5(path: str | Path) -> str:
+    return file_digest(path, "md5")
 
 
 def remember_md5(path: Path, md5: str) -> None:

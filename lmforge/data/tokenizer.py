@@ -4,7 +4,6 @@ saved as one `tokenizer.json` (which also loads as `transformers.PreTrainedToken
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmforge.data.io import atomic_path
 from lmforge.errors import LmforgeError
+from lmforge.lineage import file_digest
 from lmforge.params import TokenizerParams
 
 
@@ -94,8 +94,4 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
