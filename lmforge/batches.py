@@ -33,13 +33,17 @@ class RowSampler:
 
     def __init__(self, n_rows: int, seed: int) -> None:
         self.n_rows, self.seed = n_rows, seed
-        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+        self._cached: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
-        return self._perm
+        # (epoch, permutation) is read and replaced as one tuple: the prefetch thread and an in-line
+        # build may read the sampler at once, and numpy's shuffle releases the GIL, so recording the
+        # new epoch before its permutation existed handed the other thread the old epoch's rows.
+        cached_epoch, permutation = self._cached
+        if cached_epoch != epoch:
+            permutation = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+            self._cached = (epoch, permutation)
+        return permutation
 
     def rows(self, start: int, count: int) -> list[int]:
         """Row ids at stream positions start .. start + count - 1."""

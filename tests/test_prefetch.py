@@ -58,3 +58,32 @@ def test_same_losses_with_and_without_prefetch_and_across_a_resume(tmp_path):
     resumed, after = _trainer(prefetch=True, checkpoint_dir=tmp_path)
     resumed.fit()
     assert sorted(after) == [4, 5, 6] and all(after[s] == expected[s] for s in after)
+
+
+def test_the_row_sampler_gives_each_thread_its_epochs_rows():
+    # The prefetch thread and an in-line build may read one sampler at once, across an epoch
+    # boundary; numpy's shuffle releases the GIL, so a sampler that recorded the new epoch before
+    # its permutation was ready handed the other thread the old epoch's rows.
+    import threading
+
+    from lmforge.batches import RowSampler
+
+    n = 100_000  # a shuffle long enough for the other thread to run inside it
+    sampler, reference = RowSampler(n, seed=3), RowSampler(n, seed=3)
+    want = {epoch: reference.rows(epoch * n + n - 10, 10) for epoch in (0, 1)}
+    wrong: list[int] = []
+    start = threading.Barrier(2)
+
+    def read(epochs: tuple[int, int]) -> None:
+        start.wait()
+        for _ in range(200):
+            for epoch in epochs:
+                if sampler.rows(epoch * n + n - 10, 10) != want[epoch]:
+                    wrong.append(epoch)
+
+    threads = [threading.Thread(target=read, args=(epochs,)) for epochs in ((0, 1), (1, 0))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong
