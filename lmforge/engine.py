@@ -167,10 +167,19 @@ def hash_on_workers(client: Any, directory: Path) -> None:
     """DVC's md5 of every file under `directory`, computed by the workers (each its share of the
     files) and remembered for the stage run's output tags (lineage.remember_md5), so the driver
     never reads the data its workers wrote. A file changed afterwards is hashed again."""
-    files = sorted(path for path in Path(directory).rglob("*") if path.is_file())
-    md5s = map_tasks(client, file_md5, [str(path.resolve()) for path in files], desc=f"md5 {directory}")
-    for path, md5 in zip(files, md5s):
-        remember_md5(path, md5)
+    files = sorted((path for path in Path(directory).rglob("*") if path.is_file()),
+                   key=lambda path: path.stat().st_size, reverse=True)
+    # One task per worker, files dealt largest first: a task per file would cost more than the
+    # hashing for the many small files of a shards directory.
+    workers = max(worker_count(client), 1)
+    shares = [[str(path.resolve()) for path in files[i::workers]] for i in range(min(workers, len(files)))]
+    for share in map_tasks(client, _md5_of_files, shares, desc=f"md5 {directory}"):
+        for path, md5 in share.items():
+            remember_md5(Path(path), md5)
+
+
+def _md5_of_files(paths: list[str]) -> dict[str, str]:
+    return {path: file_md5(path) for path in paths}
 
 
 def throughput_postfix(started: float) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
