@@ -4,12 +4,17 @@ entry point runs main here):
     python -m flows.pipeline run [-S key=value ...] [--force] [--stages a,b]
     python -m flows.pipeline serve --cron "0 3 * * *"      # deployment `nightly` (flow.serve)
     python -m flows.pipeline rollback [--reason TEXT]       # registry: `champion` back to the one before
+    python -m flows.pipeline promote --version N --reason TEXT   # a person makes version N `champion`
 
 - `run` runs the flow once (on Prefect's temporary local server unless PREFECT_API_URL names one,
   which must answer) and prints each stage's status and the parent MLflow run's link.
 - `run` stops cleanly on SIGTERM/SIGINT: the running stage's process group is stopped and
   Prefect's temporary local server is shut down; no process of the run is left behind.
 - `rollback` moves the registry's `champion` back (lmforge.promotion.rollback), recording who and why.
+  The promote stage never promotes the rolled-back weights again (whatever version carries them).
+- `promote` is a person's decision (lmforge.promotion.promote_by_hand): version N becomes `champion`
+  whatever the scores say, with who and why recorded; it is how rolled-back weights come back, and
+  how a champion the stage cannot re-score (files never exported) is replaced.
 """
 
 from __future__ import annotations
@@ -65,9 +70,10 @@ def _user(getpass: Any) -> str:
         return f"uid {os.getuid()}"
 
 
-def rollback_champion(reason: str, root: Path | None = None) -> int:
-    """`rollback`: the registry's `champion` back to the champion before it, with who and why
-    (lmforge.promotion.rollback); a store that does not answer or has nothing to go back to is an
+def change_champion(command: str, reason: str, version: int | None = None, root: Path | None = None) -> int:
+    """`rollback`: the registry's `champion` back to the champion before it (lmforge.promotion.rollback);
+    `promote`: version `version` made champion by a person (lmforge.promotion.promote_by_hand). Both
+    record who, when and why; a store that does not answer, or a change that cannot be made, is an
     error line, exit status 2."""
     import getpass
     from datetime import datetime, timezone
@@ -77,21 +83,26 @@ def rollback_champion(reason: str, root: Path | None = None) -> int:
 
     from lmforge.errors import LmforgeError
     from lmforge.paths import CHAMPION_ALIAS, FINETUNED_MODEL
-    from lmforge.promotion import rollback
+    from lmforge.promotion import promote_by_hand, rollback
     from lmforge.tracking_store import check_tracking_server, tracking_uri
 
     problem = check_tracking_server()
     if problem:
-        print(f"error: {problem}: rollback changes the MLflow registry, which must answer", file=sys.stderr)
+        print(f"error: {problem}: {command} changes the MLflow registry, which must answer", file=sys.stderr)
         return 2
     client = MlflowClient(tracking_uri(root or Path.cwd()))
+    who, when = _user(getpass), datetime.now(timezone.utc).isoformat(timespec="seconds")
     try:
-        old, new = rollback(client, FINETUNED_MODEL, _user(getpass), reason,
-                            datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        if command == "rollback":
+            old, new = rollback(client, FINETUNED_MODEL, who, reason, when)
+            moved = f"from version {old} back to version {new}"
+        else:
+            old = promote_by_hand(client, FINETUNED_MODEL, str(version), who, reason, when)
+            moved = f"from version {old} to version {version}" if old else f"to version {version}"
     except (LmforgeError, MlflowException) as exc:
         print(f"error: {redact(str(exc).splitlines()[0])}", file=sys.stderr)
         return 2
-    print(f"{FINETUNED_MODEL}: `{CHAMPION_ALIAS}` moved from version {old} back to version {new} ({reason})")
+    print(f"{FINETUNED_MODEL}: `{CHAMPION_ALIAS}` moved {moved} ({reason})")
     return 0
 
 
@@ -108,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     serve_p.add_argument("--cron", default="0 3 * * *", help='cron schedule (default "0 3 * * *")')
     back_p = sub.add_parser("rollback", help="move the registry's `champion` back to the previous champion")
     back_p.add_argument("--reason", default="no reason given", help="why (recorded on both versions)")
+    hand_p = sub.add_parser("promote", help="make a registered version `champion` by hand (a person's decision; "
+                                            "the way back for rolled-back weights)")
+    hand_p.add_argument("--version", required=True, type=int, help="the lmforge-finetune version")
+    hand_p.add_argument("--reason", required=True, help="why (recorded on the version)")
     args = parser.parse_args(argv)
     quiet_env()
     from lmforge.tracking_store import HTTP_CLIENT_DEFAULTS
@@ -116,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow calls and its stages' (setdefault: the environment may ask for more patience).
     for key, value in HTTP_CLIENT_DEFAULTS.items():  # the one set the stages use too
         os.environ.setdefault(key, value)
-    if args.command == "rollback":
-        return rollback_champion(args.reason)
+    if args.command in ("rollback", "promote"):
+        return change_champion(args.command, args.reason, getattr(args, "version", None))
     problem = check_prefect_api()
     if problem:
         print(f"error: {problem}: start it (`prefect server start`) or unset PREFECT_API_URL to use a "

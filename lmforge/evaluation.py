@@ -7,7 +7,6 @@ the outputs go. The only I/O is in the explicit `write_*`/`plot_*` functions, al
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import unicodedata
@@ -21,7 +20,7 @@ import torch
 from sklearn import metrics as skm
 from torch import nn
 
-from lmforge.data.io import atomic_path, write_csv
+from lmforge.data.io import atomic_path, strict_json, write_csv
 from lmforge.errors import LmforgeError
 from lmforge.numbers import human
 from lmforge.batches import RowDataset
@@ -338,7 +337,7 @@ def write_confusion_json(path: str | Path, report: dict[str, Any]) -> None:
         for _ in range(int(count))
     ]
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(strict_json(records, path, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # --- report.md ---------------------------------------------------------------------------------

@@ -38,5 +38,8 @@ PLOTS = REPORTS / "plots"  # `make plots`: dvc.yaml's plots as images (not a DVC
 PRETRAINED_MODEL = "lmforge-pretrain"
 FINETUNED_MODEL = "lmforge-finetune"
 CANDIDATE_ALIAS = "candidate"  # the version evaluate scored last
-CHAMPION_ALIAS = "champion"  # the model in use: moved only by the promote stage and rollback
+CHAMPION_ALIAS = "champion"  # the model in use: moved only by the promote stage, rollback and a person
 CHALLENGER_ALIAS = "challenger"  # the last version that did not beat the champion
+# Tag of each registered model version: the md5 of the model.safetensors it was logged from (how
+# evaluate finds the version of the weights it scored, and promote the versions that share them).
+WEIGHTS_TAG = "lmforge.weights_md5"

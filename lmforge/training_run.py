@@ -22,11 +22,8 @@ from lmforge.parallelize import DistInfo, barrier, destroy
 from lmforge.resume import claim_run_dir, remember_run_id
 from lmforge.lineage import DATA_LINEAGE, content_hash, dataset_source, dvc_remote_url, git_commit, input_hashes
 from lmforge.params import load_params
+from lmforge.paths import WEIGHTS_TAG  # re-exported: the stages import it from here
 from lmforge.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, StageRun, stage_run
-
-# Tag of each registered model version: the md5 of the model.safetensors it was logged from
-# (how the evaluate stage finds the version of the weights it scored).
-WEIGHTS_TAG = "lmforge.weights_md5"
 
 
 @dataclass

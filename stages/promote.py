@@ -4,6 +4,10 @@ on the same test set -> reports/promotion.json (numbers, a DVC metric), reports/
 
 The champion is re-scored on this run's test set unless it has a score recorded on the same one.
 Without tracking nothing can be decided: the files say so, one warning, and the pipeline goes on.
+A champion whose files the artifact store cannot give is kept and nothing is decided: the files
+(and both versions' tags) say why, then the stage fails with that line. The decision metric is read
+strictly: a finite number in its range, or one error naming reports/metrics.json and the key,
+before anything is written.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from lmforge.export import WEIGHTS
 from lmforge.finetune import check_labels, load_finetuned, read_examples
 from lmforge.lineage import content_hash
 from lmforge.params import Params, load_params
-from lmforge.promotion import Decision, exported_files, promote, undecided
+from lmforge.promotion import Decision, checked_score, exported_files, promote, undecided
 from lmforge.tracking import stage_run, tracking_guard
 from lmforge.tracking_store import tracking_uri
 from lmforge.training_run import WEIGHTS_TAG
@@ -58,15 +62,30 @@ def score_version(params: Params, metric: str, version: str) -> float:
     return model_scores(ft.task, report)[metric]
 
 
+def evaluated_score(path: Path, metric: str, task: str) -> float:
+    """The challenger's `metric` from evaluate's `path`: a finite number in the metric's range, or
+    one LmforgeError naming the file and the key (the other figures are not the decision's)."""
+    rerun = "rerun evaluate (`dvc repro -f evaluate`)"
+    if not path.is_file():
+        raise LmforgeError(f"{path} is missing, so there is no {metric} to decide on: {rerun}")
+    try:
+        evaluated = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LmforgeError(f"{path} is not valid JSON ({exc}), so there is no {metric} to decide on: {rerun}") from None
+    if not isinstance(evaluated, dict) or metric not in evaluated:
+        raise LmforgeError(f"{path} has no {metric!r} (promote.metric.{task}): "
+                           f"rerun evaluate for task {task}, or pick one of its figures")
+    try:
+        return checked_score(evaluated[metric], metric, str(path))
+    except LmforgeError as exc:
+        raise LmforgeError(f"{exc}: no decision can rest on it; {rerun}, and check the model it scored") from None
+
+
 def main() -> None:
     params = load_params()
     task, test_file = params.finetune.task, Path(params.finetune.test_file)
     metric = params.promote.metric_for(task)
-    evaluated = json.loads((paths.REPORTS / "metrics.json").read_text(encoding="utf-8"))
-    if metric not in evaluated:
-        raise LmforgeError(f"{paths.REPORTS / 'metrics.json'} has no {metric!r} (promote.metric.{task}): "
-                           f"rerun evaluate for task {task}, or pick one of its figures")
-    challenger_score = float(evaluated[metric])
+    challenger_score = evaluated_score(paths.REPORTS / "metrics.json", metric, task)
     test_set = content_hash(test_file)  # the file as it is now; for a file this is DVC's md5 too
     knobs = scoring_knobs(params)
     decision: Decision | None = None
@@ -94,6 +113,8 @@ def main() -> None:
         run.describe(f"Promote on `{metric}` (min_delta {params.promote.min_delta:g}), test set "
                      f"{test_file} ({test_set}): {decision.line()}")
         log.info("%s", decision.line())
+        if decision.fails_stage:  # after the files and the run say why: the report and the registry agree
+            raise LmforgeError(decision.line())
 
 
 if __name__ == "__main__":

@@ -42,3 +42,12 @@ def test_documents_file_without_text_column_is_a_clear_error(tmp_path):
     pq.write_table(pa.table({"id": ["a"], "body": ["x"]}), tmp_path / "d.parquet")
     with pytest.raises(LmforgeError, match=r"no column\(s\) \['text'\]"):
         list(iter_part_batches(tmp_path / "d.parquet", 10, "ingest"))
+
+
+def test_write_json_refuses_a_non_finite_number_naming_the_file_and_key(tmp_path):
+    """JSON has no NaN or Infinity: Python's default would write them and readers choke later."""
+    with pytest.raises(LmforgeError, match=r"x\.json: scores\.f1 is nan"):
+        write_json(tmp_path / "x.json", {"scores": {"f1": float("nan")}, "n": 1})
+    with pytest.raises(LmforgeError, match=r"x\.json: losses\[1\] is inf"):
+        write_json(tmp_path / "x.json", {"losses": [0.5, float("inf")]})
+    assert not (tmp_path / "x.json").exists()

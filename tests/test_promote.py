@@ -18,12 +18,13 @@ from mlflow.tracking import MlflowClient
 from lmforge import paths
 from lmforge.errors import LmforgeError
 from lmforge.tracking_store import LOGGING_FAILED_MARKER
+from lmforge.paths import WEIGHTS_TAG
 from lmforge.promotion import (
     DECISION_TAG, PREVIOUS_CHAMPION_TAG, RESTORED_TAG, ROLLED_BACK_TAG, TEST_SET_TAG, aliases, decide, promote,
     rollback,
 )
 
-from conftest import REPO, make_texts, run, tool_env
+from conftest import REPO, make_texts, run, tool_env, write_params
 
 NAME = paths.FINETUNED_MODEL
 KNOBS = {"task": "classify"}
@@ -72,12 +73,14 @@ def client(empty_store: Path, tmp_path: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
 
 
-def new_version(client: MlflowClient, tmp_path: Path, lineage: str) -> str:
-    """A registered version (its files a stand-in: these tests give scores, not models)."""
+def new_version(client: MlflowClient, tmp_path: Path, lineage: str, weights: str | None = None) -> str:
+    """A registered version (its files a stand-in: these tests give scores, not models), with the
+    md5 of its weights (`WEIGHTS_TAG`, as training registers it): its lineage unless given."""
     source = tmp_path / f"model-{lineage}"
-    source.mkdir()
+    source.mkdir(exist_ok=True)
     version = client.create_model_version(NAME, source.as_uri()).version
     client.set_model_version_tag(NAME, version, "lineage.data.raw", lineage)
+    client.set_model_version_tag(NAME, version, WEIGHTS_TAG, weights or f"md5-{lineage}")
     return str(version)
 
 
@@ -152,11 +155,42 @@ def test_the_champion_itself_as_challenger_changes_nothing(client, tmp_path):
     assert aliases(client, NAME) == {paths.CHAMPION_ALIAS: v1}
 
 
-def _rollback_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def test_a_stored_score_that_is_not_a_finite_number_is_not_reused(client, tmp_path):
+    v1, v2 = new_version(client, tmp_path, "raw-1"), new_version(client, tmp_path, "raw-2")
+    promote_with(client, v1, 0.6, {})
+    client.set_model_version_tag(NAME, v1, "promote.score.macro_f1", "nan")  # as a NaN challenger left it
+    decision, rescored = promote_with(client, v2, 0.7, {v1: 0.62})
+    assert rescored == [v1] and decision.champion.score == 0.62 and decision.promoted
+
+
+def test_a_champion_registered_without_exported_files_is_kept_undecided(client, tmp_path):
+    """Registered by an older lmforge: nothing can say the challenger is better, so a person must."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from lmforge.promotion import exported_files
+
+    v1, v2 = new_version(client, tmp_path, "raw-1"), new_version(client, tmp_path, "raw-2")
+    (tmp_path / "model-raw-1" / "MLmodel").write_text("flavors: {}\n")  # a model, without extra_files/
+    promote_with(client, v1, 0.9, {})
+    with _use_tracking_uri(client.tracking_uri):
+        decision = promote(client, NAME, v2, 0.3, "macro_f1", 0.01, "t2", KNOBS,
+                           lambda v: exported_files(NAME, v, tmp_path / "download"))
+    assert not decision.decided and not decision.promoted
+    assert "registered without its exported files" in decision.reason
+    assert f"python -m flows.pipeline promote --version {v2}" in decision.reason
+    assert aliases(client, NAME) == {paths.CHAMPION_ALIAS: v1}
+    assert json.loads(client.get_model_version(NAME, v1).tags[DECISION_TAG])["decided"] is False
+
+
+def _flow_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = tool_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", USER="alice", LOGNAME="alice",
                    PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "flows.pipeline", "rollback", *args], cwd=tmp_path, env=env,
+    return subprocess.run([sys.executable, "-m", "flows.pipeline", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
+
+
+def _rollback_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return _flow_cli(tmp_path, "rollback", *args)
 
 
 def test_rollback_restores_the_previous_champion_and_records_who_and_why(client, tmp_path):
@@ -178,6 +212,58 @@ def test_rollback_without_a_champion_is_a_clear_error_line(client, tmp_path):
     result = _rollback_cli(tmp_path)
     assert result.returncode == 2 and "has no `champion` alias: nothing to roll back" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _rolled_back(client: MlflowClient, tmp_path: Path) -> tuple[str, str]:
+    """v1 champion, then v2, then v2 rolled back to v1: (v1, v2)."""
+    v1, v2 = new_version(client, tmp_path, "raw-1"), new_version(client, tmp_path, "raw-2")
+    promote_with(client, v1, 0.6, {})
+    promote_with(client, v2, 0.7, {})
+    rollback(client, NAME, "alice", "v2 mislabels refunds", "2026-01-02T03:04:05+00:00")
+    return v1, v2
+
+
+def test_a_rolled_back_version_is_never_promoted_again(client, tmp_path):
+    v1, v2 = _rolled_back(client, tmp_path)
+    decision, rescored = promote_with(client, v2, 0.9, {v1: 0.6})  # the next promote: still v2's weights
+    assert decision.decided and not decision.promoted and rescored == []
+    assert aliases(client, NAME) == {paths.CHAMPION_ALIAS: v1, paths.CHALLENGER_ALIAS: v2}
+    assert decision.reason.startswith(f"v{v2} was rolled back (by alice at 2026-01-02T03:04:05+00:00: "
+                                      "v2 mislabels refunds): stays challenger")
+    assert f"python -m flows.pipeline promote --version {v2}" in decision.reason
+
+
+def test_a_new_version_with_rolled_back_weights_stays_challenger(client, tmp_path):
+    v1, v2 = _rolled_back(client, tmp_path)
+    v3 = new_version(client, tmp_path, "raw-3", weights="md5-raw-2")  # `dvc repro -f`: the same weights again
+    decision, _ = promote_with(client, v3, 0.9, {v1: 0.6})
+    assert not decision.promoted
+    assert aliases(client, NAME) == {paths.CHAMPION_ALIAS: v1, paths.CHALLENGER_ALIAS: v3}
+    assert decision.reason.startswith(f"v{v3} has the weights of rolled-back v{v2} (by alice")
+    assert json.loads(client.get_model_version(NAME, v3).tags[DECISION_TAG])["reason"] == decision.reason
+
+
+def test_a_person_can_promote_rolled_back_weights_by_hand_which_lifts_the_block(client, tmp_path):
+    v1, v2 = _rolled_back(client, tmp_path)
+    v3 = new_version(client, tmp_path, "raw-3", weights="md5-raw-2")
+    result = _flow_cli(tmp_path, "promote", "--version", v3, "--reason", "refunds fixed upstream")
+    assert result.returncode == 0, result.stderr
+    assert f"`champion` moved from version {v1} to version {v3} (refunds fixed upstream)" in result.stdout
+    assert aliases(client, NAME)[paths.CHAMPION_ALIAS] == v3
+    tags = client.get_model_version(NAME, v3).tags
+    assert tags[PREVIOUS_CHAMPION_TAG] == v1  # rollback goes back from a hand-made champion too
+    assert json.loads(tags["lmforge.promoted_by_hand"])["by"] == "alice"
+    v4 = new_version(client, tmp_path, "raw-4", weights="md5-raw-2")
+    decision, _ = promote_with(client, v4, 0.95, {v3: 0.7})  # compared like any other version again
+    assert decision.promoted
+
+
+def test_promoting_an_unknown_version_by_hand_is_a_clear_error(client, tmp_path):
+    from lmforge.promotion import promote_by_hand
+
+    with pytest.raises(LmforgeError, match=f"{NAME} has no version 9"):
+        promote_by_hand(client, NAME, "9", "alice", "why", "now")
+    assert aliases(client, NAME) == {}
 
 
 # ------------------------------------------------------------------------------------- lineage
@@ -265,6 +351,68 @@ def test_promote_without_tracking_decides_nothing_and_does_not_fail(tiny_repo, t
     warnings = [line for line in result.stderr.splitlines() if line.startswith(LOGGING_FAILED_MARKER)]
     assert len(warnings) == 1 and down in warnings[0]  # once, naming the store
     assert "tracking is down" in json.loads((root / paths.PROMOTION_DECISION).read_text())["reason"]
+
+
+def test_unreachable_champion_is_kept_and_stage_fails(tiny_repo, tmp_path):
+    """The artifact store lost the champion's files (restarted empty, deleted) and the test set
+    changed, so its stored score does not apply: nothing can be decided, and the stage says so."""
+    from urllib.parse import urlparse
+
+    root = _copy(tiny_repo, tmp_path)
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    challenger = client.get_model_version_by_alias(NAME, paths.CHAMPION_ALIAS)
+    # A champion registered from its own copy of the model files (the fixture's stay untouched) ...
+    files = tmp_path / "champion-artifacts"
+    shutil.copytree(urlparse(client.get_model_version_download_uri(NAME, challenger.version)).path, files)
+    champion = str(client.create_model_version(NAME, files.as_uri()).version)
+    for key in (TEST_SET_TAG, "promote.scored_with"):
+        client.set_model_version_tag(NAME, champion, key, challenger.tags[key])
+    client.set_model_version_tag(NAME, champion, "promote.score.macro_f1", "1.0")
+    client.set_registered_model_alias(NAME, paths.CHAMPION_ALIAS, champion)
+    # ... whose files are then lost, while the test set changes
+    shutil.rmtree(files)
+    with (root / "data/labeled/test.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"id": "new", "text": "River stone light.", "label": "nature"}) + "\n")
+    result = run(["python", "-m", "stages.promote"], root, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("[promote] error:")]
+    assert len(errors) == 1 and files.as_uri() in errors[0] and "artifacts" in errors[0]
+    assert "older lmforge" not in errors[0]
+    assert aliases(client, NAME)[paths.CHAMPION_ALIAS] == champion
+    record = json.loads((root / paths.PROMOTION_DECISION).read_text())
+    assert record["decided"] is False and record["promoted"] is False and files.as_uri() in record["reason"]
+    assert json.loads((root / paths.PROMOTION).read_text())["decided"] == 0
+
+
+@pytest.mark.parametrize("metrics, problem", [
+    ('{"macro_f1": NaN}', "NaN"),
+    ('{"macro_f1": Infinity}', "Infinity"),
+    ('{"macro_f1": null}', "null"),
+    (None, "is missing"),
+    ('{"macro_f1": 1.5}', "outside [0, 1]"),
+], ids=["nan", "infinity", "null", "missing", "out-of-range"])
+def test_a_bad_decision_metric_is_one_error_line_and_the_registry_is_untouched(client, tmp_path, monkeypatch,
+                                                                              capsys, metrics, problem):
+    from lmforge.cli import run_stage
+    from stages.promote import main
+
+    v1 = new_version(client, tmp_path, "raw-1")
+    promote_with(client, v1, 0.6, {})
+    before = client.get_model_version(NAME, v1).tags, aliases(client, NAME)
+    write_params(tmp_path)
+    if metrics is not None:
+        (tmp_path / "reports").mkdir()
+        (tmp_path / "reports/metrics.json").write_text(metrics)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    with pytest.raises(SystemExit) as exited:
+        run_stage("promote", main)
+    assert exited.value.code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("[promote] error: reports/metrics.json")
+    assert "macro_f1" in errors[0] and problem in errors[0]
+    assert (client.get_model_version(NAME, v1).tags, aliases(client, NAME)) == before
+    assert not (tmp_path / paths.PROMOTION).exists()
 
 
 def test_no_new_data_is_all_cache_hits_and_new_documents_rerun_from_ingest_and_decide(tiny_repo, tmp_path):

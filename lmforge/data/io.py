@@ -1,5 +1,6 @@
-"""File I/O shared by the data stages: atomic writes (temp name, then rename) and
-the streaming Parquet writer of documents (lmforge.data.partitions reads them back, with clear errors).
+"""File I/O shared by the data stages: atomic writes (temp name, then rename), strict JSON (no NaN
+or Infinity, which JSON does not have), and the streaming Parquet writer of documents
+(lmforge.data.partitions reads them back, with clear errors).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import contextlib
 import csv
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -19,6 +21,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from lmforge.data.documents import DOCUMENT_SCHEMA, Document, to_record_batch
+from lmforge.errors import LmforgeError
 
 
 # Temp names carry the writer's PID (`.<name>.tmp-<pid>` files, `.<name>.tmp-<pid>-<random>` dirs), so a
@@ -75,16 +78,42 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def non_finite(data: Any, where: str = "") -> tuple[str, float] | None:
+    """(key path, value) of the first NaN or infinity in `data` (`a.b[2]`), else None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return where or "the value", data
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for key, value in items:
+        found = non_finite(value, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+def strict_json(data: Any, path: str | Path, **dumps_kwargs: Any) -> str:
+    """`data` as JSON text for the file `path`; a NaN or infinity (which Python would write as the
+    non-JSON `NaN`/`Infinity`) is one LmforgeError naming the file and the key instead."""
+    try:
+        return json.dumps(data, allow_nan=False, **dumps_kwargs)
+    except ValueError:
+        found = non_finite(data)
+        if found is None:
+            raise
+        raise LmforgeError(f"{path}: {found[0]} is {found[1]}, which JSON cannot hold: not written "
+                           "(a diverged model or an empty input upstream)") from None
+
+
 def write_json(path: str | Path, data: Any) -> None:
+    text = strict_json(data, path, indent=2, sort_keys=False) + "\n"
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
     with atomic_path(path) as tmp:
         with tmp.open("w", encoding="utf-8") as handle:
             for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                handle.write(strict_json(row, path, ensure_ascii=False) + "\n")
 
 
 # A spreadsheet runs a cell that starts with one of these as a formula: a label such as

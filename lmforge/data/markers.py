@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.io import atomic_path
+from lmforge.data.io import atomic_path, strict_json
 
 MARKERS_DIR = ".done"
 
@@ -46,4 +46,5 @@ def completed(output_dir: str | Path, name: str, key: str, outputs: Iterable[Pat
 
 def mark_completed(output_dir: str | Path, name: str, key: str, result: dict[str, Any]) -> None:
     with atomic_path(marker_path(output_dir, name)) as tmp:
-        tmp.write_text(json.dumps({"key": key, "result": result}, sort_keys=True), encoding="utf-8")
+        tmp.write_text(strict_json({"key": key, "result": result}, marker_path(output_dir, name), sort_keys=True),
+                       encoding="utf-8")
