@@ -30,7 +30,8 @@ MLflow run and a summary artifact) and its stage task; the entry point of prefec
   that fails the same way every time, so it is never retried.
 - `push` (the deployment `nightly` in prefect.yaml sets it): after the stages, the task `publish`
   (flows.remote) runs `dvc push` and commits and pushes dvc.lock to git's origin, so another
-  clone's `dvc pull` finds every stage a cache hit. It takes no overrides (they are experiments).
+  clone's `dvc pull` finds every stage a cache hit but promote (always_changed in dvc.yaml: it reads
+  the registry). It takes no overrides (they are experiments).
 - No credential is printed, logged or stored: every URI and message the flow emits goes through
   lmforge.redact (user-info passwords and token-like query parameters become ***).
 - A stage task stopped by a signal or its timeout stops the stage's whole process group (DVC and

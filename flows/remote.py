@@ -1,7 +1,7 @@
 """A checkout's exchange with the team's shared storage, through DVC and git themselves: the DVC
 remote configured from the environment, `dvc pull` before a run, and `publish` after it (`dvc push`,
 then dvc.lock committed and pushed to git's origin), so that another machine's clone pulls the
-results and finds every stage a cache hit.
+results and finds every stage a cache hit (but promote, which always runs: it reads the registry).
 
     python -m flows.remote configure     # the DVC remote in .dvc/config.local, from the environment
     python -m flows.remote pull          # configure, then `dvc pull --allow-missing` (a pull step)

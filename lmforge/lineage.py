@@ -1,7 +1,8 @@
 """Lineage: what a run was made from and what it made. The git commit of the code (with `-dirty`
-when tracked files changed), the hash of every input (DVC's own md5 from dvc.lock when recorded, else
-computed alike) and of every output a stage declares in dvc.yaml, in DVC's format, so the run that
-produced a DVC-cached output is found by the md5 dvc.lock records for it.
+when tracked files changed), the hash of every input (the md5 dvc.lock records for it as its
+producing stage's output, when that still describes the file, else computed alike) and of every
+output a stage declares in dvc.yaml, in DVC's format, so the run that produced a DVC-cached output is
+found by the md5 dvc.lock records for it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -31,18 +34,23 @@ def git_commit(root: Path) -> str:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def recorded_hashes(root: Path) -> dict[str, str]:
-    """path -> md5 of every output recorded in dvc.lock (upstream stages have finished)."""
+def recorded_outputs(root: Path) -> dict[str, dict[str, Any]]:
+    """path -> dvc.lock's entry for it (md5, size, and nfiles for a directory) among the `outs` of the
+    stage that produces it. Only that entry describes the path once its stage has rerun: DVC writes
+    each stage's entry as the stage finishes, so a downstream stage's `deps` entry still holds the md5
+    that stage last ran with until it runs again. (DVC gives each path one producing stage.)"""
     lock = root / "dvc.lock"
     if not lock.is_file():
         return {}
     data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
-    hashes: dict[str, str] = {}
-    for stage in (data.get("stages") or {}).values():
-        for entry in stage.get("outs", []) + stage.get("deps", []):
-            if "md5" in entry:
-                hashes[os.path.normpath(entry["path"])] = entry["md5"]
-    return hashes
+    return {os.path.normpath(entry["path"]): entry
+            for stage in (data.get("stages") or {}).values()
+            for entry in stage.get("outs", []) if "md5" in entry}
+
+
+def recorded_hashes(root: Path) -> dict[str, str]:
+    """path -> md5 of every output recorded in dvc.lock (its producing stage's record)."""
+    return {path: entry["md5"] for path, entry in recorded_outputs(root).items()}
 
 
 # md5s of files this process published, computed where they were written (the data stages' workers):
@@ -115,13 +123,32 @@ def output_hashes(root: Path, stage: str) -> dict[str, str]:
     return {path: content_hash(root / path) for path in stage_outputs(root, stage)}
 
 
+def _as_recorded(path: Path, entry: Mapping[str, Any]) -> bool:
+    """Whether `path` has the size (and, for a directory, the number of files) its dvc.lock entry
+    records beside the md5: stat calls only, no byte read. It catches an output replaced outside DVC
+    with one of another size; within `dvc repro` (and `dvc exp run`, the flow's stage runs) the entry
+    is the file, since DVC records each stage's outputs as it finishes and reruns or restores any
+    upstream stage whose outputs differ from their entries before it runs a stage below. (An entry
+    without `hash: md5` is DVC 2's md5, of text with Windows line ends made Unix ones: not the bytes'.)"""
+    if entry.get("hash") != "md5" or "size" not in entry:
+        return False
+    if path.is_file():
+        return "nfiles" not in entry and path.stat().st_size == entry["size"]
+    if path.is_dir():
+        files = [file.stat().st_size for file in path.rglob("*") if file.is_file()]
+        return entry.get("nfiles") == len(files) and entry["size"] == sum(files)
+    return False
+
+
 def input_hashes(inputs: list[str | Path], root: Path) -> dict[str, str]:
-    """The hash of each input: DVC's from dvc.lock when recorded there, else computed."""
-    recorded = recorded_hashes(root)
+    """The hash of each input as the stage reads it: its producing stage's md5 in dvc.lock while the
+    path still has the size recorded with it (huge data is not read again), else computed."""
+    recorded = recorded_outputs(root)
     hashes = {}
     for item in inputs:
         key = os.path.normpath(str(item))
-        hashes[key] = recorded.get(key) or content_hash(root / key)
+        entry = recorded.get(key)
+        hashes[key] = entry["md5"] if entry and _as_recorded(root / key, entry) else content_hash(root / key)
     return hashes
 
 

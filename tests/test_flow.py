@@ -175,31 +175,34 @@ def test_first_run_runs_every_stage_nested_under_one_pipeline_run(runs, mlflow_u
     assert first["result"]["metrics"]["pretrain"]["steps"] == 6
 
 
-def test_second_run_is_all_cache_hits_and_faster(runs, mlflow_uri):
+def test_second_run_is_all_cache_hits_but_promote_and_faster(runs, mlflow_uri):
     second = runs["second"]
     assert second["state"].is_completed(), second["error"]
-    assert _statuses(second) == {name: SKIPPED for name in ALL}
+    # promote is always_changed (it reads the registry, which DVC cannot see): it runs every time
+    assert _statuses(second) == {**{name: SKIPPED for name in ALL}, "promote": "ran"}
     parent = _pipeline_runs(mlflow_uri)[second["result"]["mlflow_run_id"]]
-    assert {parent.data.tags[f"stage.{name}"] for name in ALL} == {SKIPPED}
-    nested = [r for r in _pipeline_runs(mlflow_uri).values()
+    assert {parent.data.tags[f"stage.{name}"] for name in ALL if name != "promote"} == {SKIPPED}
+    nested = [r.info.run_name for r in _pipeline_runs(mlflow_uri).values()
               if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert nested == []  # a cache hit logs nothing new
+    assert nested == ["promote"]  # a cache hit logs nothing new
     assert second["seconds"] < runs["first"]["seconds"] / 3
 
 
 def test_the_parent_run_links_every_stage_and_carries_the_headline_and_key_params(runs, mlflow_uri):
     """Fresh and all-cached alike, `stage.<name>.run_id` and the description point at the runs that
-    produced the outputs in the workspace: for the second flow, the first flow's runs."""
+    produced the outputs in the workspace: for the second flow, the first flow's runs (but promote's own)."""
     by_id = _pipeline_runs(mlflow_uri)
     first, second, override = (by_id[runs[key]["result"]["mlflow_run_id"]] for key in ("first", "second", "override"))
     made = {r.info.run_name: r.info.run_id for r in by_id.values()
             if r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
     assert sorted(made) == sorted(ALL)
     evaluate = runs["first"]["result"]["metrics"]["evaluate"]
-    for parent in (first, second):
-        assert {name: parent.data.tags.get(f"stage.{name}.run_id") for name in ALL} == made
+    promoted_again = {r.info.run_name: r.info.run_id for r in by_id.values()
+                      if r.data.tags.get("mlflow.parentRunId") == second.info.run_id}
+    for parent, linked in ((first, made), (second, {**made, **promoted_again})):
+        assert {name: parent.data.tags.get(f"stage.{name}.run_id") for name in ALL} == linked
         note = parent.data.tags["mlflow.note.content"]
-        assert all(f"(#/experiments/{parent.info.experiment_id}/runs/{made[name]})" in note for name in ALL)
+        assert all(f"(#/experiments/{parent.info.experiment_id}/runs/{linked[name]})" in note for name in ALL)
         assert "| test accuracy |" in note
         assert parent.data.metrics["evaluate/accuracy"] == evaluate["accuracy"]
         assert parent.data.metrics["evaluate/baselines.majority_accuracy"] == evaluate["baselines.majority_accuracy"]
@@ -255,7 +258,8 @@ def test_cache_hits_end_in_a_state_named_cached_and_stages_that_ran_in_completed
         return {t.name: t.state.name for t in task_runs}
 
     assert states(runs["first"]) == {name: "Completed" for name in ALL}
-    assert states(runs["second"]) == {name: CACHED for name in ALL}  # `dvc status` said so: DVC not started
+    # `dvc status` said so: DVC not started (promote is always_changed: it ran)
+    assert states(runs["second"]) == {**{name: CACHED for name in ALL}, "promote": "Completed"}
     # after tokenize ran, DVC itself decided that finetune_data was unchanged
     expected = {name: CACHED if status == SKIPPED else "Completed" for name, status in _statuses(runs["override"]).items()}
     assert states(runs["override"]) == expected and expected["finetune_data"] == CACHED

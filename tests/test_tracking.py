@@ -1,4 +1,5 @@
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from lmforge.params import DataParams
@@ -18,14 +19,35 @@ def test_directory_hash_changes_with_any_file(tmp_path):
     assert content_hash(tmp_path / "d") != before and before.endswith(".dir")
 
 
-def test_input_hash_prefers_dvc_lock(tmp_path):
-    (tmp_path / "dvc.lock").write_text(
-        "schema: '2.0'\nstages:\n  a:\n    cmd: x\n    outs:\n    - path: data/x.parquet\n      md5: abc123\n"
-    )
-    (tmp_path / "y.txt").write_text("y")
-    hashes = input_hashes(["data/x.parquet", "y.txt"], tmp_path)
-    assert hashes["data/x.parquet"] == "abc123"
-    assert hashes["y.txt"] == content_hash(tmp_path / "y.txt")
+def _write_lock(root, stages):
+    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}, sort_keys=False))
+
+
+def test_input_hash_is_the_producers_output_not_a_downstream_stages_stale_dep(tmp_path):
+    """dvc.lock while `dvc repro` runs `b` after `a` reran: a's outs hold the new md5 (DVC writes each
+    stage's entry as it finishes), b's deps still the md5 b last ran with. b read what a made."""
+    (tmp_path / "x.bin").write_bytes(b"new")
+    _write_lock(tmp_path, {
+        "a": {"cmd": "a", "outs": [{"path": "x.bin", "hash": "md5", "md5": content_hash(tmp_path / "x.bin"), "size": 3}]},
+        "b": {"cmd": "b", "deps": [{"path": "x.bin", "hash": "md5", "md5": "0" * 32, "size": 3}], "outs": []},
+    })
+    assert input_hashes(["x.bin"], tmp_path) == {"x.bin": content_hash(tmp_path / "x.bin")}
+
+
+def test_input_hash_trusts_the_producers_record_only_while_size_and_file_count_match(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"abc")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "one.txt").write_text("1")
+    _write_lock(tmp_path, {"a": {"cmd": "a", "outs": [
+        {"path": "x.bin", "hash": "md5", "md5": "f" * 32, "size": 3},
+        {"path": "d", "hash": "md5", "md5": "e" * 32 + ".dir", "size": 1, "nfiles": 1},
+    ]}})
+    # As recorded: DVC's md5s are taken without reading the files (these are not the files' md5s).
+    assert input_hashes(["x.bin", "d"], tmp_path) == {"x.bin": "f" * 32, "d": "e" * 32 + ".dir"}
+    (tmp_path / "x.bin").write_bytes(b"abcd")  # changed outside DVC: computed from the bytes
+    (tmp_path / "d" / "empty.txt").write_text("")
+    assert input_hashes(["x.bin", "d"], tmp_path) == {"x.bin": content_hash(tmp_path / "x.bin"),
+                                                      "d": content_hash(tmp_path / "d")}
 
 
 def test_tracking_uri_from_the_environment_is_used(tmp_path, monkeypatch):

@@ -1,0 +1,96 @@
+"""An upstream param changes, `dvc repro` reruns the stages below it, then the param goes back and
+`dvc repro` restores them from DVC's run cache: each run names the bytes it read, and the promotion
+report always describes what the registry holds. Real DVC and MLflow on a copy of `tiny_repo`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from lmforge import paths
+from lmforge.lineage import content_hash
+from lmforge.promotion import DECISION_TAG, aliases
+
+from conftest import run, write_params
+
+INPUT_TAG = "lmforge.input."
+CHANGED = {"finetune": {"method": "frozen"}}  # the tiny params train all weights: finetune and after rerun
+
+
+class Rerun(NamedTuple):
+    root: Path
+    runs: list  # the MLflow runs the rerun made
+    outs: dict[str, str]  # path -> md5 of every output in dvc.lock after the rerun
+    before: dict[str, str]  # the same before it
+    on_disk: dict[str, str]  # path -> content_hash after the rerun, for every input the runs tagged
+
+
+def _client(root: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{root}/mlflow.db")
+
+
+def _runs(root: Path) -> list:
+    client = _client(root)
+    return client.search_runs([client.get_experiment_by_name("lmforge").experiment_id], max_results=1000)
+
+
+def _lock_outs(root: Path) -> dict[str, str]:
+    lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+@pytest.fixture(scope="module")
+def rerun(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Rerun:
+    """A private copy of `tiny_repo` where finetune's params changed and `dvc repro` ran again."""
+    root = tmp_path_factory.mktemp("rerun") / "repo"
+    shutil.copytree(tiny_repo, root, symlinks=True)
+    before_ids = {r.info.run_id for r in _runs(root)}
+    before = _lock_outs(root)
+    write_params(root, **CHANGED)
+    run(["dvc", "repro"], root)
+    runs = [r for r in _runs(root) if r.info.run_id not in before_ids]
+    tagged = {key[len(INPUT_TAG):] for r in runs for key in r.data.tags if key.startswith(INPUT_TAG)}
+    return Rerun(root, runs, _lock_outs(root), before, {path: content_hash(root / path) for path in tagged})
+
+
+def test_runs_after_an_upstream_rerun_name_the_inputs_they_read(rerun):
+    stages = {r.data.tags["lmforge.stage"] for r in rerun.runs}
+    assert {"finetune", "evaluate", "promote"} <= stages
+    for path in ("models/finetune", "reports/metrics.json"):
+        assert rerun.outs[path] != rerun.before[path]  # the rerun made new ones
+    for r in rerun.runs:
+        inputs = {key[len(INPUT_TAG):]: md5 for key, md5 in r.data.tags.items() if key.startswith(INPUT_TAG)}
+        for path, md5 in inputs.items():
+            stage = r.data.tags["lmforge.stage"]
+            assert md5 == rerun.on_disk[path], (stage, path)  # the bytes the stage read
+            if path in rerun.outs:  # and the producing stage's output as dvc.lock records it
+                assert md5 == rerun.outs[path], (stage, path)
+    (promote,) = [r for r in rerun.runs if r.data.tags["lmforge.stage"] == "promote"]
+    assert promote.data.tags[f"{INPUT_TAG}reports/metrics.json"] == rerun.outs["reports/metrics.json"]
+
+
+def test_after_a_revert_from_the_run_cache_the_decision_file_is_the_registrys(rerun):
+    """Params back as they were: DVC restores finetune and evaluate from its run cache, and promote runs
+    anyway (it changes the registry), so its report is the decision the registry now reflects."""
+    root = rerun.root
+    before_ids = {r.info.run_id for r in _runs(root)}
+    write_params(root)  # the tiny params again, byte for byte
+    output = run(["dvc", "repro"], root).stdout
+    assert "Stage 'finetune' is cached - skipping run" in output  # restored, not retrained
+    decision = json.loads((root / paths.PROMOTION_DECISION).read_text(encoding="utf-8"))
+    assert decision["decided"] and decision["run_id"] not in before_ids  # promote ran now
+    client = _client(root)
+    challenger = decision["challenger"]["version"]
+    recorded = client.get_model_version(paths.FINETUNED_MODEL, challenger).tags[DECISION_TAG]
+    assert json.loads(recorded) == decision  # the registry records the very decision the file reports
+    champion = aliases(client, paths.FINETUNED_MODEL)[paths.CHAMPION_ALIAS]
+    stays = decision["champion"]["version"] if decision["champion"] and not decision["promoted"] else challenger
+    assert champion == stays
+    numbers = json.loads((root / paths.PROMOTION).read_text(encoding="utf-8"))
+    assert numbers["challenger_version"] == int(challenger) and numbers["promoted"] == int(decision["promoted"])
