@@ -221,16 +221,17 @@ def promote(client: Any, name: str, challenger_version: str, challenger_score: f
       champion and nothing is decided (`fails_stage`).
     - A champion `rescore` cannot score otherwise (LmforgeError: another task, other labels) is not
       comparable: the challenger wins, with that reason.
-    Records the decision on both versions and returns it."""
+    Records the decision on both versions (not when the challenger is already champion: promote runs
+    on every `dvc repro`, and its tag keeps the comparison that made it champion) and returns it."""
     challenger_score = checked_score(challenger_score, metric, f"challenger v{challenger_version}")
     current = aliases(client, name).get(paths.CHAMPION_ALIAS)
     challenger_tags = client.get_model_version(name, challenger_version).tags
     challenger = Contender(challenger_version, challenger_score, True, lineage_of(challenger_tags))
     common = dict(metric=metric, min_delta=min_delta, challenger_score=challenger_score, test_set_md5=test_set_md5,
                   scored_with=scored_with, challenger=challenger, run_id=run_id)
-    if current == challenger_version:
-        decision = Decision(True, False, f"v{current} is already the champion", **common)
-    elif twin := rolled_back_twin(client, name, challenger_version, challenger_tags.get(WEIGHTS_TAG)):
+    if current == challenger_version:  # nothing compared: the version keeps the decision that made it champion
+        return Decision(True, False, f"v{current} is already the champion", **common)
+    if twin := rolled_back_twin(client, name, challenger_version, challenger_tags.get(WEIGHTS_TAG)):
         champion = None
         if current is not None:  # not re-scored: nothing depends on its score
             tags = client.get_model_version(name, current).tags

@@ -149,11 +149,14 @@ def test_a_champion_that_cannot_be_scored_is_replaced_with_the_reason(client, tm
 
 
 def test_the_champion_itself_as_challenger_changes_nothing(client, tmp_path):
+    """promote runs on every `dvc repro`: re-running it on the champion keeps the record of why it won."""
     v1 = new_version(client, tmp_path, "raw-1")
     promote_with(client, v1, 0.6, {})
+    tags = client.get_model_version(NAME, v1).tags
     decision, _ = promote_with(client, v1, 0.6, {})
     assert decision.decided and not decision.promoted and "already the champion" in decision.reason
     assert aliases(client, NAME) == {paths.CHAMPION_ALIAS: v1}
+    assert client.get_model_version(NAME, v1).tags == tags
 
 
 def test_a_stored_score_that_is_not_a_finite_number_is_not_reused(client, tmp_path):
