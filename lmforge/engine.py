@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
 
@@ -99,7 +100,9 @@ def _connect(address: str) -> Any:
         why = redact(str(exc)) or f"no answer within {CONNECT_TIMEOUT_S} s"
         raise LmforgeError(f"engine.address {shown}: cannot reach it ({why}): check the host and port; {fix}") from None
     try:
-        asyncio.run(_handshake(address))
+        # A thread's own event loop: the caller may be running one (a notebook), where asyncio.run fails.
+        with ThreadPoolExecutor(1) as thread:
+            thread.submit(asyncio.run, _handshake(address)).result()
     except Exception as exc:  # noqa: BLE001 - a server that is not Dask fails the handshake in any way
         why = (f"no answer to Dask's handshake within {CONNECT_TIMEOUT_S} s" if isinstance(exc, TimeoutError)
                else f"its answer to Dask's handshake: {type(exc).__name__} {redact(str(exc))[:100]}".rstrip())
