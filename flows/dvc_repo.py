@@ -89,8 +89,7 @@ def apply_param_overrides(overrides: list[str], params_path: Path) -> None:
     from lmforge.errors import LmforgeError
     from lmforge.params import load_params
 
-    if not params_path.is_file():
-        raise PipelineError(f"{params_path} not found: run from the repository root, where params.yaml lives")
+    check_params_file(params_path)
     original = params_path.read_bytes()
     try:
         for item in overrides:
@@ -102,6 +101,19 @@ def apply_param_overrides(overrides: list[str], params_path: Path) -> None:
         if isinstance(exc, LmforgeError):
             raise PipelineError(f"{exc}\n(from the overrides {overrides}; {params_path.name} left as it was)") from None
         raise
+
+
+def check_params_file(params_path: Path) -> None:
+    """params.yaml read as the stages read it (size and YAML aliases bounded: lmforge.params), before
+    DVC reads it: DVC's loader and its override editor expand aliases without limit, so a "billion
+    laughs" file hung `dvc status` and the editor. A file that is not YAML fails here too."""
+    from lmforge.errors import LmforgeError
+    from lmforge.params import read_params_yaml
+
+    try:
+        read_params_yaml(params_path)
+    except LmforgeError as exc:
+        raise PipelineError(str(exc)) from None
 
 
 def _apply_override(item: str, params_path: Path) -> None:

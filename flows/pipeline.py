@@ -277,6 +277,7 @@ def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, r
                   stage_timeout_s: float, push: bool = False) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
+    from flows.dvc_repo import check_params_file
     from lmforge.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, PipelineRun
     from lmforge.tracking_store import check_tracking_server
 
@@ -286,6 +287,7 @@ def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, r
     problem = check_tracking_server()
     if problem:
         raise PipelineError(f"{problem}: start it, or unset MLFLOW_TRACKING_URI to log to the local store")
+    check_params_file(repo / "params.yaml")
     order, _, metrics_files = dvc_stages(repo)
     unknown = [name for name in (stages or []) if name not in order]
     if unknown:

@@ -1,10 +1,13 @@
 """Typed params: one pydantic model per params.yaml section, validated at load.
 
-An unknown key or a bad value is an `LmforgeError` naming the key and what is allowed.
+An unknown key or a bad value is an `LmforgeError` naming the key and what is allowed. What loading
+accepts is bounded (file size, values once YAML aliases are expanded, nesting) and a message quotes
+at most the start of a value: a hostile or broken file costs a second, never a hung stage.
 """
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -17,6 +20,15 @@ from lmforge.presets import PRESETS
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 # Longest context a row may hold: far beyond any preset, and still an int32 index everywhere.
 MAX_SEQ_LEN = 2**20
+# params.yaml is a few KB: a file of a megabyte is not one (and is never read whole).
+MAX_PARAMS_BYTES = 1_000_000
+# Values (scalars, lists, mappings) the file may hold once its YAML aliases are expanded; the
+# repository's holds ~200. A "billion laughs" file of 10 lines expands to 9**9 values, which
+# validation (and its messages) would walk for hours while the loaded objects stay small.
+MAX_PARAMS_VALUES = 100_000
+# Characters of a value, and errors, that a message quotes at most.
+MAX_QUOTED_CHARS = 100
+MAX_LISTED_ERRORS = 10
 
 
 class Section(BaseModel):
@@ -391,16 +403,27 @@ class Params(BaseModel):
 
 
 def _format_error(error: dict[str, Any], model: type[BaseModel]) -> str:
-    key = ".".join(str(part) for part in error["loc"])
+    key = ".".join(_short(str(part)) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, error["loc"][:-1])
         return f"unknown key '{key}'" + (f" (allowed here: {', '.join(allowed)})" if allowed else "")
-    message = error["msg"].removeprefix("Value error, ")
+    # A validator's own message may quote the value (e.g. `unknown preset ...`).
+    message = _short(error["msg"].removeprefix("Value error, "), 2 * MAX_QUOTED_CHARS)
     if not key:  # a check across sections: its message names the keys
         return message
     got = error.get("input")
-    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    got_text = "" if isinstance(got, dict) else f" (got {_QUOTE.repr(got)})"
     return f"{key}: {message}{got_text}"
+
+
+def _short(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+# repr of a value, bounded whatever its size (reprlib cuts strings, lists and nesting before repr).
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxlist, _QUOTE.maxtuple, _QUOTE.maxdict = 2, 5, 5, 4
+_QUOTE.maxstring = _QUOTE.maxlong = _QUOTE.maxother = MAX_QUOTED_CHARS
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -414,11 +437,14 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Params:
-    """Validate a params mapping; errors name every bad key at once."""
+    """Validate a params mapping; errors name every bad key at once (the first MAX_LISTED_ERRORS)."""
     try:
         return Params.model_validate(raw or {})
     except ValidationError as exc:
-        lines = [_format_error(err, Params) for err in exc.errors()]
+        errors = exc.errors(include_url=False)
+        lines = [_format_error(err, Params) for err in errors[:MAX_LISTED_ERRORS]]
+        if len(errors) > MAX_LISTED_ERRORS:
+            lines.append(f"... and {len(errors) - MAX_LISTED_ERRORS:,} more")
         if len(lines) == 1:  # the common case reads as one line
             raise LmforgeError(f"{source} is invalid: {lines[0]}") from None
         raise LmforgeError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
@@ -427,12 +453,70 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Par
 def load_params(path: str | Path = DEFAULT_PARAMS_PATH) -> Params:
     """Read and validate params.yaml (DVC edits this file for `dvc exp run -S`)."""
     path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"{path} not found: run from the repository root, where params.yaml lives")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise LmforgeError(f"{path} is not valid YAML: {exc}") from None
+    raw = read_params_yaml(path)
     if raw is not None and not isinstance(raw, dict):
         raise LmforgeError(f"{path} must be a mapping of sections (data, clean, tokenizer, ...)")
     return parse_params(raw, str(path))
+
+
+def read_params_yaml(path: Path) -> Any:
+    """The YAML document in `path`, bounded: at most MAX_PARAMS_BYTES, and MAX_PARAMS_VALUES once
+    its aliases are expanded (counted on the composed nodes, before anything is built from them);
+    otherwise one LmforgeError naming the file. Also for the flow, before DVC reads the file."""
+    if not path.is_file():
+        raise LmforgeError(f"{path} not found: run from the repository root, where params.yaml lives")
+    with path.open("rb") as file:
+        data = file.read(MAX_PARAMS_BYTES + 1)
+    if len(data) > MAX_PARAMS_BYTES:
+        raise LmforgeError(f"{path} is larger than {MAX_PARAMS_BYTES:,} bytes, not a params file (they are a few "
+                           "KB): check that it is the file you meant")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LmforgeError(f"{path} is not UTF-8 text (byte {exc.start:,}): save it as UTF-8") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if not _within_values(node, MAX_PARAMS_VALUES):
+            raise LmforgeError(
+                f"{path} holds more than {MAX_PARAMS_VALUES:,} values once its YAML aliases (*name) are expanded, "
+                "or an alias inside itself: a params file holds a few hundred; write the values out instead")
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise LmforgeError(f"{path} is not valid YAML: {_short(str(exc), 3 * MAX_QUOTED_CHARS)}") from None
+    except RecursionError:  # PyYAML composes nested lists and mappings recursively
+        raise LmforgeError(f"{path} nests lists or mappings too deeply to be params: fix its brackets") from None
+    finally:
+        loader.dispose()
+
+
+def _within_values(root: yaml.Node, limit: int) -> bool:
+    """Whether `root` holds at most `limit` values with every alias expanded (a node an alias shares
+    counts each time it appears), and no alias inside itself (an endless expansion). A walk over
+    the distinct nodes, each one's expanded size remembered: as fast as the file is small."""
+    sizes: dict[int, int] = {}
+    ancestors: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        children = _children(node)
+        if children_done:
+            ancestors.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[id(node)] > limit:
+                return False
+        elif id(node) in ancestors:
+            return False
+        elif id(node) not in sizes:
+            ancestors.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in children)
+    return True
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return node.value if isinstance(node, yaml.SequenceNode) else []

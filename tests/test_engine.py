@@ -1,19 +1,32 @@
 """The data stages' engine: an embedded Dask cluster of processes, results in input order,
-a clear error for a scheduler that is not there, and completion markers."""
+a clear error within seconds for a scheduler that is not there or not a scheduler, a cluster start
+that survives one dead worker and is bounded, and completion markers."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import socket
+import subprocess
+import sys
+import threading
+import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+import dask
 import pytest
 
 from lmforge.data.markers import completed, mark_completed, task_key
 from lmforge import lineage
+from lmforge import engine
 from lmforge.engine import UserError, WorkerTask, dask_client, hash_on_workers, map_tasks, worker_count
 from lmforge.errors import LmforgeError
 from lmforge.params import EngineParams
+
+from conftest import REPO, make_repo, run, tool_env, write_params
 
 
 def _pid_and_square(x: int) -> tuple[int, int]:
@@ -36,14 +49,174 @@ def test_embedded_cluster_runs_tasks_in_worker_processes_and_keeps_input_order()
             map_tasks(client, _fail_on_three, list(range(6)), desc="test")
 
 
-def test_a_scheduler_that_is_not_there_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr("lmforge.engine.CONNECT_TIMEOUT_S", 2)
+def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with pytest.raises(LmforgeError, match=rf"engine.address tcp://127.0.0.1:{port}: no Dask scheduler"):
+        return sock.getsockname()[1]
+
+
+def test_a_closed_port_fails_at_once_naming_engine_address():
+    # Dask's own connect retries a refused port for its whole timeout; nothing listening is final.
+    port = _closed_port()
+    started = time.monotonic()
+    with pytest.raises(LmforgeError, match=rf"engine.address tcp://127.0.0.1:{port}: .*refused.*engine.address: null"):
         with dask_client(EngineParams(address=f"tcp://127.0.0.1:{port}")):
             pass
+    assert time.monotonic() - started < engine.CONNECT_TIMEOUT_S / 2
+
+
+@contextmanager
+def _silent_server() -> Iterator[int]:
+    """A TCP server on 127.0.0.1 that accepts every connection and never says a word; its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        for connection in [*accepted, server]:
+            connection.close()
+
+
+@contextmanager
+def _http_server() -> Iterator[int]:
+    """An HTTP file server on 127.0.0.1 (it waits for a request line Dask never sends); its port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# Connects in a child process (with a 2 s bound), so a connect that hangs cannot hang the test.
+CONNECT = """
+import sys
+import lmforge.engine as engine
+from lmforge.errors import LmforgeError
+from lmforge.params import EngineParams
+engine.CONNECT_TIMEOUT_S = 2
+try:
+    with engine.dask_client(EngineParams(address=sys.argv[1])):
+        print("connected")
+except LmforgeError as error:
+    print(error)
+"""
+
+
+@pytest.mark.parametrize("server", [_silent_server, _http_server], ids=["silent", "http"])
+def test_a_server_that_is_not_a_scheduler_is_one_clear_error_within_seconds(server):
+    # Dask's handshake waits without limit for the peer's first bytes: any TCP server hung the stage.
+    with server() as port:
+        result = subprocess.run([sys.executable, "-c", CONNECT, f"tcp://127.0.0.1:{port}"], cwd=REPO,
+                                env=tool_env(), capture_output=True, text=True, timeout=60)
+    message = result.stdout.strip()
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert message.startswith(f"engine.address tcp://127.0.0.1:{port}: ") and "not a Dask scheduler" in message
+    assert "engine.address: null" in message and len(message.splitlines()) == 1, message
+
+
+def test_an_engine_address_dask_cannot_parse_is_one_clear_error_without_its_password():
+    with pytest.raises(LmforgeError, match=r"engine.address tcp://ops:\*\*\*@127.0.0.1:\d+ .*tcp://host:port") as caught:
+        with dask_client(EngineParams(address=f"tcp://ops:s3cret@127.0.0.1:{_closed_port()}")):
+            pass
+    assert "s3cret" not in str(caught.value)
+
+
+# Worker preloads (Dask runs them in each worker process as it starts) that make a worker die at start.
+DIES_ONCE = """
+import os, pathlib
+marker = pathlib.Path({marker!r})
+if not marker.exists():
+    marker.write_text("died once")
+    os._exit(1)
+"""
+ALWAYS_DIES = "import os\nos._exit(1)\n"
+NEVER_STARTS = "import time\ntime.sleep(3600)\n"
+
+
+def test_a_worker_that_dies_while_the_cluster_starts_is_retried_once(tmp_path):
+    marker = tmp_path / "died"
+    preload = tmp_path / "dies_once.py"
+    preload.write_text(DIES_ONCE.format(marker=str(marker)))
+    with dask.config.set({"distributed.worker.preload": [str(preload)]}):
+        with dask_client(EngineParams(workers=1)) as client:
+            assert map_tasks(client, abs, [-1, -2], desc="test") == [1, 2]
+    assert marker.read_text() == "died once"
+
+
+# Starts the embedded engine in a child process (workers bounded to 3 s), so a start that hangs
+# cannot hang the test.
+START = """
+import lmforge.engine as engine
+from lmforge.errors import LmforgeError
+from lmforge.params import EngineParams
+engine.WORKER_START_TIMEOUT_S = 3
+if __name__ == "__main__":
+    try:
+        with engine.dask_client(EngineParams(workers=1)):
+            print("started")
+    except LmforgeError as error:
+        print(error)
+"""
+
+
+def test_a_worker_that_never_starts_is_one_clear_error_within_seconds(tmp_path):
+    preload = tmp_path / "never_starts.py"
+    preload.write_text(NEVER_STARTS)
+    (tmp_path / "start.py").write_text(START)
+    result = subprocess.run([sys.executable, "start.py"], cwd=tmp_path, capture_output=True, text=True, timeout=90,
+                            env=tool_env(PYTHONPATH=str(REPO), DASK_DISTRIBUTED__WORKER__PRELOAD=f'["{preload}"]'))
+    message = result.stdout.strip()
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "embedded Dask engine" in message and "engine.workers" in message and len(message.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def engine_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny repository whose data stages have not run (the stages below fail before any output)."""
+    return make_repo(tmp_path_factory.mktemp("engine_repo"), n_docs=20)
+
+
+def _stage_error(result: subprocess.CompletedProcess) -> str:
+    """The stage's one `[ingest] error:` line, after checking it failed with no traceback."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("[ingest] error:")]
+    assert len(errors) == 1, output
+    return errors[0]
+
+
+def test_a_data_stage_whose_workers_always_die_at_start_fails_in_one_line(engine_repo, tmp_path):
+    preload = tmp_path / "always_dies.py"
+    preload.write_text(ALWAYS_DIES)
+    write_params(engine_repo, engine={"workers": 1})
+    result = run(["python", "-m", "stages.ingest"], engine_repo, check=False,
+                 DASK_DISTRIBUTED__WORKER__PRELOAD=f'["{preload}"]')
+    line = _stage_error(result)
+    assert "embedded Dask engine" in line and "engine.workers" in line, line
+
+
+def test_a_data_stage_with_a_bad_engine_address_fails_in_one_line_without_its_password(engine_repo):
+    write_params(engine_repo, engine={"address": f"tcp://ops:s3cret@127.0.0.1:{_closed_port()}"})
+    line = _stage_error(run(["python", "-m", "stages.ingest"], engine_repo, check=False))
+    assert "engine.address tcp://ops:***@127.0.0.1" in line and "s3cret" not in line, line
 
 
 def test_engine_address_must_be_a_url():
