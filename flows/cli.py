@@ -110,12 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     back_p.add_argument("--reason", default="no reason given", help="why (recorded on both versions)")
     args = parser.parse_args(argv)
     quiet_env()
-    from lmforge.tracking_store import HTTP_CLIENT_DEFAULTS
+    from lmforge.tracking_store import use_http_client_defaults
 
-    # A tracking server gone mid-run costs seconds, not MLflow's minutes of retries: the flow's own
-    # MLflow calls and its stages' (setdefault: the environment may ask for more patience).
-    for key, value in HTTP_CLIENT_DEFAULTS.items():  # the one set the stages use too
-        os.environ.setdefault(key, value)
+    # A tracking server gone mid-run costs seconds, not MLflow's minutes of retries (rollback's
+    # calls; the flow sets the same itself, wherever it is started from).
+    use_http_client_defaults()
     if args.command == "rollback":
         return rollback_champion(args.reason)
     problem = check_prefect_api()

@@ -248,6 +248,11 @@ def pipeline(overrides: list[str] | None = None, force: bool = False, stages: li
              push: bool = False) -> dict[str, Any]:
     """Run the DVC stages (all, or `stages`) as tasks; with `push`, then publish what they produced
     (flows.remote.publish); see the module docstring."""
+    from lmforge.tracking_store import use_http_client_defaults
+
+    # Here, not in a command line: a worker starts the flow from prefect.yaml's entry point, and a
+    # tracking server gone mid-run must cost seconds, not MLflow's ~4 minutes of retries per call.
+    use_http_client_defaults()
     if push and overrides:  # the team's branch gets the params.yaml it has, not a run's experiment
         raise PipelineError("push publishes dvc.lock to the team's branch, so it takes no overrides: commit the "
                             "params change instead, or run the experiment without push and share it with "
