@@ -36,9 +36,9 @@ ALL = ["ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "
 RUN_TIMEOUT_S = 420
 
 
-def stack(command: str, home: Path, repo: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def stack(command: str, home: Path, repo: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(STACK), command, "--dir", str(home), "--repo", str(repo)], cwd=repo,
-                          env=tool_env(LMFORGE_PYTHON=sys.executable), capture_output=True, text=True,
+                          env=tool_env(LMFORGE_PYTHON=sys.executable, **env), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -225,6 +225,9 @@ def test_down_stops_every_process_and_frees_every_port(deployed):
                 assert sock.connect_ex(("127.0.0.1", record["port"])) != 0, f"{name} still listening"
     status = stack("status", deployed["home"], deployed["workspace"])
     assert status.returncode == 1 and "no stack" in status.stdout
+    # `up` made the stack the checkout's DVC remote; `down` puts back what was there: no config.local
+    assert not (deployed["workspace"] / ".dvc" / "config.local").exists()
+    assert "config.local restored" in down.stdout, down.stdout
 
 
 def test_a_checkout_without_a_remote_is_told_what_to_set(tmp_path):
@@ -238,3 +241,83 @@ def test_a_checkout_without_a_remote_is_told_what_to_set(tmp_path):
 def test_push_refuses_overrides_before_anything_runs():
     with pytest.raises(PipelineError, match="takes no overrides"):
         pipeline.fn(overrides=["tokenizer.vocab_size=300"], push=True)
+
+
+# ------------------------------------------------------------------------- the stack's own faults
+
+
+def dvc_checkout(root: Path, remote: str | None = None) -> Path:
+    """git + DVC in `root`; with `remote`, a default remote `mine` at that URL in .dvc/config.local."""
+    root.mkdir(parents=True, exist_ok=True)
+    run(["git", "init", "-q"], root)
+    run(["dvc", "init", "-q"], root)
+    if remote:
+        run(["dvc", "remote", "add", "--local", "--default", "mine", remote], root)
+    return root
+
+
+def load_local_stack():
+    """deploy/local_stack.py as a module (deploy/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("local_stack", REPO / "deploy" / "local_stack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_port_taken_before_its_server_binds_is_reported_as_such_and_down_finishes(tmp_path):
+    workspace = dvc_checkout(tmp_path / "workspace", str(tmp_path / "store"))
+    config = workspace / ".dvc" / "config.local"
+    before, home = config.read_bytes(), tmp_path / "stack"
+    with socket.socket() as taken:  # another program's, on the port the stack's S3 storage is given
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        try:
+            up = stack("up", home, workspace, timeout=240, LMFORGE_STACK_S3_PORT=str(port))
+            down = stack("down", home, workspace, timeout=120)
+        finally:
+            kill_leftovers(home)
+    assert up.returncode == 1, up.stdout + up.stderr
+    # the service, its port and the server's own last word; not a failure to stop the others
+    assert up.stderr.startswith(f"error: S3 storage exited before it was ready on 127.0.0.1:{port}: "
+                                f"Port {port} is in use by another program"), up.stderr
+    assert "could not stop" not in up.stderr and "Traceback" not in up.stderr
+    assert down.returncode == 0 and "no stack" in down.stdout, down.stdout + down.stderr
+    assert config.read_bytes() == before  # a stack that never came up never became the remote
+
+
+def test_a_second_stack_leaves_a_remote_pointing_at_a_stack_that_is_up_alone(tmp_path, capsys):
+    local_stack = load_local_stack()
+    workspace = dvc_checkout(tmp_path / "workspace")
+    home = tmp_path / "second"
+    home.mkdir()
+    with socket.socket() as first:  # the first stack's S3 storage, up
+        first.bind(("127.0.0.1", 0))
+        first.listen()
+        endpoint = f"http://127.0.0.1:{first.getsockname()[1]}"
+        run(["dvc", "remote", "add", "--local", "--default", "lmforge", "s3://lmforge-dvc/lmforge"], workspace)
+        run(["dvc", "remote", "modify", "--local", "lmforge", "endpointurl", endpoint], workspace)
+        before = (workspace / ".dvc" / "config.local").read_bytes()
+        state = {"repo": str(workspace), "services": {"s3": {"url": "http://127.0.0.1:9"}}}
+        local_stack.point_remote(home, state, tool_env())
+    assert (workspace / ".dvc" / "config.local").read_bytes() == before
+    note = capsys.readouterr().out
+    assert note.startswith(f"note: {workspace / '.dvc' / 'config.local'} left as it is") and endpoint in note
+    assert local_stack.restore_remote(state) is None  # `down` of the second stack leaves it alone too
+
+
+def test_down_puts_back_the_dvc_remote_that_was_there_before_up(tmp_path):
+    local_stack = load_local_stack()
+    workspace = dvc_checkout(tmp_path / "workspace", str(tmp_path / "store"))
+    config = workspace / ".dvc" / "config.local"
+    before, home = config.read_bytes(), tmp_path / "stack"
+    home.mkdir()
+    state = {"repo": str(workspace), "keys": {"access_key_id": "k", "secret_access_key": "s"},
+             "services": {name: {"url": f"http://127.0.0.1:{local_stack.free_port()}"}
+                          for name in ("s3", "mlflow", "prefect")}}
+    local_stack.point_remote(home, state, local_stack.base_env() | local_stack.client_env(state))
+    assert state["services"]["s3"]["url"] in config.read_text()  # the stack's storage is the remote
+    said = local_stack.restore_remote(state)
+    assert config.read_bytes() == before and said.endswith("as before `up`"), said
