@@ -60,7 +60,7 @@ from prefect.states import Completed
 
 from flows.dvc_repo import apply_param_overrides, dvc_changed, dvc_lock_entry, dvc_stages, exp_save
 from flows.errors import PipelineError, StageInputError
-from flows.remote import publish
+from flows.remote import publish, worker_locations
 from flows.summary import mlflow_run_links, publish_summary, record_parent_run
 from lmforge import quiet_env
 from lmforge.redact import redact
@@ -113,6 +113,8 @@ def _stage_env(extra: Mapping[str, str]) -> dict[str, str]:
     """The environment of the DVC processes the flow starts: this one's with telemetry off, this
     interpreter's tools first on PATH, output unbuffered (streamed line by line), then `extra`."""
     env = quiet_env(dict(os.environ))
+    for key, value in worker_locations(env).items():  # on a worker: its checkpoints outside its clone
+        env.setdefault(key, value)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"  # (each stage sets its MLflow client defaults itself: tracking.stage_run)
     env.update(extra)
