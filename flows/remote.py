@@ -161,20 +161,21 @@ def worker_locations(env: Mapping[str, str]) -> dict[str, str]:
     return {CHECKPOINTS_ENV: str(Path(directory).resolve() / WORKER_CHECKPOINTS)} if directory else {}
 
 
-def use_worker_cache(root: Path, env: Mapping[str, str], log: Callable[[str], None]) -> Path:
+def keep_beside_clone(root: Path, env: Mapping[str, str], log: Callable[[str], None]) -> None:
     """Point the clone's DVC cache at LMFORGE_WORKER_DIR/dvc-cache (.dvc/config.local), outside the
-    clone; a cache an earlier lmforge kept inside it moves there first."""
+    clone, where the checkpoints are too (worker_locations). A cache or checkpoints an earlier
+    lmforge kept inside the clone move there first."""
     directory = env.get(WORKER_DIR_ENV)
     if not directory:
         raise PipelineError(f"{WORKER_DIR_ENV} is not set: set it on the worker to the directory that holds its "
                             f"clone, DVC cache and checkpoints")
     cache = Path(directory).resolve() / WORKER_CACHE
-    inside = root / ".dvc" / "cache"
-    if inside.is_dir() and not cache.exists():
-        shutil.move(inside, cache)
-        log(f"DVC cache moved out of the clone, to {cache}")
+    for inside, outside in ((root / ".dvc" / "cache", cache),
+                            (root / "checkpoints", Path(worker_locations(env)[CHECKPOINTS_ENV]))):
+        if inside.is_dir() and not inside.is_symlink() and not outside.exists():
+            shutil.move(inside, outside)
+            log(f"{inside} moved out of the clone, to {outside}")
     _run(_dvc("cache", "dir", "--local", str(cache)), root, env)
-    return cache
 
 
 def unpublished(root: Path, env: Mapping[str, str]) -> list[str]:
@@ -201,7 +202,7 @@ def checkout(root: Path, env: Mapping[str, str], log: Callable[[str], None] = pr
     if wanted and wanted != origin:
         raise PipelineError(f"{root} is a clone of {origin}, not of {GIT_URL_ENV}={wanted}: move it aside (after "
                             f"publishing anything it holds) and the next run clones afresh")
-    use_worker_cache(root, env, log)
+    keep_beside_clone(root, env, log)
     branch = current_branch(root, env)
     _run(["git", "fetch", "-q", "origin", branch], root, env)
     pending = unpublished(root, env)

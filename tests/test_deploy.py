@@ -141,6 +141,10 @@ def test_the_worker_runs_the_deployment_from_its_own_clone(deployed):
     assert (deployed["clone"] / "dvc.lock").is_file() and (deployed["clone"] / "models" / "finetune").is_dir()
     workspace = deployed["workspace"]
     assert not (workspace / "dvc.lock").exists() and not (workspace / "models").exists()  # developer's untouched
+    # the DVC cache and the checkpoints beside the clone, where nothing done to the clone reaches them
+    worker, clone = deployed["home"] / "worker", deployed["clone"]
+    assert (worker / "dvc-cache" / "files" / "md5").is_dir() and (worker / "checkpoints" / "pretrain").is_dir()
+    assert not (clone / ".dvc" / "cache").exists() and not (clone / "checkpoints").exists()
     print(f"stack up + deploy + tiny run by the worker: {deployed['seconds']:.0f} s")
 
 
@@ -388,7 +392,10 @@ def unreachable_remote(base: Path) -> str:
 
 def night_run(clone: Path, env: dict[str, str], monkeypatch) -> dict:
     """The stages of a nightly run, with the environment the flow gives them; returns dvc.lock."""
-    monkeypatch.setenv("LMFORGE_WORKER_DIR", env["LMFORGE_WORKER_DIR"])
+    if "LMFORGE_WORKER_DIR" in env:
+        monkeypatch.setenv("LMFORGE_WORKER_DIR", env["LMFORGE_WORKER_DIR"])
+    else:
+        monkeypatch.delenv("LMFORGE_WORKER_DIR", raising=False)
     result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, capture_output=True, text=True,
                             env=_stage_env({"PYTHONPATH": str(REPO)}))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -464,10 +471,10 @@ def test_a_failed_push_is_never_deleted_by_the_next_pull_and_is_published_by_it(
 def test_the_next_pull_puts_a_failed_nights_dvc_lock_on_top_of_a_moved_origin(tmp_path, monkeypatch):
     origin = make_origin(tmp_path)
     remote = tmp_path / "remote"
-    clone = tmp_path / "worker" / "lmforge"  # a clone an earlier lmforge made: its DVC cache inside it
+    clone = tmp_path / "worker" / "lmforge"  # a clone an earlier lmforge made: cache and checkpoints inside
     clone.parent.mkdir()
     run(["git", "clone", "-q", origin.as_uri(), str(clone)], tmp_path)
-    lock = night_run(clone, worker_env(tmp_path, origin, str(remote)), monkeypatch)
+    lock = night_run(clone, tool_env(PYTHONPATH=str(REPO)), monkeypatch)
     with pytest.raises(PipelineError, match="dvc push"):
         publish(clone, worker_env(tmp_path, origin, unreachable_remote(tmp_path)), "night one", print)
     moved = push_to_origin(tmp_path, origin, "developer", lambda other: (other / "NOTES.md").write_text("notes\n"))
@@ -475,7 +482,8 @@ def test_the_next_pull_puts_a_failed_nights_dvc_lock_on_top_of_a_moved_origin(tm
     checkout(clone, worker_env(tmp_path, origin, str(remote)), print)
 
     assert out_hashes(lock) <= stored(remote) and out_hashes(lock) <= stored(tmp_path / "worker" / "dvc-cache")
-    assert not (clone / ".dvc" / "cache").exists()  # moved beside the clone
+    assert not (clone / ".dvc" / "cache").exists() and not (clone / "checkpoints").exists()  # moved beside it
+    assert (tmp_path / "worker" / "checkpoints" / "pretrain" / "step-1").is_file()
     log = run(["git", "log", "--format=%H %s", "-2", "main"], origin).stdout.splitlines()
     assert log[0].split(" ", 1)[1].startswith("lmforge-pipeline: dvc.lock of an earlier run") and log[1].startswith(moved)
     assert yaml.safe_load(run(["git", "show", "main:dvc.lock"], origin).stdout) == lock
