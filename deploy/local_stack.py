@@ -4,6 +4,10 @@ to clients), a Prefect server, a `process` work pool and one worker. Run it as `
 
     deploy/local-stack up | down | status | env      [--dir DIR (default .stack/, or LMFORGE_STACK_DIR)]
 
+Each server takes a free port, or the one LMFORGE_STACK_<S3|MLFLOW|PREFECT>_PORT names. The checkout's
+DVC remote (.dvc/config.local) points at the stack only once every service is up, and `down` puts back
+what was there before; a remote already pointing at another stack that is up is left alone.
+
 The storage here is moto's S3 server (no MinIO is installable on this machine); nothing else in the
 project knows that: clients get an endpoint URL and keys from the environment, as with real S3. Its
 objects live in memory, so `down` forgets them while the MLflow and Prefect databases stay in DIR
@@ -35,6 +39,8 @@ START_TIMEOUT_S = 120.0  # per service; a Prefect server takes ~10 s on an idle 
 STOP_GRACE_S = 15.0
 STATE = "stack.json"  # PIDs, ports and the storage keys (mode 0600: it holds the secret key)
 SERVICES = ("s3", "mlflow", "prefect", "worker")  # start order; `down` stops them in reverse
+SERVERS = ("s3", "mlflow", "prefect")  # the services with a port
+PORT_ENV = "LMFORGE_STACK_{}_PORT"  # a fixed port for a server instead of a free one
 
 
 class StackError(RuntimeError):
@@ -48,6 +54,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def choose_ports() -> dict[str, int]:
+    """Each server's port: LMFORGE_STACK_<NAME>_PORT when set, else a free one. Another process may
+    take a free port before the server binds it: the server then exits, and wait_for says so."""
+    ports = {}
+    for name in SERVERS:
+        fixed = os.environ.get(PORT_ENV.format(name.upper()), "").strip()
+        if fixed and not (fixed.isdigit() and 0 < int(fixed) < 65536):
+            raise StackError(f"{PORT_ENV.format(name.upper())}={fixed!r} is not a port number (1-65535)")
+        ports[name] = int(fixed) if fixed else free_port()
+    return ports
 
 
 def listening(port: int) -> bool:
@@ -101,31 +119,46 @@ def start(name: str, cmd: list[str], env: dict[str, str], home: Path) -> dict:
     log = home / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
+        offset = out.tell()  # where this start's lines begin (earlier runs' stay above)
         process = subprocess.Popen(cmd, cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    return {"pid": process.pid, "started": start_time(process.pid), "log": str(log)}
+    return {"pid": process.pid, "started": start_time(process.pid), "log": str(log), "log_offset": offset}
 
 
 def wait_for(what: str, ready: Callable[[], bool], record: dict, timeout: float = START_TIMEOUT_S) -> None:
-    """Poll `ready` until it holds; a process that died or a timeout is an error naming its log."""
+    """Poll `ready` (an answer only this service gives, not merely an open port: another process may
+    hold it) until it holds, then mark the record ready. A process that exited (a port taken before
+    it could bind it, ...) or a timeout is one error naming the service, its port and its own last
+    log line."""
+    where = f" on 127.0.0.1:{record['port']}" if record.get("port") else ""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not ours(record):
-            raise StackError(f"{what} exited before it was ready: see {record['log']}\n{tail(record['log'])}")
+            raise StackError(f"{what} exited before it was ready{where}: {last_line(record)}\n"
+                             f"(its log: {record['log']})")
         try:
             if ready():
+                record["ready"] = True
                 return
         except Exception:  # noqa: BLE001 - not answering yet
             pass
         time.sleep(0.5)
-    raise StackError(f"{what} not ready after {timeout:.0f} s: see {record['log']}\n{tail(record['log'])}")
+    raise StackError(f"{what} not ready{where} after {timeout:.0f} s: {last_line(record)}\n"
+                     f"(its log: {record['log']})")
 
 
-def tail(log: str, lines: int = 15) -> str:
+def last_line(record: dict) -> str:
+    """The service's own word on why it stopped: the last line of this start's log that reports an
+    error (uvicorn logs its shutdown after the bind error), else its last line."""
     try:
-        return "\n".join(Path(log).read_text(errors="replace").splitlines()[-lines:])
+        with open(record["log"], "rb") as log:
+            log.seek(record.get("log_offset", 0))
+            text = log.read().decode(errors="replace")
     except OSError:
-        return ""
+        return "(no log)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() or "in use" in line.lower()]
+    return (errors or lines or ["(its log is empty)"])[-1]
 
 
 def stop(records: list[dict]) -> None:
@@ -201,25 +234,28 @@ def base_env() -> dict[str, str]:
 
 
 def up(home: Path, repo: Path) -> dict:
-    """Start every service, create the buckets, the pool and the repo's DVC remote; on any failure
-    stop what was started and raise."""
+    """Start every service, create the buckets and the pool, then (every service up) point the
+    repo's DVC remote at the stack; on any failure stop what was started, put the remote back, and
+    raise the failure itself."""
     existing = read_state(home)
     if existing and any(ours(s) for s in existing["services"].values()):
         raise StackError(f"a stack is already up in {home}: `deploy/local-stack status`, or `down` first")
+    if existing:  # what a killed `up` left: its records cleaned, the remote it changed put back
+        down(home)
     home.mkdir(parents=True, exist_ok=True)
     state = {"dir": str(home), "repo": str(repo), "services": {},
              "keys": {"access_key_id": f"lmforge-{secrets.token_hex(4)}",
                       "secret_access_key": secrets.token_urlsafe(24)}}
     services = state["services"]
     py = sys.executable
-    configure = None
     try:
         # The three servers start at once (the MLflow server needs the bucket only when a client
         # uploads); the pool and the worker need the Prefect server.
-        ports = {name: free_port() for name in ("s3", "mlflow", "prefect")}
+        ports = choose_ports()
         services["s3"] = start("s3", [py, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])],
                                base_env(), home)
         services["s3"].update(port=ports["s3"], url=f"http://127.0.0.1:{ports['s3']}")
+        write_state(home, state)  # from here on, `down` finds every process started
         (home / "mlflow").mkdir(exist_ok=True)
         services["mlflow"] = start("mlflow", [
             py, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(ports["mlflow"]), "--workers", "1",
@@ -227,20 +263,22 @@ def up(home: Path, repo: Path) -> dict:
             "--serve-artifacts", "--artifacts-destination", f"s3://{ARTIFACTS_BUCKET}/mlflow",
         ], base_env() | storage_env(state), home)
         services["mlflow"].update(port=ports["mlflow"], url=f"http://127.0.0.1:{ports['mlflow']}")
+        write_state(home, state)
         services["prefect"] = start("prefect", [py, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                                 "--port", str(ports["prefect"])],
                                     base_env() | {"PREFECT_HOME": str(home / "prefect")}, home)
         services["prefect"].update(port=ports["prefect"], url=f"http://127.0.0.1:{ports['prefect']}/api")
         write_state(home, state)
         env = base_env() | client_env(state) | {"PREFECT_HOME": str(home / "prefect")}
-        # The repo's DVC remote only needs the URLs: written while the servers start.
-        configure = subprocess.Popen([py, "-m", "flows.remote", "configure"], cwd=repo, text=True,
-                                     env=env | {"PYTHONPATH": str(ROOT)},  # this stack's code, whatever `repo` is
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        wait_for("S3 storage", lambda: listening(ports["s3"]), services["s3"])
+
+        def wait_for_server(name: str, what: str, path: str) -> None:
+            wait_for(what, lambda: http_ok(f"{services[name]['url']}{path}"), services[name])
+            write_state(home, state)  # marked ready: `down` then knows the port was its own
+
+        wait_for_server("s3", "S3 storage", "/moto-api/")  # moto's own page: an open port may be another's
         create_buckets(storage_env(state))
-        wait_for("the MLflow server", lambda: http_ok(f"{services['mlflow']['url']}/health"), services["mlflow"])
-        wait_for("the Prefect server", lambda: http_ok(f"{services['prefect']['url']}/health"), services["prefect"])
+        wait_for_server("mlflow", "the MLflow server", "/health")
+        wait_for_server("prefect", "the Prefect server", "/health")
         worker_dir, worker_name = home / "worker", f"lmforge-{secrets.token_hex(4)}"
         worker_dir.mkdir(exist_ok=True)
         # `--type process` creates the pool when it does not exist yet.
@@ -252,20 +290,90 @@ def up(home: Path, repo: Path) -> dict:
         write_state(home, state)
         wait_for("the Prefect worker", lambda: worker_online(services["prefect"]["url"], worker_name),
                  services["worker"])
-        try:
-            output, _ = configure.communicate(timeout=START_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise StackError(f"`python -m flows.remote configure` did not finish in {START_TIMEOUT_S:.0f} s "
-                             f"in {repo}") from None
-        if configure.returncode != 0:
-            raise StackError(f"`python -m flows.remote configure` failed in {repo}:\n{output.strip()[-2000:]}")
-    except BaseException:
-        if configure is not None and configure.poll() is None:
-            configure.kill()
-            configure.wait()
-        down(home, quiet=True)
+        write_state(home, state)
+        point_remote(home, state, env)  # only now: every service is up
+    except BaseException as exc:
+        _, problems = down(home)
+        if problems and isinstance(exc, StackError):
+            raise StackError(f"{exc}\nand stopping the rest: {'; '.join(problems)}") from None
         raise
     return state
+
+
+# ------------------------------------------------------------------------------------ DVC remote
+
+
+def local_config(repo: Path) -> Path:
+    return repo / ".dvc" / "config.local"
+
+
+def remote_endpoint(repo: Path) -> str | None:
+    """The endpoint URL of the remote REMOTE in the repo's .dvc/config.local (None: none set)."""
+    from configobj import ConfigObj  # DVC's own config reader
+
+    config = local_config(repo)
+    if not config.is_file():
+        return None
+    return (ConfigObj(str(config)).get(f'remote "{REMOTE}"') or {}).get("endpointurl")
+
+
+def another_stack(endpoint: str | None, ours_url: str) -> bool:
+    """Whether `endpoint` is another local stack's storage that answers now (loopback, not ours)."""
+    from urllib.parse import urlparse
+
+    if not endpoint or endpoint.rstrip("/") == ours_url:
+        return False
+    parsed = urlparse(endpoint)
+    return parsed.hostname in ("127.0.0.1", "localhost") and bool(parsed.port) and listening(parsed.port)
+
+
+def point_remote(home: Path, state: dict, env: dict[str, str]) -> None:
+    """Make the bucket the default DVC remote of the repo (`python -m flows.remote configure`, in
+    .dvc/config.local), remembering the file as it was for `down`; but leave a remote that points at
+    another stack that is up alone (say so: `env` still hands this stack's remote to a shell)."""
+    repo = Path(state["repo"])
+    config = local_config(repo)
+    endpoint = remote_endpoint(repo)
+    if another_stack(endpoint, state["services"]["s3"]["url"]):
+        state["dvc"] = {"left": endpoint}
+        write_state(home, state)
+        print(f"note: {config} left as it is: its remote `{REMOTE}` points at {endpoint}, another stack that is "
+              f"up. For this one: eval \"$(deploy/local-stack env --dir {home})\" && python -m flows.remote configure")
+        return
+    state["dvc"] = {"before": config.read_text() if config.is_file() else None, "written": None}
+    write_state(home, state)  # before the change: a failure below is undone by `down`
+    try:
+        result = subprocess.run([sys.executable, "-m", "flows.remote", "configure"], cwd=repo, text=True,
+                                env=env | {"PYTHONPATH": str(ROOT)},  # this stack's code, whatever `repo` is
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=START_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise StackError(f"`python -m flows.remote configure` did not finish in {START_TIMEOUT_S:.0f} s "
+                         f"in {repo}") from None
+    if result.returncode != 0:
+        raise StackError(f"`python -m flows.remote configure` failed in {repo}:\n{result.stdout.strip()[-2000:]}")
+    state["dvc"]["written"] = config.read_text()
+    write_state(home, state)
+
+
+def restore_remote(state: dict) -> str | None:
+    """Put the repo's .dvc/config.local back as it was before `up` pointed it at this stack, unless
+    someone changed it since; returns what was done (None: `up` never touched it)."""
+    dvc = state.get("dvc") or {}
+    if "before" not in dvc:
+        return None
+    config = local_config(Path(state["repo"]))
+    current = config.read_text() if config.is_file() else None
+    if dvc["written"] is not None and current != dvc["written"]:
+        return f"{config} changed since `up`: left as it is"
+    if current == dvc["before"]:
+        return None
+    if dvc["before"] is None:
+        config.unlink(missing_ok=True)
+    else:
+        tmp = config.with_name(f".{config.name}.{os.getpid()}.tmp")
+        tmp.write_text(dvc["before"])
+        os.replace(tmp, config)
+    return f"{config} restored: its DVC remote is as before `up`"
 
 
 def storage_env(state: dict) -> dict[str, str]:
@@ -296,30 +404,38 @@ def worker_online(api: str, name: str) -> bool:
                                                for w in response.json())
 
 
-def down(home: Path, quiet: bool = False) -> list[str]:
-    """Stop every service of the stack by its PID, in reverse start order, and verify that none
-    is left running or listening. Returns the names stopped."""
+def down(home: Path) -> tuple[list[str], list[str]]:
+    """Stop every service of the stack by its PID (the worker first, so no run starts on a stack
+    going down), put the repo's DVC remote back as it was before `up`, and forget the stopped
+    services. Always goes to the end; returns (what was done, what could not be stopped: those stay
+    recorded in DIR/stack.json)."""
     state = read_state(home)
     if state is None:
-        if not quiet:
-            print(f"no stack in {home}")
-        return []
-    # The worker first (no run starts on a stack going down), then the servers together.
-    stopped = [name for name in reversed(SERVICES) if name in state["services"]]
-    if "worker" in state["services"]:
-        stop([state["services"]["worker"]])
-    stop([state["services"][name] for name in stopped if name != "worker"])
-    left = [f"{name} (pid {r['pid']})" for name, r in state["services"].items()
-            if not foreign(r) and group_alive(r["pid"])]
+        return [f"no stack in {home}"], []
+    services = state["services"]
+    if "worker" in services:
+        stop([services["worker"]])
+    stop([record for name, record in services.items() if name != "worker"])
+    left = {name: record for name, record in services.items() if not foreign(record) and group_alive(record["pid"])}
+    problems = [f"{name} (process group {record['pid']}: `kill -9 -{record['pid']}`)" for name, record in left.items()]
+    # A port still served after its server stopped: a process that left the group holds it. Only a
+    # server that was ready owned its port; another program may hold a port one never bound.
     deadline = time.monotonic() + 10
-    busy = [name for name, r in state["services"].items() if r.get("port") and listening(r["port"])]
-    while busy and time.monotonic() < deadline:
+    served = {name: r["port"] for name, r in services.items() if name not in left and r.get("ready") and r.get("port")}
+    while any(listening(port) for port in served.values()) and time.monotonic() < deadline:
         time.sleep(0.5)
-        busy = [name for name, r in state["services"].items() if r.get("port") and listening(r["port"])]
-    if left or busy:
-        raise StackError(f"could not stop {', '.join(left)}; still listening: {', '.join(busy) or 'none'}")
-    (home / STATE).unlink(missing_ok=True)
-    return stopped
+    problems += [f"port {port} (of {name}) still listening after {name} stopped"
+                 for name, port in served.items() if listening(port)]
+    stopped = [name for name in reversed(SERVICES) if name in services and name not in left]
+    done = [f"stopped {', '.join(stopped) or 'nothing (none was running)'} (data kept in {home})"]
+    restored = restore_remote(state)
+    if restored:
+        done.append(restored)
+    if left:
+        write_state(home, state | {"services": left, "dvc": {}})
+    else:
+        (home / STATE).unlink(missing_ok=True)
+    return done, problems
 
 
 def status(home: Path) -> int:
@@ -338,7 +454,13 @@ def status(home: Path) -> int:
         up_now = ours(record) and (not record.get("port") or listening(record["port"]))
         all_up = all_up and up_now
         print(f"{name:<8} {'up' if up_now else 'DOWN':<5} {record['url']}  (pid {record['pid']}, log {record['log']})")
-    print(f"dvc      remote `{REMOTE}` = s3://{DVC_BUCKET}/lmforge (in {state['repo']}/.dvc/config.local)")
+    dvc = state.get("dvc") or {}
+    if dvc.get("left"):
+        print(f"dvc      {state['repo']}/.dvc/config.local left pointing at {dvc['left']} (another stack)")
+    elif dvc.get("written") is not None:
+        print(f"dvc      remote `{REMOTE}` = s3://{DVC_BUCKET}/lmforge (in {state['repo']}/.dvc/config.local)")
+    else:
+        print("dvc      remote not configured yet (every service up first)")
     return 0 if all_up else 1
 
 
@@ -357,9 +479,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nuse it from a shell: eval \"$(deploy/local-stack env{'' if home == ROOT / '.stack' else f' --dir {home}'})\"")
             return 0 if state else 1
         if args.command == "down":
-            stopped = down(home)
-            if stopped:
-                print(f"stopped {', '.join(stopped)}; nothing of the stack is listening (data kept in {home})")
+            done, problems = down(home)
+            for line in done:
+                print(line)
+            if problems:
+                raise StackError(f"could not stop: {'; '.join(problems)}")
             return 0
         if args.command == "status":
             return status(home)

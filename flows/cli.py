@@ -125,12 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     hand_p.add_argument("--reason", required=True, help="why (recorded on the version)")
     args = parser.parse_args(argv)
     quiet_env()
-    from lmforge.tracking_store import HTTP_CLIENT_DEFAULTS
+    from lmforge.tracking_store import use_http_client_defaults
 
-    # A tracking server gone mid-run costs seconds, not MLflow's minutes of retries: the flow's own
-    # MLflow calls and its stages' (setdefault: the environment may ask for more patience).
-    for key, value in HTTP_CLIENT_DEFAULTS.items():  # the one set the stages use too
-        os.environ.setdefault(key, value)
+    # A tracking server gone mid-run costs seconds, not MLflow's minutes of retries (the registry
+    # commands' calls; the flow sets the same itself, wherever it is started from).
+    use_http_client_defaults()
     if args.command in ("rollback", "promote"):
         return change_champion(args.command, args.reason, getattr(args, "version", None))
     problem = check_prefect_api()

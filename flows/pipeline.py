@@ -61,7 +61,7 @@ from prefect.states import Completed
 
 from flows.dvc_repo import apply_param_overrides, dvc_changed, dvc_lock_entry, dvc_stages, exp_save
 from flows.errors import PipelineError, StageInputError
-from flows.remote import publish
+from flows.remote import publish, worker_locations
 from flows.summary import mlflow_run_links, publish_summary, record_parent_run
 from lmforge import quiet_env
 from lmforge.redact import redact
@@ -114,6 +114,8 @@ def _stage_env(extra: Mapping[str, str]) -> dict[str, str]:
     """The environment of the DVC processes the flow starts: this one's with telemetry off, this
     interpreter's tools first on PATH, output unbuffered (streamed line by line), then `extra`."""
     env = quiet_env(dict(os.environ))
+    for key, value in worker_locations(env).items():  # on a worker: its checkpoints outside its clone
+        env.setdefault(key, value)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"  # (each stage sets its MLflow client defaults itself: tracking.stage_run)
     env.update(extra)
@@ -249,6 +251,11 @@ def pipeline(overrides: list[str] | None = None, force: bool = False, stages: li
              push: bool = False) -> dict[str, Any]:
     """Run the DVC stages (all, or `stages`) as tasks; with `push`, then publish what they produced
     (flows.remote.publish); see the module docstring."""
+    from lmforge.tracking_store import use_http_client_defaults
+
+    # Here, not in a command line: a worker starts the flow from prefect.yaml's entry point, and a
+    # tracking server gone mid-run must cost seconds, not MLflow's ~4 minutes of retries per call.
+    use_http_client_defaults()
     if push and overrides:  # the team's branch gets the params.yaml it has, not a run's experiment
         raise PipelineError("push publishes dvc.lock to the team's branch, so it takes no overrides: commit the "
                             "params change instead, or run the experiment without push and share it with "

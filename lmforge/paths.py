@@ -4,6 +4,7 @@ dvc.yaml restates these paths for DVC (it cannot import Python); tests/test_path
 two disagree. Paths are relative to the repository root, where every stage runs.
 """
 
+import os
 from pathlib import Path
 
 CORPUS = Path("data/corpus")  # where data.source: files looks by default
@@ -23,8 +24,11 @@ FINETUNE_DATA = Path("data/finetune")  # the built-in tasks: <task>_{train,test}
 PRETRAINED = Path("models/pretrain")
 PRETRAINED_HF = Path("models/pretrain_hf")
 FINETUNED = Path("models/finetune")
-PRETRAIN_CHECKPOINTS = Path("checkpoints/pretrain")
-FINETUNE_CHECKPOINTS = Path("checkpoints/finetune")
+# Training checkpoints: each machine's resume state, no DVC output. LMFORGE_CHECKPOINTS_DIR moves them (a
+# run-time setting, never a param): a worker keeps them outside its clone (flows.remote.worker_locations).
+CHECKPOINTS = Path(os.environ.get("LMFORGE_CHECKPOINTS_DIR") or "checkpoints")
+PRETRAIN_CHECKPOINTS = CHECKPOINTS / "pretrain"
+FINETUNE_CHECKPOINTS = CHECKPOINTS / "finetune"
 
 PRETRAIN_REPORTS = Path("reports/pretrain")
 FINETUNE_REPORTS = Path("reports/finetune")

@@ -45,6 +45,14 @@ HTTP_CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQ
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
+def use_http_client_defaults() -> None:
+    """HTTP_CLIENT_DEFAULTS into this process's environment, where a value is not set already.
+    MLflow reads them at each request, so every later call (and every process started from here)
+    gives up on a dead server in seconds."""
+    for key, value in HTTP_CLIENT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def tracking_errors() -> tuple[type[BaseException], ...]:
     """What an unreachable, damaged or read-only tracking store raises. Every call caught with
     these is a tracking call (never the stage's own work), so OSError here is the store's."""

@@ -29,16 +29,17 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, make_repo, run, tool_env
 from flows.errors import PipelineError
-from flows.pipeline import pipeline
+from flows.pipeline import _stage_env, pipeline
+from flows.remote import checkout, publish
 
 STACK = REPO / "deploy" / "local-stack"
 ALL = ["ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate", "promote"]
 RUN_TIMEOUT_S = 420
 
 
-def stack(command: str, home: Path, repo: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def stack(command: str, home: Path, repo: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(STACK), command, "--dir", str(home), "--repo", str(repo)], cwd=repo,
-                          env=tool_env(LMFORGE_PYTHON=sys.executable), capture_output=True, text=True,
+                          env=tool_env(LMFORGE_PYTHON=sys.executable, **env), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -140,6 +141,10 @@ def test_the_worker_runs_the_deployment_from_its_own_clone(deployed):
     assert (deployed["clone"] / "dvc.lock").is_file() and (deployed["clone"] / "models" / "finetune").is_dir()
     workspace = deployed["workspace"]
     assert not (workspace / "dvc.lock").exists() and not (workspace / "models").exists()  # developer's untouched
+    # the DVC cache and the checkpoints beside the clone, where nothing done to the clone reaches them
+    worker, clone = deployed["home"] / "worker", deployed["clone"]
+    assert (worker / "dvc-cache" / "files" / "md5").is_dir() and (worker / "checkpoints" / "pretrain").is_dir()
+    assert not (clone / ".dvc" / "cache").exists() and not (clone / "checkpoints").exists()
     print(f"stack up + deploy + tiny run by the worker: {deployed['seconds']:.0f} s")
 
 
@@ -227,6 +232,9 @@ def test_down_stops_every_process_and_frees_every_port(deployed):
                 assert sock.connect_ex(("127.0.0.1", record["port"])) != 0, f"{name} still listening"
     status = stack("status", deployed["home"], deployed["workspace"])
     assert status.returncode == 1 and "no stack" in status.stdout
+    # `up` made the stack the checkout's DVC remote; `down` puts back what was there: no config.local
+    assert not (deployed["workspace"] / ".dvc" / "config.local").exists()
+    assert "config.local restored" in down.stdout, down.stdout
 
 
 def test_a_checkout_without_a_remote_is_told_what_to_set(tmp_path):
@@ -240,3 +248,246 @@ def test_a_checkout_without_a_remote_is_told_what_to_set(tmp_path):
 def test_push_refuses_overrides_before_anything_runs():
     with pytest.raises(PipelineError, match="takes no overrides"):
         pipeline.fn(overrides=["tokenizer.vocab_size=300"], push=True)
+
+
+# ------------------------------------------------------------------------- the stack's own faults
+
+
+def dvc_checkout(root: Path, remote: str | None = None) -> Path:
+    """git + DVC in `root`; with `remote`, a default remote `mine` at that URL in .dvc/config.local."""
+    root.mkdir(parents=True, exist_ok=True)
+    run(["git", "init", "-q"], root)
+    run(["dvc", "init", "-q"], root)
+    if remote:
+        run(["dvc", "remote", "add", "--local", "--default", "mine", remote], root)
+    return root
+
+
+def load_local_stack():
+    """deploy/local_stack.py as a module (deploy/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("local_stack", REPO / "deploy" / "local_stack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_port_taken_before_its_server_binds_is_reported_as_such_and_down_finishes(tmp_path):
+    workspace = dvc_checkout(tmp_path / "workspace", str(tmp_path / "store"))
+    config = workspace / ".dvc" / "config.local"
+    before, home = config.read_bytes(), tmp_path / "stack"
+    with socket.socket() as taken:  # another program's, on the port the stack's S3 storage is given
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        try:
+            up = stack("up", home, workspace, timeout=240, LMFORGE_STACK_S3_PORT=str(port))
+            down = stack("down", home, workspace, timeout=120)
+        finally:
+            kill_leftovers(home)
+    assert up.returncode == 1, up.stdout + up.stderr
+    # the service, its port and the server's own last word; not a failure to stop the others
+    assert up.stderr.startswith(f"error: S3 storage exited before it was ready on 127.0.0.1:{port}: "
+                                f"Port {port} is in use by another program"), up.stderr
+    assert "could not stop" not in up.stderr and "Traceback" not in up.stderr
+    assert down.returncode == 0 and "no stack" in down.stdout, down.stdout + down.stderr
+    assert config.read_bytes() == before  # a stack that never came up never became the remote
+
+
+def test_a_second_stack_leaves_a_remote_pointing_at_a_stack_that_is_up_alone(tmp_path, capsys):
+    local_stack = load_local_stack()
+    workspace = dvc_checkout(tmp_path / "workspace")
+    home = tmp_path / "second"
+    home.mkdir()
+    with socket.socket() as first:  # the first stack's S3 storage, up
+        first.bind(("127.0.0.1", 0))
+        first.listen()
+        endpoint = f"http://127.0.0.1:{first.getsockname()[1]}"
+        run(["dvc", "remote", "add", "--local", "--default", "lmforge", "s3://lmforge-dvc/lmforge"], workspace)
+        run(["dvc", "remote", "modify", "--local", "lmforge", "endpointurl", endpoint], workspace)
+        before = (workspace / ".dvc" / "config.local").read_bytes()
+        state = {"repo": str(workspace), "services": {"s3": {"url": "http://127.0.0.1:9"}}}
+        local_stack.point_remote(home, state, tool_env())
+    assert (workspace / ".dvc" / "config.local").read_bytes() == before
+    note = capsys.readouterr().out
+    assert note.startswith(f"note: {workspace / '.dvc' / 'config.local'} left as it is") and endpoint in note
+    assert local_stack.restore_remote(state) is None  # `down` of the second stack leaves it alone too
+
+
+def test_down_puts_back_the_dvc_remote_that_was_there_before_up(tmp_path):
+    local_stack = load_local_stack()
+    workspace = dvc_checkout(tmp_path / "workspace", str(tmp_path / "store"))
+    config = workspace / ".dvc" / "config.local"
+    before, home = config.read_bytes(), tmp_path / "stack"
+    home.mkdir()
+    state = {"repo": str(workspace), "keys": {"access_key_id": "k", "secret_access_key": "s"},
+             "services": {name: {"url": f"http://127.0.0.1:{local_stack.free_port()}"}
+                          for name in ("s3", "mlflow", "prefect")}}
+    local_stack.point_remote(home, state, local_stack.base_env() | local_stack.client_env(state))
+    assert state["services"]["s3"]["url"] in config.read_text()  # the stack's storage is the remote
+    said = local_stack.restore_remote(state)
+    assert config.read_bytes() == before and said.endswith("as before `up`"), said
+
+
+# ------------------------------------------------------------- a worker's clone after a failed push
+
+# A stage that trains in a blink: its output is a DVC directory, its checkpoint goes where
+# lmforge.paths says (LMFORGE_CHECKPOINTS_DIR on a worker).
+TRAIN = """\
+from pathlib import Path
+from lmforge import paths
+text = Path("data.txt").read_text()
+Path("model").mkdir(exist_ok=True)
+Path("model/weights.txt").write_text(text.upper())
+paths.PRETRAIN_CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+(paths.PRETRAIN_CHECKPOINTS / "step-1").write_text(text)
+"""
+# prefect.yaml's pull steps, each templated and called as Prefect's run_step does before a flow run
+# (less its block and variable look-ups, which need a Prefect server; these steps use none).
+PULL_STEPS = """\
+import asyncio, inspect, os, sys, yaml
+from prefect.utilities.importtools import import_object
+from prefect.utilities.templating import apply_values
+outputs = {}
+for step in yaml.safe_load(open(sys.argv[1]))["pull"]:
+    (name, inputs), = step.items()
+    inputs = apply_values(apply_values(dict(inputs), outputs), os.environ)
+    step_id = inputs.pop("id", None)
+    result = import_object(name)(**inputs)
+    result = asyncio.run(result) if inspect.isawaitable(result) else result
+    if step_id:
+        outputs[step_id] = result
+"""
+GIT_USER = ["-c", "user.name=dev", "-c", "user.email=dev@localhost"]
+
+
+def make_origin(base: Path) -> Path:
+    """A bare repository holding a one-stage DVC project (`train`: data.txt -> model/)."""
+    project = base / "project"
+    project.mkdir()
+    (project / "data.txt").write_text("night one\n")
+    (project / "train.py").write_text(TRAIN)
+    (project / ".gitignore").write_text("/checkpoints/\n")
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": {
+        "cmd": "python train.py", "deps": ["data.txt", "train.py"], "outs": ["model"]}}}))
+    run(["git", "init", "-q", "-b", "main"], project)
+    run(["dvc", "init", "-q"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", *GIT_USER, "commit", "-qm", "project"], project)
+    origin = base / "origin.git"
+    run(["git", "clone", "-q", "--bare", str(project), str(origin)], base)
+    return origin
+
+
+def worker_env(base: Path, origin: Path, remote: str) -> dict[str, str]:
+    """A worker's environment: its directory, the repository, the DVC remote, this checkout's code."""
+    return tool_env(PYTHONPATH=str(REPO), LMFORGE_WORKER_DIR=str(base / "worker"), LMFORGE_GIT_URL=origin.as_uri(),
+                    LMFORGE_DVC_REMOTE_URL=remote)
+
+
+def unreachable_remote(base: Path) -> str:
+    """A DVC remote no push can reach: a directory under a regular file (even root cannot make it)."""
+    (base / "not-a-directory").write_text("")
+    return str(base / "not-a-directory" / "remote")
+
+
+def night_run(clone: Path, env: dict[str, str], monkeypatch) -> dict:
+    """The stages of a nightly run, with the environment the flow gives them; returns dvc.lock."""
+    if "LMFORGE_WORKER_DIR" in env:
+        monkeypatch.setenv("LMFORGE_WORKER_DIR", env["LMFORGE_WORKER_DIR"])
+    else:
+        monkeypatch.delenv("LMFORGE_WORKER_DIR", raising=False)
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, capture_output=True, text=True,
+                            env=_stage_env({"PYTHONPATH": str(REPO)}))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return yaml.safe_load((clone / "dvc.lock").read_text())
+
+
+def out_hashes(lock: dict) -> set[str]:
+    return {out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+def stored(directory: Path) -> set[str]:
+    """The md5s a DVC cache or local remote holds (files/md5/<2 hex>/<rest>)."""
+    return {f"{p.parent.name}{p.name}" for p in (directory / "files" / "md5").glob("*/*")}
+
+
+def push_to_origin(base: Path, origin: Path, name: str, change) -> str:
+    """Another clone (a developer, another worker) changes something and pushes it to origin."""
+    other = base / name
+    run(["git", "clone", "-q", origin.as_uri(), str(other)], base)
+    change(other)
+    run(["git", "add", "-A"], other)
+    run(["git", *GIT_USER, "commit", "-qm", f"{name}'s change"], other)
+    run(["git", "push", "-q", "origin", "HEAD:main"], other)
+    return run(["git", "rev-parse", "HEAD"], other).stdout.strip()
+
+
+def pull_steps(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PULL_STEPS, str(REPO / "prefect.yaml")], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_failed_push_is_never_deleted_by_the_next_pull_and_is_published_by_it(tmp_path, monkeypatch):
+    origin = make_origin(tmp_path)
+    remote, unreachable = tmp_path / "remote", unreachable_remote(tmp_path)
+    worker = tmp_path / "worker"
+    worker.mkdir()
+    first = pull_steps(worker_env(tmp_path, origin, str(remote)))
+    assert first.returncode == 0, first.stdout + first.stderr
+    clone = worker / "lmforge"
+    lock = night_run(clone, worker_env(tmp_path, origin, str(remote)), monkeypatch)
+    with pytest.raises(PipelineError, match="dvc push"):  # the store is down at the end of the night
+        publish(clone, worker_env(tmp_path, origin, unreachable), "night one", print)
+
+    def developer_run(other: Path) -> None:  # another run published its own dvc.lock meanwhile
+        (other / "data.txt").write_text("a developer's data\n")
+        run(["dvc", "repro"], other, PYTHONPATH=str(REPO))
+
+    moved = push_to_origin(tmp_path, origin, "developer", developer_run)
+    head = run(["git", "rev-parse", "HEAD"], clone).stdout.strip()
+
+    refused = pull_steps(worker_env(tmp_path, origin, unreachable))  # next night, the store still down
+    said = refused.stdout + refused.stderr
+    assert run(["git", "rev-parse", "HEAD"], clone).stdout.strip() == head, said
+    assert (clone / "dvc.lock").is_file() and yaml.safe_load((clone / "dvc.lock").read_text()) == lock, said
+    assert (clone / "model" / "weights.txt").read_text() == "NIGHT ONE\n"
+    assert refused.returncode != 0
+    assert "not updated, and nothing deleted" in said and "uncommitted" in said and "dvc.lock" in said, said
+    assert f"cd {clone} && dvc push" in said, said
+    assert out_hashes(lock) <= stored(worker / "dvc-cache")  # the cache lives beside the clone
+    assert (worker / "checkpoints" / "pretrain" / "step-1").is_file()  # and so do the checkpoints
+
+    published = pull_steps(worker_env(tmp_path, origin, str(remote)))  # the store is back
+    assert published.returncode == 0, published.stdout + published.stderr
+    assert out_hashes(lock) <= stored(remote)  # the failed night's outputs reached the remote
+    branches = run(["git", "for-each-ref", "--format=%(refname:short)", "refs/heads/lmforge-pipeline/"],
+                   origin).stdout.split()
+    assert len(branches) == 1, branches  # its dvc.lock conflicted with the developer's: kept beside it
+    assert yaml.safe_load(run(["git", "show", f"{branches[0]}:dvc.lock"], origin).stdout) == lock
+    assert run(["git", "rev-parse", "HEAD"], clone).stdout.strip() == moved  # the clone follows origin
+    assert out_hashes(lock) <= stored(worker / "dvc-cache") and (worker / "checkpoints" / "pretrain").is_dir()
+
+
+def test_the_next_pull_puts_a_failed_nights_dvc_lock_on_top_of_a_moved_origin(tmp_path, monkeypatch):
+    origin = make_origin(tmp_path)
+    remote = tmp_path / "remote"
+    clone = tmp_path / "worker" / "lmforge"  # a clone an earlier lmforge made: cache and checkpoints inside
+    clone.parent.mkdir()
+    run(["git", "clone", "-q", origin.as_uri(), str(clone)], tmp_path)
+    lock = night_run(clone, tool_env(PYTHONPATH=str(REPO)), monkeypatch)
+    with pytest.raises(PipelineError, match="dvc push"):
+        publish(clone, worker_env(tmp_path, origin, unreachable_remote(tmp_path)), "night one", print)
+    moved = push_to_origin(tmp_path, origin, "developer", lambda other: (other / "NOTES.md").write_text("notes\n"))
+
+    checkout(clone, worker_env(tmp_path, origin, str(remote)), print)
+
+    assert out_hashes(lock) <= stored(remote) and out_hashes(lock) <= stored(tmp_path / "worker" / "dvc-cache")
+    assert not (clone / ".dvc" / "cache").exists() and not (clone / "checkpoints").exists()  # moved beside it
+    assert (tmp_path / "worker" / "checkpoints" / "pretrain" / "step-1").is_file()
+    log = run(["git", "log", "--format=%H %s", "-2", "main"], origin).stdout.splitlines()
+    assert log[0].split(" ", 1)[1].startswith("lmforge-pipeline: dvc.lock of an earlier run") and log[1].startswith(moved)
+    assert yaml.safe_load(run(["git", "show", "main:dvc.lock"], origin).stdout) == lock
+    assert run(["git", "rev-parse", "HEAD"], clone).stdout.strip() == log[0].split()[0]
+    assert (clone / "NOTES.md").is_file()

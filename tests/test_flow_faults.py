@@ -11,7 +11,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -148,6 +150,54 @@ def test_a_library_error_leaves_the_flow_with_its_credentials_masked():
         raise ConnectionError(f"API request to http://lmforge:{SECRET}@mlflow:5000/api/2.0/runs/create failed")
     assert SECRET not in str(raised.value) and f"lmforge:{MASK}@mlflow:5000" in str(raised.value)
     assert raised.value.__suppress_context__  # the original message is not printed under it either
+
+
+# ---------------------------------------------------------------------- a dead tracking server
+
+RUN_FLOW = """\
+import sys
+from flows.pipeline import pipeline
+state = pipeline(root=sys.argv[1], return_state=True)
+print(state.type.value, state.message, flush=True)
+"""
+
+
+class _HealthOnce(BaseHTTPRequestHandler):
+    """A tracking server that answers the flow's /health probe, then is gone (handle_request once)."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_flow_run_gives_up_on_a_tracking_server_gone_after_its_probe_in_seconds(fake_repo, prefect_server):  # noqa: F811
+    # A worker runs the flow through prefect.yaml's entry point, not flows.cli: without the client
+    # defaults, MLflow's 7 retries would stall the flow ~4 minutes before it fails.
+    from prefect.settings import PREFECT_API_URL
+
+    server = HTTPServer(("127.0.0.1", 0), _HealthOnce)
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    answer_once = threading.Thread(target=lambda: (server.handle_request(), server.server_close()), daemon=True)
+    answer_once.start()
+    (fake_repo / "calls.log").unlink(missing_ok=True)
+    env = tool_env(PYTHONPATH=str(REPO), PREFECT_API_URL=PREFECT_API_URL.value(), MLFLOW_TRACKING_URI=uri, **QUIET)
+    started = time.monotonic()
+    try:
+        flow = subprocess.run([sys.executable, "-c", RUN_FLOW, str(fake_repo)], cwd=fake_repo, env=env,
+                              capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the flow still waited on the dead tracking server after 90 s")
+    finally:
+        server.server_close()
+    seconds = time.monotonic() - started
+    assert not answer_once.is_alive(), "the flow never probed the tracking server"
+    assert flow.stdout.startswith("FAILED"), flow.stdout + flow.stderr[-3000:]
+    assert "Connection refused" in flow.stdout + flow.stderr and _calls(fake_repo) == 0  # no stage ran
+    print(f"flow failed on the dead tracking server in {seconds:.1f} s")
 
 
 # -------------------------------------------------------------------------------- overrides
