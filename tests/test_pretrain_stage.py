@@ -189,3 +189,19 @@ def test_a_manifest_vocab_beyond_the_tokenizer_is_blamed_on_the_manifest_not_the
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     (line,) = [line for line in result.stderr.splitlines() if "error:" in line]
     assert "data/shards/manifest.json: vocab_size" in line and "checkpoint" not in line
+
+
+def test_checkpoints_linked_to_another_disk_survive_every_change_of_params(trained_ready, tmp_path):
+    root = trained_ready
+    disk = tmp_path / "big-disk"
+    (disk / "pretrain").mkdir(parents=True)
+    (root / "checkpoints").mkdir(exist_ok=True)
+    (root / "checkpoints/pretrain").symlink_to(disk / "pretrain", target_is_directory=True)
+    for lr in (0.01, 0.02, 0.03):  # each one a new fingerprint: the previous checkpoints move aside
+        _params(root, pretrain={**TINY_PARAMS["pretrain"], "max_steps": 2, "eval_every": 0, "lr": lr})
+        result = run(["python", "-m", "stages.pretrain"], root, check=False)
+        assert result.returncode == 0, result.stderr
+    assert (root / "checkpoints/pretrain").is_symlink()
+    assert json.loads((disk / "pretrain/run.json").read_text())["fingerprint"]["pretrain"]["lr"] == 0.03
+    assert json.loads((disk / "pretrain.stale/run.json").read_text())["fingerprint"]["pretrain"]["lr"] == 0.02
+    assert (disk / "pretrain/step_00000002").is_dir() and not (root / "checkpoints/pretrain.stale").exists()
