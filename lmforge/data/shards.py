@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from lmforge.data.io import write_json
 from lmforge.data.tokenizer import file_sha256, load_tokenizer
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, naming_full_disk
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -90,9 +90,10 @@ class ShardWriter:
         values = pa.array(rows.reshape(-1), type=self.schema.field(COLUMN).type.value_type)
         column = pa.FixedSizeListArray.from_arrays(values, self.row_len)
         try:
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, self.schema) as writer:
-                writer.write_batch(pa.record_batch([column], schema=self.schema))
-            os.replace(tmp, path)
+            with naming_full_disk(path):
+                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, self.schema) as writer:
+                    writer.write_batch(pa.record_batch([column], schema=self.schema))
+                os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         self.shards.append(
