@@ -39,7 +39,7 @@ def claim_run_dir(root: Path, fingerprint: dict[str, Any], resume: str) -> str |
     """Keep `root`'s checkpoints when they belong to this same run (returning its MLflow run
     id, to continue logging into it); otherwise move them aside and start fresh. A `root` that is
     a symlink (checkpoints kept on a bigger disk) stays one: the work happens in its target."""
-    directory = run_dir_target(root)
+    directory = _run_dir(root)
     marker = directory / MARKER
     if directory.exists() and marker.is_file():
         previous = json.loads(marker.read_text())
@@ -63,7 +63,7 @@ def claim_run_dir(root: Path, fingerprint: dict[str, Any], resume: str) -> str |
     return None
 
 
-def run_dir_target(root: Path) -> Path:
+def _run_dir(root: Path) -> Path:
     """The directory the run's checkpoints live in: `root`, or the target of the link `root` is
     (made when missing, as long as the directory it goes in exists: an unmounted disk is named)."""
     try:
