@@ -1,5 +1,5 @@
 """The flow's errors: PipelineError (a failure with its message first, redacted once when made) and
-StageInputError (a stage that rejected its params or input, so never retried)."""
+StageInputError (a stage that failed in a way a retry cannot fix, so never retried)."""
 
 from __future__ import annotations
 
@@ -16,5 +16,6 @@ class PipelineError(RuntimeError):
 
 
 class StageInputError(PipelineError):
-    """A stage rejected its params or input (its `[stage] error:` line, exit status 2): it fails
-    the same way every time, so the flow never retries it."""
+    """A stage rejected its params or input (its `[stage] error:` line, exit status 2), or failed on a
+    wrong path or a bug (flows.pipeline.SAME_EVERY_TIME): it fails the same way every time, so the
+    flow never retries it."""

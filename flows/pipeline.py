@@ -25,9 +25,10 @@ MLflow run and a summary artifact) and its stage task; the entry point of prefec
   metrics as `<stage>/<metric>`, the key params and a description linking each stage's run
   (flows.summary.record_parent_run).
 - A stage that fails fails the flow with the stage's own error line first; later stages do not run
-  and earlier outputs stay. pretrain and finetune retry with backoff (they resume from checkpoints),
-  except when the stage rejected its params or input (its `[stage] error:` line, exit status 2):
-  that fails the same way every time, so it is never retried.
+  and earlier outputs stay. pretrain and finetune retry with backoff (they resume from checkpoints)
+  a failure a retry may fix (killed, out of memory, NCCL, a connection), never one that fails the
+  same way every time: the stage rejecting its params or input (its `[stage] error:` line, exit
+  status 2) or a traceback ending in a path error or a bug (SAME_EVERY_TIME).
 - `push` (the deployment `nightly` in prefect.yaml sets it): after the stages, the task `publish`
   (flows.remote) runs `dvc push` and commits and pushes dvc.lock to git's origin, so another
   clone's `dvc pull` finds every stage a cache hit but promote (always_changed in dvc.yaml: it reads
@@ -95,18 +96,53 @@ def _error_line(stage: str, lines: list[str]) -> str:
     return dvc[0] if dvc else (lines[-1] if lines else "no output")
 
 
+# Exceptions a retry cannot fix: a path that is wrong or a bug, raised the same way on every attempt.
+# Anything else that ends a stage (killed, out of memory, NCCL/CUDA, a connection) may pass next time.
+SAME_EVERY_TIME = frozenset({
+    "NotADirectoryError", "IsADirectoryError", "FileExistsError", "FileNotFoundError", "PermissionError",
+    "KeyError", "IndexError", "TypeError", "ValueError", "AttributeError", "NameError", "ImportError",
+    "ModuleNotFoundError", "SyntaxError", "AssertionError", "ZeroDivisionError", "NotImplementedError",
+    "RecursionError", "UnicodeDecodeError", "UnicodeEncodeError", "JSONDecodeError",
+})
+WRAPPERS = frozenset({"ChildFailedError"})  # torchrun's report that a rank failed; the rank's own comes first
+_RANK_PREFIX = re.compile(r"^\[(?:default)?rank\d+\]:\s?")
+_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*)(?::|$)")
+# Killed by a signal (the OOM killer, a preempted machine): DVC's `exited with -9` (or 128 + 9 through
+# a shell), torchrun's `exitcode  : -9` for a rank.
+_KILLED = re.compile(r"exited with (-\d+|129|1[3-5]\d)\s*$|exitcode\s*:\s*-\d+")
+
+
+def _raised(lines: list[str]) -> list[str]:
+    """The exception type ending each Python traceback in the output ('NotADirectoryError'), in order."""
+    names = []
+    plain = [_RANK_PREFIX.sub("", line) for line in lines]
+    for i, line in enumerate(plain):
+        if line.startswith("Traceback (most recent call last)"):
+            end = next((m for m in map(_EXCEPTION.match, plain[i + 1:]) if m), None)
+            if end is not None:
+                names.append(end.group(1).rsplit(".", 1)[-1])
+    return names
+
+
 def _is_deterministic(stage: str, lines: list[str]) -> bool:
-    """Whether the stage rejected its params or input. `dvc repro` exits 255 whatever its stage's
-    status, so the output tells: the stage's own `[stage] error:` line (lmforge.cli prints it before
-    exit status 2; under torchrun, which exits 1, it is still there), or DVC's `exited with 2`."""
+    """Whether the stage failed in a way a retry cannot fix. `dvc repro` exits 255 whatever its
+    stage's status, so the output tells: the stage's own `[stage] error:` line (lmforge.cli prints it
+    for bad params or input, before exit status 2; under torchrun, which exits 1, it is still there),
+    DVC's `exited with 2`, or a traceback ending in an exception of SAME_EVERY_TIME (a stage killed by
+    a signal, out of memory, or failing on a connection or NCCL is retried)."""
     own = re.compile(rf"^\[{re.escape(stage)}\] error:")
-    return any(own.match(line) or (line.startswith("ERROR:") and line.rstrip().endswith("exited with 2"))
-               for line in lines)
+    if any(own.match(line) or (line.startswith("ERROR:") and line.rstrip().endswith("exited with 2"))
+           for line in lines):
+        return True
+    if any(_KILLED.search(line) for line in lines):  # whatever it printed before
+        return False
+    raised = [name for name in _raised(lines) if name not in WRAPPERS]
+    return bool(raised) and raised[-1] in SAME_EVERY_TIME
 
 
 def retry_unless_deterministic(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect's `retry_condition_fn` for the stage tasks: retry anything but a StageInputError
-    (a bad param fails identically on every attempt; retrying only costs the backoff delays)."""
+    (a bad param or a wrong path fails identically on every attempt; retrying only costs the delays)."""
     return not isinstance(state.result(raise_on_failure=False), StageInputError)
 
 

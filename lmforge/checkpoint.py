@@ -30,7 +30,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, disk_full, naming_full_disk
 from lmforge.parallelize import barrier
 
 PREFIX = "step_"
@@ -160,13 +160,15 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        (tmp / f"rng_rank{_rank()}.json").write_text(json.dumps(rng_state()))
-        if _rank() == 0:
-            (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **extra}, indent=2))
+        with naming_full_disk(final, check_free=True):
+            (tmp / f"rng_rank{_rank()}.json").write_text(json.dumps(rng_state()))
+            if _rank() == 0:
+                (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **extra}, indent=2))
         state = {"model": model_sd, "optim": optim_sd}
         if not self.async_save:
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
-            self._commit(tmp, final, None)
+            with naming_full_disk(final, check_free=True):
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
+                self._commit(tmp, final, None)
             return final
         if _distributed() and self._group is None:
             self._group = dist.new_group(backend="gloo")
@@ -180,8 +182,9 @@ class CheckpointManager:
 
     def _finish(self, future: Any, tmp: Path, final: Path) -> None:
         try:
-            future.result()
-            self._commit(tmp, final, self._group)
+            with naming_full_disk(final, check_free=True):
+                future.result()
+                self._commit(tmp, final, self._group)
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = exc
 
@@ -192,6 +195,8 @@ class CheckpointManager:
             self._writer = None
         if self._error is not None:
             error, self._error = self._error, None
+            if disk_full(error) is not None:
+                raise error  # the stage runner's one line: no space left on device writing <checkpoint>
             raise LmforgeError(f"a background checkpoint write under {self.root} failed: {error}") from error
 
     def _commit(self, tmp: Path, final: Path, group: Any) -> None:

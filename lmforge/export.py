@@ -5,7 +5,6 @@ renamed into place, byte-identical for the same weights; none needs pickles to l
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from lmforge.data.io import sweep_stale_temps, temp_name
-from lmforge.errors import LmforgeError, disk_full
+from lmforge.errors import LmforgeError, naming_full_disk
 from lmforge.model import ModelConfig, Transformer, build_model
 from lmforge.parallelize import barrier, clean_name
 
@@ -51,7 +50,8 @@ def write_atomically(out_dir: Path, fill: Any) -> Path:
     sweep_stale_temps(out_dir.parent)  # full model copies left by killed exports
     tmp = Path(tempfile.mkdtemp(prefix=f"{temp_name(out_dir).name}-", dir=out_dir.parent))
     try:
-        fill(tmp)
+        with naming_full_disk(out_dir):  # safetensors does not say which file
+            fill(tmp)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -60,10 +60,8 @@ def write_atomically(out_dir: Path, fill: Any) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-    except BaseException as exc:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, Exception) and disk_full(exc) == "a file":  # safetensors does not say which
-            raise OSError(errno.ENOSPC, "No space left on device", str(out_dir)) from exc
         raise
     return out_dir
 

@@ -93,9 +93,10 @@ class ModelConfig:
     def check_vocab(self, vocab_size: int) -> None:
         """Raise if a tokenizer's ids would index past the embedding table."""
         if vocab_size > self.vocab_size:
+            # The model's vocab_size is no param: pretrain takes it from the shards' manifest.json.
             raise LmforgeError(
-                f"the tokenizer has {vocab_size} ids but the model embeds only {self.vocab_size}: "
-                "set the model's vocab_size to at least the tokenizer's"
+                f"the tokenizer has {vocab_size} ids but the model embeds only {self.vocab_size} (its vocab_size): it was "
+                "trained with another tokenizer; rerun `dvc repro pretrain` to train it on this one"
             )
 
 

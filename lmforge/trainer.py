@@ -168,7 +168,7 @@ class Trainer:
             if int(first.max()) >= model_cfg.vocab_size:
                 raise LmforgeError(
                     f"row 0 holds token id {int(first.max())} but the model embeds only {model_cfg.vocab_size}: "
-                    "set the model's vocab_size to the tokenizer's"
+                    "the data was tokenized with another tokenizer than the model's; rerun `dvc repro`"
                 )
         return seq_len
 

@@ -71,8 +71,9 @@ def main() -> None:
     params = load_params()
     info = init_distributed()
     torch.manual_seed(params.pretrain.seed)
-    train = ShardReader(paths.SHARDS, "train", tokenizer_path=paths.TOKENIZER)
-    val = ShardReader(paths.SHARDS, "val", tokenizer_path=paths.TOKENIZER)
+    eos = params.tokenizer.eos_token
+    train = ShardReader(paths.SHARDS, "train", tokenizer_path=paths.TOKENIZER, eos_token=eos)
+    val = ShardReader(paths.SHARDS, "val", tokenizer_path=paths.TOKENIZER, eos_token=eos)
     config = build_config(
         params.model.preset, vocab_size=train.vocab_size, max_seq_len=train.seq_len, **params.model.overrides()
     )

@@ -123,9 +123,12 @@ def ref_clean(p: CleanParams, docs: list[dict]) -> tuple[list[dict], dict, list[
         raw = doc["text"] or ""
         size = len(raw.encode("utf-8"))
         bytes_in += size
-        text = ref_normalize(raw)
-        changed += text != raw
-        verdict = ref_filter_reason(p, text)
+        if len(raw) > p.max_chars:  # before anything else: never normalized
+            text, verdict = "", ("length", "too_many_chars")
+        else:
+            text = ref_normalize(raw)
+            changed += text != raw
+            verdict = ref_filter_reason(p, text)
         if verdict is None and p.exact_dedup:
             key = hashlib.blake2b(ref_canonical(text).encode(), digest_size=12).digest()
             verdict = ("exact_dedup", "exact_duplicate") if key in seen else None
@@ -367,3 +370,58 @@ def test_near_and_exact_duplicates_in_other_partitions_drop_the_later_copy():
     assert stats["steps"]["exact_dedup"]["reasons"] == {"exact_duplicate": 1}
     assert stats["steps"]["near_dedup"]["reasons"] == {"near_duplicate": 1}
     assert [(row["id"], row["reason"]) for row in samples] == [("d4", "near_duplicate"), ("d7", "exact_duplicate")]
+
+
+# --- Memory: bounded by clean.max_chars, not by the longest document. ---
+
+PEAK_MEMORY_SCRIPT = """\
+import json, re, sys
+from pathlib import Path
+from lmforge.data.clean_tasks import run_clean
+from lmforge.params import CleanParams
+
+def status_mb(key):
+    return int(re.search(rf"^{key}:\\s+(\\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) / 1024
+
+root = Path(sys.argv[1])
+serial = lambda function, items, desc="", postfix=None: [function(item) for item in items]
+Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from the current size
+before = status_mb("VmRSS")
+result = run_clean(CleanParams(), root / "raw", root / "clean", root / "staging", serial)
+print(json.dumps({"grown_mb": status_mb("VmHWM") - before, "length": result["stats"]["steps"]["length"],
+                  "samples": [(row["reason"], row["chars"], len(row["text"])) for row in result["samples"]]}))
+"""
+
+
+def test_a_huge_document_is_dropped_by_length_before_it_costs_memory(tmp_path):
+    """One 30 MB document among short ones, max_chars at its default (200,000): dropped and counted
+    as too_many_chars before normalization and the filters. The clean's peak memory grew by 850 MB
+    before (27 times the document); now by what reading it from Parquet costs (about 4 times)."""
+    import json
+    import subprocess
+    import sys
+
+    huge_chars = 30_000_000
+    sentence = "The quick brown fox jumps over the lazy dog near the river stone.\n"
+    huge = (sentence * (huge_chars // len(sentence) + 1))[:huge_chars]
+    texts = make_texts(40, seed=11)
+    write_raw(tmp_path / "raw", _docs(texts[:20] + [huge] + texts[20:] + texts[:1]), parts=1)  # and a duplicate
+    del huge
+    done = subprocess.run([sys.executable, "-c", PEAK_MEMORY_SCRIPT, str(tmp_path)], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["length"]["dropped"] == 1 and result["length"]["reasons"] == {"too_many_chars": 1}
+    assert result["length"]["dropped_bytes"] == huge_chars
+    assert ("too_many_chars", huge_chars, 2000) in [tuple(row) for row in result["samples"]]
+    assert result["grown_mb"] < 400, result["grown_mb"]  # main: 850 MB; now about 210 (70 of them without it)
+
+
+def test_max_chars_applies_to_the_text_as_ingested_before_normalization():
+    """The length check that comes first sees the raw text: padding that normalization would
+    remove still counts (so no document over max_chars is ever normalized)."""
+    words = "The river runs over the stone and the quick fox reads a long file."
+    params = CleanParams(max_chars=100, exact_dedup=False, near_dedup=False)
+    kept, stats, _ = _run(params, _docs([words, words + " " * 100]), parts=1)
+    assert [doc["id"] for doc in kept] == ["d0"]
+    assert stats["steps"]["length"]["reasons"] == {"too_many_chars": 1} and stats["normalized_changed"] == 0

@@ -286,6 +286,29 @@ def test_a_copied_workspace_logs_into_its_own_store(tiny_repo, tmp_path):
     assert (root / "mlruns" / latest.info.run_id / "artifacts" / "stats.json").is_file()
 
 
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_checkpoint_on_a_full_disk_is_one_line_naming_it(tmp_path, capsys, async_save):
+    """torch's writer says only "unexpected pos" when the disk fills: the stage says which checkpoint."""
+    import torch
+
+    from lmforge.cli import run_stage
+
+    model = torch.nn.Linear(200, 200)
+    optimizer = torch.optim.AdamW(model.parameters())
+    with _mounted_tmpfs(tmp_path / "disk", "64k") as disk:
+        manager = CheckpointManager(disk / "pretrain", 2, "me", async_save=async_save)
+
+        def save() -> None:
+            manager.save(1, model, optimizer, {})
+            manager.wait()
+
+        with pytest.raises(SystemExit) as stopped:
+            run_stage("pretrain", save)
+    line = capsys.readouterr().err.strip()
+    assert stopped.value.code == 1 and line == (f"[pretrain] error: no space left on device writing "
+                                                f"{disk / 'pretrain' / 'step_00000001'}: free space there and rerun the stage")
+
+
 def test_a_full_disk_is_one_line_and_the_run_is_marked_failed(tiny_repo, tmp_path):
     root = _copy(tiny_repo, tmp_path / "repo", store=True, checkpoints=False)
     before = (root / "models/pretrain/model.safetensors").read_bytes()

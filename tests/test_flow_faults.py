@@ -49,6 +49,10 @@ if mode in ("bad-param", "bad-param-torchrun"):  # what lmforge.cli prints; torc
 if mode == "crash":  # a transient failure: no error line of the stage's own
     print("RuntimeError: NCCL watchdog timeout", file=sys.stderr, flush=True)
     sys.exit(1)
+if mode == "killed":  # what the OOM killer or a preempted machine does
+    os.kill(os.getpid(), 9)
+if mode == "bug":  # a failure of the stage's own making: the same on every attempt
+    Path("calls.log", "step_1").mkdir()  # NotADirectoryError, as a checkpoint path through a file
 Path("out.txt").write_text("done")
 """
 
@@ -267,11 +271,46 @@ def test_a_stage_rejecting_its_params_runs_once(flow_env, monkeypatch, mode):
     assert _calls(flow_env) == 1  # pretrain has retries=2: none was used
 
 
-def test_a_transient_stage_failure_is_still_retried(flow_env, monkeypatch):
-    monkeypatch.setenv("FAKE_STAGE", "crash")
+@pytest.mark.parametrize("mode, says", [("crash", "RuntimeError: NCCL watchdog timeout"), ("killed", "exited with -9")])
+def test_a_transient_stage_failure_is_still_retried(flow_env, monkeypatch, mode, says):
+    monkeypatch.setenv("FAKE_STAGE", mode)
     bad = _run(flow_env)
-    assert bad["state"].is_failed() and "RuntimeError: NCCL watchdog timeout" in bad["error"]
+    assert bad["state"].is_failed() and says in bad["error"]
     assert _calls(flow_env) == 1 + pipeline_module.RETRIED_STAGES["pretrain"]
+
+
+TORCHRUN_RANK_FAILED = """\
+[rank0]: Traceback (most recent call last):
+[rank0]:   File "stages/pretrain.py", line 90, in main
+[rank0]: NotADirectoryError: [Errno 20] Not a directory: 'checkpoints/pretrain' -> 'checkpoints/pretrain.stale'
+Traceback (most recent call last):
+  File "torch/distributed/run.py", line 892, in main
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+  exitcode  : 1 (pid: 4242)
+ERROR: failed to reproduce 'pretrain': failed to run: torchrun -m stages.pretrain, exited with 1"""
+EARLIER_WARNING_THEN_KILLED = """\
+UserWarning: checkpoint step_00000003 could not be loaded (CheckpointException: Traceback (most recent call last): (RANK 0)
+  File "torch/distributed/checkpoint/utils.py", line 193, in reduce_scatter
+ValueError: Size mismatch); falling back to the previous checkpoint
+ERROR: failed to reproduce 'pretrain': failed to run: python -m stages.pretrain, exited with -9"""
+
+
+@pytest.mark.parametrize("output, deterministic", [
+    (TORCHRUN_RANK_FAILED, True),
+    (TORCHRUN_RANK_FAILED.replace("NotADirectoryError", "torch.OutOfMemoryError"), False),
+    (EARLIER_WARNING_THEN_KILLED, False),
+    ("Traceback (most recent call last):\n  File \"x.py\"\nConnectionResetError: [Errno 104]", False),
+    ("Traceback (most recent call last):\n  File \"x.py\"\nKeyError: 'splits'", True),
+])
+def test_what_a_retry_cannot_fix_is_told_from_the_stage_output(output, deterministic):
+    assert pipeline_module._is_deterministic("pretrain", output.splitlines()) is deterministic
+
+
+def test_a_stage_failing_on_a_path_error_of_its_own_runs_once(flow_env, monkeypatch):
+    monkeypatch.setenv("FAKE_STAGE", "bug")
+    bad = _run(flow_env)
+    assert bad["state"].is_failed() and bad["error"].startswith("NotADirectoryError: ")
+    assert _calls(flow_env) == 1  # the same traceback on every attempt: no retry
 
 
 # ---------------------------------------------------------------------------------- signals

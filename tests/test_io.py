@@ -51,3 +51,49 @@ def test_write_json_refuses_a_non_finite_number_naming_the_file_and_key(tmp_path
     with pytest.raises(LmforgeError, match=r"x\.json: losses\[1\] is inf"):
         write_json(tmp_path / "x.json", {"losses": [0.5, float("inf")]})
     assert not (tmp_path / "x.json").exists()
+
+
+# --- A full disk: the stage's one line names the file it could not write. ---
+
+def _full_disk_under(path):
+    """`path`'s temp name (this process's) made a link to /dev/full: every write to it fails with
+    ENOSPC, as on a full disk, and nothing else about the write changes."""
+    import os
+
+    from lmforge.data.io import temp_name
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp_name(path).symlink_to("/dev/full")
+    return path
+
+
+@pytest.mark.parametrize("name, write", [
+    ("stats.json", lambda path: write_json(path, {"a": 1})),
+    ("part-00000.parquet", lambda path: _write_documents(path)),
+    ("train-00000.arrow", lambda path: _write_shard(path)),
+], ids=["json", "documents", "shard"])
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, capsys, name, write):
+    from lmforge.cli import run_stage
+
+    target = _full_disk_under(tmp_path / "train" / name)
+    with pytest.raises(SystemExit) as stopped:
+        run_stage("clean", lambda: write(target))
+    line = capsys.readouterr().err.strip()
+    assert stopped.value.code == 1 and line == (
+        f"[clean] error: no space left on device writing {target}: free space there and rerun the stage")
+
+
+def _write_documents(path):
+    with DocumentWriter(path) as writer:
+        writer.write([make_document("some text " * 1000, "files")])
+
+
+def _write_shard(path):
+    import numpy as np
+
+    from lmforge.data.shards import ShardWriter
+
+    writer = ShardWriter(path.parent.parent, "train", 7, np.dtype(np.uint16), shard_rows=4)
+    writer.add(np.zeros((4, 8), dtype=np.uint16))

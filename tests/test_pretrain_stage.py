@@ -161,3 +161,47 @@ def test_shards_from_another_tokenizer_are_refused(trained_ready):
     (root / "data/tokenizer/tokenizer.json").write_text(json.dumps(other))
     result = run(["python", "-m", "stages.pretrain"], root, check=False)
     assert result.returncode == 2 and "another tokenizer" in result.stderr
+
+
+def _edit_manifest(root: Path, **fields) -> Path:
+    path = root / "data/shards/manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, **fields}))
+    return path
+
+
+def test_a_manifest_eos_id_that_disagrees_with_the_tokenizer_is_one_line_naming_it(trained_ready):
+    root = trained_ready
+    eos = json.loads((root / "data/shards/manifest.json").read_text())["eos_id"]
+    _edit_manifest(root, eos_id=eos + 3)
+    result = run(["python", "-m", "stages.pretrain"], root, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert "data/shards/manifest.json: eos_id" in line and "dvc repro -f tokenize" in line
+
+
+def test_a_manifest_vocab_beyond_the_tokenizer_is_blamed_on_the_manifest_not_the_checkpoints(trained_ready):
+    root = trained_ready
+    run(["python", "-m", "stages.pretrain"], root)  # checkpoints of this very run exist
+    vocab = json.loads((root / "data/shards/manifest.json").read_text())["vocab_size"]
+    _edit_manifest(root, vocab_size=vocab + 64)
+    result = run(["python", "-m", "stages.pretrain"], root, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert "data/shards/manifest.json: vocab_size" in line and "checkpoint" not in line
+
+
+def test_checkpoints_linked_to_another_disk_survive_every_change_of_params(trained_ready, tmp_path):
+    root = trained_ready
+    disk = tmp_path / "big-disk"
+    (disk / "pretrain").mkdir(parents=True)
+    (root / "checkpoints").mkdir(exist_ok=True)
+    (root / "checkpoints/pretrain").symlink_to(disk / "pretrain", target_is_directory=True)
+    for lr in (0.01, 0.02, 0.03):  # each one a new fingerprint: the previous checkpoints move aside
+        _params(root, pretrain={**TINY_PARAMS["pretrain"], "max_steps": 2, "eval_every": 0, "lr": lr})
+        result = run(["python", "-m", "stages.pretrain"], root, check=False)
+        assert result.returncode == 0, result.stderr
+    assert (root / "checkpoints/pretrain").is_symlink()
+    assert json.loads((disk / "pretrain/run.json").read_text())["fingerprint"]["pretrain"]["lr"] == 0.03
+    assert json.loads((disk / "pretrain.stale/run.json").read_text())["fingerprint"]["pretrain"]["lr"] == 0.02
+    assert (disk / "pretrain/step_00000002").is_dir() and not (root / "checkpoints/pretrain.stale").exists()

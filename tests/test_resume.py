@@ -43,3 +43,36 @@ def test_execution_knobs_do_not_invalidate_checkpoints():
     b = PretrainParams(checkpoint_every=20, progress=True, compile=False)
     assert result_knobs(a) == result_knobs(b)
     assert result_knobs(PretrainParams(max_steps=5)) != result_knobs(PretrainParams(max_steps=6))
+
+
+def test_a_linked_checkpoint_directory_stays_a_link_through_every_change_of_params(tmp_path):
+    """Checkpoints on a big disk through a symlink: stale ones move aside on that disk, the link stays."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    root = tmp_path / "checkpoints" / "pretrain"
+    root.parent.mkdir()
+    root.symlink_to(disk / "pretrain", target_is_directory=True)
+    for lr in (1.0, 2.0, 3.0):
+        assert claim_run_dir(root, {"p": {"lr": lr}}, "auto") is None
+        (root / f"step_{int(lr):08d}").mkdir()
+        assert root.is_symlink() and (disk / "pretrain" / "run.json").is_file()
+    assert sorted(p.name for p in (disk / "pretrain").iterdir()) == ["run.json", "step_00000003"]
+    assert (disk / "pretrain.stale" / "step_00000002").is_dir()  # the previous run's, on the same disk
+    assert not (tmp_path / "checkpoints" / "pretrain.stale").exists()
+
+
+def test_a_dangling_link_is_followed_when_its_disk_is_there_and_named_when_not(tmp_path):
+    root = tmp_path / "ckpt"
+    root.symlink_to(tmp_path / "disk" / "ckpt")
+    with pytest.raises(LmforgeError, match=f"{root} links to {tmp_path / 'disk' / 'ckpt'}, whose directory"):
+        claim_run_dir(root, {"a": 1}, "auto")
+    (tmp_path / "disk").mkdir()
+    assert claim_run_dir(root, {"a": 1}, "auto") is None
+    assert root.is_symlink() and (tmp_path / "disk" / "ckpt" / "run.json").is_file()
+
+
+def test_a_checkpoint_path_that_is_a_file_is_one_clear_error(tmp_path):
+    root = tmp_path / "ckpt"
+    root.write_text("not a directory")
+    with pytest.raises(LmforgeError, match="is not a directory"):
+        claim_run_dir(root, {"a": 1}, "auto")

@@ -2,6 +2,7 @@
 
 import glob
 import json
+import re
 
 import datasets
 import numpy as np
@@ -132,6 +133,66 @@ def test_seq_len_mismatch_is_rejected(built):
     root, *_ = built
     with pytest.raises(LmforgeError, match="seq_len 16, not 32"):
         ShardReader(root / "shards", "train", seq_len=32)
+
+
+def _edited_manifest(built, tmp_path, **fields):
+    """A copy of the built shards whose manifest.json has `fields` replaced (None: removed)."""
+    import shutil
+
+    root, *_ = built
+    shards = shutil.copytree(root / "shards", tmp_path / "shards")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest.update(fields)
+    manifest = {key: value for key, value in manifest.items() if value is not None}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    return shards, root / "tokenizer.json"
+
+
+def test_manifest_eos_id_other_than_the_tokenizers_is_refused_naming_the_manifest(built, tmp_path):
+    _, _, tokenizer, _ = built
+    eos = tokenizer.token_to_id(PARAMS.eos_token)
+    shards, tokenizer_path = _edited_manifest(built, tmp_path, eos_id=eos + 1)
+    with pytest.raises(LmforgeError, match=rf"manifest.json: eos_id {eos + 1} is not .*{eos}.*dvc repro -f tokenize"):
+        ShardReader(shards, "train", tokenizer_path=tokenizer_path, eos_token=PARAMS.eos_token)
+
+
+def test_manifest_vocab_size_other_than_the_tokenizers_is_refused_naming_the_manifest(built, tmp_path):
+    _, _, tokenizer, _ = built
+    vocab = tokenizer.get_vocab_size()
+    shards, tokenizer_path = _edited_manifest(built, tmp_path, vocab_size=vocab + 64)
+    with pytest.raises(LmforgeError, match=rf"manifest.json: vocab_size {vocab + 64} is not .*{vocab}"):
+        ShardReader(shards, "train", tokenizer_path=tokenizer_path)
+
+
+@pytest.mark.parametrize("fields, says", [
+    ({"eos_id": None}, "eos_id is missing"),
+    ({"seq_len": "16"}, "seq_len is '16', not an integer"),
+    ({"row_length": 99}, "row_length 99 is not seq_len 16 + 1"),
+    ({"eos_id": 400}, "eos_id 400 is not an id of its vocabulary of 400"),
+    ({"dtype": "uint8"}, "dtype 'uint8' cannot hold the ids of a vocabulary of 400"),
+    ({"dtype": "float32"}, "dtype 'float32' cannot hold the ids"),
+    ({"column": "ids"}, "column 'ids' is not 'input_ids'"),
+])
+def test_every_manifest_field_the_reader_uses_is_checked_naming_it(built, tmp_path, fields, says):
+    shards, _ = _edited_manifest(built, tmp_path, **fields)
+    with pytest.raises(LmforgeError, match=f"manifest.json: {re.escape(says)}.*dvc repro -f tokenize"):
+        ShardReader(shards, "train")
+
+
+def test_shard_rows_of_another_length_than_the_manifest_says_are_refused(built, tmp_path):
+    shards, _ = _edited_manifest(built, tmp_path, seq_len=PARAMS.seq_len - 1, row_length=PARAMS.seq_len)
+    with pytest.raises(LmforgeError, match=f"rows of {PARAMS.seq_len + 1} ids, manifest.json says {PARAMS.seq_len}"):
+        ShardReader(shards, "train")
+
+
+def test_split_counts_that_disagree_with_its_shards_are_refused(built, tmp_path):
+    root, *_ = built
+    splits = json.loads((root / "shards" / "manifest.json").read_text())["splits"]
+    splits["train"]["rows"] += 1
+    shards, _ = _edited_manifest(built, tmp_path, splits=splits)
+    says = f"split 'train' has {splits['train']['rows']} rows and {splits['train']['tokens']} tokens, its shards"
+    with pytest.raises(LmforgeError, match=f"{says} {splits['train']['rows'] - 1} rows .*dvc repro -f tokenize"):
+        ShardReader(shards, "train")
 
 
 def test_shards_without_manifest_are_unfinished(built, tmp_path):

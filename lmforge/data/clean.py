@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lmforge.data.documents import Document
-from lmforge.data.filters import build_filters
+from lmforge.data.filters import LengthFilter, build_filters
 from lmforge.data.text import TextBatch, normalize_batch
 from lmforge.params import CleanParams
 
@@ -97,6 +97,7 @@ class Cleaner:
     def __init__(self, params: CleanParams) -> None:
         self.params = params
         self.filters = build_filters(params)
+        self.length = next(step for step in self.filters if isinstance(step, LengthFilter))
         dedups = [name for name in DEDUP_STEPS if getattr(params, name)]
         self.stats = CleanStats(steps={name: StepCount() for name in [step.name for step in self.filters] + dedups})
         # The first rejected_samples_per_reason rejected documents of each reason, with their row.
@@ -104,31 +105,42 @@ class Cleaner:
         self._sampled: Counter = Counter()
         self._rows = 0
 
-    def sample(self, step: str, reason: str, doc: Document, raw_text: str, row: int) -> None:
+    def sample(self, step: str, reason: str, doc: Document, raw_text: str, row: int, chars: int | None = None) -> None:
         if self._sampled[reason] < self.params.rejected_samples_per_reason:
             self._sampled[reason] += 1
-            self.samples.append(sample_row(step, reason, doc, raw_text, row))
+            self.samples.append(sample_row(step, reason, doc, raw_text, row, chars))
 
-    def clean_batch(self, docs: list[Document]) -> Filtered:
-        """The documents of `docs` that every filter keeps, normalized, in order."""
-        first_row, self._rows = self._rows, self._rows + len(docs)
-        if not docs:
+    def clean_batch(self, batch: pa.RecordBatch) -> Filtered:
+        """The documents of `batch` (rows of the documents schema, as read) that every filter keeps,
+        normalized, in order.
+
+        A text over `max_chars` is dropped by the length filter before anything else: it is never
+        turned into Python, normalized or split (that costs ~30 times its size), so the cleaning's
+        memory is bounded by max_chars; the longest document costs only its reading."""
+        first_row, self._rows = self._rows, self._rows + batch.num_rows
+        if not batch.num_rows:
             return Filtered([], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
-        raw_texts = [doc["text"] or "" for doc in docs]
-        raw = _to_arrow(raw_texts)
+        text_column = batch.schema.get_field_index("text")
+        raw = pc.fill_null(batch.column(text_column), "")
         sizes = pc.binary_length(raw).to_numpy(zero_copy_only=False).astype(np.int64)
+        raw_chars = pc.utf8_length(raw).to_numpy(zero_copy_only=False).astype(np.int64)
+        too_long = self.length.too_long(raw_chars)
+        if too_long.any():
+            raw = pc.if_else(pa.array(too_long), pa.scalar("", raw.type), raw)
+        docs = batch.set_column(text_column, "text", raw).to_pylist()
+        raw_texts = [doc["text"] for doc in docs]
         self.stats.documents_in += len(docs)
         self.stats.bytes_in += int(sizes.sum())
         normalized = normalize_batch(raw)
         changed = pc.fill_null(pc.not_equal(normalized, raw), True).to_numpy(zero_copy_only=False)
         self.stats.normalized_changed += int(changed.sum())
-        batch = TextBatch(normalized)
+        text_batch = TextBatch(normalized)
 
-        alive = np.ones(len(docs), dtype=bool)
-        dropped_by = np.full(len(docs), -1, dtype=np.int64)  # index of the filter
-        codes = np.zeros(len(docs), dtype=np.int64)
+        alive = ~too_long
+        dropped_by = np.where(too_long, self.filters.index(self.length), -1)  # index of the filter
+        codes = np.where(too_long, self.length.reasons.index("too_many_chars") + 1, 0)
         for index, step in enumerate(self.filters):
-            step_codes = step.reject_codes(batch, alive)
+            step_codes = step.reject_codes(text_batch, alive)
             dropped = alive & (step_codes > 0)
             dropped_by[dropped] = index
             codes[dropped] = step_codes[dropped]
@@ -142,7 +154,11 @@ class Cleaner:
             count.dropped += 1
             count.dropped_bytes += int(sizes[index])
             count.reasons[reason] += 1
-            self.sample(step.name, reason, docs[index], raw_texts[index], first_row + index)
+            if too_long[index]:  # its sample cut in Arrow: the whole text never becomes a Python string
+                cut = pc.utf8_slice_codeunits(batch.column(text_column).slice(index, 1), 0, SAMPLE_TEXT_CHARS)
+                self.sample(step.name, reason, docs[index], cut[0].as_py(), first_row + index, int(raw_chars[index]))
+            else:
+                self.sample(step.name, reason, docs[index], raw_texts[index], first_row + index)
 
         texts = list(raw_texts)
         for index, text in zip(np.flatnonzero(changed).tolist(), normalized.filter(pa.array(changed)).to_pylist()):
@@ -157,15 +173,16 @@ class Cleaner:
         return Filtered(kept, survivors + first_row, sizes[survivors], clean_bytes)
 
 
-def sample_row(step: str, reason: str, doc: Document, raw_text: str, row: int) -> dict[str, Any]:
-    """A rejected_samples.jsonl row (the raw text, cut), with its input row for ordering."""
+def sample_row(step: str, reason: str, doc: Document, raw_text: str, row: int, chars: int | None = None) -> dict[str, Any]:
+    """A rejected_samples.jsonl row (the raw text, cut), with its input row for ordering; `chars`:
+    the raw text's length when `raw_text` is already cut."""
     return {
         "reason": reason,
         "step": step,
         "id": doc["id"],
         "source": doc.get("source"),
         "name": doc.get("name"),
-        "chars": len(raw_text),
+        "chars": len(raw_text) if chars is None else chars,
         "text": raw_text[:SAMPLE_TEXT_CHARS],
         "row": row,
     }
@@ -213,12 +230,3 @@ def merge_samples(parts: list[list[dict[str, Any]]], per_reason: int) -> list[di
                 rows.append({key: value for key, value in row.items() if key != "row"})
     return [row for rows in by_reason.values() for row in rows]
 
-
-def _to_arrow(texts: list[str]) -> pa.Array:
-    try:
-        return pa.array(texts, pa.large_string())
-    except (pa.ArrowException, UnicodeEncodeError):
-        # Lone surrogates cannot be Arrow strings: they are replaced by U+FFFD first.
-        return pa.array(
-            [text.encode("utf-8", "replace").decode("utf-8") for text in texts], pa.large_string()
-        )

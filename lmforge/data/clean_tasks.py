@@ -26,14 +26,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lmforge.data.clean import DEDUP_STEPS, Cleaner, Filtered, count_dedup, merge_samples, merge_stats, sample_row
+from lmforge.data.clean import DEDUP_STEPS, SAMPLE_TEXT_CHARS, Cleaner, Filtered, count_dedup, merge_samples, merge_stats, sample_row
 from lmforge.data.dedup import (CanonicalTexts, band_buckets, band_keys, exact_duplicates, exact_keys, lsh_bands,
                                 near_duplicates, signatures, verified_pairs)
 from lmforge.data.io import DocumentWriter, atomic_path
 from lmforge.data.markers import completed, mark_completed, task_key
-from lmforge.data.partitions import iter_part_batches, part_name, part_paths, publish, write_manifest
+from lmforge.data.partitions import iter_part_arrow, iter_part_batches, part_name, part_paths, publish, write_manifest
 from lmforge.data.tokenizer import file_sha256
 from lmforge.engine import fault_point
 from lmforge.params import CleanParams
@@ -111,8 +112,8 @@ def map_part(task: tuple[Plan, int, str]) -> dict[str, Any]:
     schema = _keys_schema(plan.params, plan.bands)
     with DocumentWriter(filtered_path) as writer, atomic_path(keys_path) as tmp:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as keys:
-            for docs in iter_part_batches(raw_path, plan.params.batch_size, "ingest"):
-                filtered = cleaner.clean_batch(docs)
+            for batch in iter_part_arrow(raw_path, plan.params.batch_size, "ingest"):
+                filtered = cleaner.clean_batch(batch)
                 writer.write(filtered.docs)
                 if filtered.docs:
                     keys.write_batch(_keys_batch(plan, schema, filtered))
@@ -240,9 +241,26 @@ def _dedup_samples(plan: Plan, name: str, raw_path: str, rows: np.ndarray,
         return []
     survivors = [survivor for _, survivor in chosen]
     docs = pq.read_table(plan.path("filtered", name), columns=["id", "source", "name"]).take(survivors).to_pylist()
-    raw = pq.read_table(raw_path, columns=["text"]).column("text").take(rows[survivors]).to_pylist()
-    return [sample_row(step, DEDUP_STEPS[step], doc, text or "", int(rows[survivor]))
-            for (step, survivor), doc, text in zip(chosen, docs, raw)]
+    raw = _raw_samples(raw_path, rows[survivors], plan.params.batch_size)
+    return [sample_row(step, DEDUP_STEPS[step], doc, raw[row][0], row, chars=raw[row][1])
+            for (step, survivor), doc in zip(chosen, docs) for row in [int(rows[survivor])]]
+
+
+def _raw_samples(raw_path: str, wanted: np.ndarray, batch_size: int) -> dict[int, tuple[str, int]]:
+    """Raw row -> (its text cut to a sample, its length), read a batch at a time: never the whole
+    partition's text, nor more of one text than the sample."""
+    out: dict[int, tuple[str, int]] = {}
+    start = 0
+    for batch in iter_part_arrow(raw_path, batch_size, "ingest", columns=["text"]):
+        if start > wanted.max():
+            break
+        mine = wanted[(wanted >= start) & (wanted < start + batch.num_rows)]
+        if len(mine):
+            texts = pc.fill_null(batch.column(0).take(pa.array(mine - start)), "")
+            cut = pc.utf8_slice_codeunits(texts, 0, SAMPLE_TEXT_CHARS).to_pylist()
+            out.update(zip(mine.tolist(), zip(cut, pc.utf8_length(texts).to_pylist())))
+        start += batch.num_rows
+    return out
 
 
 # --- The driver: plan, three maps, merge. ---

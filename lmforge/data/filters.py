@@ -48,7 +48,8 @@ def _first_reason(conditions: list[np.ndarray], alive: np.ndarray) -> np.ndarray
 
 @dataclass
 class LengthFilter(Filter):
-    """Characters and words within bounds (checked in that order)."""
+    """Characters and words within bounds (checked in that order); a text over max_chars before
+    normalization is dropped as too_many_chars whatever normalization would make of it."""
 
     min_chars: int
     max_chars: int
@@ -56,6 +57,11 @@ class LengthFilter(Filter):
     max_words: int
     name: str = "length"
     reasons: ClassVar[tuple[str, ...]] = ("too_few_chars", "too_many_chars", "too_few_words", "too_many_words")
+
+    def too_long(self, raw_chars: np.ndarray) -> np.ndarray:
+        """Documents over max_chars before normalization (which only shortens a text, but for NFC's
+        rare expansions, which reject_codes still catches): the cleaner drops them first, unread."""
+        return raw_chars > self.max_chars
 
     def reject_codes(self, batch: TextBatch, alive: np.ndarray) -> np.ndarray:
         chars, words = batch.char_counts, batch.word_counts

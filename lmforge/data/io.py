@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from lmforge.data.documents import DOCUMENT_SCHEMA, Document, to_record_batch
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, naming_full_disk
 
 
 # Temp names carry the writer's PID (`.<name>.tmp-<pid>` files, `.<name>.tmp-<pid>-<random>` dirs), so a
@@ -72,8 +72,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     sweep_stale_temps(path.parent)
     tmp = temp_name(path)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with naming_full_disk(path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -147,21 +148,25 @@ class DocumentWriter:
         self.bytes = 0
         self._context = atomic_path(self.path)
         self._tmp = self._context.__enter__()
-        self._writer = pq.ParquetWriter(self._tmp, DOCUMENT_SCHEMA, compression="zstd")
+        with naming_full_disk(self.path):
+            self._writer = pq.ParquetWriter(self._tmp, DOCUMENT_SCHEMA, compression="zstd")
 
     def write(self, docs: list[Document]) -> None:
         if not docs:
             return
-        self._writer.write_batch(to_record_batch(docs))
+        with naming_full_disk(self.path):
+            self._writer.write_batch(to_record_batch(docs))
         self.documents += len(docs)
         self.bytes += sum(len(doc["text"].encode("utf-8", "surrogatepass")) for doc in docs)
 
     def close(self) -> None:
-        self._writer.close()
+        with naming_full_disk(self.path):
+            self._writer.close()
         self._context.__exit__(None, None, None)
 
     def abort(self, exc: BaseException) -> None:
-        self._writer.close()
+        with contextlib.suppress(Exception):  # the file is discarded: a close that fails too (a full disk) is moot
+            self._writer.close()
         self._context.__exit__(type(exc), exc, exc.__traceback__)
 
     def __enter__(self) -> DocumentWriter:

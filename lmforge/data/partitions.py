@@ -94,10 +94,16 @@ def open_part(path: str | Path, stage_hint: str) -> pq.ParquetFile:
 def iter_part_batches(path: str | Path, batch_size: int, stage_hint: str,
                       columns: list[str] | None = None) -> Iterator[list[Document]]:
     """Documents of one part, `batch_size` at a time (memory bounded by the batch)."""
+    for batch in iter_part_arrow(path, batch_size, stage_hint, columns):
+        yield batch.to_pylist()
+
+
+def iter_part_arrow(path: str | Path, batch_size: int, stage_hint: str,
+                    columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """The same batches as Arrow record batches, for a reader that looks before it converts."""
     parquet = open_part(path, stage_hint)
     try:
-        for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
-            yield batch.to_pylist()
+        yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
     except (pa.ArrowException, OSError) as exc:
         raise LmforgeError(f"{path} is corrupt ({exc}); rerun `dvc repro -f {stage_hint}`") from None
 

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 
 from lmforge.data.io import write_json
-from lmforge.data.tokenizer import file_sha256
-from lmforge.errors import LmforgeError
+from lmforge.data.tokenizer import file_sha256, load_tokenizer
+from lmforge.errors import LmforgeError, naming_full_disk
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -90,9 +90,10 @@ class ShardWriter:
         values = pa.array(rows.reshape(-1), type=self.schema.field(COLUMN).type.value_type)
         column = pa.FixedSizeListArray.from_arrays(values, self.row_len)
         try:
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, self.schema) as writer:
-                writer.write_batch(pa.record_batch([column], schema=self.schema))
-            os.replace(tmp, path)
+            with naming_full_disk(path):
+                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, self.schema) as writer:
+                    writer.write_batch(pa.record_batch([column], schema=self.schema))
+                os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         self.shards.append(
@@ -127,6 +128,7 @@ def write_manifest(
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
+    """manifest.json of the shards in `root`, every field the reader and the trainers use checked."""
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
         raise LmforgeError(
@@ -136,9 +138,71 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LmforgeError(f"{path} is corrupt ({exc}); rerun `dvc repro -f tokenize`") from None
+    if not isinstance(manifest, dict):
+        raise LmforgeError(f"{path} is not a JSON object; rerun `dvc repro -f tokenize`")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise LmforgeError(f"{path} has format {manifest.get('format_version')}, expected {FORMAT_VERSION}; rerun `dvc repro -f tokenize`")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise LmforgeError(f"{path}: {problem}; rerun `dvc repro -f tokenize`")
     return manifest
+
+
+# The fields the reader and the training stages rely on, and their JSON types.
+_FIELDS = {"tokenizer_sha256": str, "vocab_size": int, "eos_id": int, "seq_len": int, "row_length": int,
+           "dtype": str, "column": str, "splits": dict}
+_KIND = {str: "a string", int: "an integer", dict: "an object"}
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's fields, or None: each must agree with the others, since the
+    reader trusts them (the model's vocabulary, the rows' length, the EOS that splits documents)."""
+    for key, kind in _FIELDS.items():
+        if key not in manifest:
+            return f"{key} is missing"
+        value = manifest[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{key} is {value!r}, not {_KIND[kind]}"
+    vocab, seq_len = manifest["vocab_size"], manifest["seq_len"]
+    if vocab < 1 or seq_len < 1:
+        return f"vocab_size {vocab} and seq_len {seq_len} must be positive"
+    if manifest["row_length"] != seq_len + 1:
+        return f"row_length {manifest['row_length']} is not seq_len {seq_len} + 1"
+    if not 0 <= manifest["eos_id"] < vocab:
+        return f"eos_id {manifest['eos_id']} is not an id of its vocabulary of {vocab}"
+    if manifest["dtype"] not in ("uint16", "uint32") or np.iinfo(manifest["dtype"]).max < vocab - 1:
+        return f"dtype {manifest['dtype']!r} cannot hold the ids of a vocabulary of {vocab} (uint16 or uint32)"
+    if manifest["column"] != COLUMN:
+        return f"column {manifest['column']!r} is not {COLUMN!r}"
+    return None
+
+
+def _tokenizer_problem(manifest: dict[str, Any], tokenizer_path: str | Path, eos_token: str | None) -> str | None:
+    """Where the manifest disagrees with the tokenizer it names (same file by hash, so the manifest is wrong)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if manifest["vocab_size"] != vocab:
+        return f"vocab_size {manifest['vocab_size']} is not the {vocab} ids of {tokenizer_path}"
+    if eos_token is not None:
+        eos = tokenizer.token_to_id(eos_token)
+        if eos is None:
+            return f"its tokenizer {tokenizer_path} has no {eos_token!r} (tokenizer.eos_token in params.yaml)"
+        if manifest["eos_id"] != eos:
+            return f"eos_id {manifest['eos_id']} is not {eos}, the id of {eos_token!r} in {tokenizer_path}"
+    return None
+
+
+_SHARD_FIELDS = {"file": str, "rows": int, "bytes": int, "sha256": str}
+
+
+def _split_problem(summary: Any) -> str | None:
+    """What is wrong with the shape of a split's entry (its counts are checked against its shards)."""
+    if not isinstance(summary, dict) or not isinstance(summary.get("shards"), list):
+        return "has no list of shards"
+    for index, shard in enumerate(summary["shards"]):
+        if not isinstance(shard, dict) or any(not isinstance(shard.get(key), kind) for key, kind in _SHARD_FIELDS.items()):
+            return f"shard {index} lacks one of {sorted(_SHARD_FIELDS)}"
+    return None
 
 
 class ShardReader:
@@ -146,6 +210,8 @@ class ShardReader:
 
     `verify="checksum"` hashes every shard against the manifest at open (a full read);
     `verify="size"` only checks sizes, for a quick open of large, trusted shard sets.
+    With `tokenizer_path` (and `eos_token`), the manifest must describe that tokenizer: same file,
+    same vocabulary size, same EOS id.
     """
 
     def __init__(
@@ -155,6 +221,7 @@ class ShardReader:
         *,
         tokenizer_path: str | Path | None = None,
         seq_len: int | None = None,
+        eos_token: str | None = None,
         verify: Literal["checksum", "size"] = "checksum",
     ) -> None:
         self.root = Path(root)
@@ -168,6 +235,8 @@ class ShardReader:
                 f"shards in {self.root} were made with another tokenizer than {tokenizer_path}; "
                 "rerun `dvc repro tokenize` so shards and tokenizer match"
             )
+        if tokenizer_path is not None and (problem := _tokenizer_problem(self.manifest, tokenizer_path, eos_token)):
+            raise LmforgeError(f"{manifest_path}: {problem}; rerun `dvc repro -f tokenize`")
         if seq_len is not None and seq_len != self.manifest["seq_len"]:
             raise LmforgeError(
                 f"shards in {self.root} have seq_len {self.manifest['seq_len']}, not {seq_len}; "
@@ -179,8 +248,18 @@ class ShardReader:
         self.dtype = np.dtype(self.manifest["dtype"])
         self._blocks: list[np.ndarray] = []
         self._sources: list[Any] = []  # keep the memory maps alive as long as the views
-        for shard in self.manifest["splits"][split]["shards"]:
+        summary = self.manifest["splits"][split]
+        problem = _split_problem(summary)
+        if problem:
+            raise LmforgeError(f"{manifest_path}: split {split!r} {problem}; rerun `dvc repro -f tokenize`")
+        for shard in summary["shards"]:
             self._blocks.extend(self._open_shard(shard, verify))
+        rows = sum(len(block) for block in self._blocks)
+        if summary.get("rows") != rows or summary.get("tokens") != rows * (self.seq_len + 1):
+            raise LmforgeError(
+                f"{manifest_path}: split {split!r} has {summary.get('rows')} rows and {summary.get('tokens')} tokens, "
+                f"its shards {rows} rows of {self.seq_len + 1} ids; rerun `dvc repro -f tokenize`"
+            )
         self._ends = np.cumsum([len(block) for block in self._blocks], dtype=np.int64)
 
     def _open_shard(self, shard: dict[str, Any], verify: str) -> list[np.ndarray]:
@@ -202,6 +281,9 @@ class ShardReader:
                 blocks.append(values.reshape(-1, column.type.list_size))
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise LmforgeError(f"shard {path} is not a readable Arrow file ({exc}); {fix}") from None
+        if any(b.shape[1] != self.seq_len + 1 for b in blocks):
+            raise LmforgeError(f"shard {path} holds rows of {blocks[0].shape[1]} ids, {MANIFEST_NAME} says "
+                               f"{self.seq_len + 1} (seq_len + 1); {fix}")
         if sum(len(b) for b in blocks) != shard["rows"] or any(b.dtype != self.dtype for b in blocks):
             raise LmforgeError(f"shard {path} does not match its manifest entry (rows or dtype); {fix}")
         self._sources.append(source)
