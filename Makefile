@@ -51,7 +51,7 @@ ui: setup
 
 # The Vega-Lite specs of `dvc plots show --json`, rendered by vl-convert (no browser, no CDN).
 plots: setup
-	$(BIN)/python -m lmforge.plots
+	$(BIN)/python -m lmforge.evaluate.plots
 
 bench: setup
 	$(BIN)/python bench/data_prep.py

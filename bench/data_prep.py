@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lmforge.params import CleanParams, DataParams, TokenizerParams, load_params  # noqa: E402
+from lmforge.core.params import CleanParams, DataParams, TokenizerParams, load_params  # noqa: E402
 
 METHODS = ("stage", "run_clm", "ceiling", "clean")
 
@@ -54,8 +54,9 @@ def worker(method: str, work: Path, params: TokenizerParams) -> dict:
     """One timed measurement of one method, in this (fresh) process."""
     clean_path, tokenizer_path = work / "clean.parquet", work / "tokenizer.json"
     if method == "stage":
-        from lmforge.data.pack import encode_to_shards
-        from lmforge.data.tokenizer import file_sha256, load_tokenizer
+        from lmforge.data.tokens.pack import encode_to_shards
+        from lmforge.data.tokens.tokenizer import load_tokenizer
+        from lmforge.core.digests import file_sha256
 
         tokenizer = load_tokenizer(tokenizer_path)
         out = Path(tempfile.mkdtemp(dir=work))
@@ -115,7 +116,7 @@ def worker(method: str, work: Path, params: TokenizerParams) -> dict:
 
 def _clean(raw: Path, out: Path) -> dict:
     """The clean stage's tasks (filter, dedup per band, write), run one after another here."""
-    from lmforge.data.clean_tasks import run_clean
+    from lmforge.data.clean_job import run_clean
 
     def in_order(function, items, desc="", postfix=None):
         return [function(item) for item in items]
@@ -126,10 +127,10 @@ def _clean(raw: Path, out: Path) -> dict:
 def prepare(work: Path, files: str | None, repeat: int, tok_params: TokenizerParams) -> dict:
     """Raw and clean Parquet of the corpus (repeated `repeat` times) and a trained tokenizer."""
     from lmforge.data.documents import make_document
-    from lmforge.data.io import DocumentWriter
+    from lmforge.data.documents import DocumentWriter
     from lmforge.data.partitions import iter_dataset_batches, part_name, write_manifest
-    from lmforge.data.sources import iter_documents
-    from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
+    from lmforge.data.sources.configured import iter_documents
+    from lmforge.data.tokens.tokenizer import save_tokenizer, train_tokenizer
 
     data = DataParams(source="files", files=[files]) if files else DataParams()
     docs = list(iter_documents(data, Counter()))

@@ -34,12 +34,12 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge import quiet_env  # noqa: E402
-from lmforge.data.clean_tasks import run_clean  # noqa: E402
-from lmforge.data.ingest import ingest_dataset  # noqa: E402
-from lmforge.data.sources import iter_documents  # noqa: E402
-from lmforge.data.tokenize_tasks import tokenize_dataset  # noqa: E402
-from lmforge.engine import dask_client, map_tasks  # noqa: E402
-from lmforge.params import DataParams, EngineParams, load_params  # noqa: E402
+from lmforge.data.clean_job import run_clean  # noqa: E402
+from lmforge.data.ingest_job import ingest_dataset  # noqa: E402
+from lmforge.data.sources.configured import iter_documents  # noqa: E402
+from lmforge.data.tokenize_job import tokenize_dataset  # noqa: E402
+from lmforge.data.engine import dask_client, map_tasks  # noqa: E402
+from lmforge.core.params import DataParams, EngineParams, load_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("ingest", "clean", "tokenize")

@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.data.dedup import (CanonicalTexts, band_buckets, band_keys, candidate_probability, lsh_bands,  # noqa: E402
+from lmforge.data.quality.dedup import (CanonicalTexts, band_buckets, band_keys, candidate_probability, lsh_bands,  # noqa: E402
                                 near_duplicates, signatures, verified_pairs)
-from lmforge.params import CleanParams  # noqa: E402
+from lmforge.core.params import CleanParams  # noqa: E402
 
 
 def pairs(n: int, words: int, seed: int) -> list[str]:

@@ -2,9 +2,9 @@
 
   ours    a fresh `python` process that does what `python -m stages.tokenize_data` does: start the
           embedded engine, sample the train split (tokenizer.train_sample_mb), train the BPE, encode,
-          pack and write the shards + manifest (lmforge.data.tokenize_tasks.tokenize_dataset);
+          pack and write the shards + manifest (lmforge.data.tokenize_job.tokenize_dataset);
   theirs  a fresh `python` process that reads the same clean Parquet parts, trains the same BPE
-          (tokenizers' BpeTrainer with the settings of lmforge/data/tokenizer.py and params.yaml) on
+          (tokenizers' BpeTrainer with the settings of lmforge/data/tokens/tokenizer.py and params.yaml) on
           the same train split (by document id), then runs `datasets.Dataset.map` (batched, the fast tokenizer) and
           `group_texts` (concatenate, cut into blocks of seq_len + 1) as transformers' run_clm.py does.
 
@@ -42,9 +42,9 @@ REPO = Path(__file__).resolve().parents[1]
 def ours(work: Path, run_dir: Path, workers: int | None) -> dict[str, Any]:
     """The tokenize stage's work, as stages/tokenize_data.py runs it (without the tracking)."""
     from lmforge import quiet_env
-    from lmforge.data.tokenize_tasks import tokenize_dataset
-    from lmforge.engine import dask_client
-    from lmforge.params import EngineParams, load_params
+    from lmforge.data.tokenize_job import tokenize_dataset
+    from lmforge.data.engine import dask_client
+    from lmforge.core.params import EngineParams, load_params
 
     quiet_env(os.environ)
     params = load_params(REPO / "params.yaml")
@@ -149,10 +149,10 @@ def timed(method: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
 def prepare(work: Path, files: list[str], partition_mb: float | None, workers: int | None) -> dict[str, Any]:
     """Ingest and clean the corpus once (not timed), as the stages would."""
     from lmforge import quiet_env
-    from lmforge.data.clean_tasks import run_clean
-    from lmforge.data.ingest import ingest_dataset
-    from lmforge.engine import dask_client, map_tasks
-    from lmforge.params import DataParams, EngineParams, load_params
+    from lmforge.data.clean_job import run_clean
+    from lmforge.data.ingest_job import ingest_dataset
+    from lmforge.data.engine import dask_client, map_tasks
+    from lmforge.core.params import DataParams, EngineParams, load_params
 
     quiet_env(os.environ)
     params = load_params(REPO / "params.yaml")

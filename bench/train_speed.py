@@ -3,11 +3,11 @@ nanoGPT's own train.py, at nanoGPT's small CPU config, on the same tokens, in th
 
 Shape: 4 layers, 4 heads, dim 256, seq_len 256, micro-batch 8 (no accumulation), fp32, 2 threads.
 
-  ours          lmforge.model.Transformer (preset "small": RMSNorm, SwiGLU, rotary, tied embeddings)
-                trained by lmforge.trainer.Trainer, no validation, no checkpoints, no progress bar
+  ours          lmforge.model.decoder.Transformer (preset "small": RMSNorm, SwiGLU, rotary, tied embeddings)
+                trained by lmforge.train.trainer.Trainer, no validation, no checkpoints, no progress bar
   nanogpt       nanoGPT's train.py (LayerNorm without bias, GELU MLP, learned positions, tied
                 embeddings), run unmodified with command-line overrides, --compile=False
-  ours-compile  ours with lmforge.parallelize.apply_compile (torch.compile of each block, as the
+  ours-compile  ours with lmforge.train.distributed.apply_compile (torch.compile of each block, as the
                 pretrain stage does); compile time falls in the warm-up steps, which are not timed
 
 Optional methods (--methods): `ours-matched` (SwiGLU hidden 682 instead of the preset's 704, so the
@@ -89,13 +89,13 @@ def worker_ours(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lmforge.data.shards import ShardReader
-    from lmforge.model import Transformer, build_config
-    from lmforge.parallelize import DistInfo, apply_compile
-    from lmforge.params import TrainerParams
-    from lmforge.batches import PackedRows
+    from lmforge.data.tokens.shards import ShardReader
+    from lmforge.model.decoder import Transformer, build_config
+    from lmforge.train.distributed import DistInfo, apply_compile
+    from lmforge.core.params import TrainerParams
+    from lmforge.train.batches import PackedRows
 
-    from lmforge.trainer import Trainer
+    from lmforge.train.trainer import Trainer
 
     torch.manual_seed(1337)
     train = ShardReader(args.shards, "train", verify="size")
@@ -205,7 +205,7 @@ def write_nanogpt_data(shards: Path, data_dir: Path) -> dict:
     """Our train/val rows, flattened, as nanoGPT's train.bin / val.bin (uint16) plus meta.pkl."""
     import numpy as np
 
-    from lmforge.data.shards import ShardReader
+    from lmforge.data.tokens.shards import ShardReader
 
     info = {}
     for split in ("train", "val"):

@@ -11,15 +11,15 @@ heads, dim 768, seq 1024, vocab 50,304), bf16 autocast, torch.compile, one GPU:
 Both read the same train.bin (uint16 ids, drawn once from a seeded uniform distribution over the
 vocabulary: speed does not depend on the text); nanoGPT samples random windows of it, ours packed
 rows of it. Rounds interleave the methods; medians are reported. Per method: tokens/s, MFU by our
-formula (lmforge.model.ModelConfig.flops_per_token, 6N + 12LHQT with the embedding counted in N)
+formula (lmforge.model.decoder.ModelConfig.flops_per_token, 6N + 12LHQT with the embedding counted in N)
 and by nanoGPT's (estimate_mfu: the same with N excluding the position table), both against the
-device's bf16 peak from lmforge.throughput (nanoGPT's own printed MFU assumes an A100's 312 TFLOP/s;
+device's bf16 peak from lmforge.train.throughput (nanoGPT's own printed MFU assumes an A100's 312 TFLOP/s;
 it is kept as `nanogpt_printed_mfu`), peak CUDA memory, and for the checkpoint runs the step-time
 spike: the slowest step after a save minus the median step.
 
 `python bench/train_speed.py --loss-memory [--device cpu|cuda]`: peak memory of one forward and
 backward of the output head + cross-entropy at vocab 50,304 (batch x 1024 tokens, dim 768), plain
-logits against lmforge.loss.chunked_cross_entropy, each in a fresh process (CPU: its VmHWM less the
+logits against lmforge.model.loss.chunked_cross_entropy, each in a fresh process (CPU: its VmHWM less the
 RSS before the step; CUDA: max_memory_allocated less the memory before the step).
 """
 
@@ -79,14 +79,14 @@ class TokenRows:
 def worker_ours(args: argparse.Namespace) -> dict:
     import torch
 
-    from lmforge.model import Transformer, build_config
-    from lmforge.parallelize import apply_compile, init_distributed
-    from lmforge.params import PretrainParams
-    from lmforge.loss import lm_loss
-    from lmforge.throughput import peak_flops
-    from lmforge.batches import PackedRows
+    from lmforge.model.decoder import Transformer, build_config
+    from lmforge.train.distributed import apply_compile, init_distributed
+    from lmforge.core.params import PretrainParams
+    from lmforge.model.loss import lm_loss
+    from lmforge.train.throughput import peak_flops
+    from lmforge.train.batches import PackedRows
 
-    from lmforge.trainer import Trainer
+    from lmforge.train.trainer import Trainer
 
     torch.manual_seed(1337)
     torch.backends.cuda.matmul.allow_tf32 = True  # as nanoGPT's train.py sets
@@ -171,7 +171,7 @@ def run_nanogpt(args: argparse.Namespace) -> dict:
     times = [float(ms) / 1000 for _, _, ms, _ in lines]
     import torch
 
-    from lmforge.throughput import peak_flops
+    from lmforge.train.throughput import peak_flops
 
     peak, name = peak_flops(torch.device("cuda", 0))
     n = tail["params_nanogpt_count"]
@@ -187,8 +187,8 @@ def worker_loss_memory(args: argparse.Namespace) -> dict:
     """One forward + backward of the head and the loss; the memory it took above what was there."""
     import torch
 
-    from lmforge.loss import chunked_cross_entropy
-    from lmforge.model import IGNORE_INDEX
+    from lmforge.model.loss import chunked_cross_entropy
+    from lmforge.model.decoder import IGNORE_INDEX
 
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)

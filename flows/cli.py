@@ -10,9 +10,9 @@ entry point runs main here):
   which must answer) and prints each stage's status and the parent MLflow run's link.
 - `run` stops cleanly on SIGTERM/SIGINT: the running stage's process group is stopped and
   Prefect's temporary local server is shut down; no process of the run is left behind.
-- `rollback` moves the registry's `champion` back (lmforge.promotion.rollback), recording who and why.
+- `rollback` moves the registry's `champion` back (lmforge.track.promotion.rollback), recording who and why.
   The promote stage never promotes the rolled-back weights again (whatever version carries them).
-- `promote` is a person's decision (lmforge.promotion.promote_by_hand): version N becomes `champion`
+- `promote` is a person's decision (lmforge.track.promotion.promote_by_hand): version N becomes `champion`
   whatever the scores say, with who and why recorded; it is how rolled-back weights come back, and
   how a champion the stage cannot re-score (files never exported) is replaced.
 """
@@ -31,8 +31,8 @@ from typing import Any
 
 from flows.pipeline import DEFAULT_STAGE_TIMEOUT_S, FLOW_NAME, pipeline
 from lmforge import quiet_env
-from lmforge.health import check_health
-from lmforge.redact import redact
+from lmforge.track.health import check_health
+from lmforge.core.redact import redact
 
 DEPLOYMENT_NAME = "nightly"
 
@@ -71,8 +71,8 @@ def _user(getpass: Any) -> str:
 
 
 def change_champion(command: str, reason: str, version: int | None = None, root: Path | None = None) -> int:
-    """`rollback`: the registry's `champion` back to the champion before it (lmforge.promotion.rollback);
-    `promote`: version `version` made champion by a person (lmforge.promotion.promote_by_hand). Both
+    """`rollback`: the registry's `champion` back to the champion before it (lmforge.track.promotion.rollback);
+    `promote`: version `version` made champion by a person (lmforge.track.promotion.promote_by_hand). Both
     record who, when and why; a store that does not answer, or a change that cannot be made, is an
     error line, exit status 2."""
     import getpass
@@ -81,10 +81,10 @@ def change_champion(command: str, reason: str, version: int | None = None, root:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from lmforge.errors import LmforgeError
-    from lmforge.paths import CHAMPION_ALIAS, FINETUNED_MODEL
-    from lmforge.promotion import promote_by_hand, rollback
-    from lmforge.tracking_store import check_tracking_server, tracking_uri
+    from lmforge.core.errors import LmforgeError
+    from lmforge.core.paths import CHAMPION_ALIAS, FINETUNED_MODEL
+    from lmforge.track.promotion import promote_by_hand, rollback
+    from lmforge.track.store import check_tracking_server, tracking_uri
 
     problem = check_tracking_server()
     if problem:
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     hand_p.add_argument("--reason", required=True, help="why (recorded on the version)")
     args = parser.parse_args(argv)
     quiet_env()
-    from lmforge.tracking_store import use_http_client_defaults
+    from lmforge.track.store import use_http_client_defaults
 
     # A tracking server gone mid-run costs seconds, not MLflow's minutes of retries (the registry
     # commands' calls; the flow sets the same itself, wherever it is started from).

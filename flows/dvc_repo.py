@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from flows.errors import PipelineError
-from lmforge.redact import redact
+from lmforge.core.redact import redact
 
 
 def dvc_stages(root: Path) -> tuple[list[str], dict[str, list[str]], dict[str, list[str]]]:
@@ -83,11 +83,11 @@ def exp_save(repo: Path, overrides: list[str], name: str, env: Mapping[str, str]
 
 def apply_param_overrides(overrides: list[str], params_path: Path) -> None:
     """Write each `key=value` into params.yaml with DVC's own hydra editor (what `dvc exp run -S`
-    does, comments kept), then validate the file as written with lmforge.params: the stages read
+    does, comments kept), then validate the file as written with lmforge.core.params: the stages read
     those bytes, so a value is checked as DVC wrote it (`0x200` is written as the string '0x200').
     Any failure, of any kind, puts the original bytes back."""
-    from lmforge.errors import LmforgeError
-    from lmforge.params import load_params
+    from lmforge.core.errors import LmforgeError
+    from lmforge.core.params import load_params
 
     check_params_file(params_path)
     original = params_path.read_bytes()
@@ -104,11 +104,11 @@ def apply_param_overrides(overrides: list[str], params_path: Path) -> None:
 
 
 def check_params_file(params_path: Path) -> None:
-    """params.yaml read as the stages read it (size and YAML aliases bounded: lmforge.params), before
+    """params.yaml read as the stages read it (size and YAML aliases bounded: lmforge.core.params), before
     DVC reads it: DVC's loader and its override editor expand aliases without limit, so a "billion
     laughs" file hung `dvc status` and the editor. A file that is not YAML fails here too."""
-    from lmforge.errors import LmforgeError
-    from lmforge.params import read_params_yaml
+    from lmforge.core.errors import LmforgeError
+    from lmforge.core.params import read_params_yaml
 
     try:
         read_params_yaml(params_path)

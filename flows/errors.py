@@ -3,7 +3,7 @@ StageInputError (a stage that failed in a way a retry cannot fix, so never retri
 
 from __future__ import annotations
 
-from lmforge.redact import redact
+from lmforge.core.redact import redact
 
 
 class PipelineError(RuntimeError):

@@ -13,12 +13,12 @@ MLflow run and a summary artifact) and its stage task; the entry point of prefec
   tells it from a stage that ran ("Completed").
 - Overrides (`key=value`, like `dvc exp run -S`) are written into params.yaml with DVC's own
   hydra-override editor (what `dvc exp run -S` does, comments kept), then the file as written is
-  validated with lmforge.params (an unknown key or bad value fails the flow naming it, and the
+  validated with lmforge.core.params (an unknown key or bad value fails the flow naming it, and the
   original params.yaml bytes are put back). They stay there after the run as `dvc exp run -S`
   leaves them in the workspace, and the finished result is recorded as a DVC experiment with
   `dvc exp save` (it shows in `dvc exp show`).
-- MLflow: a parent run `pipeline` (experiment `lmforge`, lmforge.tracking.PipelineRun); each stage's
-  own run nests under it through LMFORGE_PARENT_RUN_ID (lmforge.tracking.stage_run reads it) and is
+- MLflow: a parent run `pipeline` (experiment `lmforge`, lmforge.track.runs.PipelineRun); each stage's
+  own run nests under it through LMFORGE_PARENT_RUN_ID (lmforge.track.runs.stage_run reads it) and is
   tagged with the Prefect flow run id. The parent carries `stage.<name>` = `ran` |
   `skipped (cache hit)` | `failed`, `stage.<name>.run_id` = the run that produced the stage's outputs
   (this flow's, or for a cache hit an earlier one: found by the md5s dvc.lock records), the DVC
@@ -34,7 +34,7 @@ MLflow run and a summary artifact) and its stage task; the entry point of prefec
   clone's `dvc pull` finds every stage a cache hit but promote (always_changed in dvc.yaml: it reads
   the registry). It takes no overrides (they are experiments).
 - No credential is printed, logged or stored: every URI and message the flow emits goes through
-  lmforge.redact (user-info passwords and token-like query parameters become ***).
+  lmforge.core.redact (user-info passwords and token-like query parameters become ***).
 - A stage task stopped by a signal or its timeout stops the stage's whole process group (DVC and
   the stage under it); no process of the run is left behind.
 
@@ -65,7 +65,7 @@ from flows.errors import PipelineError, StageInputError
 from flows.remote import publish, worker_locations
 from flows.summary import mlflow_run_links, publish_summary, record_parent_run
 from lmforge import quiet_env
-from lmforge.redact import redact
+from lmforge.core.redact import redact
 
 FLOW_NAME = "lmforge-pipeline"
 RETRIED_STAGES = {"pretrain": 2, "finetune": 2}  # they resume from their checkpoints
@@ -126,7 +126,7 @@ def _raised(lines: list[str]) -> list[str]:
 
 def _is_deterministic(stage: str, lines: list[str]) -> bool:
     """Whether the stage failed in a way a retry cannot fix. `dvc repro` exits 255 whatever its
-    stage's status, so the output tells: the stage's own `[stage] error:` line (lmforge.cli prints it
+    stage's status, so the output tells: the stage's own `[stage] error:` line (lmforge.core.stage prints it
     for bad params or input, before exit status 2; under torchrun, which exits 1, it is still there),
     DVC's `exited with 2`, or a traceback ending in an exception of SAME_EVERY_TIME (a stage killed by
     a signal, out of memory, or failing on a connection or NCCL is retried)."""
@@ -170,7 +170,7 @@ def repro_stage(stage: str, root: str, force: bool, env: dict[str, str], known_h
                 timeout_s: float) -> dict[str, Any] | State:
     """One DVC stage: `dvc repro --single-item <stage>`, streamed to the run logger. Returns the
     stage's result, or for a cache hit a state named CACHED that carries it (see stage_result)."""
-    from lmforge.tracking_store import LOGGING_FAILED_MARKER
+    from lmforge.track.store import LOGGING_FAILED_MARKER
 
     logger = get_run_logger()
     started = time.perf_counter()
@@ -287,7 +287,7 @@ def pipeline(overrides: list[str] | None = None, force: bool = False, stages: li
              push: bool = False) -> dict[str, Any]:
     """Run the DVC stages (all, or `stages`) as tasks; with `push`, then publish what they produced
     (flows.remote.publish); see the module docstring."""
-    from lmforge.tracking_store import use_http_client_defaults
+    from lmforge.track.store import use_http_client_defaults
 
     # Here, not in a command line: a worker starts the flow from prefect.yaml's entry point, and a
     # tracking server gone mid-run must cost seconds, not MLflow's ~4 minutes of retries per call.
@@ -321,8 +321,8 @@ def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, r
     from prefect.runtime import flow_run
 
     from flows.dvc_repo import check_params_file
-    from lmforge.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, PipelineRun
-    from lmforge.tracking_store import check_tracking_server
+    from lmforge.track.runs import FLOW_RUN_ENV, PARENT_RUN_ENV, PipelineRun
+    from lmforge.track.store import check_tracking_server
 
     logger = get_run_logger()
     # The flow logs its own, redacted, run URL; MLflow's "View run at" line would print the password.
@@ -407,6 +407,9 @@ def publish_task(root: str, note: str) -> str | None:
 
 
 if __name__ == "__main__":  # `python -m flows.pipeline ...`: the command line is flows.cli
+    # This file runs as `__main__`; registered under its own name too, flows.cli's import of
+    # flows.pipeline finds it instead of running it a second time (one flow object, one module).
+    sys.modules.setdefault("flows.pipeline", sys.modules[__name__])
     from flows.cli import main
 
     sys.exit(main())

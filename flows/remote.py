@@ -9,7 +9,7 @@ results and finds every stage a cache hit (but promote, which always runs: it re
 
 A worker (prefect.yaml's pull steps) keeps, under LMFORGE_WORKER_DIR: its clone `lmforge/`, the DVC
 cache `dvc-cache/` and the training checkpoints `checkpoints/` (LMFORGE_CHECKPOINTS_DIR, which
-lmforge.paths reads), the last two outside the clone. `checkout` never replaces the clone: when it
+lmforge.core.paths reads), the last two outside the clone. `checkout` never replaces the clone: when it
 holds what a run could not publish (a failed `dvc push` or `git push`), it publishes that first, and
 when that fails too it refuses, deleting nothing, and says how to recover.
 
@@ -29,14 +29,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from flows.errors import PipelineError
-from lmforge.redact import redact
+from lmforge.core.redact import redact
 
 REMOTE_ENV = "LMFORGE_DVC_REMOTE"
 REMOTE_URL_ENV = "LMFORGE_DVC_REMOTE_URL"
 DEFAULT_REMOTE = "lmforge"
 WORKER_DIR_ENV = "LMFORGE_WORKER_DIR"
 GIT_URL_ENV = "LMFORGE_GIT_URL"
-CHECKPOINTS_ENV = "LMFORGE_CHECKPOINTS_DIR"  # read by lmforge.paths
+CHECKPOINTS_ENV = "LMFORGE_CHECKPOINTS_DIR"  # read by lmforge.core.paths
 WORKER_CACHE = "dvc-cache"  # under LMFORGE_WORKER_DIR, beside the clone
 WORKER_CHECKPOINTS = "checkpoints"
 PUBLISHED = ["dvc.lock", ":(glob)**/.gitignore"]  # what a run changes in git (DVC lists its outputs in .gitignore)

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from prefect import get_run_logger
 
-from lmforge.numbers import human
-from lmforge.redact import redact
+from lmforge.core.numbers import human
+from lmforge.core.redact import redact
 
 if TYPE_CHECKING:
-    from lmforge.tracking import PipelineRun
+    from lmforge.track.runs import PipelineRun
 
 SUMMARY_KEY = "lmforge-pipeline-summary"
 # The params a reader of the parent run compares first (the overridden ones are added to them).
@@ -112,7 +112,7 @@ class MlflowLinks:
 def mlflow_links(run_id: str, experiment_id: str, uri: str, root: Path) -> MlflowLinks:
     """The links for tracking URI `uri` (redacted). An http(s) URI is the server's UI; anything else
     is a store `mlflow ui` serves, the repository's own `sqlite:///<root>/mlflow.db` from its root."""
-    from lmforge.tracking import RUNS_TABLE
+    from lmforge.track.runs import RUNS_TABLE
 
     if uri.startswith(("http://", "https://")):
         base, serve = uri.rstrip("/"), None
@@ -129,7 +129,7 @@ def mlflow_links(run_id: str, experiment_id: str, uri: str, root: Path) -> Mlflo
 
 def mlflow_run_links(run_id: str, experiment_id: str, root: Path) -> MlflowLinks:
     """mlflow_links for the tracking URI in use (MLFLOW_TRACKING_URI, else the repository's store)."""
-    from lmforge.tracking_store import tracking_uri
+    from lmforge.track.store import tracking_uri
 
     return mlflow_links(run_id, experiment_id, tracking_uri(root), root)
 
@@ -208,8 +208,8 @@ def summary_markdown(results: list[dict[str, Any]], metrics: Mapping[str, Mappin
 
 def promotion_line(repo: Path) -> str | None:
     """The promote stage's decision in one line (reports/promotion_decision.json), None without one."""
-    from lmforge.paths import PROMOTION_DECISION
-    from lmforge.promotion import decision_line
+    from lmforge.core.paths import PROMOTION_DECISION
+    from lmforge.track.promotion import decision_line
 
     try:
         record = json.loads((repo / PROMOTION_DECISION).read_text(encoding="utf-8"))
@@ -246,8 +246,8 @@ def parent_figures(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, floa
 
 def key_params(repo: Path, overrides: list[str]) -> dict[str, str]:
     """KEY_PARAMS and every overridden key, with their values in params.yaml as the stages read it."""
-    from lmforge.params import load_params
-    from lmforge.tracking import flatten
+    from lmforge.core.params import load_params
+    from lmforge.core.params import flatten
 
     flat = flatten(load_params(repo / "params.yaml").model_dump(mode="json"))
     keys = list(KEY_PARAMS) + [o.partition("=")[0].strip() for o in overrides]

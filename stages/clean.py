@@ -1,22 +1,22 @@
 """DVC stage `clean`: data/raw/ -> data/clean/ (partitions in the same order + manifest.json),
 with stats.json (what each filter kept and dropped, per partition too), metrics.json (how much
 was kept) and samples of rejected documents. The work runs as Dask tasks over partitions
-(lmforge/data/clean_tasks.py) on the engine of params.yaml.
+(lmforge/data/clean_job.py) on the engine of params.yaml.
 """
 
 from __future__ import annotations
 
 import functools
 
-from lmforge import paths
-from lmforge.cli import run_stage
-from lmforge.data.clean_tasks import run_clean
-from lmforge.data.io import write_json, write_jsonl
+from lmforge.core import paths
+from lmforge.core.stage import run_stage
+from lmforge.data.clean_job import run_clean
+from lmforge.core.io import write_json, write_jsonl
 from lmforge.data.partitions import clear_staging, read_manifest, staging_dir
-from lmforge.engine import dask_client, hash_on_workers, map_tasks, worker_count
-from lmforge.errors import LmforgeError
-from lmforge.params import load_params
-from lmforge.tracking import stage_run
+from lmforge.data.engine import dask_client, hash_on_workers, map_tasks, worker_count
+from lmforge.core.errors import LmforgeError
+from lmforge.core.params import load_params
+from lmforge.track.runs import stage_run
 
 # The figures `dvc metrics show` and `dvc exp show` put side by side; stats.json keeps the rest.
 COMPARED = ("documents_in", "documents_out", "kept_byte_fraction")

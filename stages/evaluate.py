@@ -16,24 +16,24 @@ from pathlib import Path
 from typing import Any
 
 
-from lmforge import paths
-from lmforge.cli import run_stage
-from lmforge.data.io import atomic_path, write_json
-from lmforge.data.shards import ShardReader
-from lmforge.evaluation import (
+from lmforge.core import paths
+from lmforge.core.stage import run_stage
+from lmforge.core.io import atomic_path, write_json
+from lmforge.data.tokens.shards import ShardReader
+from lmforge.evaluate.metrics import (
     bag_of_words_baseline, language_model_loss, majority_baseline, model_scores, plot_confusion_matrix,
     render_report_md, safe_exp, score_classifier, score_sft, write_confusion_json, write_per_class_csv,
 )
-from lmforge.export import WEIGHTS, load_pretrained
-from lmforge.generate import sample_prompts
-from lmforge.finetune import check_labels, load_finetuned, read_examples
-from lmforge.curves import unigram_entropy
-from lmforge.model import Transformer
-from lmforge.params import Params, load_params
-from lmforge.resume import run_record
-from lmforge.lineage import content_hash, git_commit
-from lmforge.tracking import StageRun, stage_run
-from lmforge.training_run import WEIGHTS_TAG
+from lmforge.model.export import WEIGHTS, load_pretrained
+from lmforge.model.generate import sample_prompts
+from lmforge.finetune.tuning import check_labels, load_finetuned, read_examples
+from lmforge.train.curves import unigram_entropy
+from lmforge.model.decoder import Transformer
+from lmforge.core.params import Params, load_params
+from lmforge.train.resume import run_record
+from lmforge.track.lineage import content_hash, git_commit
+from lmforge.track.runs import StageRun, stage_run
+from lmforge.core.paths import WEIGHTS_TAG
 
 log = logging.getLogger("stages.evaluate")
 

@@ -14,27 +14,29 @@ from typing import Any
 
 import torch
 
-from lmforge import paths
-from lmforge.cli import run_stage
-from lmforge.data.io import write_json
-from lmforge.data.tokenizer import file_sha256, load_tokenizer
-from lmforge.early_stopping import EarlyStopping
-from lmforge.errors import LmforgeError
-from lmforge.export import load_pretrained, save_finetuned
-from lmforge.finetune import (
+from lmforge.core import paths
+from lmforge.core.stage import run_stage
+from lmforge.core.io import write_json
+from lmforge.data.tokens.tokenizer import load_tokenizer
+from lmforge.core.digests import file_sha256
+from lmforge.train.early_stopping import EarlyStopping
+from lmforge.core.errors import LmforgeError
+from lmforge.model.export import load_pretrained
+from lmforge.train.export import save_finetuned
+from lmforge.finetune.tuning import (
     apply_method, balanced_class_weights, check_labels, check_tokenizer_fits, count_params, encode_sft,
     encode_texts, is_peft, label_set, load_finetuned, merged_model, read_examples, special_ids,
     split_train_val, task_spec,
 )
-from lmforge.curves import plot_loss, write_csv
-from lmforge.model import build_model
-from lmforge.parallelize import apply_fsdp, init_distributed
-from lmforge.params import FinetuneParams, load_params
-from lmforge.resume import result_knobs
-from lmforge.lineage import content_hash
-from lmforge.batches import Examples
-from lmforge.trainer import Trainer
-from lmforge.training_run import model_signature, register, training_run
+from lmforge.train.curves import plot_loss, write_csv
+from lmforge.model.decoder import build_model
+from lmforge.train.distributed import apply_fsdp, init_distributed
+from lmforge.core.params import FinetuneParams, load_params
+from lmforge.train.resume import result_knobs
+from lmforge.track.lineage import content_hash
+from lmforge.train.batches import Examples
+from lmforge.train.trainer import Trainer
+from lmforge.track.training import model_signature, register, training_run
 
 log = logging.getLogger("stages.finetune")
 
@@ -204,7 +206,7 @@ def main() -> None:
             what = "an SFT language model: prompt + separator -> response"
         register(run, load_finetuned(MODEL_DIR).model, paths.FINETUNED_MODEL, MODEL_DIR / "model.safetensors",
                  description=f"lmforge's fine-tuned model ({fp.method}): {what}. Load it with "
-                             "lmforge.finetune.load_finetuned on the DVC output, or mlflow.pytorch.load_model.",
+                             "lmforge.finetune.tuning.load_finetuned on the DVC output, or mlflow.pytorch.load_model.",
                  figures=quality, signature=signature, datasets={"finetune_train": Path(fp.train_file)})
         best_value = best.get(fp.early_stopping_metric)
         run.describe(f"Fine-tune ({fp.task}, {fp.method}) from models/pretrain for {result.step} steps on "

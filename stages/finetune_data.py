@@ -10,14 +10,14 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from lmforge import paths
-from lmforge.cli import run_stage
-from lmforge.data.io import write_json, write_jsonl
+from lmforge.core import paths
+from lmforge.core.stage import run_stage
+from lmforge.core.io import write_json, write_jsonl
 from lmforge.data.partitions import iter_dataset_batches
-from lmforge.data.tasks import classify_examples, sft_examples
-from lmforge.errors import LmforgeError
-from lmforge.params import load_params
-from lmforge.tracking import stage_run
+from lmforge.finetune.builtin_tasks import classify_examples, sft_examples
+from lmforge.core.errors import LmforgeError
+from lmforge.core.params import load_params
+from lmforge.track.runs import stage_run
 
 log = logging.getLogger("stages.finetune_data")
 

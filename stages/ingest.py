@@ -1,7 +1,7 @@
 """DVC stage `ingest`: documents from the configured source (built-in corpus, files or the Hugging
 Face Hub) -> data/raw/part-NNNNN.parquet, stats.json and manifest.json (written last).
 
-Partitions run as tasks on the engine (lmforge.data.ingest) into a staging directory with a
+Partitions run as tasks on the engine (lmforge.data.ingest_job) into a staging directory with a
 completion marker each, so a killed run resumes; then they are published into data/raw.
 """
 
@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-from lmforge import paths
-from lmforge.cli import run_stage
-from lmforge.data.ingest import STAGE, ingest_dataset
-from lmforge.data.locations import is_url, resolve_files
+from lmforge.core import paths
+from lmforge.core.stage import run_stage
+from lmforge.data.ingest_job import STAGE, ingest_dataset
+from lmforge.data.sources.locations import is_url, resolve_files
 from lmforge.data.partitions import staging_dir
-from lmforge.engine import dask_client, hash_on_workers
-from lmforge.params import load_params
-from lmforge.tracking import stage_run
+from lmforge.data.engine import dask_client, hash_on_workers
+from lmforge.core.params import load_params
+from lmforge.track.runs import stage_run
 
 
 def main() -> None:

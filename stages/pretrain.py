@@ -16,21 +16,22 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from lmforge import paths
-from lmforge.cli import run_stage
-from lmforge.data.io import atomic_path, write_json
-from lmforge.data.shards import ShardReader
-from lmforge.export import export_hf_llama, load_pretrained, save_pretrained
-from lmforge.generate import sample_prompts
-from lmforge.curves import CurveLog, plot_loss, unigram_entropy, write_csv
-from lmforge.model import Transformer, build_config
-from lmforge.parallelize import apply_activation_checkpointing, apply_compile, apply_fsdp, init_distributed
-from lmforge.params import GenerateParams, Params, load_params
-from lmforge.resume import result_knobs
-from lmforge.batches import DocumentCollate, PackedRows, lm_collate
-from lmforge.loss import lm_loss
-from lmforge.trainer import Trainer
-from lmforge.training_run import model_signature, register, training_run
+from lmforge.core import paths
+from lmforge.core.stage import run_stage
+from lmforge.core.io import atomic_path, write_json
+from lmforge.data.tokens.shards import ShardReader
+from lmforge.model.export import load_pretrained
+from lmforge.train.export import export_hf_llama, save_pretrained
+from lmforge.model.generate import sample_prompts
+from lmforge.train.curves import CurveLog, plot_loss, unigram_entropy, write_csv
+from lmforge.model.decoder import Transformer, build_config
+from lmforge.train.distributed import apply_activation_checkpointing, apply_compile, apply_fsdp, init_distributed
+from lmforge.core.params import GenerateParams, Params, load_params
+from lmforge.train.resume import result_knobs
+from lmforge.train.batches import DocumentCollate, PackedRows, lm_collate
+from lmforge.model.loss import lm_loss
+from lmforge.train.trainer import Trainer
+from lmforge.track.training import model_signature, register, training_run
 
 log = logging.getLogger("stages.pretrain")
 

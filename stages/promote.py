@@ -17,19 +17,19 @@ import logging
 import tempfile
 from pathlib import Path
 
-from lmforge import paths
-from lmforge.cli import run_stage
-from lmforge.data.io import write_json
-from lmforge.errors import LmforgeError
-from lmforge.evaluation import model_scores, score_classifier, score_sft
-from lmforge.export import WEIGHTS
-from lmforge.finetune import check_labels, load_finetuned, read_examples
-from lmforge.lineage import content_hash
-from lmforge.params import Params, load_params
-from lmforge.promotion import Decision, checked_score, exported_files, promote, undecided
-from lmforge.tracking import stage_run, tracking_guard
-from lmforge.tracking_store import tracking_uri
-from lmforge.training_run import WEIGHTS_TAG
+from lmforge.core import paths
+from lmforge.core.stage import run_stage
+from lmforge.core.io import write_json
+from lmforge.core.errors import LmforgeError
+from lmforge.evaluate.metrics import model_scores, score_classifier, score_sft
+from lmforge.model.export import WEIGHTS
+from lmforge.finetune.tuning import check_labels, load_finetuned, read_examples
+from lmforge.track.lineage import content_hash
+from lmforge.core.params import Params, load_params
+from lmforge.track.promotion import Decision, checked_score, exported_files, promote, undecided
+from lmforge.track.runs import stage_run, tracking_guard
+from lmforge.track.store import tracking_uri
+from lmforge.core.paths import WEIGHTS_TAG
 
 log = logging.getLogger("stages.promote")
 

@@ -1,21 +1,21 @@
 """DVC stage `tokenize`: train the BPE on a bounded sample of the train split of data/clean, then
 encode, pack and shard each clean partition into data/shards/{train,val}, manifest.json last.
 
-Sampling, training and encoding run as tasks on the engine (lmforge.data.tokenize_tasks) with
+Sampling, training and encoding run as tasks on the engine (lmforge.data.tokenize_job) with
 completion markers in a staging directory, so a killed run resumes.
 (Not named tokenize.py: that would shadow the standard library's `tokenize` module.)
 """
 
 from __future__ import annotations
 
-from lmforge import paths
-from lmforge.cli import run_stage
-from lmforge.data.io import write_json
+from lmforge.core import paths
+from lmforge.core.stage import run_stage
+from lmforge.core.io import write_json
 from lmforge.data.partitions import staging_dir
-from lmforge.data.tokenize_tasks import STAGE, tokenize_dataset
-from lmforge.engine import dask_client, hash_on_workers
-from lmforge.params import load_params
-from lmforge.tracking import stage_run
+from lmforge.data.tokenize_job import STAGE, tokenize_dataset
+from lmforge.data.engine import dask_client, hash_on_workers
+from lmforge.core.params import load_params
+from lmforge.track.runs import stage_run
 
 # The figures `dvc metrics show` and `dvc exp show` put side by side; stats.json keeps the rest.
 COMPARED = ("train.tokens", "bytes_per_token")

@@ -17,11 +17,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from train_helper import SyntheticRows, tiny_config  # noqa: E402
 
-from lmforge.checkpoint import CheckpointManager  # noqa: E402
-from lmforge.model import Transformer  # noqa: E402
-from lmforge.params import TrainerParams  # noqa: E402
-from lmforge.batches import PackedRows  # noqa: E402
-from lmforge.trainer import Trainer  # noqa: E402
+from lmforge.train.checkpoint import CheckpointManager  # noqa: E402
+from lmforge.model.decoder import Transformer  # noqa: E402
+from lmforge.core.params import TrainerParams  # noqa: E402
+from lmforge.train.batches import PackedRows  # noqa: E402
+from lmforge.train.trainer import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ VICTIM = textwrap.dedent("""
     import sys, time
     import torch
     sys.path.insert(0, "tests")
-    import lmforge.checkpoint as ckpt
+    import lmforge.train.checkpoint as ckpt
     from test_async_checkpoint import _pair
     model, opt = _pair(0)
     manager = ckpt.CheckpointManager(sys.argv[1], owner="run", async_save=True)

@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from train_helper import tiny_config  # noqa: E402
 
-from lmforge.checkpoint import CheckpointManager  # noqa: E402
-from lmforge.errors import LmforgeError  # noqa: E402
-from lmforge.model import Transformer  # noqa: E402
+from lmforge.train.checkpoint import CheckpointManager  # noqa: E402
+from lmforge.core.errors import LmforgeError  # noqa: E402
+from lmforge.model.decoder import Transformer  # noqa: E402
 
 
 def trained_pair(seed: int = 0) -> tuple[Transformer, torch.optim.Optimizer]:

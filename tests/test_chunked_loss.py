@@ -8,8 +8,8 @@ import copy
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lmforge.loss import IGNORE_INDEX, lm_loss
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model.loss import IGNORE_INDEX, lm_loss
+from lmforge.model.decoder import ModelConfig, Transformer
 
 CONFIG = ModelConfig(vocab_size=512, dim=32, n_layers=1, n_heads=4, max_seq_len=32)
 

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 from rensa import RMinHash, RMinHashLSH
 
-from lmforge.data.clean_tasks import run_clean
-from lmforge.data.dedup import CanonicalTexts, lsh_bands, signatures
+from lmforge.data.clean_job import run_clean
+from lmforge.data.quality.dedup import CanonicalTexts, lsh_bands, signatures
 from lmforge.data.documents import METADATA_COLUMNS, make_document
-from lmforge.data.io import DocumentWriter
+from lmforge.data.documents import DocumentWriter
 from lmforge.data.partitions import iter_dataset_batches, part_name, write_manifest
-from lmforge.data.filters import build_filters
-from lmforge.data.text import TextBatch, normalize, normalize_batch
-from lmforge.params import CleanParams
+from lmforge.data.quality.filters import build_filters
+from lmforge.data.quality.text import TextBatch, normalize, normalize_batch
+from lmforge.core.params import CleanParams
 
 from conftest import make_texts
 
@@ -377,8 +377,8 @@ def test_near_and_exact_duplicates_in_other_partitions_drop_the_later_copy():
 PEAK_MEMORY_SCRIPT = """\
 import json, re, sys
 from pathlib import Path
-from lmforge.data.clean_tasks import run_clean
-from lmforge.params import CleanParams
+from lmforge.data.clean_job import run_clean
+from lmforge.core.params import CleanParams
 
 def status_mb(key):
     return int(re.search(rf"^{key}:\\s+(\\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) / 1024

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data.clean_tasks import run_clean
-from lmforge.engine import FAULT_ENV
-from lmforge.engine import dask_client, map_tasks
-from lmforge.params import CleanParams, EngineParams
+from lmforge.data.clean_job import run_clean
+from lmforge.data.engine import FAULT_ENV
+from lmforge.data.engine import dask_client, map_tasks
+from lmforge.core.params import CleanParams, EngineParams
 
 from conftest import make_repo, make_texts, tool_env, tiny_params
 from test_clean import EXTRAS, _docs, serial_map, tricky_texts, write_raw

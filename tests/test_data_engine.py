@@ -19,14 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmforge.data.ingest import ingest_dataset, plan_tasks, run_partition
+from lmforge.data.ingest_job import ingest_dataset, plan_tasks, run_partition
 from lmforge.data.markers import MARKERS_DIR
 from lmforge.data.partitions import iter_dataset_batches
-from lmforge.data.shards import ShardReader
-from lmforge.data.sources import iter_documents
-from lmforge.data.tokenize_tasks import tokenize_dataset
-from lmforge.engine import FAULT_ENV, dask_client
-from lmforge.params import DataParams, EngineParams, TokenizerParams
+from lmforge.data.tokens.shards import ShardReader
+from lmforge.data.sources.configured import iter_documents
+from lmforge.data.tokenize_job import tokenize_dataset
+from lmforge.data.engine import FAULT_ENV, dask_client
+from lmforge.core.params import DataParams, EngineParams, TokenizerParams
 
 from conftest import REPO, make_repo, make_texts, tiny_params, tool_env
 

@@ -333,10 +333,10 @@ def test_down_puts_back_the_dvc_remote_that_was_there_before_up(tmp_path):
 # ------------------------------------------------------------- a worker's clone after a failed push
 
 # A stage that trains in a blink: its output is a DVC directory, its checkpoint goes where
-# lmforge.paths says (LMFORGE_CHECKPOINTS_DIR on a worker).
+# lmforge.core.paths says (LMFORGE_CHECKPOINTS_DIR on a worker).
 TRAIN = """\
 from pathlib import Path
-from lmforge import paths
+from lmforge.core import paths
 text = Path("data.txt").read_text()
 Path("model").mkdir(exist_ok=True)
 Path("model/weights.txt").write_text(text.upper())

@@ -1,5 +1,5 @@
 """Behavior under torchrun: two FSDP2 ranks over gloo train like one process, and their checkpoint
-resumes at world size 1; plus the single-process defaults of lmforge.parallelize."""
+resumes at world size 1; plus the single-process defaults of lmforge.train.distributed."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from train_helper import SyntheticRows, tiny_config  # noqa: E402
 
-from lmforge.errors import LmforgeError  # noqa: E402
-from lmforge.model import Transformer  # noqa: E402
-from lmforge.parallelize import apply_activation_checkpointing, apply_fsdp, init_distributed  # noqa: E402
-from lmforge.params import TrainerParams  # noqa: E402
-from lmforge.batches import PackedRows  # noqa: E402
-from lmforge.trainer import Trainer  # noqa: E402
+from lmforge.core.errors import LmforgeError  # noqa: E402
+from lmforge.model.decoder import Transformer  # noqa: E402
+from lmforge.train.distributed import apply_activation_checkpointing, apply_fsdp, init_distributed  # noqa: E402
+from lmforge.core.params import TrainerParams  # noqa: E402
+from lmforge.train.batches import PackedRows  # noqa: E402
+from lmforge.train.trainer import Trainer  # noqa: E402
 
 HELPER = Path(__file__).parent / "train_helper.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +102,6 @@ def test_activation_checkpointing_keeps_names_loss_and_gradients():
     assert torch.equal(loss_a, loss_b)
     for a, b in zip(plain.parameters(), wrapped.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-7)
-    from lmforge.export import full_state_dict
+    from lmforge.train.export import full_state_dict
 
     assert set(full_state_dict(wrapped)) == set(plain.state_dict())

@@ -14,11 +14,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from train_helper import SyntheticRows, tiny_config  # noqa: E402
 
-from lmforge.attention import document_positions  # noqa: E402
-from lmforge.batches import DocumentCollate, PackedRows, document_segments, lm_collate  # noqa: E402
-from lmforge.model import Transformer  # noqa: E402
-from lmforge.params import TrainerParams  # noqa: E402
-from lmforge.trainer import Trainer  # noqa: E402
+from lmforge.model.attention import document_positions  # noqa: E402
+from lmforge.train.batches import DocumentCollate, PackedRows, document_segments, lm_collate  # noqa: E402
+from lmforge.model.decoder import Transformer  # noqa: E402
+from lmforge.core.params import TrainerParams  # noqa: E402
+from lmforge.train.trainer import Trainer  # noqa: E402
 
 EOS = 0
 

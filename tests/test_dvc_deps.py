@@ -71,6 +71,6 @@ def test_dvc_yaml_lists_every_code_dep_of_the_stage(name):
 
 def test_the_walk_follows_lazy_and_transitive_imports():
     deps = code_deps("stages.evaluate")
-    assert "lmforge/export.py" in deps  # imported by stages.evaluate
-    assert "lmforge/model.py" in deps  # through lmforge.export
-    assert "lmforge/errors.py" in deps
+    assert "lmforge/model/export.py" in deps  # imported by stages.evaluate
+    assert "lmforge/model/decoder.py" in deps  # through lmforge.model.export
+    assert "lmforge/core/errors.py" in deps

@@ -20,11 +20,11 @@ import dask
 import pytest
 
 from lmforge.data.markers import completed, mark_completed, task_key
-from lmforge import lineage
-from lmforge import engine
-from lmforge.engine import UserError, WorkerTask, dask_client, hash_on_workers, map_tasks, worker_count
-from lmforge.errors import LmforgeError
-from lmforge.params import EngineParams
+from lmforge.track import lineage
+from lmforge.data import engine
+from lmforge.data.engine import UserError, WorkerTask, dask_client, hash_on_workers, map_tasks, worker_count
+from lmforge.core.errors import LmforgeError
+from lmforge.core.params import EngineParams
 
 from conftest import REPO, make_repo, run, tool_env, write_params
 
@@ -108,9 +108,9 @@ def _http_server() -> Iterator[int]:
 # Connects in a child process (with a 2 s bound), so a connect that hangs cannot hang the test.
 CONNECT = """
 import sys
-import lmforge.engine as engine
-from lmforge.errors import LmforgeError
-from lmforge.params import EngineParams
+import lmforge.data.engine as engine
+from lmforge.core.errors import LmforgeError
+from lmforge.core.params import EngineParams
 engine.CONNECT_TIMEOUT_S = 2
 try:
     with engine.dask_client(EngineParams(address=sys.argv[1])):
@@ -164,9 +164,9 @@ def test_a_worker_that_dies_while_the_cluster_starts_is_retried_once(tmp_path):
 # Starts the embedded engine in a child process (workers bounded to 3 s), so a start that hangs
 # cannot hang the test.
 START = """
-import lmforge.engine as engine
-from lmforge.errors import LmforgeError
-from lmforge.params import EngineParams
+import lmforge.data.engine as engine
+from lmforge.core.errors import LmforgeError
+from lmforge.core.params import EngineParams
 engine.WORKER_START_TIMEOUT_S = 3
 if __name__ == "__main__":
     try:

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from sklearn import metrics as skm
 
-from lmforge.data.shards import ShardReader, ShardWriter, SplitSummary, token_dtype, write_manifest
-from lmforge.errors import LmforgeError
-from lmforge.evaluation import (
+from lmforge.data.tokens.shards import ShardReader, ShardWriter, SplitSummary, token_dtype, write_manifest
+from lmforge.core.errors import LmforgeError
+from lmforge.evaluate.metrics import (
     bag_of_words_baseline,
     classification_report,
     exact_match,
@@ -27,7 +27,7 @@ from lmforge.evaluation import (
     write_confusion_json,
     write_per_class_csv,
 )
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model.decoder import ModelConfig, Transformer
 
 LABELS = ["ant", "bee", "cat", "dog"]
 # "dog" is never predicted (precision 0/0) and "ant" has one wrong prediction.

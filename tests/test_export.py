@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from lmforge.errors import LmforgeError
-from lmforge.export import export_hf_llama, load_pretrained, save_pretrained
-from lmforge.model import ModelConfig, Transformer
+from lmforge.core.errors import LmforgeError
+from lmforge.model.export import load_pretrained
+from lmforge.train.export import export_hf_llama, save_pretrained
+from lmforge.model.decoder import ModelConfig, Transformer
 
 
 def model_for(**kw) -> Transformer:

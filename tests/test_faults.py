@@ -21,17 +21,17 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from lmforge.checkpoint import CheckpointManager
-from lmforge.data.io import sweep_stale_temps, write_json
-from lmforge.errors import LmforgeError
-from lmforge.params import DataParams, parse_params
-from lmforge.resume import claim_run_dir
-from lmforge.tracking import stage_run
-from lmforge.tracking_store import LOGGING_FAILED_MARKER
-from lmforge.params import TrainerParams
-from lmforge.batches import PackedRows
+from lmforge.train.checkpoint import CheckpointManager
+from lmforge.core.io import sweep_stale_temps, write_json
+from lmforge.core.errors import LmforgeError
+from lmforge.core.params import DataParams, parse_params
+from lmforge.train.resume import claim_run_dir
+from lmforge.track.runs import stage_run
+from lmforge.track.store import LOGGING_FAILED_MARKER
+from lmforge.core.params import TrainerParams
+from lmforge.train.batches import PackedRows
 
-from lmforge.trainer import Trainer
+from lmforge.train.trainer import Trainer
 
 from conftest import REPO, run, tiny_params
 from train_helper import SyntheticRows, tiny_config
@@ -190,7 +190,7 @@ def test_senseless_params_are_refused_at_load_naming_the_key(section, values, ke
 
 
 def _trainer(tmp_path: Path, **kwargs) -> Trainer:
-    from lmforge.model import Transformer
+    from lmforge.model.decoder import Transformer
 
     torch_model = Transformer(tiny_config())
     config = TrainerParams(max_steps=4, micro_batch_size=4, warmup_steps=1, eval_every=0, checkpoint_every=1,
@@ -199,7 +199,7 @@ def _trainer(tmp_path: Path, **kwargs) -> Trainer:
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path):
-    from lmforge.loss import lm_loss
+    from lmforge.model.loss import lm_loss
 
     calls = []
 
@@ -228,7 +228,7 @@ def test_deleting_the_checkpoint_dir_mid_run_stops_with_what_to_do(tmp_path):
 
 
 def test_a_checkpoint_another_run_wrote_or_someone_changed_is_never_unpickled(tmp_path):
-    from lmforge.model import Transformer
+    from lmforge.model.decoder import Transformer
 
     model = Transformer(tiny_config())
     optim = __import__("torch").optim.AdamW(model.parameters())
@@ -291,7 +291,7 @@ def test_a_checkpoint_on_a_full_disk_is_one_line_naming_it(tmp_path, capsys, asy
     """torch's writer says only "unexpected pos" when the disk fills: the stage says which checkpoint."""
     import torch
 
-    from lmforge.cli import run_stage
+    from lmforge.core.stage import run_stage
 
     model = torch.nn.Linear(200, 200)
     optimizer = torch.optim.AdamW(model.parameters())

@@ -17,16 +17,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmforge.data.documents import make_document, split_of
-from lmforge.data.io import DocumentWriter, spreadsheet_safe
-from lmforge.data.pack import encode_to_shards
-from lmforge.data.shards import ShardReader
-from lmforge.data.sources import iter_documents
-from lmforge.data.tokenizer import file_sha256, load_tokenizer, save_tokenizer, train_tokenizer
-from lmforge.errors import LmforgeError
-from lmforge.evaluation import write_per_class_csv
-from lmforge.finetune import encode_sft, encode_texts, read_examples, special_ids
-from lmforge.curves import write_csv
-from lmforge.params import DataParams, FinetuneParams, TokenizerParams
+from lmforge.core.io import spreadsheet_safe
+from lmforge.data.documents import DocumentWriter
+from lmforge.data.tokens.pack import encode_to_shards
+from lmforge.data.tokens.shards import ShardReader
+from lmforge.data.sources.configured import iter_documents
+from lmforge.data.tokens.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from lmforge.core.digests import file_sha256
+from lmforge.core.errors import LmforgeError
+from lmforge.evaluate.metrics import write_per_class_csv
+from lmforge.finetune.tuning import encode_sft, encode_texts, read_examples, special_ids
+from lmforge.train.curves import write_csv
+from lmforge.core.params import DataParams, FinetuneParams, TokenizerParams
 
 from conftest import make_repo, make_texts, run, write_params
 
@@ -219,7 +221,7 @@ def test_finetune_encoders_put_only_their_own_eos(tokenizer):
 
 
 def test_sample_prompts_encode_special_token_text_as_text(tokenizer, monkeypatch):
-    import lmforge.generate as generate_module
+    import lmforge.model.generate as generate_module
 
     seen = []
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lmforge.data.dedup import (CanonicalTexts, band_buckets, band_keys, exact_duplicates, exact_keys, lsh_bands,
+from lmforge.data.quality.dedup import (CanonicalTexts, band_buckets, band_keys, exact_duplicates, exact_keys, lsh_bands,
                                 near_duplicates, signatures, verified_pairs)
-from lmforge.data.filters import (
+from lmforge.data.quality.filters import (
     AlphaWordRatioFilter,
     DuplicateLineFilter,
     DuplicateNgramFilter,
@@ -16,8 +16,8 @@ from lmforge.data.filters import (
     TopNgramFilter,
     build_filters,
 )
-from lmforge.data.text import TextBatch, normalize
-from lmforge.params import CleanParams
+from lmforge.data.quality.text import TextBatch, normalize
+from lmforge.core.params import CleanParams
 
 PARAGRAPH = (
     "The river carries small stones from the mountains down to the sea. Every spring the water "

@@ -10,21 +10,21 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from lmforge.errors import LmforgeError
-from lmforge.finetune import (
+from lmforge.core.errors import LmforgeError
+from lmforge.finetune.tuning import (
     IGNORE_INDEX, apply_method, check_labels, classify_collate, count_params, encode_sft,
     encode_texts, label_set, load_finetuned, merged_model, read_examples, special_ids, split_train_val, task_spec,
     FinetunedModel,
 )
-from lmforge.export import save_finetuned
-from lmforge.model import build_model
-from lmforge.model import ModelConfig, Transformer
-from lmforge.params import FinetuneParams, LoraParams
-from lmforge.early_stopping import EarlyStopping
-from lmforge.params import TrainerParams
-from lmforge.batches import Examples
+from lmforge.train.export import save_finetuned
+from lmforge.model.decoder import build_model
+from lmforge.model.decoder import ModelConfig, Transformer
+from lmforge.core.params import FinetuneParams, LoraParams
+from lmforge.train.early_stopping import EarlyStopping
+from lmforge.core.params import TrainerParams
+from lmforge.train.batches import Examples
 
-from lmforge.trainer import Trainer
+from lmforge.train.trainer import Trainer
 
 CONFIG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=32)
 GROUP_A = "red green blue cyan pink gold".split()

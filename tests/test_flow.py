@@ -25,10 +25,10 @@ from flows.dvc_repo import dvc_stages
 from flows.cli import check_prefect_api
 from flows.pipeline import CACHED, FLOW_NAME, SKIPPED, pipeline
 from flows.summary import SUMMARY_KEY
-from lmforge.launch import command
-from lmforge.params import DataParams
-from lmforge.tracking import stage_run
-from lmforge.tracking_store import LOGGING_FAILED_MARKER, check_tracking_server
+from lmforge.train.launch import command
+from lmforge.core.params import DataParams
+from lmforge.track.runs import stage_run
+from lmforge.track.store import LOGGING_FAILED_MARKER, check_tracking_server
 
 from conftest import make_repo, tool_env
 
@@ -364,14 +364,14 @@ def test_launch_runs_one_process_in_place_and_n_with_torchrun(tmp_path):
         "pathlib.Path(f'rank-{rank}-pid-{os.getpid()}').write_text(os.environ.get('WORLD_SIZE', '1'))\n"
     )
     env = tool_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{Path(__file__).resolve().parents[1]}")
-    one = subprocess.run([sys.executable, "-c", "import os, lmforge.launch as l; print(os.getpid()); "
+    one = subprocess.run([sys.executable, "-c", "import os, lmforge.train.launch as l; print(os.getpid()); "
                           "l.main(['--nproc', '1', 'hello_stage'])"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr
     assert [p.name for p in tmp_path.glob("rank-*")] == [f"rank-solo-pid-{one.stdout.strip()}"]  # in-process
     assert command("stages.pretrain", 2)[1:6] == ["-m", "torch.distributed.run", "--standalone",
                                                   "--nproc_per_node=2", "-m"]
-    two = subprocess.run([sys.executable, "-m", "lmforge.launch", "--nproc", "2", "hello_stage"],
+    two = subprocess.run([sys.executable, "-m", "lmforge.train.launch", "--nproc", "2", "hello_stage"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert two.returncode == 0, two.stderr
     assert sorted(p.name.split("-pid-")[0] for p in tmp_path.glob("rank-*")) == ["rank-0", "rank-1", "rank-solo"]

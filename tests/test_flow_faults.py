@@ -26,7 +26,7 @@ from flows.errors import PipelineError
 from flows.cli import check_prefect_api, main
 from flows.pipeline import _credentials_masked
 from flows.summary import SUMMARY_KEY
-from lmforge.redact import MASK
+from lmforge.core.redact import MASK
 
 from conftest import REPO, run, tiny_params, tool_env
 from test_flow import QUIET, _run, free_port, mlflow_uri, prefect_server  # noqa: F401 - shared fixtures
@@ -43,7 +43,7 @@ mode = os.environ.get("FAKE_STAGE", "ok")
 if mode == "sleep":
     Path("running").write_text(str(os.getpid()))
     time.sleep(300)
-if mode in ("bad-param", "bad-param-torchrun"):  # what lmforge.cli prints; torchrun then exits 1
+if mode in ("bad-param", "bad-param-torchrun"):  # what lmforge.core.stage prints; torchrun then exits 1
     print("[pretrain] error: params.yaml is invalid: pretrain.lr must be > 0", file=sys.stderr, flush=True)
     sys.exit(2 if mode == "bad-param" else 1)
 if mode == "crash":  # a transient failure: no error line of the stage's own
@@ -235,14 +235,14 @@ def test_a_malformed_override_is_one_line_naming_it(params_file, override, says)
 
 
 def test_any_failure_while_applying_overrides_restores_params(params_file, monkeypatch):
-    import lmforge.params
+    import lmforge.core.params
 
     before = params_file.read_bytes()
 
     def interrupted(path):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lmforge.params, "load_params", interrupted)
+    monkeypatch.setattr(lmforge.core.params, "load_params", interrupted)
     with pytest.raises(KeyboardInterrupt):
         apply_param_overrides(["tokenizer.vocab_size=300"], params_file)
     assert params_file.read_bytes() == before

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from flows.summary import human, mlflow_links, read_metrics, summary_markdown
-from lmforge.redact import MASK
+from lmforge.core.redact import MASK
 
 CLASSIFY = {
     "ingest": {"documents": 2248890, "bytes": 123456789},

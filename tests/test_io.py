@@ -2,9 +2,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmforge.data.documents import make_document
-from lmforge.data.io import DocumentWriter, atomic_path, write_json
+from lmforge.core.io import atomic_path, write_json
+from lmforge.data.documents import DocumentWriter
 from lmforge.data.partitions import iter_part_batches
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 
 
 def test_writer_interrupted_midway_leaves_the_previous_file_untouched(tmp_path):
@@ -60,7 +61,7 @@ def _full_disk_under(path):
     ENOSPC, as on a full disk, and nothing else about the write changes."""
     import os
 
-    from lmforge.data.io import temp_name
+    from lmforge.core.io import temp_name
 
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full")
@@ -75,7 +76,7 @@ def _full_disk_under(path):
     ("train-00000.arrow", lambda path: _write_shard(path)),
 ], ids=["json", "documents", "shard"])
 def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, capsys, name, write):
-    from lmforge.cli import run_stage
+    from lmforge.core.stage import run_stage
 
     target = _full_disk_under(tmp_path / "train" / name)
     with pytest.raises(SystemExit) as stopped:
@@ -93,7 +94,7 @@ def _write_documents(path):
 def _write_shard(path):
     import numpy as np
 
-    from lmforge.data.shards import ShardWriter
+    from lmforge.data.tokens.shards import ShardWriter
 
     writer = ShardWriter(path.parent.parent, "train", 7, np.dtype(np.uint16), shard_rows=4)
     writer.add(np.zeros((4, 8), dtype=np.uint16))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.errors import LmforgeError
-from lmforge.generate import filter_logits, generate
-from lmforge.model import PRESETS, ModelConfig, Transformer, build_config
+from lmforge.core.errors import LmforgeError
+from lmforge.model.generate import filter_logits, generate
+from lmforge.model.decoder import PRESETS, ModelConfig, Transformer, build_config
 
 
 def tiny(**kw) -> Transformer:

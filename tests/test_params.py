@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmforge.errors import LmforgeError
-from lmforge.params import Params, load_params, parse_params
+from lmforge.core.errors import LmforgeError
+from lmforge.core.params import Params, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,8 +73,8 @@ BILLION_LAUGHS = "lol0: &lol0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" +
 # Loads params in a child process, so a load that hangs cannot hang the test.
 LOAD = """
 import sys
-from lmforge.errors import LmforgeError
-from lmforge.params import load_params
+from lmforge.core.errors import LmforgeError
+from lmforge.core.params import load_params
 try:
     load_params(sys.argv[1])
     print("loaded")

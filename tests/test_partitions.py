@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from lmforge.data.documents import make_document
-from lmforge.data.io import DocumentWriter
+from lmforge.data.documents import DocumentWriter
 from lmforge.data.partitions import (iter_dataset_batches, part_name, publish, read_manifest, write_manifest)
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 
 
 def _write_parts(directory, texts_per_part):

@@ -1,4 +1,4 @@
-"""Each stage path is declared once, in lmforge.paths; dvc.yaml restates them for DVC and must agree."""
+"""Each stage path is declared once, in lmforge.core.paths; dvc.yaml restates them for DVC and must agree."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from lmforge import paths
+from lmforge.core import paths
 
 from conftest import REPO
 
@@ -25,7 +25,7 @@ def test_every_data_path_in_dvc_yaml_is_one_lmforge_paths_declares():
         for key in ("outs", "metrics", "plots", "deps"):
             used.update(p for p in _entries(stage.get(key)) if not p.endswith(".py") and "${" not in p)
     stray = sorted(p for p in used if not any(p == d or p.startswith(d + "/") for d in DECLARED))
-    assert not stray, f"dvc.yaml names paths lmforge/paths.py does not declare: {stray}"
+    assert not stray, f"dvc.yaml names paths lmforge/core/paths.py does not declare: {stray}"
 
 
 def test_no_stage_module_declares_a_path_of_its_own():

@@ -1,5 +1,5 @@
 """What `dvc plots show` draws from a repository where the pipeline ran (real DVC, no mocks), and
-`make plots` (lmforge.plots): the same Vega-Lite specs rendered to files with no network."""
+`make plots` (lmforge.evaluate.plots): the same Vega-Lite specs rendered to files with no network."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from lmforge.plots import dvc_plot_specs, render
-from lmforge.tracking import flatten
+from lmforge.evaluate.plots import dvc_plot_specs, render
+from lmforge.core.params import flatten
 
 from conftest import REPO, run
 
@@ -125,24 +125,24 @@ def test_render_refuses_a_spec_that_would_fetch_its_data(tmp_path):
 
 
 def test_make_plots_entry_point_writes_one_image_per_plot(tiny_repo, tmp_path):
-    run(["python", "-m", "lmforge.plots", "--out", str(tmp_path), "--format", "png"], tiny_repo)
+    run(["python", "-m", "lmforge.evaluate.plots", "--out", str(tmp_path), "--format", "png"], tiny_repo)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{name}.png" for name in EXPECTED)
 
 
 def test_entry_point_outside_a_pipeline_run_is_a_clear_error(tmp_path):
-    result = run(["python", "-m", "lmforge.plots"], tmp_path, check=False, PYTHONPATH=str(REPO))
+    result = run(["python", "-m", "lmforge.evaluate.plots"], tmp_path, check=False, PYTHONPATH=str(REPO))
     assert result.returncode == 2 and "has the pipeline run" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_plot_without_data_is_reported_and_its_old_image_removed(tmp_path, monkeypatch, caplog):
-    import lmforge.plots
+    import lmforge.evaluate.plots
 
     spec = {"$schema": "https://vega.github.io/schema/vega-lite/v5.json", "data": {"values": [{"a": 1, "b": 2}]},
             "mark": "point", "encoding": {"x": {"field": "a", "type": "quantitative"}}}
     missing = {"per_class_f1": "No such file or directory: 'reports/figures/per_class.csv'"}  # as after an SFT run
-    monkeypatch.setattr(lmforge.plots, "dvc_plot_specs", lambda root: ({"pretrain_loss": spec}, missing))
+    monkeypatch.setattr(lmforge.evaluate.plots, "dvc_plot_specs", lambda root: ({"pretrain_loss": spec}, missing))
     (tmp_path / "per_class_f1.svg").write_text("<svg/>")  # drawn by an earlier classify run
-    written = lmforge.plots.render_dvc_plots(tmp_path, tmp_path)
+    written = lmforge.evaluate.plots.render_dvc_plots(tmp_path, tmp_path)
     assert [p.name for p in written] == ["pretrain_loss.svg"]
     assert not (tmp_path / "per_class_f1.svg").exists()
     assert "per_class_f1" in caplog.text and "per_class.csv" in caplog.text

@@ -13,10 +13,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from train_helper import SyntheticRows, tiny_config  # noqa: E402
 
-from lmforge.batches import PackedRows, Prefetcher  # noqa: E402
-from lmforge.model import Transformer  # noqa: E402
-from lmforge.params import TrainerParams  # noqa: E402
-from lmforge.trainer import Trainer  # noqa: E402
+from lmforge.train.batches import PackedRows, Prefetcher  # noqa: E402
+from lmforge.model.decoder import Transformer  # noqa: E402
+from lmforge.core.params import TrainerParams  # noqa: E402
+from lmforge.train.trainer import Trainer  # noqa: E402
 
 
 def _trainer(prefetch: bool, checkpoint_dir: Path | None = None) -> tuple[Trainer, dict[int, float]]:
@@ -66,7 +66,7 @@ def test_the_row_sampler_gives_each_thread_its_epochs_rows():
     # its permutation was ready handed the other thread the old epoch's rows.
     import threading
 
-    from lmforge.batches import RowSampler
+    from lmforge.train.batches import RowSampler
 
     n = 100_000  # a shuffle long enough for the other thread to run inside it
     sampler, reference = RowSampler(n, seed=3), RowSampler(n, seed=3)

@@ -15,7 +15,7 @@ import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from lmforge.export import load_pretrained
+from lmforge.model.export import load_pretrained
 
 from conftest import TINY_PARAMS, run, tool_env, write_params
 

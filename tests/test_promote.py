@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lmforge import paths
-from lmforge.errors import LmforgeError
-from lmforge.tracking_store import LOGGING_FAILED_MARKER
-from lmforge.paths import WEIGHTS_TAG
-from lmforge.promotion import (
+from lmforge.core import paths
+from lmforge.core.errors import LmforgeError
+from lmforge.track.store import LOGGING_FAILED_MARKER
+from lmforge.core.paths import WEIGHTS_TAG
+from lmforge.track.promotion import (
     DECISION_TAG, PREVIOUS_CHAMPION_TAG, RESTORED_TAG, ROLLED_BACK_TAG, TEST_SET_TAG, aliases, decide, promote,
     rollback,
 )
@@ -171,7 +171,7 @@ def test_a_champion_registered_without_exported_files_is_kept_undecided(client, 
     """Registered by an older lmforge: nothing can say the challenger is better, so a person must."""
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from lmforge.promotion import exported_files
+    from lmforge.track.promotion import exported_files
 
     v1, v2 = new_version(client, tmp_path, "raw-1"), new_version(client, tmp_path, "raw-2")
     (tmp_path / "model-raw-1" / "MLmodel").write_text("flavors: {}\n")  # a model, without extra_files/
@@ -263,7 +263,7 @@ def test_a_person_can_promote_rolled_back_weights_by_hand_which_lifts_the_block(
 
 
 def test_promoting_an_unknown_version_by_hand_is_a_clear_error(client, tmp_path):
-    from lmforge.promotion import promote_by_hand
+    from lmforge.track.promotion import promote_by_hand
 
     with pytest.raises(LmforgeError, match=f"{NAME} has no version 9"):
         promote_by_hand(client, NAME, "9", "alice", "why", "now")
@@ -274,7 +274,7 @@ def test_promoting_an_unknown_version_by_hand_is_a_clear_error(client, tmp_path)
 
 
 def test_a_dataset_source_is_its_object_in_the_default_dvc_remote(tmp_path):
-    from lmforge.lineage import dataset_source, dvc_remote_url
+    from lmforge.track.lineage import dataset_source, dvc_remote_url
 
     run(["dvc", "init", "--no-scm", "-q"], tmp_path)
     assert dvc_remote_url(tmp_path) is None
@@ -330,7 +330,7 @@ def test_the_champion_rescored_from_the_registry_matches_evaluate(tiny_repo, mon
     """Re-scoring downloads the version's exported files and scores them as evaluate did."""
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from lmforge.params import load_params
+    from lmforge.core.params import load_params
     from stages.promote import score_version
 
     monkeypatch.chdir(tiny_repo)
@@ -397,7 +397,7 @@ def test_unreachable_champion_is_kept_and_stage_fails(tiny_repo, tmp_path):
 ], ids=["nan", "infinity", "null", "missing", "out-of-range"])
 def test_a_bad_decision_metric_is_one_error_line_and_the_registry_is_untouched(client, tmp_path, monkeypatch,
                                                                               capsys, metrics, problem):
-    from lmforge.cli import run_stage
+    from lmforge.core.stage import run_stage
     from stages.promote import main
 
     v1 = new_version(client, tmp_path, "raw-1")
@@ -457,7 +457,7 @@ def test_a_training_run_logs_system_metrics(tmp_path, monkeypatch):
     """What training_run asks of stage_run (MLflow samples every 10 s by default; faster here)."""
     import time
 
-    from lmforge.tracking import stage_run
+    from lmforge.track.runs import stage_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")

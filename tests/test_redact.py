@@ -1,8 +1,8 @@
-"""Credentials never leave the process in a message: lmforge.redact masks them in any text."""
+"""Credentials never leave the process in a message: lmforge.core.redact masks them in any text."""
 
 import pytest
 
-from lmforge.redact import redact
+from lmforge.core.redact import redact
 
 
 @pytest.mark.parametrize("text, secret, kept", [

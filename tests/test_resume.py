@@ -1,8 +1,8 @@
 import pytest
 
-from lmforge.errors import LmforgeError
-from lmforge.params import PretrainParams
-from lmforge.resume import claim_run_dir, remember_run_id, result_knobs
+from lmforge.core.errors import LmforgeError
+from lmforge.core.params import PretrainParams
+from lmforge.train.resume import claim_run_dir, remember_run_id, result_knobs
 
 
 def test_same_fingerprint_keeps_checkpoints_and_returns_the_mlflow_run(tmp_path):

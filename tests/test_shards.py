@@ -10,12 +10,13 @@ import pyarrow as pa
 import pytest
 
 from lmforge.data.documents import make_document, split_of
-from lmforge.data.io import DocumentWriter
-from lmforge.data.pack import Packer, encode_to_shards
-from lmforge.data.shards import ShardReader, token_dtype
-from lmforge.data.tokenizer import file_sha256, save_tokenizer, train_tokenizer
-from lmforge.errors import LmforgeError
-from lmforge.params import TokenizerParams
+from lmforge.data.documents import DocumentWriter
+from lmforge.data.tokens.pack import Packer, encode_to_shards
+from lmforge.data.tokens.shards import ShardReader, token_dtype
+from lmforge.data.tokens.tokenizer import save_tokenizer, train_tokenizer
+from lmforge.core.digests import file_sha256
+from lmforge.core.errors import LmforgeError
+from lmforge.core.params import TokenizerParams
 
 from conftest import make_texts
 

@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmforge.data.builtin import iter_builtin_documents
+from lmforge.data.sources.builtin import iter_builtin_documents
 from lmforge.data.documents import DOCUMENT_SCHEMA, document_id, to_record_batch
-from lmforge.data.sources import COUNTER_KEYS, iter_documents
-from lmforge.errors import LmforgeError
-from lmforge.params import DataParams, HfSourceParams
+from lmforge.data.sources.configured import COUNTER_KEYS, iter_documents
+from lmforge.core.errors import LmforgeError
+from lmforge.core.params import DataParams, HfSourceParams
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Modules nobody imports by accident: if iterating the corpus put them in sys.modules,
@@ -31,7 +31,7 @@ NEVER_IMPORTED = ["tkinter", "turtle", "this", "antigravity", "mailbox", "turtle
 _CORPUS_IN_SUBPROCESS = f"""
 import json, sys
 from collections import Counter
-from lmforge.data.builtin import iter_builtin_documents
+from lmforge.data.sources.builtin import iter_builtin_documents
 ids = [doc["id"] for doc in iter_builtin_documents(Counter())]
 print(json.dumps({{"ids": ids, "imported": [m for m in {NEVER_IMPORTED!r} if m in sys.modules]}}))
 """
@@ -142,7 +142,7 @@ def test_txt_separator_splits_documents_and_counts_empty_pieces(tmp_path):
 
 
 def test_txt_separator_split_across_read_chunks_is_exact(tmp_path, monkeypatch):
-    monkeypatch.setattr("lmforge.data.readers.READ_CHUNK_BYTES", 4)
+    monkeypatch.setattr("lmforge.data.sources.readers.READ_CHUNK_BYTES", 4)
     (tmp_path / "a.txt").write_text("first piece<SEP>second piece<SEP>third", encoding="utf-8")
     docs, _ = ingest(["a.txt"], txt_separator="<SEP>")
     assert [doc["text"] for doc in docs] == ["first piece", "second piece", "third"]
@@ -159,7 +159,7 @@ def test_files_are_read_in_sorted_order_once_across_globs(tmp_path):
 
 _RESOLVE_IN_SUBPROCESS = """
 import json, sys
-from lmforge.data.locations import resolve_files
+from lmforge.data.sources.locations import resolve_files
 print(json.dumps(resolve_files(sys.argv[1:])))
 """
 
@@ -188,7 +188,7 @@ def test_symlinked_directory_is_followed_and_its_files_read_once(tmp_path):
 
 
 def test_glob_matching_more_than_the_cap_names_the_glob_and_says_narrow_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("lmforge.data.locations.MAX_GLOB_MATCHES", 3)
+    monkeypatch.setattr("lmforge.data.sources.locations.MAX_GLOB_MATCHES", 3)
     for i in range(4):
         (tmp_path / f"{i}.txt").write_text("text", encoding="utf-8")
     with pytest.raises(LmforgeError, match=r"'\*\*/\*\.txt' matches more than 3 files; narrow the glob"):

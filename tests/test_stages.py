@@ -14,11 +14,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from lmforge import paths
-from lmforge.data.shards import ShardReader
-from lmforge.lineage import input_hashes
-from lmforge.engine import FAULT_ENV
-from lmforge.errors import LmforgeError
+from lmforge.core import paths
+from lmforge.data.tokens.shards import ShardReader
+from lmforge.track.lineage import input_hashes
+from lmforge.data.engine import FAULT_ENV
+from lmforge.core.errors import LmforgeError
 
 from conftest import make_repo, run, tool_env, write_params
 

@@ -1,5 +1,5 @@
 from lmforge.data.documents import make_document, split_of
-from lmforge.data.tasks import classify_examples, first_line, sft_examples
+from lmforge.finetune.builtin_tasks import classify_examples, first_line, sft_examples
 
 
 def _docs(n_per_package: dict[str, int]) -> list[dict]:

@@ -3,9 +3,9 @@ import os
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from lmforge.data.tokenizer import encode_plain, load_tokenizer, save_tokenizer, tokenizer_threads, train_tokenizer
-from lmforge.errors import LmforgeError
-from lmforge.params import TokenizerParams
+from lmforge.data.tokens.tokenizer import encode_plain, load_tokenizer, save_tokenizer, tokenizer_threads, train_tokenizer
+from lmforge.core.errors import LmforgeError
+from lmforge.core.params import TokenizerParams
 
 from conftest import make_texts
 

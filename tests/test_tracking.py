@@ -2,9 +2,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from lmforge.params import DataParams
-from lmforge.lineage import content_hash, input_hashes
-from lmforge.tracking import OUTPUT_TAG, flatten, stage_run
+from lmforge.core.params import DataParams
+from lmforge.track.lineage import content_hash, input_hashes
+from lmforge.core.params import flatten
+from lmforge.track.runs import OUTPUT_TAG, stage_run
 
 
 def test_flatten_nests_keys_with_dots():

@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from train_helper import SyntheticRows, tiny_config  # noqa: E402
 
-from lmforge.errors import LmforgeError  # noqa: E402
-from lmforge.model import ModelConfig, Transformer  # noqa: E402
-from lmforge.params import TrainerParams  # noqa: E402
-from lmforge.batches import PackedRows, RowSampler  # noqa: E402
-from lmforge.trainer import Trainer, lr_at  # noqa: E402
+from lmforge.core.errors import LmforgeError  # noqa: E402
+from lmforge.model.decoder import ModelConfig, Transformer  # noqa: E402
+from lmforge.core.params import TrainerParams  # noqa: E402
+from lmforge.train.batches import PackedRows, RowSampler  # noqa: E402
+from lmforge.train.trainer import Trainer, lr_at  # noqa: E402
 
 HELPER = Path(__file__).parent / "train_helper.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_lr_warms_up_then_decays_to_min_lr():
 
 def test_the_code_defaults_are_the_ones_params_yaml_states():
     """One set of defaults: the typed params declare them, params.yaml states the same values."""
-    from lmforge.params import Params, load_params
+    from lmforge.core.params import Params, load_params
 
     assert Params() == load_params(REPO / "params.yaml")
 

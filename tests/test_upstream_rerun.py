@@ -13,9 +13,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from lmforge import paths
-from lmforge.lineage import content_hash
-from lmforge.promotion import DECISION_TAG, aliases
+from lmforge.core import paths
+from lmforge.track.lineage import content_hash
+from lmforge.track.promotion import DECISION_TAG, aliases
 
 from conftest import run, write_params
 

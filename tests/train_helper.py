@@ -16,12 +16,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.export import full_state_dict, save_pretrained  # noqa: E402
-from lmforge.model import ModelConfig, Transformer  # noqa: E402
-from lmforge.parallelize import apply_compile, apply_fsdp, destroy, init_distributed  # noqa: E402
-from lmforge.params import TrainerParams  # noqa: E402
-from lmforge.batches import PackedRows  # noqa: E402
-from lmforge.trainer import Trainer  # noqa: E402
+from lmforge.train.export import full_state_dict, save_pretrained  # noqa: E402
+from lmforge.model.decoder import ModelConfig, Transformer  # noqa: E402
+from lmforge.train.distributed import apply_compile, apply_fsdp, destroy, init_distributed  # noqa: E402
+from lmforge.core.params import TrainerParams  # noqa: E402
+from lmforge.train.batches import PackedRows  # noqa: E402
+from lmforge.train.trainer import Trainer  # noqa: E402
 
 VOCAB = 64
 SEQ_LEN = 16

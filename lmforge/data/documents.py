@@ -1,4 +1,5 @@
-"""The document contract every data stage shares: schema, content-derived ids, the split.
+"""The document contract every data stage shares: schema, content-derived ids, the split, and the
+streaming Parquet writer of documents (lmforge.data.partitions reads them back, with clear errors).
 
 A document is a dict with `id`, `text`, `source` and the metadata columns below; the
 train/val split is a pure function of `id`, so every stage agrees on what is held out.
@@ -6,11 +7,17 @@ train/val split is a pure function of `id`, so every stage agrees on what is hel
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lmforge.core.errors import naming_full_disk
+from lmforge.core.io import atomic_path
 
 # Metadata columns every source fills (None where it does not apply), so the raw
 # Parquet file has one schema whatever the source.
@@ -61,9 +68,49 @@ def iter_rows(batch: pa.RecordBatch) -> Iterator[Document]:
 
 def check_columns(columns: list[str], path: str, required: Mapping[str, str]) -> None:
     """Raise a clear error when a file lacks a column a stage needs."""
-    from lmforge.errors import LmforgeError
+    from lmforge.core.errors import LmforgeError
 
     missing = [name for name in required if name not in columns]
     if missing:
         hints = "; ".join(f"'{name}': {required[name]}" for name in missing)
         raise LmforgeError(f"{path} has no column(s) {missing} (it has {columns}); {hints}")
+
+
+class DocumentWriter:
+    """Streams document batches into one Parquet file (a row group per batch), atomically."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.documents = 0
+        self.bytes = 0
+        self._context = atomic_path(self.path)
+        self._tmp = self._context.__enter__()
+        with naming_full_disk(self.path):
+            self._writer = pq.ParquetWriter(self._tmp, DOCUMENT_SCHEMA, compression="zstd")
+
+    def write(self, docs: list[Document]) -> None:
+        if not docs:
+            return
+        with naming_full_disk(self.path):
+            self._writer.write_batch(to_record_batch(docs))
+        self.documents += len(docs)
+        self.bytes += sum(len(doc["text"].encode("utf-8", "surrogatepass")) for doc in docs)
+
+    def close(self) -> None:
+        with naming_full_disk(self.path):
+            self._writer.close()
+        self._context.__exit__(None, None, None)
+
+    def abort(self, exc: BaseException) -> None:
+        with contextlib.suppress(Exception):  # the file is discarded: a close that fails too (a full disk) is moot
+            self._writer.close()
+        self._context.__exit__(type(exc), exc, exc.__traceback__)
+
+    def __enter__(self) -> DocumentWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self.abort(exc)

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.io import atomic_path, strict_json
+from lmforge.core.io import atomic_path, strict_json
 
 MARKERS_DIR = ".done"
 

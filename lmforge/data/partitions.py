@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmforge.data.documents import Document, check_columns
-from lmforge.data.io import atomic_path, write_json
-from lmforge.errors import LmforgeError
+from lmforge.core.io import atomic_path, write_json
+from lmforge.core.errors import LmforgeError
 
 MANIFEST = "manifest.json"
 STAGING = Path("data/.staging")

@@ -55,7 +55,7 @@ def test_pretrain_stage_in_bf16_with_compile_learns_and_checkpoints(cuda_pretrai
 def test_export_reloads_and_the_hf_export_gives_the_same_logits_on_cuda(cuda_pretrained):
     from transformers import LlamaForCausalLM
 
-    from lmforge.export import load_pretrained
+    from lmforge.model.export import load_pretrained
 
     ours, _ = load_pretrained(cuda_pretrained / "models/pretrain", device="cuda")
     theirs = LlamaForCausalLM.from_pretrained(cuda_pretrained / "models/pretrain_hf").to("cuda").eval()

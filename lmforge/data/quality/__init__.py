@@ -1,0 +1,1 @@
+"""The clean stage's per-document work: normalization, quality filters and deduplication."""

@@ -1,0 +1,228 @@
+"""Tokenize as tasks over the clean partitions: sample (per partition) -> train the BPE (one task)
+-> encode and pack (per partition), each with a completion marker in the staging directory.
+
+The BPE trains on a bounded sample of the train split: the documents whose id hash falls under
+`rate` (tokenizer.train_sample_mb over the train bytes of the corpus), in global order, so the
+sample, hence the tokenizer, do not depend on the number of workers, and its cost not on the corpus.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lmforge.data import partitions
+from lmforge.data.documents import split_of
+from lmforge.core.io import atomic_path
+from lmforge.data.markers import completed, mark_completed, task_key
+from lmforge.data.tokens.pack import encode_part, merge_parts, shard_stats
+from lmforge.data.partitions import iter_part_batches
+from lmforge.data.tokens.shards import token_dtype, write_manifest
+from lmforge.data.tokens.tokenizer import load_tokenizer, save_tokenizer, tokenizer_threads, train_tokenizer
+from lmforge.core.digests import file_sha256
+from lmforge.data.engine import fault_point, map_tasks, throughput_postfix, worker_count
+from lmforge.core.params import TokenizerParams
+
+log = logging.getLogger(__name__)
+
+STAGE = "tokenize"
+# Bumped when a task's output changes for the same inputs and params: older markers are stale.
+FORMAT_VERSION = 1
+SAMPLES = "sample"
+SHARDS = "shards"
+TOKENIZER = "tokenizer.json"
+
+
+def tokenize_dataset(client: Any, params: TokenizerParams, val_fraction: float, clean_dir: Path, staging: Path,
+                     tokenizer_path: Path, shards_dir: Path) -> dict[str, Any]:
+    """The BPE (`tokenizer_path`) and the shards of every clean partition (`shards_dir`, manifest
+    last) on the engine `client`; returns the stage's stats."""
+    manifest = partitions.read_manifest(clean_dir, "clean")  # a clear error before any work if clean has not run
+    parts = [part_of(i, path) for i, path in enumerate(partitions.part_paths(clean_dir, "clean"))]
+    staging = staging.resolve()
+    rate = sample_rate(params.train_sample_mb, manifest["bytes"], val_fraction)
+    dumped = params.model_dump(mode="json")
+    started = time.perf_counter()
+    sample_tasks = [SampleTask(part, rate, val_fraction, params.encode_batch_size, str(staging)) for part in parts]
+    samples = map_tasks(client, sample_part, sample_tasks, desc="tokenize: sample", postfix=throughput_postfix(started))
+    train_task = TrainTask([part.name for part in parts], [sample_key(task) for task in sample_tasks], dumped,
+                           params.encode_batch_size, str(staging))
+    (trained,) = map_tasks(client, train_on_sample, [train_task], desc="tokenize: train BPE")
+    started = time.perf_counter()
+    workers = worker_count(client)
+    spread = len(parts) < workers  # idle workers otherwise: let each encoder use every core
+    encoded = map_tasks(client, encode_partition,
+                        [EncodeTask(part, trained["sha256"], dumped, val_fraction, str(staging), spread)
+                         for part in parts],
+                        desc="tokenize", postfix=throughput_postfix(started))
+    encode_seconds = time.perf_counter() - started
+    resumed = sum(result.pop("resumed") for result in encoded)
+    if resumed:
+        log.info("resumed: %d of %d partitions were encoded by a killed run and were not read again",
+                 resumed, len(encoded))
+    tokenizer = load_tokenizer(staging / TOKENIZER)
+    vocab_size = tokenizer.get_vocab_size()
+    splits = merge_parts(encoded, params.seq_len)  # before any output changes: an empty split is an error
+
+    with atomic_path(tokenizer_path) as tmp:
+        shutil.copyfile(staging / TOKENIZER, tmp)
+    # DVC removes outputs before a run, but a run by hand must not mix old and new shards.
+    shutil.rmtree(shards_dir, ignore_errors=True)
+    publish_shards(staging, encoded, shards_dir)
+    write_manifest(shards_dir, tokenizer_sha256=trained["sha256"], vocab_size=vocab_size,
+                   eos_id=tokenizer.token_to_id(params.eos_token), seq_len=params.seq_len,
+                   dtype=token_dtype(vocab_size), splits=splits)
+    partitions.clear_staging_dir(staging)
+    return {
+        "tokenizer_train_seconds": trained["seconds"],
+        "train_sample_mb": params.train_sample_mb,
+        "sample_rate": rate,
+        "sample_documents": sum(sample["documents"] for sample in samples),
+        "sample_bytes": sum(sample["bytes"] for sample in samples),
+        **shard_stats(splits, vocab_size, sum(part["bytes_in"] for part in encoded), encode_seconds),
+        "partitions": len(parts),
+        "workers": workers,
+        "parts": [{key: part[key] for key in ("name", "documents", "bytes", "seconds")} for part in encoded],
+    }
+
+
+class Part(NamedTuple):
+    """One clean partition, as a task sees it."""
+
+    index: int
+    name: str  # part-NNNNN.parquet
+    path: str  # absolute: the workers of an external cluster have their own working directory
+    identity: str  # size and modification time: a changed part makes its markers stale
+
+
+def part_of(index: int, path: Path) -> Part:
+    stat = path.stat()
+    return Part(index, path.name, str(path.resolve()), f"{stat.st_size}:{stat.st_mtime_ns}")
+
+
+def sample_rate(train_sample_mb: float, corpus_bytes: int, val_fraction: float) -> float:
+    """The share of train documents to sample for about `train_sample_mb` MB (1.0: all of them)."""
+    train_bytes = corpus_bytes * (1 - val_fraction)
+    return min(1.0, train_sample_mb * 1e6 / train_bytes) if train_bytes > 0 else 1.0
+
+
+def in_sample(doc_id: str, rate: float) -> bool:
+    # Hex digits 8-16 of the id: independent of split_of, which reads digits 0-8.
+    return rate >= 1.0 or int(doc_id[8:16], 16) / 0x1_0000_0000 < rate
+
+
+class SampleTask(NamedTuple):
+    part: Part
+    rate: float
+    val_fraction: float
+    batch_size: int
+    staging: str
+
+
+def sample_key(task: SampleTask) -> str:
+    return task_key(FORMAT_VERSION, "sample", task.part, task.rate, task.val_fraction)
+
+
+def sample_part(task: SampleTask) -> dict[str, Any]:
+    """The sampled train texts of one partition -> <staging>/sample/<part name> (column `text`)."""
+    staging, name = Path(task.staging), f"sample-{task.part.name}"
+    output = staging / SAMPLES / task.part.name
+    key = sample_key(task)
+    if (done := completed(staging, name, key, [output])) is not None:
+        return done
+    documents = size = 0
+    schema = pa.schema([("text", pa.large_string())])
+    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for batch in iter_part_batches(task.part.path, task.batch_size, "clean", columns=["id", "text"]):
+            texts = [doc["text"] for doc in batch
+                     if split_of(doc["id"], task.val_fraction) == "train" and in_sample(doc["id"], task.rate)]
+            if texts:
+                writer.write_batch(pa.record_batch([pa.array(texts, pa.large_string())], schema=schema))
+                documents += len(texts)
+                size += sum(len(text.encode("utf-8")) for text in texts)
+    result = {"name": task.part.name, "documents": documents, "bytes": size}
+    mark_completed(staging, name, key, result)
+    return result
+
+
+class TrainTask(NamedTuple):
+    samples: list[str]  # sample file names in global order
+    sample_keys: list[str]
+    params: dict[str, Any]  # TokenizerParams as JSON
+    batch_size: int
+    staging: str
+
+
+def train_on_sample(task: TrainTask) -> dict[str, Any]:
+    """The BPE from the samples in order -> <staging>/tokenizer.json; returns its sha256."""
+    staging = Path(task.staging)
+    output = staging / TOKENIZER
+    key = task_key(FORMAT_VERSION, "train", task.sample_keys, task.params)
+    if (done := completed(staging, "tokenizer", key, [output])) is not None:
+        return done
+    started = time.perf_counter()
+    with tokenizer_threads(spread=True):  # the one task running: every core is the trainer's
+        tokenizer = train_tokenizer(_sample_texts(staging, task.samples, task.batch_size),
+                                    TokenizerParams(**task.params))
+    save_tokenizer(tokenizer, output)
+    result = {"sha256": file_sha256(output), "seconds": round(time.perf_counter() - started, 3)}
+    mark_completed(staging, "tokenizer", key, result)
+    return result
+
+
+def _sample_texts(staging: Path, names: list[str], batch_size: int):
+    for name in names:
+        for batch in pq.ParquetFile(staging / SAMPLES / name).iter_batches(batch_size=batch_size):
+            yield from batch.column(0).to_pylist()
+
+
+class EncodeTask(NamedTuple):
+    part: Part
+    tokenizer_sha256: str
+    params: dict[str, Any]  # TokenizerParams as JSON
+    val_fraction: float
+    staging: str
+    spread: bool  # fewer partitions than workers: the tokenizer may use every core (tokenizer_threads)
+
+
+def encode_partition(task: EncodeTask) -> dict[str, Any]:
+    """One partition's shards -> <staging>/shards/<split>/part-NNNNN-<split>-NNNNN.arrow."""
+    staging, name = Path(task.staging), f"encode-{task.part.name}"
+    root = staging / SHARDS
+    key = task_key(FORMAT_VERSION, "encode", task.part, task.tokenizer_sha256, task.params, task.val_fraction)
+    done = completed(staging, name, key)
+    if done is not None and all((root / shard["file"]).is_file()
+                                for split in done["splits"].values() for shard in split["shards"]):
+        return {**done, "resumed": True}
+    started = time.perf_counter()
+    prefix = task.part.name.removesuffix(".parquet") + "-"
+    for stale in root.glob(f"*/{prefix}*.arrow"):  # of an attempt killed mid-way: its shard count may differ
+        stale.unlink()
+    tokenizer = load_tokenizer(staging / TOKENIZER)
+    with tokenizer_threads(task.spread):
+        part = encode_part(Path(task.part.path), tokenizer, TokenizerParams(**task.params), task.val_fraction,
+                           root, prefix)
+    fault_point(STAGE, task.part.index)
+    result = {"name": task.part.name, **part,
+              "documents": sum(split["documents"] for split in part["splits"].values()),
+              "bytes": part["bytes_in"], "seconds": round(time.perf_counter() - started, 3)}
+    mark_completed(staging, name, key, result)
+    return {**result, "resumed": False}
+
+
+def publish_shards(staging: Path, parts: list[dict[str, Any]], shards_dir: Path) -> None:
+    """Move the partitions' shards from staging into the shards directory (a rename each on one
+    filesystem); the caller writes the manifest after this."""
+    for part in parts:
+        for split in part["splits"].values():
+            for shard in split["shards"]:
+                target = shards_dir / shard["file"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / SHARDS / shard["file"], target)

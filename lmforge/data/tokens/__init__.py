@@ -1,0 +1,1 @@
+"""Tokens: the BPE tokenizer, packing documents into rows, and the shard format."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, baselines, the report and its plots."""

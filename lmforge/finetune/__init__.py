@@ -1,0 +1,1 @@
+"""Fine-tuning: the built-in tasks, labeled examples, objectives, methods and inference."""

@@ -1,0 +1,2 @@
+"""What happened in each run: MLflow runs and store, lineage, the registry and promotion, health
+checks of the servers."""

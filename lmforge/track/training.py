@@ -1,0 +1,125 @@
+"""The skeleton both training stages share: claim the checkpoint directory, open the MLflow run on
+rank 0 (continuing the run a resumed checkpoint belongs to), keep the per-step curve beside the
+checkpoints, register the exported model, tear the process group down. Each stage says only what differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from torch import nn
+
+from lmforge.train.curves import CurveLog
+from lmforge.train.distributed import DistInfo, barrier, destroy
+from lmforge.train.resume import claim_run_dir, remember_run_id
+from lmforge.track.lineage import DATA_LINEAGE, content_hash, dataset_source, dvc_remote_url, git_commit, input_hashes
+from lmforge.core.params import load_params
+from lmforge.core.paths import WEIGHTS_TAG  # re-exported: the stages import it from here
+from lmforge.track.runs import FLOW_RUN_ENV, PARENT_RUN_ENV, StageRun, stage_run
+
+
+@dataclass
+class TrainingRun:
+    """What a training stage holds while it trains: `run` is the MLflow run on rank 0, None elsewhere."""
+
+    info: DistInfo
+    run: StageRun | None
+    curve: CurveLog
+    renames: Mapping[str, str] = field(default_factory=dict)
+
+    def on_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        """The trainer's per-step sink (rank 0 only, the trainer's rule): curve file and MLflow."""
+        named = {self.renames.get(k, k): v for k, v in metrics.items()}
+        self.curve.append(step, named)
+        if self.run is not None:
+            self.run.log_metrics({k: v for k, v in named.items() if v is not None}, step=step)
+
+
+@contextlib.contextmanager
+def training_run(stage: str, info: DistInfo, checkpoints: Path, fingerprint: dict[str, Any], resume: str,
+                 sections: Mapping[str, BaseModel | Mapping[str, Any]], inputs: list[str | Path],
+                 renames: Mapping[str, str] | None = None) -> Iterator[TrainingRun]:
+    """Keep `checkpoints` for this same run (fingerprint) or start it fresh, then open the stage's
+    MLflow run on rank 0; every rank enters, and leaves with the process group destroyed."""
+    resume_run_id = claim_run_dir(checkpoints, fingerprint, resume) if info.is_main else None
+    barrier()
+    curve = CurveLog(checkpoints / "curve.jsonl")
+    opened = (stage_run(stage, sections, inputs, resume_run_id=resume_run_id, system_metrics=True) if info.is_main
+              else contextlib.nullcontext())
+    with opened as run:
+        if run is not None and run.run_id is not None:
+            remember_run_id(checkpoints, run.run_id)
+        yield TrainingRun(info, run, curve, dict(renames or {}))
+    destroy()
+
+
+def model_signature(inputs: dict[str, tuple[str, tuple[int, ...]]], outputs: dict[str, tuple[str, tuple[int, ...]]]) -> Any:
+    """An MLflow signature from {name: (numpy dtype, shape)} of the tensors in and out (-1: any size)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    def schema(tensors: dict[str, tuple[str, tuple[int, ...]]]) -> Schema:
+        return Schema([TensorSpec(np.dtype(dtype), shape, name) for name, (dtype, shape) in tensors.items()])
+
+    return ModelSignature(inputs=schema(inputs), outputs=schema(outputs))
+
+
+def register(run: StageRun, model: nn.Module, name: str, weights: Path, *, description: str,
+             figures: Mapping[str, float | None], signature: Any = None, input_example: Any = None,
+             datasets: Mapping[str, Path] | None = None) -> str | None:
+    """A new registered version of `model` named `name`, described, tagged with the md5 of `weights`
+    (how evaluate finds it), its own `figures` and its lineage (record_lineage; `datasets`: the
+    stage's own data inputs by name); None when tracking is down. The exported directory's files
+    travel with it (`extra_files/`), so promote can re-score it without the pickle."""
+    exported = [path for path in sorted(weights.parent.iterdir()) if path.is_file()]
+    logged = run.log_torch_model(model, name, signature=signature, input_example=input_example,
+                                 description=description, extra_files=exported)
+    version = getattr(logged, "registered_model_version", None)
+    if version is None:
+        return None
+    shown = {key: value for key, value in figures.items() if value is not None}
+    run.tag_model_version(name, str(version), {WEIGHTS_TAG: content_hash(weights), "lmforge.run_id": str(run.run_id),
+                                               **{f"{run.stage}.{k}": f"{v:.6g}" for k, v in shown.items()}})
+    run.describe_model_version(name, str(version), f"From the `{run.stage}` run {run.run_id}: " +
+                               ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    run.tag_model_version(name, str(version), record_lineage(run, Path.cwd(), datasets or {}))
+    return str(version)
+
+
+def lineage_tags(root: Path, data: Mapping[str, str], sources: Mapping[str, str], params: Mapping[str, Any]) -> dict[str, str]:
+    """The tags `lineage.*` of a registered version: code, data (DVC hash and where to fetch it),
+    the params of every stage (their md5; the values are the run's artifact lineage/params.json),
+    and the runs it came from (the flow's `pipeline` run and Prefect flow run, when run by the flow)."""
+    tags = {"lineage.git_commit": git_commit(root),
+            "lineage.params_md5": hashlib.md5(json.dumps(params, sort_keys=True).encode()).hexdigest()}
+    for name, digest in data.items():
+        tags[f"lineage.data.{name}"] = digest
+        tags[f"lineage.data.{name}.source"] = sources[name]
+    for tag, env in (("lineage.parent_run_id", PARENT_RUN_ENV), ("lineage.prefect_flow_run_id", FLOW_RUN_ENV)):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def record_lineage(run: StageRun, root: Path, datasets: Mapping[str, Path]) -> dict[str, str]:
+    """Log what the model was made from on its run (every stage's params as lineage/params.json; the
+    data as MLflow input datasets, source the DVC remote's object, digest the DVC hash) and return
+    the version's lineage tags. `datasets`: the stage's own inputs beyond the data stages' outputs."""
+    params = load_params().model_dump(mode="json")
+    located = {**DATA_LINEAGE, **datasets}
+    hashes = input_hashes(list(located.values()), root)
+    digests = {name: hashes[os.path.normpath(str(path))] for name, path in located.items()}
+    remote = dvc_remote_url(root)
+    sources = {name: dataset_source(located[name], digest, remote, root) for name, digest in digests.items()}
+    run.log_dict(params, "lineage/params.json")
+    run.log_datasets({name: (sources[name], digest) for name, digest in digests.items()}, context="lineage")
+    return lineage_tags(root, digests, sources, params)

@@ -1,0 +1,90 @@
+"""Which checkpoints a training stage may resume: a run directory holds `run.json` with the
+fingerprint of what the run computes (params, weights, data) and its MLflow run id.
+
+Resuming must give what an uninterrupted run would, so every knob that changes the result is
+in the fingerprint; a mismatch moves the old checkpoints aside (`<dir>.stale`, which keeps the one
+previous run's; beside the link's target when `<dir>` is a symlink, so they stay on the same disk).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from lmforge.core.io import write_json
+from lmforge.core.errors import LmforgeError
+from lmforge.core.params import flatten
+
+log = logging.getLogger(__name__)
+MARKER = "run.json"
+# Knobs that change how a run executes, not what it computes.
+EXECUTION_ONLY = frozenset(
+    {"resume", "progress", "checkpoint_every", "keep_checkpoints", "compile", "activation_checkpointing", "test_file", "nproc",
+     "async_checkpoint", "loss_chunk_tokens"}
+)
+
+
+def result_knobs(section: BaseModel) -> dict[str, Any]:
+    """A params section without its execution-only knobs."""
+    return {k: v for k, v in section.model_dump(mode="json").items() if k not in EXECUTION_ONLY}
+
+
+def claim_run_dir(root: Path, fingerprint: dict[str, Any], resume: str) -> str | None:
+    """Keep `root`'s checkpoints when they belong to this same run (returning its MLflow run
+    id, to continue logging into it); otherwise move them aside and start fresh. A `root` that is
+    a symlink (checkpoints kept on a bigger disk) stays one: the work happens in its target."""
+    directory = _run_dir(root)
+    marker = directory / MARKER
+    if directory.exists() and marker.is_file():
+        previous = json.loads(marker.read_text())
+        if resume == "auto" and previous.get("fingerprint") == fingerprint:
+            return previous.get("mlflow_run_id")
+        now, before = flatten(fingerprint), flatten(previous.get("fingerprint", {}))
+        changed = sorted(key for key in set(now) | set(before) if now.get(key) != before.get(key))
+        reason = "resume is 'never'" if resume != "auto" else f"{', '.join(changed)} changed"
+        stale = directory.with_name(directory.name + ".stale")
+        log.warning("%s: moving the old checkpoints in %s to %s and starting fresh", reason, root, stale)
+        if stale.is_symlink() or stale.is_file():  # a link an older lmforge moved aside: its target stays
+            stale.unlink()
+        elif stale.exists():
+            shutil.rmtree(stale)
+        directory.rename(stale)
+    elif directory.exists() and any(directory.iterdir()):
+        raise LmforgeError(f"{root} holds files without a {MARKER}: move them away or delete the directory")
+    directory.mkdir(exist_ok=True)
+    # The nonce names this run as the writer of its checkpoints (lmforge.train.checkpoint refuses others).
+    write_json(marker, {"fingerprint": fingerprint, "mlflow_run_id": None, "nonce": secrets.token_hex(16)})
+    return None
+
+
+def _run_dir(root: Path) -> Path:
+    """The directory the run's checkpoints live in: `root`, or the target of the link `root` is
+    (made when missing, as long as the directory it goes in exists: an unmounted disk is named)."""
+    try:
+        directory = root.resolve() if root.is_symlink() else root
+    except (OSError, RuntimeError) as exc:  # a loop of links
+        raise LmforgeError(f"{root} is a link that cannot be followed ({exc}): point it at a directory") from None
+    if directory.exists() and not directory.is_dir():
+        raise LmforgeError(f"{root} is not a directory: move that file away, or point {root} at a directory")
+    if directory != root and not directory.parent.is_dir():
+        raise LmforgeError(f"{root} links to {directory}, whose directory {directory.parent} does not exist: "
+                           "mount the disk it is on, or point the link elsewhere")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def run_record(root: Path) -> dict[str, Any]:
+    """What `root`'s run.json says (fingerprint, mlflow_run_id, nonce); {} when `root` is no run directory."""
+    marker = root / MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else {}
+
+
+def remember_run_id(root: Path, run_id: str) -> None:
+    marker = root / MARKER
+    write_json(marker, {**json.loads(marker.read_text()), "mlflow_run_id": run_id})

@@ -1,0 +1,494 @@
+"""The one training loop (pretraining and fine-tuning): precision, accumulation, LR schedule, eval,
+metrics, checkpoints and exact resume; early stopping is a pluggable piece of state (lmforge.train.early_stopping).
+
+Two kinds of data, named: `PackedRows` (pretraining: rows of seq_len + 1 token ids) and `Examples`
+(fine-tuning: anything its `collate` batches, at most `max_tokens` tokens each). The objective
+(`loss_fn`), extra validation metrics (`eval_fn`) and the metrics sink (`on_metrics`) are pluggable.
+The knobs are the typed params (lmforge.core.params.TrainerParams): no second set of defaults here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lmforge.train.batches import Batch, Examples, PackedRows, Prefetcher, RowSampler
+from lmforge.train.checkpoint import CheckpointManager
+from lmforge.train.early_stopping import EarlyStopping
+from lmforge.core.errors import LmforgeError
+from lmforge.model.loss import lm_loss
+from lmforge.train.distributed import DistInfo, init_distributed
+from lmforge.core.params import TrainerParams
+from lmforge.train.resume import MARKER as RUN_MARKER, run_record
+from lmforge.train.throughput import mfu, peak_flops, peak_memory_mib
+
+log = logging.getLogger(__name__)
+
+# (model, batch) -> (summed loss over counted tokens, number of counted tokens)
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int | torch.Tensor]]
+MetricsCallback = Callable[[int, dict[str, float | None]], None]
+# (model, batch) -> {metric name: (summed numerator, denominator)}; summed over val batches and ranks,
+# the metric is numerator / denominator (e.g. {"val_accuracy": (correct, examples)}).
+EvalFn = Callable[[nn.Module, Batch], dict[str, tuple[torch.Tensor | float, torch.Tensor | float]]]
+
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    val_ppl: float | None
+    tokens_seen: int
+    checkpoint: Path | None
+    val_metrics: dict[str, float] = field(default_factory=dict)  # the last eval
+    best_step: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)  # the eval at best_step
+    stopped_early: bool = False
+
+
+def lr_at(step: int, cfg: TrainerParams, total_steps: int) -> float:
+    """Multiplier of cfg.lr after `step` optimizer steps: linear warmup, then cosine to min_lr."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """Runs `config.max_steps` optimizer steps of `loss_fn` over `data.train`, resuming from checkpoints.
+
+    `model` is already on `dist_info.device` and already parallelized (apply_fsdp etc.), or plain.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainerParams,
+        data: PackedRows | Examples,
+        *,
+        dist_info: DistInfo | None = None,
+        checkpoint_dir: str | Path | None = None,
+        loss_fn: LossFn = lm_loss,
+        on_metrics: MetricsCallback | None = None,
+        flops_per_token: float | None = None,
+        eval_fn: EvalFn | None = None,
+        early_stopping: EarlyStopping | None = None,
+        prefetch: bool = True,
+        async_checkpoint: bool = False,
+    ) -> None:
+        """`prefetch`: build the next step's micro-batches in a background thread (same batches,
+        same order); `async_checkpoint`: write checkpoints in the background (CheckpointManager)."""
+        self.model, self.cfg, self.data = model, config, data
+        self.dist = dist_info or init_distributed()
+        self.device = self.dist.device
+        self.train_data, self.val_data, self.collate = data.train, data.val, data.collate
+        self.loss_fn, self.on_metrics, self.eval_fn = loss_fn, on_metrics, eval_fn
+        self.early_stopping = early_stopping
+        self._check_setup(checkpoint_dir)
+        self.seq_len = self._check_data()
+        self.rows_per_step = config.micro_batch_size * config.grad_accum_steps * self.dist.world_size
+        if len(self.train_data) < self.rows_per_step:
+            raise LmforgeError(
+                f"the training data has {len(self.train_data)} rows but one optimizer step needs "
+                f"{self.rows_per_step} (micro_batch_size {config.micro_batch_size} x grad_accum_steps "
+                f"{config.grad_accum_steps} x {self.dist.world_size} processes): lower those, use fewer "
+                "processes (nproc), or add data"
+            )
+        self.total_steps = config.max_steps
+        if config.max_tokens is not None:
+            self.total_steps = min(self.total_steps, math.ceil(config.max_tokens / (self.rows_per_step * self.seq_len)))
+        if flops_per_token is None and hasattr(model, "config"):
+            flops_per_token = model.config.flops_per_token(self.seq_len)
+        self.flops_per_token = flops_per_token
+        self.sampler = RowSampler(len(self.train_data), config.seed)
+        self.data_position = 0
+        self.step = 0
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_at(s, self.cfg, self.total_steps)
+        )
+        self.scaler = self._build_scaler()
+        owner = run_record(Path(checkpoint_dir)).get("nonce") if checkpoint_dir else None
+        self.checkpoints = (
+            CheckpointManager(checkpoint_dir, config.keep_checkpoints, owner, async_save=async_checkpoint)
+            if checkpoint_dir else None
+        )
+        self.prefetch = prefetch
+        if early_stopping is not None and checkpoint_dir:
+            early_stopping.checkpoints = CheckpointManager(Path(checkpoint_dir) / "best", 1, owner)
+        self._mfu_note_done = False
+        # The last step's figures, checkpointed: a run resumed after it finished reports them again.
+        self.train_loss: float | None = None
+        self.val: dict[str, float] = {}
+        # The run directory's marker (lmforge.train.resume): if it vanishes mid-run, the directory was deleted.
+        marker = Path(checkpoint_dir) / RUN_MARKER if checkpoint_dir else None
+        self._run_marker = marker if marker is not None and marker.is_file() else None
+
+    # --- setup (the knobs themselves were checked when the params loaded) ------------------------
+
+    def _check_setup(self, checkpoint_dir: str | Path | None) -> None:
+        if self.early_stopping is not None and self.val_data is None:
+            raise LmforgeError(f"early stopping on {self.early_stopping.metric!r} needs validation data")
+        if self.early_stopping is not None and self.dist.distributed and checkpoint_dir is None:
+            raise LmforgeError("keeping the best weights across processes needs a checkpoint_dir (its best/ copy)")
+
+    def _check_data(self) -> int:
+        if len(self.train_data) == 0:
+            raise LmforgeError("the training data has no rows: check the tokenize stage's output")
+        if isinstance(self.data, Examples):  # examples of any form; the caller checked them
+            if self.data.max_tokens < 1:
+                raise LmforgeError(f"max_tokens per example must be >= 1 (got {self.data.max_tokens})")
+            return int(self.data.max_tokens)
+        first = np.asarray(self.train_data[0])
+        if first.ndim != 1 or first.shape[0] < 2:
+            raise LmforgeError(f"a training row must be a 1-D array of seq_len + 1 ids (got shape {first.shape})")
+        seq_len = first.shape[0] - 1
+        model_cfg = getattr(self.model, "config", None)
+        if model_cfg is not None:
+            if seq_len > model_cfg.max_seq_len:
+                raise LmforgeError(
+                    f"rows hold {seq_len} inputs but the model's max_seq_len is {model_cfg.max_seq_len}: "
+                    "raise model max_seq_len or re-tokenize with a shorter seq_len"
+                )
+            vocab = getattr(self.train_data, "vocab_size", None)
+            if vocab is not None:
+                model_cfg.check_vocab(int(vocab))
+            if int(first.max()) >= model_cfg.vocab_size:
+                raise LmforgeError(
+                    f"row 0 holds token id {int(first.max())} but the model embeds only {model_cfg.vocab_size}: "
+                    "the data was tokenized with another tokenizer than the model's; rerun `dvc repro`"
+                )
+        return seq_len
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # Matrices (and embeddings) decay; norms and biases do not.
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        extra = {"fused": True} if self.device.type == "cuda" else {}
+        return torch.optim.AdamW(
+            groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), eps=1e-8, **extra
+        )
+
+    def _build_scaler(self) -> torch.amp.GradScaler | None:
+        if self.cfg.precision != "fp16":
+            return None
+        if self.dist.distributed:
+            # All-reduces found-inf across ranks, so every rank skips the same steps.
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler(self.device.type)
+        return torch.amp.GradScaler(self.device.type)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    # --- data ----------------------------------------------------------------------------------
+
+    def _to_device(self, batch: Batch) -> Batch:
+        non_blocking = self.device.type == "cuda"
+        return {k: v.to(self.device, non_blocking=non_blocking) for k, v in batch.items()}
+
+    def host_micro_batches(self, position: int) -> list[Batch]:
+        """This rank's micro-batches (in host memory) of the optimizer step that starts at stream `position`."""
+        b, w, r = self.cfg.micro_batch_size, self.dist.world_size, self.dist.rank
+        out = []
+        for m in range(self.cfg.grad_accum_steps):
+            ids = self.sampler.rows(position + (m * w + r) * b, b)
+            out.append(self.collate([self.train_data[i] for i in ids]))
+        return out
+
+    def train_micro_batches(self, position: int) -> Iterator[Batch]:
+        """This rank's micro-batches of the optimizer step that starts at stream `position`, on the device."""
+        for batch in self.host_micro_batches(position):
+            yield self._to_device(batch)
+
+    def val_micro_batches(self) -> Iterator[Batch]:
+        """A fixed slice of the val rows (the first eval_batches global batches), disjoint across ranks."""
+        assert self.val_data is not None
+        b, w, r = self.cfg.micro_batch_size, self.dist.world_size, self.dist.rank
+        n_batches = min(self.cfg.eval_batches, len(self.val_data) // (b * w))
+        if n_batches == 0 and len(self.val_data) >= w:
+            # Fewer val rows than one batch (a small fine-tuning split): one smaller batch per rank.
+            b, n_batches = len(self.val_data) // w, 1
+        if n_batches == 0:
+            raise LmforgeError(
+                f"the val data has {len(self.val_data)} rows, fewer than one batch over all processes "
+                f"({b} x {w}): lower micro_batch_size or use fewer processes"
+            )
+        for k in range(n_batches):
+            start = (k * w + r) * b
+            yield self._to_device(self.collate([self.val_data[i] for i in range(start, start + b)]))
+
+    # --- one optimizer step --------------------------------------------------------------------
+
+    def _grad_sync(self, enabled: bool) -> None:
+        """FSDP2 reduces gradients only on the last micro-step of an accumulation."""
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(enabled)
+
+    def _all_reduce_sum(self, values: list[float | torch.Tensor]) -> list[float]:
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in values])
+        if self.dist.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def compute_gradients(self, micro_batches: Sequence[Batch] | Iterator[Batch]) -> tuple[float, float]:
+        """Accumulate into .grad the gradient of the mean loss over every counted token of every
+        micro-batch on every rank; returns (mean loss, tokens counted over all ranks).
+
+        Each micro-step backpropagates its summed loss / a fixed size hint (to keep fp16 in range);
+        afterwards the grads are rescaled by hint * world_size / total tokens, which is exact even
+        when the token counts of micro-batches differ (fine-tuning with ignored targets).
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        batches = list(micro_batches)
+        hint = float(self.cfg.micro_batch_size * self.seq_len)
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens_local = torch.zeros((), dtype=torch.float64, device=self.device)
+        try:
+            for m, batch in enumerate(batches):
+                self._grad_sync(m == len(batches) - 1)
+                with self.autocast():
+                    loss_sum, n_tokens = self.loss_fn(self.model, batch)
+                scaled = loss_sum / hint
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                loss_total += loss_sum.detach().double()
+                tokens_local += torch.as_tensor(n_tokens, device=self.device).double()
+        except torch.OutOfMemoryError as exc:
+            raise LmforgeError(
+                f"micro_batch_size {self.cfg.micro_batch_size} x seq_len {self.seq_len} does not fit in "
+                f"{self.device} memory: lower micro_batch_size and raise grad_accum_steps, or enable "
+                "activation_checkpointing"
+            ) from exc
+        loss_sum_all, tokens_all = self._all_reduce_sum([loss_total, tokens_local])
+        if tokens_all == 0:
+            raise LmforgeError("an optimizer step had no target tokens: every target is ignored (-100)")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        # FSDP averages grads over ranks; undo that and divide by the global token count instead.
+        factor = hint * self.dist.world_size / tokens_all
+        if factor != 1.0:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+        return loss_sum_all / tokens_all, tokens_all
+
+    def optimizer_step(self) -> float:
+        """Clip, step the optimizer and the LR schedule; returns the pre-clip grad norm."""
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            norm = norm.full_tensor()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return float(norm)
+
+    # --- eval ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss and perplexity over the fixed val batches (all ranks), plus eval_fn's metrics."""
+        self.model.eval()
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+        extra: dict[str, list[torch.Tensor]] = {}
+        for batch in self.val_micro_batches():
+            with self.autocast():
+                loss_sum, n_tokens = self.loss_fn(self.model, batch)
+                parts = self.eval_fn(self.model, batch) if self.eval_fn is not None else {}
+            loss_total += loss_sum.double()
+            tokens += torch.as_tensor(n_tokens, device=self.device).double()
+            for name, (num, den) in parts.items():
+                acc = extra.setdefault(name, [torch.zeros((), dtype=torch.float64, device=self.device)] * 2)
+                extra[name] = [acc[0] + torch.as_tensor(num, device=self.device).double(),
+                               acc[1] + torch.as_tensor(den, device=self.device).double()]
+        self.model.train()
+        names = sorted(extra)
+        reduced = self._all_reduce_sum([loss_total, tokens] + [v for n in names for v in extra[n]])
+        loss = reduced[0] / max(reduced[1], 1.0)
+        out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        for i, name in enumerate(names):
+            out[name] = reduced[2 + 2 * i] / max(reduced[3 + 2 * i], 1e-12)
+        return out
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def _extra_state(self) -> dict[str, Any]:
+        n = len(self.train_data)
+        return {
+            "data_position": self.data_position,
+            "epoch": self.data_position // n,
+            "index": self.data_position % n,
+            "rows_per_step": self.rows_per_step,
+            "world_size": self.dist.world_size,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "train_config": self.cfg.model_dump(mode="json"),
+            "best": self.early_stopping.state_dict() if self.early_stopping is not None else None,
+            "last": {"train_loss": self.train_loss, "val": self.val},
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        if self.checkpoints is None:
+            return None
+        return self.checkpoints.save(self.step, self.model, self.optimizer, self._extra_state())
+
+    def maybe_resume(self) -> Path | None:
+        """Load the newest checkpoint when resume == 'auto' and one exists."""
+        if self.checkpoints is None or self.cfg.resume != "auto":
+            return None
+        restored = self.checkpoints.load(self.model, self.optimizer)
+        if restored is None:
+            return None
+        extra = restored.extra
+        self.step = restored.step
+        self.data_position = int(extra["data_position"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        if self.scaler is not None and extra.get("scaler"):
+            self.scaler.load_state_dict(extra["scaler"])
+        if self.early_stopping is not None and extra.get("best"):
+            self.early_stopping.load_state_dict(extra["best"])
+        last = extra.get("last") or {}
+        self.train_loss, self.val = last.get("train_loss"), dict(last.get("val") or {})
+        if extra.get("rows_per_step") != self.rows_per_step and self.dist.is_main:
+            log.warning(
+                "resuming with %s rows per step (checkpoint used %s): the data order after step %d "
+                "differs from an uninterrupted run", self.rows_per_step, extra.get("rows_per_step"), self.step,
+            )
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d", restored.path, self.step)
+        return restored.path
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def _emit(self, metrics: dict[str, float | None]) -> None:
+        if self.on_metrics is not None and self.dist.is_main:
+            self.on_metrics(self.step, metrics)
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        value = mfu(self.flops_per_token, tokens_per_s, self.device, self.dist.world_size)
+        if value is None and not self._mfu_note_done and self.dist.is_main:
+            log.warning("MFU not reported: no peak FLOP/s known for device %r (see throughput.PEAK_FLOPS)",
+                        peak_flops(self.device)[1])
+        self._mfu_note_done = True
+        return value
+
+    def _check_run_dir(self) -> None:
+        """Stop when the checkpoint directory was deleted under the run: going on would write a
+        curve and checkpoints that no later run could trust."""
+        if self._run_marker is not None and not self._run_marker.is_file():
+            raise LmforgeError(
+                f"{self._run_marker.parent} was deleted while training (before step {self.step + 1}); its "
+                "checkpoints and curve are gone, so this run stops here. Rerun the stage to start from step 0 "
+                f"(remove what is left first: rm -rf {self._run_marker.parent})"
+            )
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.early_stopping is not None and self.early_stopping.stopped
+
+    def _save_best(self) -> None:
+        assert self.early_stopping is not None and self.early_stopping.checkpoints is not None
+        self.early_stopping.checkpoints.save(self.step, self.model, self.optimizer, self._extra_state())
+
+    def _loop(self, bar: Any, prefetcher: Prefetcher | None) -> Path | None:
+        last_ckpt: Path | None = None
+        while self.step < self.total_steps and not self.stopped_early:
+            self._check_run_dir()
+            t0 = time.perf_counter()
+            lr = self.scheduler.get_last_lr()[0]
+            if prefetcher is None:
+                micro_batches = self.train_micro_batches(self.data_position)
+            else:
+                ahead = self.data_position + self.rows_per_step if self.step + 1 < self.total_steps else None
+                micro_batches = map(self._to_device, prefetcher.get(self.data_position, ahead))
+            train_loss, tokens = self.compute_gradients(micro_batches)
+            if not math.isfinite(train_loss):  # all-reduced: every rank stops here together
+                raise LmforgeError(
+                    f"the training loss is {train_loss} at step {self.step + 1}: stopped before the weights are "
+                    "spoiled (nothing exported); lower lr, raise warmup_steps or grad_clip, or use precision fp32"
+                )
+            self.train_loss = train_loss
+            grad_norm = self.optimizer_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            self.step += 1
+            self.data_position += self.rows_per_step
+            tokens_per_s = tokens / dt
+            metrics: dict[str, float | None] = {
+                "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                "mfu": self._mfu(tokens_per_s), "peak_mem_mib": peak_memory_mib(self.device),
+                "epoch": self.data_position / len(self.train_data),
+            }
+            last = self.step == self.total_steps
+            if self.val_data is not None and (last or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
+                val = self.val = self.evaluate()
+                metrics.update(val)
+                if self.early_stopping is not None:
+                    self.early_stopping.update(self.step, val, self.model, self._save_best, self.dist.distributed,
+                                               self.device)
+                last = last or self.stopped_early
+            self._emit(metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)
+            if last or (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0):
+                last_ckpt = self.save_checkpoint() or last_ckpt
+        return last_ckpt
+
+    def fit(self) -> TrainResult:
+        """Train to total_steps (resuming first when allowed), evaluating and checkpointing on schedule."""
+        from tqdm.auto import tqdm
+
+        self.model.train()
+        self.maybe_resume()
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and self.dist.is_main),
+            desc="train", dynamic_ncols=True,
+        )
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        prefetcher = Prefetcher(self.host_micro_batches, pin=self.device.type == "cuda") if self.prefetch else None
+        try:
+            last_ckpt = self._loop(bar, prefetcher)
+        finally:
+            if prefetcher is not None:
+                prefetcher.close()
+            if self.checkpoints is not None:
+                self.checkpoints.wait()  # a background write finishes (and commits) before fit returns
+        bar.close()
+        stopping = self.early_stopping
+        if stopping is not None and stopping.stopped and self.dist.is_main:
+            log.info("early stop at step %d: %s did not improve for %d evals (best %.4g at step %s)",
+                     self.step, stopping.metric, stopping.bad_evals, stopping.best_value or float("nan"),
+                     stopping.best_step)
+        if stopping is not None:
+            stopping.restore(self.model)
+        return TrainResult(
+            step=self.step, train_loss=self.train_loss, val_loss=self.val.get("val_loss"),
+            val_ppl=self.val.get("val_ppl"), tokens_seen=self.data_position * self.seq_len, checkpoint=last_ckpt,
+            val_metrics=dict(self.val), best_step=stopping.best_step if stopping else None,
+            best_metrics=dict(stopping.best_metrics) if stopping else {}, stopped_early=self.stopped_early,
+        )
