@@ -1,5 +1,6 @@
 # Two entry points: `make run` (the pipeline on the built-in corpus) and `make test`; after a
-# run, `make plots` draws dvc.yaml's plots into reports/plots/*.svg, offline.
+# run, `make plots` draws dvc.yaml's plots into reports/plots/*.svg, offline; `make docs` builds
+# the docs site into site/ (offline; `make test` builds it too, strictly, in tests/test_docs.py).
 # All create .venv/ and install torch first (pinned CPU build by default; override
 # with e.g. `make run TORCH=torch` to keep a CUDA build), then the project.
 
@@ -17,7 +18,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # DVC stages call `python -m stages.<name>`: make that the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-gpu plots bench ui
+.PHONY: setup run test test-gpu plots bench ui docs
 
 # Reinstall only when pyproject.toml or the torch spec changed (idempotent set-up).
 setup:
@@ -52,6 +53,10 @@ ui: setup
 # The Vega-Lite specs of `dvc plots show --json`, rendered by vl-convert (no browser, no CDN).
 plots: setup
 	$(BIN)/python -m lmforge.evaluate.plots
+
+# The docs site (mkdocs.yml, docs/) into site/: open site/index.html, no server or network needed.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 bench: setup
 	$(BIN)/python bench/data_prep.py
