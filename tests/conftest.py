@@ -63,15 +63,14 @@ TINY_PARAMS = {
     "model": {"preset": "tiny", "dim": 32},
     "pretrain": {
         "max_steps": 6, "micro_batch_size": 4, "warmup_steps": 2, "lr": 0.01, "min_lr": 0.001, "eval_every": 3, "eval_batches": 2,
-        "checkpoint_every": 3, "progress": False,
     },
     "generate": {"max_new_tokens": 8, "prompts": ["The model"]},
     "finetune": {
         "train_file": "data/labeled/train.jsonl", "test_file": "data/labeled/test.jsonl", "max_length": 32,
         "max_steps": 4, "micro_batch_size": 8, "warmup_steps": 1, "eval_every": 2, "eval_batches": 2,
-        "checkpoint_every": 2, "progress": False,
     },
     "evaluate": {"lm_max_rows": 16, "sft_max_examples": 8, "sft_max_new_tokens": 4},
+    "runtime": {"pretrain": {"checkpoint_every": 3, "progress": False}, "finetune": {"checkpoint_every": 2, "progress": False}},
 }
 TOPICS = {
     "nature": "river stone light quick brown fox jumps over lazy dog".split(),

@@ -178,14 +178,16 @@ class ModelParams(Section):
 
     def overrides(self) -> dict[str, Any]:
         """The fields set here, to pass to lmforge.model.decoder.build_config(preset, **overrides)."""
-        return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
+        # Read field by field (not model_dump): a traced run records each key it reads (params_trace).
+        values = {name: getattr(self, name) for name in type(self).model_fields if name != "preset"}
+        return {name: value for name, value in values.items() if value is not None}
 
 
-class TrainerParams(Section):
-    """The knobs of the one training loop (lmforge.train.trainer.Trainer reads them as they are), shared by
-    `pretrain` and `finetune`. Each knob is declared once, here, with pretraining's default;
-    `finetune` redeclares only the defaults that differ. params.yaml states the same values
-    (tests/test_params.py holds them equal)."""
+class TrainingKnobs(Section):
+    """The knobs of the one training loop that change what it computes, shared by `pretrain` and
+    `finetune`. Each knob is declared once, here, with pretraining's default; `finetune` redeclares
+    only the defaults that differ. params.yaml states the same values (tests/test_trainer.py holds
+    them equal). How a run executes (checkpoints, progress bars, processes) is in `runtime:`."""
 
     section: ClassVar[str] = "trainer"
 
@@ -204,35 +206,66 @@ class TrainerParams(Section):
     precision: Literal["bf16", "fp16", "fp32"] = "fp32"
     eval_every: int = Field(40, ge=0)  # 0: only at the end
     eval_batches: int = Field(8, gt=0)
-    checkpoint_every: int = Field(40, ge=0)  # 0: only at the end
-    keep_checkpoints: int = Field(2, gt=0)
-    resume: Literal["auto", "never"] = "auto"
     seed: int = 1337
-    progress: bool = True
 
     @model_validator(mode="after")
-    def _min_lr_below_lr(self) -> TrainerParams:
+    def _min_lr_below_lr(self) -> TrainingKnobs:
         if self.min_lr > self.lr:
             raise ValueError(f"{self.section}.min_lr {self.min_lr} is above {self.section}.lr {self.lr}")
         return self
 
 
-class PretrainParams(TrainerParams):
-    """`pretrain`: the training loop's knobs (TrainerParams) and parallelism."""
+class TrainingRuntime(Section):
+    """`runtime.pretrain` / `runtime.finetune`: how a training run executes, never what it computes
+    (a resumed run gives what an uninterrupted one would), so no stage reruns when they change."""
+
+    checkpoint_every: int = Field(40, ge=0)  # 0: only at the end
+    keep_checkpoints: int = Field(2, gt=0)
+    resume: Literal["auto", "never"] = "auto"
+    progress: bool = True
+
+
+class TrainerParams(TrainingKnobs, TrainingRuntime):
+    """What lmforge.train.trainer.Trainer reads: a stage's training knobs and its run-time knobs
+    together (Params.trainer builds it from params.yaml; tests and benchmarks build it directly)."""
+
+
+class PretrainParams(TrainingKnobs):
+    """`pretrain`: the training loop's knobs (TrainingKnobs) and the attention's layout."""
 
     section: ClassVar[str] = "pretrain"
+
+    # Attention stays inside each packed document and rotary positions restart at it (lmforge.model.attention).
+    document_mask: bool = False
+
+
+class PretrainRuntime(TrainingRuntime):
+    """`runtime.pretrain`: checkpoints, progress, and how the computation is laid out on the hardware."""
 
     # Processes on this machine (one per GPU): lmforge.train.launch runs torch.distributed.run when > 1.
     nproc: int = Field(1, ge=1)
     # Applied by lmforge.train.distributed, not by the trainer.
     activation_checkpointing: bool = False
     compile: bool = False
-    # Attention stays inside each packed document and rotary positions restart at it (lmforge.model.attention).
-    document_mask: bool = False
     # > 0: the loss runs this many tokens at a time, never holding the whole logits (lmforge.model.loss).
     loss_chunk_tokens: int = Field(0, ge=0)
     # Checkpoints written by a background thread from a staged CPU copy (lmforge.train.checkpoint).
     async_checkpoint: bool = False
+
+
+class EvaluateRuntime(Section):
+    """`runtime.evaluate`: how evaluate batches its work (the figures do not depend on it)."""
+
+    lm_micro_batch_size: int = Field(16, gt=0)
+
+
+class RuntimeParams(Section):
+    """`runtime`: knobs that change how stages run, never what they produce. No stage lists this
+    section in dvc.yaml, so changing one reruns nothing."""
+
+    pretrain: PretrainRuntime = PretrainRuntime()
+    finetune: TrainingRuntime = TrainingRuntime()
+    evaluate: EvaluateRuntime = EvaluateRuntime()
 
 
 class LoraParams(Section):
@@ -252,7 +285,7 @@ class LoraParams(Section):
         return value
 
 
-class FinetuneParams(TrainerParams):
+class FinetuneParams(TrainingKnobs):
     """`finetune`: task, data fields, method (full | frozen | lora) and the trainer knobs
     (defaults for the built-in classify task on a 2-core CPU); lmforge.finetune.tuning uses them."""
 
@@ -318,7 +351,6 @@ class EvaluateParams(Section):
     """`evaluate`: how much held-out data each figure uses."""
 
     lm_max_rows: int | None = Field(512, gt=0)  # val rows for the perplexities (None: all)
-    lm_micro_batch_size: int = Field(16, gt=0)
     sft_max_examples: int = Field(200, gt=0)  # test pairs generated for the SFT figures
     sft_max_new_tokens: int = Field(32, gt=0)
     report_examples: int = Field(10, ge=0)  # generated responses shown in report.md
@@ -352,7 +384,7 @@ class PromoteParams(Section):
 
 
 class GenerateParams(Section):
-    """Sampling for the generated samples in reports (pretrain now, evaluate later)."""
+    """`evaluate`: sampling for the pretrained model's samples in reports/ (samples.json, report.md)."""
 
     prompts: list[str] = Field(["The function returns", "This module provides", "Return a new"], min_length=1)
 
@@ -385,6 +417,13 @@ class Params(BaseModel):
     tasks: TasksParams = TasksParams()
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()
+    runtime: RuntimeParams = RuntimeParams()
+
+    def trainer(self, stage: Literal["pretrain", "finetune"]) -> TrainerParams:
+        """What the trainer reads for `stage`: its section's training knobs and `runtime.<stage>`."""
+        knobs, runtime = getattr(self, stage), getattr(self.runtime, stage)
+        return TrainerParams(**{name: getattr(knobs, name) for name in TrainingKnobs.model_fields},
+                             **{name: getattr(runtime, name) for name in TrainingRuntime.model_fields})
 
     @model_validator(mode="after")
     def _fits_the_context(self) -> Params:
