@@ -56,6 +56,8 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **extra_env: str) -> subp
     return result
 
 
+# Where tiny_repo's stages recorded the params they read (git- and DVC-ignored).
+PARAMS_TRACE = ".dvc/tmp/params-trace.jsonl"
 TINY_PARAMS = {
     "data": {"source": "files", "files": ["data/corpus/*.txt"], "val_fraction": 0.2, "batch_size": 64},
     "clean": {"batch_size": 64},
@@ -141,9 +143,10 @@ def make_repo(root: Path, params: dict | None = None, n_docs: int = 200) -> Path
 
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny repository on which `dvc repro` has run once (shared: it takes ~15 s)."""
+    """One tiny repository on which `dvc repro` has run once (shared: it takes ~15 s); each stage
+    appended the params keys it read to PARAMS_TRACE (tests/test_params_deps.py)."""
     root = make_repo(tmp_path_factory.mktemp("repo"))
-    run(["dvc", "repro"], root)
+    run(["dvc", "repro"], root, LMFORGE_PARAMS_TRACE=str(root / PARAMS_TRACE))
     return root
 
 

@@ -7,6 +7,8 @@ at most the start of a value: a hostile or broken file costs a second, never a h
 
 from __future__ import annotations
 
+import json
+import os
 import reprlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +32,11 @@ MAX_PARAMS_VALUES = 100_000
 # Characters of a value, and errors, that a message quotes at most.
 MAX_QUOTED_CHARS = 100
 MAX_LISTED_ERRORS = 10
+# Set to a file, each stage process appends the params keys it read there (tests/test_params_deps.py
+# compares them with dvc.yaml's `params:`).
+TRACE_ENV = "LMFORGE_PARAMS_TRACE"
+# The dotted keys read from a loaded params file, while tracing (None: not tracing).
+_read_keys: set[str] | None = None
 
 
 class Section(BaseModel):
@@ -37,6 +44,14 @@ class Section(BaseModel):
 
     # inf/nan are never a sensible knob (an lr of nan trains all-NaN weights): refused at load.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if _read_keys is not None and not name.startswith("_") and not isinstance(value, Section):
+            prefix = _SECTION_KEYS.get(type(self))
+            if prefix is not None and name in type(self).model_fields:
+                _read_keys.add(f"{prefix}.{name}")
+        return value
 
 
 class HfSourceParams(Section):
@@ -442,6 +457,30 @@ class Params(BaseModel):
         return self
 
 
+def _section_keys(model: type[BaseModel], prefix: str = "") -> dict[type[BaseModel], str]:
+    """Each section class -> its dotted place in params.yaml (every class sits in one place)."""
+    keys: dict[type[BaseModel], str] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            assert annotation not in keys, f"{annotation.__name__} sits in two places of params.yaml"
+            keys[annotation] = f"{prefix}{name}"
+            keys |= _section_keys(annotation, f"{prefix}{name}.")
+    return keys
+
+
+_SECTION_KEYS = _section_keys(Params)
+
+
+def write_trace(stage: str) -> None:
+    """Append the params keys this process read to the file TRACE_ENV names (when set): one JSON line
+    {"stage", "keys"}, written in one append (several ranks may share the file)."""
+    path = os.environ.get(TRACE_ENV)
+    if path and _read_keys is not None:
+        with open(path, "a", encoding="utf-8") as file:
+            file.write(json.dumps({"stage": stage, "keys": sorted(_read_keys)}) + "\n")
+
+
 def _format_error(error: dict[str, Any], model: type[BaseModel]) -> str:
     key = ".".join(_short(str(part)) for part in error["loc"])
     if error["type"] == "extra_forbidden":
@@ -478,6 +517,8 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Params:
     """Validate a params mapping; errors name every bad key at once (the first MAX_LISTED_ERRORS)."""
+    global _read_keys
+    tracing, _read_keys = _read_keys, None  # what the validators read is the loader's, not the stage's
     try:
         return Params.model_validate(raw or {})
     except ValidationError as exc:
@@ -488,10 +529,16 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Par
         if len(lines) == 1:  # the common case reads as one line
             raise LmforgeError(f"{source} is invalid: {lines[0]}") from None
         raise LmforgeError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+    finally:
+        _read_keys = tracing
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS_PATH) -> Params:
-    """Read and validate params.yaml (DVC edits this file for `dvc exp run -S`)."""
+    """Read and validate params.yaml (DVC edits this file for `dvc exp run -S`). With TRACE_ENV set,
+    the keys the process reads from here on are recorded (write_trace appends them)."""
+    global _read_keys
+    if os.environ.get(TRACE_ENV) and _read_keys is None:
+        _read_keys = set()
     path = Path(path)
     raw = read_params_yaml(path)
     if raw is not None and not isinstance(raw, dict):
