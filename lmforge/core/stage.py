@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from lmforge.core.errors import LmforgeError, disk_full
-from lmforge.core.params import write_trace
+from lmforge.core.section import write_trace
 from lmforge.core.redact import redact
 
 
