@@ -19,7 +19,7 @@ MAX_SEQ_LEN = 2**20
 class HfSourceParams(Section):
     """`data.hf`: a Hugging Face Hub dataset, streamed (never used by the tests or the default run)."""
 
-    name: str = Field("Salesforce/wikitext", description="Hub dataset id (`owner/name`).")
+    name: str = Field("Salesforce/wikitext", description="Hub dataset id (`owner/name`)")
     config: str | None = Field("wikitext-103-raw-v1", description="the dataset's configuration; null: its default")
     split: str = Field("train", description="split streamed from the Hub")
     revision: str | None = Field(None, description="git revision (branch, tag, commit) of the dataset; null: main")
