@@ -6,7 +6,7 @@ heads, dim 768, seq 1024, vocab 50,304), bf16 autocast, torch.compile, one GPU:
   ours            lmforge's Trainer on preset "124m" (compiled blocks, fused AdamW, bf16 autocast)
   nanogpt         nanoGPT's own train.py, --compile=True --dtype=bfloat16, same batch and accumulation
   ours-ckpt-sync  ours with a checkpoint every --ckpt-every steps, written in line
-  ours-ckpt-async the same with pretrain.async_checkpoint (staged CPU copy, background write)
+  ours-ckpt-async the same with runtime.pretrain.async_checkpoint (staged CPU copy, background write)
 
 Both read the same train.bin (uint16 ids, drawn once from a seeded uniform distribution over the
 vocabulary: speed does not depend on the text); nanoGPT samples random windows of it, ours packed
@@ -81,7 +81,7 @@ def worker_ours(args: argparse.Namespace) -> dict:
 
     from lmforge.model.decoder import Transformer, build_config
     from lmforge.train.distributed import apply_compile, init_distributed
-    from lmforge.core.params import PretrainParams
+    from lmforge.core.params import TrainerParams
     from lmforge.model.loss import lm_loss
     from lmforge.train.throughput import peak_flops
     from lmforge.train.batches import PackedRows
@@ -97,10 +97,10 @@ def worker_ours(args: argparse.Namespace) -> dict:
     apply_compile(model)
     checkpointing = args.method.startswith("ours-ckpt")
     total = args.warmup + args.steps
-    cfg = PretrainParams(
+    cfg = TrainerParams(
         max_steps=total, micro_batch_size=args.batch_size, grad_accum_steps=args.accum, precision="bf16",
         eval_every=0, checkpoint_every=args.ckpt_every if checkpointing else 0, keep_checkpoints=1,
-        resume="never", progress=False, warmup_steps=2, loss_chunk_tokens=args.loss_chunk,
+        resume="never", progress=False, warmup_steps=2,
     )
     stamps: list[float] = []
     losses: list[float] = []

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 SUMMARY_KEY = "lmforge-pipeline-summary"
 # The params a reader of the parent run compares first (the overridden ones are added to them).
 KEY_PARAMS = ("data.source", "tokenizer.vocab_size", "tokenizer.seq_len", "model.preset", "pretrain.max_steps",
-              "pretrain.lr", "pretrain.precision", "pretrain.nproc", "finetune.task", "finetune.method",
+              "pretrain.lr", "pretrain.precision", "runtime.pretrain.nproc", "finetune.task", "finetune.method",
               "finetune.max_steps", "finetune.lr")
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 

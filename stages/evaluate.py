@@ -43,10 +43,10 @@ def evaluate_lm(params: Params, pretrained: Transformer, finetuned: Any) -> dict
     """Loss/perplexity on the same val rows for each language model, and the unigram floor."""
     val = ShardReader(paths.SHARDS, "val", tokenizer_path=paths.PRETRAINED / "tokenizer.json", verify="size")
     train = ShardReader(paths.SHARDS, "train", verify="size")
-    cfg = params.evaluate
-    results = {"pretrained": language_model_loss(pretrained, val, cfg.lm_micro_batch_size, cfg.lm_max_rows)}
+    rows, batch = params.evaluate.lm_max_rows, params.runtime.evaluate.lm_micro_batch_size
+    results = {"pretrained": language_model_loss(pretrained, val, batch, rows)}
     if finetuned is not None and finetuned.task == "sft":
-        results["fine-tuned (SFT)"] = language_model_loss(finetuned.model, val, cfg.lm_micro_batch_size, cfg.lm_max_rows)
+        results["fine-tuned (SFT)"] = language_model_loss(finetuned.model, val, batch, rows)
     entropy = unigram_entropy(train.blocks(), train.vocab_size)
     results["unigram baseline"] = {"loss": entropy, "perplexity": safe_exp(entropy), "tokens": train.num_tokens}
     return results

@@ -138,10 +138,10 @@ def main() -> None:
     inputs = [paths.PRETRAINED, fp.train_file, fp.test_file]
     # The trainer counts examples, not tokens, for the classification loss.
     renames = {"tokens_per_s": "examples_per_s"} if fp.task == "classify" else {}
-    with training_run("finetune", info, paths.FINETUNE_CHECKPOINTS, run_fingerprint(fp), fp.resume,
+    with training_run("finetune", info, paths.FINETUNE_CHECKPOINTS, run_fingerprint(fp), params.runtime.finetune.resume,
                       {"finetune": fp}, inputs, renames) as tr:
         trainer = Trainer(
-            model, fp, Examples(data["train"], data["val"], spec.collate, fp.max_length), dist_info=info,
+            model, params.trainer("finetune"), Examples(data["train"], data["val"], spec.collate, fp.max_length), dist_info=info,
             checkpoint_dir=paths.FINETUNE_CHECKPOINTS, loss_fn=spec.loss_fn, eval_fn=spec.eval_fn,
             on_metrics=tr.on_metrics, flops_per_token=config.flops_per_token(fp.max_length),
             early_stopping=EarlyStopping(fp.early_stopping_metric, fp.early_stopping_mode, fp.patience),

@@ -8,25 +8,22 @@ One process: `python -m stages.pretrain`. Many: `torchrun --nproc_per_node=N -m 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from lmforge.core import paths
 from lmforge.core.stage import run_stage
-from lmforge.core.io import atomic_path, write_json
+from lmforge.core.io import write_json
 from lmforge.data.tokens.shards import ShardReader
 from lmforge.model.export import load_pretrained
 from lmforge.train.export import export_hf_llama, save_pretrained
-from lmforge.model.generate import sample_prompts
 from lmforge.train.curves import CurveLog, plot_loss, unigram_entropy, write_csv
 from lmforge.model.decoder import Transformer, build_config
 from lmforge.train.distributed import apply_activation_checkpointing, apply_compile, apply_fsdp, init_distributed
-from lmforge.core.params import GenerateParams, Params, load_params
+from lmforge.core.params import Params, load_params
 from lmforge.train.resume import result_knobs
 from lmforge.train.batches import DocumentCollate, PackedRows, lm_collate
 from lmforge.model.loss import lm_loss
@@ -52,8 +49,7 @@ def run_fingerprint(params: Params, manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_reports(curve: CurveLog, final_step: int, summary: dict[str, Any], samples: list[dict[str, str]],
-                  gen: GenerateParams) -> None:
+def write_reports(curve: CurveLog, final_step: int, summary: dict[str, Any]) -> None:
     records = curve.read(up_to_step=final_step)
     # One row per step, val columns nan between evals: `dvc plots` draws both losses from it.
     write_csv(REPORTS / "curve.csv", records,
@@ -61,11 +57,6 @@ def write_reports(curve: CurveLog, final_step: int, summary: dict[str, Any], sam
     plot_loss(REPORTS / "loss.png", records, summary["unigram_entropy"], "pretrain")
     write_json(REPORTS / "stats.json", summary)
     write_json(REPORTS / "metrics.json", {key: summary[key] for key in COMPARED if summary[key] is not None})
-    sampling = f"temperature {gen.temperature}, top_k {gen.top_k}, top_p {gen.top_p}, seed {gen.seed}"
-    lines = [f"# Samples from the pretrained model\n\nSampling: {sampling}, {gen.max_new_tokens} new tokens.\n"]
-    lines += [f"**{sample['prompt']}**{sample['text']}\n" for sample in samples]
-    with atomic_path(REPORTS / "samples.md") as tmp:
-        tmp.write_text("\n".join(lines), encoding="utf-8")
 
 
 def main() -> None:
@@ -79,9 +70,9 @@ def main() -> None:
         params.model.preset, vocab_size=train.vocab_size, max_seq_len=train.seq_len, **params.model.overrides()
     )
     model = Transformer(config).to(info.device)
-    if params.pretrain.activation_checkpointing:
+    if params.runtime.pretrain.activation_checkpointing:
         apply_activation_checkpointing(model)
-    if params.pretrain.compile:
+    if params.runtime.pretrain.compile:
         apply_compile(model)
     if info.distributed:
         compute_dtype = PRECISION_DTYPES[params.pretrain.precision]
@@ -90,13 +81,13 @@ def main() -> None:
     # MLflow shows the resolved shape (dim 256, not the params' null = "the preset's").
     sections = {"model": {"preset": params.model.preset, **config.to_dict()}, "pretrain": params.pretrain}
     with training_run("pretrain", info, paths.PRETRAIN_CHECKPOINTS, run_fingerprint(params, train.manifest),
-                      params.pretrain.resume, sections, [paths.SHARDS, paths.TOKENIZER]) as tr:
-        knobs = params.pretrain
-        collate = DocumentCollate(train.eos_id) if knobs.document_mask else lm_collate
-        trainer = Trainer(model, knobs, PackedRows(train, val, collate), dist_info=info,
+                      params.runtime.pretrain.resume, sections, [paths.SHARDS, paths.TOKENIZER]) as tr:
+        runtime = params.runtime.pretrain
+        collate = DocumentCollate(train.eos_id) if params.pretrain.document_mask else lm_collate
+        trainer = Trainer(model, params.trainer("pretrain"), PackedRows(train, val, collate), dist_info=info,
                           checkpoint_dir=paths.PRETRAIN_CHECKPOINTS, on_metrics=tr.on_metrics,
-                          loss_fn=functools.partial(lm_loss, loss_chunk=knobs.loss_chunk_tokens),
-                          async_checkpoint=knobs.async_checkpoint)
+                          loss_fn=functools.partial(lm_loss, loss_chunk=runtime.loss_chunk_tokens),
+                          async_checkpoint=runtime.async_checkpoint)
         result = trainer.fit()
         save_pretrained(model, config, paths.PRETRAINED, tokenizer_path=paths.TOKENIZER)  # collective
         export_hf_llama(model, config, paths.PRETRAINED_HF, tokenizer_path=paths.TOKENIZER, eos_id=train.eos_id)
@@ -118,8 +109,7 @@ def main() -> None:
             "parameters": config.num_params(),
             "world_size": info.world_size,
         }
-        samples = sample_prompts(plain, Tokenizer.from_file(str(paths.TOKENIZER)), params.generate, train.eos_id)
-        write_reports(tr.curve, result.step, summary, samples, params.generate)
+        write_reports(tr.curve, result.step, summary)
         # The losses are already in the per-step history; the rest lands at the final step.
         final = ("val_perplexity", "unigram_entropy", "val_loss_vs_unigram", "tokens_per_s")
         tr.run.log_metrics({k: summary[k] for k in final if summary[k] is not None}, step=result.step)
@@ -128,8 +118,8 @@ def main() -> None:
             if result.val_loss is not None else "no validation"
         tr.run.describe(f"Pretrain `{params.model.preset}` ({config.num_params() / 1e6:.2f} M parameters) for "
                         f"{result.step} steps, {result.tokens_seen:,} tokens: {figures} against a unigram entropy "
-                        f"of {baseline:.3f}. Curves: reports/; samples: reports/samples.md.")
-        for name in ("stats.json", "loss.png", "samples.md", "curve.csv"):
+                        f"of {baseline:.3f}. Curves: reports/pretrain/; samples: evaluate's reports/samples.json.")
+        for name in ("stats.json", "loss.png", "curve.csv"):
             tr.run.log_artifact(REPORTS / name, "reports")
         tr.run.log_artifact(paths.PRETRAINED / "config.json", "model_config")
         register(tr.run, plain, paths.PRETRAINED_MODEL, paths.PRETRAINED / "model.safetensors",
@@ -139,8 +129,7 @@ def main() -> None:
                  signature=model_signature({"input_ids": ("int64", (-1, -1))},
                                            {"logits": ("float32", (-1, -1, config.vocab_size))}),
                  input_example=np.full((1, 8), train.eos_id, dtype=np.int64))
-        log.info("val loss %.3f (unigram entropy %.3f), %s", result.val_loss or float("nan"), baseline,
-                 json.dumps(samples[0]))
+        log.info("val loss %.3f (unigram entropy %.3f)", result.val_loss or float("nan"), baseline)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **extra_env: str) -> subp
     return result
 
 
+# Where tiny_repo's stages recorded the params they read (git- and DVC-ignored).
+PARAMS_TRACE = ".dvc/tmp/params-trace.jsonl"
 TINY_PARAMS = {
     "data": {"source": "files", "files": ["data/corpus/*.txt"], "val_fraction": 0.2, "batch_size": 64},
     "clean": {"batch_size": 64},
@@ -63,15 +65,14 @@ TINY_PARAMS = {
     "model": {"preset": "tiny", "dim": 32},
     "pretrain": {
         "max_steps": 6, "micro_batch_size": 4, "warmup_steps": 2, "lr": 0.01, "min_lr": 0.001, "eval_every": 3, "eval_batches": 2,
-        "checkpoint_every": 3, "progress": False,
     },
     "generate": {"max_new_tokens": 8, "prompts": ["The model"]},
     "finetune": {
         "train_file": "data/labeled/train.jsonl", "test_file": "data/labeled/test.jsonl", "max_length": 32,
         "max_steps": 4, "micro_batch_size": 8, "warmup_steps": 1, "eval_every": 2, "eval_batches": 2,
-        "checkpoint_every": 2, "progress": False,
     },
     "evaluate": {"lm_max_rows": 16, "sft_max_examples": 8, "sft_max_new_tokens": 4},
+    "runtime": {"pretrain": {"checkpoint_every": 3, "progress": False}, "finetune": {"checkpoint_every": 2, "progress": False}},
 }
 TOPICS = {
     "nature": "river stone light quick brown fox jumps over lazy dog".split(),
@@ -142,9 +143,10 @@ def make_repo(root: Path, params: dict | None = None, n_docs: int = 200) -> Path
 
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny repository on which `dvc repro` has run once (shared: it takes ~15 s)."""
+    """One tiny repository on which `dvc repro` has run once (shared: it takes ~15 s); each stage
+    appended the params keys it read to PARAMS_TRACE (tests/test_params_deps.py)."""
     root = make_repo(tmp_path_factory.mktemp("repo"))
-    run(["dvc", "repro"], root)
+    run(["dvc", "repro"], root, LMFORGE_PARAMS_TRACE=str(root / PARAMS_TRACE))
     return root
 
 

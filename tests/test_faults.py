@@ -153,11 +153,11 @@ def test_no_dvc_cmd_interpolates_a_param():
 
 def test_a_shell_injection_through_params_runs_nothing(data_repo, tmp_path):
     root = _copy(data_repo, tmp_path / "repo")
-    params = tiny_params(pretrain={"nproc": "1 stages.pretrain; touch INJECTED #"})
+    params = tiny_params(runtime={"pretrain": {"nproc": "1 stages.pretrain; touch INJECTED #"}})
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     result = run(["dvc", "repro", "--single-item", "pretrain"], root, check=False)
     assert result.returncode != 0 and not (root / "INJECTED").exists()
-    _one_line_no_traceback(result, "error", "pretrain.nproc")
+    _one_line_no_traceback(result, "error", "runtime.pretrain.nproc")
 
 
 # ---------------------------------------------------------- params refused at load, one line

@@ -1,7 +1,7 @@
 import pytest
 
 from lmforge.core.errors import LmforgeError
-from lmforge.core.params import PretrainParams
+from lmforge.core.params import FinetuneParams, PretrainParams, PretrainRuntime
 from lmforge.train.resume import claim_run_dir, remember_run_id, result_knobs
 
 
@@ -38,10 +38,11 @@ def test_foreign_files_are_not_touched(tmp_path):
         claim_run_dir(root, {}, "auto")
 
 
-def test_execution_knobs_do_not_invalidate_checkpoints():
-    a = PretrainParams(checkpoint_every=10, progress=False, compile=True)
-    b = PretrainParams(checkpoint_every=20, progress=True, compile=False)
-    assert result_knobs(a) == result_knobs(b)
+def test_the_test_file_does_not_invalidate_checkpoints_and_a_result_knob_does():
+    # Run-time knobs (checkpoints, progress, compile, nproc) are not in a stage's section at all:
+    # they live in `runtime:` (RuntimeParams), so they never reach the fingerprint.
+    assert not set(PretrainRuntime.model_fields) & set(PretrainParams.model_fields)
+    assert result_knobs(FinetuneParams(test_file="a.jsonl")) == result_knobs(FinetuneParams(test_file="b.jsonl"))
     assert result_knobs(PretrainParams(max_steps=5)) != result_knobs(PretrainParams(max_steps=6))
 
 

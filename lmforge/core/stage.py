@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from lmforge.core.errors import LmforgeError, disk_full
+from lmforge.core.section import write_trace
 from lmforge.core.redact import redact
 
 
@@ -29,3 +30,5 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
         print(f"[{name}] error: no space left on device writing {where}: free space there and rerun the stage",
               file=sys.stderr)
         sys.exit(1)
+    finally:
+        write_trace(name)

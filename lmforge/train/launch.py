@@ -3,7 +3,7 @@
 N == 1: the module runs here, in this process (as `python -m <module>` would).
 N > 1: this process becomes `python -m torch.distributed.run --standalone --nproc_per_node=N -m <module>`
 (one process per GPU; the stage sets up its process group from torchrun's environment).
-DVC's pretrain cmd goes through here: without --nproc, N is `pretrain.nproc` read from the typed
+DVC's pretrain cmd goes through here: without --nproc, N is `runtime.pretrain.nproc` read from the typed
 params (never interpolated into dvc.yaml's cmd, so no param value ever reaches a shell).
 """
 
@@ -26,7 +26,7 @@ def _nproc_from_params() -> int:
     from lmforge.core.params import load_params
 
     try:
-        return load_params().pretrain.nproc
+        return load_params().runtime.pretrain.nproc
     except LmforgeError as exc:
         print(f"[launch] error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -35,7 +35,7 @@ def _nproc_from_params() -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lmforge.train.launch", description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=None,
-                        help="processes on this machine (one per GPU; default: pretrain.nproc in params.yaml)")
+                        help="processes on this machine (one per GPU; default: runtime.pretrain.nproc in params.yaml)")
     parser.add_argument("module", help="the module to run, e.g. stages.pretrain")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the module")
     ns = parser.parse_args(argv)

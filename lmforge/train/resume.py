@@ -23,16 +23,15 @@ from lmforge.core.params import flatten
 
 log = logging.getLogger(__name__)
 MARKER = "run.json"
-# Knobs that change how a run executes, not what it computes.
-EXECUTION_ONLY = frozenset(
-    {"resume", "progress", "checkpoint_every", "keep_checkpoints", "compile", "activation_checkpointing", "test_file", "nproc",
-     "async_checkpoint", "loss_chunk_tokens"}
-)
+# How a run executes (checkpoints, progress, processes, compile...) is in params.yaml's `runtime:`
+# (lmforge.core.params.RuntimeParams), outside the stage's section. Of the section, only the test
+# file changes nothing a training run computes (finetune reads it to check its labels).
+NOT_COMPUTED_FROM = frozenset({"test_file"})
 
 
 def result_knobs(section: BaseModel) -> dict[str, Any]:
-    """A params section without its execution-only knobs."""
-    return {k: v for k, v in section.model_dump(mode="json").items() if k not in EXECUTION_ONLY}
+    """A stage's params section without the knobs its result does not depend on."""
+    return {k: v for k, v in section.model_dump(mode="json").items() if k not in NOT_COMPUTED_FROM}
 
 
 def claim_run_dir(root: Path, fingerprint: dict[str, Any], resume: str) -> str | None:

@@ -23,8 +23,9 @@ HELPER = Path(__file__).resolve().parents[1] / "train_helper.py"
 # bf16 on CUDA: the resumed curve matches the uninterrupted one to this relative tolerance (the
 # kernels are deterministic where torch has a deterministic variant, not bitwise everywhere).
 RESUME_RTOL = 1e-3
-CUDA_PRETRAIN = {**TINY_PARAMS["pretrain"], "precision": "bf16", "compile": True, "document_mask": True,
-                 "loss_chunk_tokens": 64, "async_checkpoint": True}
+CUDA_PRETRAIN = {**TINY_PARAMS["pretrain"], "precision": "bf16", "document_mask": True}
+CUDA_RUNTIME = {"pretrain": {**TINY_PARAMS["runtime"]["pretrain"], "compile": True, "loss_chunk_tokens": 64,
+                             "async_checkpoint": True}}
 
 
 def _set(root: Path, section: str, values: dict) -> None:
@@ -38,6 +39,7 @@ def cuda_pretrained(data_repo: Path, tmp_path_factory: pytest.TempPathFactory) -
     root = tmp_path_factory.mktemp("cuda") / "repo"
     shutil.copytree(data_repo, root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns", "checkpoints"), symlinks=True)
     _set(root, "pretrain", CUDA_PRETRAIN)
+    _set(root, "runtime", CUDA_RUNTIME)
     run(["python", "-m", "stages.pretrain"], root)
     return root
 
