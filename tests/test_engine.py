@@ -20,6 +20,7 @@ import dask
 import pytest
 
 from lmforge.data.markers import completed, mark_completed, task_key
+from lmforge.core import digests
 from lmforge.track import lineage
 from lmforge.data import engine
 from lmforge.data.engine import UserError, WorkerTask, dask_client, hash_on_workers, map_tasks, worker_count
@@ -295,7 +296,7 @@ def test_output_md5s_come_from_the_workers_and_hold_until_a_file_changes(tmp_pat
     def driver_reads(path):
         raise AssertionError(f"the driver read {path}")
 
-    monkeypatch.setattr(lineage, "file_md5", driver_reads)
+    monkeypatch.setattr(digests, "file_md5", driver_reads)
     assert lineage.content_hash(out) == expected
     (out / "manifest.json").write_bytes(b"changed after it was hashed")
     with pytest.raises(AssertionError, match="the driver read .*manifest.json"):
