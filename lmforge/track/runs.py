@@ -25,7 +25,6 @@ from lmforge.track.lineage import git_commit, input_hashes, output_hashes, recor
 from lmforge.core.params import flatten
 from lmforge.core.redact import redact
 from lmforge.track.store import (
-    HTTP_CLIENT_DEFAULTS,
     LOGGING_FAILED_MARKER,
     ensure_experiment,
     mark_orphans_killed,
@@ -35,6 +34,7 @@ from lmforge.track.store import (
     store_label,
     tracking_errors,
     tracking_uri,
+    use_http_client_defaults,
 )
 
 # The runs table (the UI opens on traces otherwise): `<ui>/#/experiments/<id>/...`
@@ -252,8 +252,7 @@ def stage_run(
     work goes on exactly as with tracking up (every StageRun call then does nothing).
     """
     root = (root or Path.cwd()).resolve()
-    for key, value in HTTP_CLIENT_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    use_http_client_defaults()
     hashes = input_hashes(inputs, root)
     problem = probe_store(root)
     if problem:
