@@ -19,14 +19,11 @@ from lmforge.evaluate.metrics import (
     exact_match,
     language_model_loss,
     majority_baseline,
-    plot_confusion_matrix,
-    render_report_md,
     rouge_l,
     sft_report,
     token_f1,
-    write_confusion_json,
-    write_per_class_csv,
 )
+from lmforge.evaluate.report import plot_confusion_matrix, render_report_md, write_confusion_json, write_per_class_csv
 from lmforge.model.decoder import ModelConfig, Transformer
 
 LABELS = ["ant", "bee", "cat", "dog"]

@@ -26,7 +26,7 @@ from lmforge.data.tokens.tokenizer import load_tokenizer, save_tokenizer, train_
 from lmforge.core.digests import file_sha256
 from lmforge.core.errors import LmforgeError
 from lmforge.evaluate.metrics import write_per_class_csv
-from lmforge.finetune.tuning import encode_sft, encode_texts, read_examples, special_ids
+from lmforge.finetune.examples import encode_sft, encode_texts, read_examples, special_ids
 from lmforge.train.curves import write_csv
 from lmforge.core.params import DataParams, FinetuneParams, TokenizerParams
 
