@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from sklearn import metrics as skm
 
-from lmforge.data.tokens.shards import ShardReader, ShardWriter, SplitSummary, token_dtype, write_manifest
+from lmforge.data.tokens.shards import ShardReader, ShardWriter, SplitSummary, token_dtype, write_shards_manifest
 from lmforge.core.errors import LmforgeError
 from lmforge.evaluate.metrics import (
     bag_of_words_baseline,
@@ -160,8 +160,8 @@ def shard_reader(tmp_path):
     writer = ShardWriter(tmp_path, "val", seq_len, dtype, shard_rows=6)
     writer.add(rows)
     summary = SplitSummary(rows=len(rows), tokens=int(rows.size), shards=writer.close())
-    write_manifest(tmp_path, tokenizer_sha256="x", vocab_size=vocab, eos_id=0, seq_len=seq_len, dtype=dtype,
-                   splits={"val": summary})
+    write_shards_manifest(tmp_path, tokenizer_sha256="x", vocab_size=vocab, eos_id=0, seq_len=seq_len, dtype=dtype,
+                      splits={"val": summary})
     return ShardReader(tmp_path, "val"), rows.astype(np.int64)
 
 

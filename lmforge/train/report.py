@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from lmforge.core.io import write_json
-from lmforge.train.curves import plot_loss, write_csv
+from lmforge.train.curves import plot_loss, write_curve_csv
 
 TensorSpecs = dict[str, tuple[str, tuple[int, ...]]]
 
@@ -54,7 +54,7 @@ class Registration:
 def write_reports(report: TrainingReport) -> None:
     """curve.csv (one row per step, val columns nan between evals: `dvc plots` draws every column
     from it), loss.png, stats.json and metrics.json: the same whether tracking is up or down."""
-    write_csv(report.reports / "curve.csv", report.records, report.columns, blank_missing=True)
+    write_curve_csv(report.reports / "curve.csv", report.records, report.columns, blank_missing=True)
     plot_loss(report.reports / "loss.png", report.records, report.baseline, report.title)
     write_json(report.reports / "stats.json", report.summary)
     write_json(report.reports / "metrics.json",
