@@ -25,7 +25,7 @@ from lmforge.data.sources.configured import iter_documents
 from lmforge.data.tokens.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from lmforge.core.digests import file_sha256
 from lmforge.core.errors import LmforgeError
-from lmforge.evaluate.metrics import write_per_class_csv
+from lmforge.evaluate.report import write_per_class_csv
 from lmforge.finetune.examples import encode_sft, encode_texts, read_examples, special_ids
 from lmforge.train.curves import write_curve_csv
 from lmforge.core.params import DataParams, FinetuneParams, TokenizerParams
