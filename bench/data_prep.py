@@ -128,7 +128,7 @@ def prepare(work: Path, files: str | None, repeat: int, tok_params: TokenizerPar
     """Raw and clean Parquet of the corpus (repeated `repeat` times) and a trained tokenizer."""
     from lmforge.data.documents import make_document
     from lmforge.data.documents import DocumentWriter
-    from lmforge.data.partitions import iter_dataset_batches, part_name, write_manifest
+    from lmforge.data.partitions import iter_dataset_batches, part_name, write_parts_manifest
     from lmforge.data.sources.configured import iter_documents
     from lmforge.data.tokens.tokenizer import save_tokenizer, train_tokenizer
 
@@ -136,7 +136,7 @@ def prepare(work: Path, files: str | None, repeat: int, tok_params: TokenizerPar
     docs = list(iter_documents(data, Counter()))
     with DocumentWriter(work / "raw" / part_name(0)) as writer:
         writer.write(docs)
-    write_manifest(work / "raw", [{"name": part_name(0), "documents": writer.documents, "bytes": writer.bytes}])
+    write_parts_manifest(work / "raw", [{"name": part_name(0), "documents": writer.documents, "bytes": writer.bytes}])
     _clean(work / "raw", work / "cleaned")
     kept = [d for batch in iter_dataset_batches(work / "cleaned" / "clean", 2000, "clean") for d in batch]
     with DocumentWriter(work / "clean.parquet") as writer:

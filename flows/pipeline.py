@@ -17,7 +17,7 @@ MLflow run and a summary artifact) and its stage task; the entry point of prefec
   original params.yaml bytes are put back). They stay there after the run as `dvc exp run -S`
   leaves them in the workspace, and the finished result is recorded as a DVC experiment with
   `dvc exp save` (it shows in `dvc exp show`).
-- MLflow: a parent run `pipeline` (experiment `lmforge`, lmforge.track.runs.PipelineRun); each stage's
+- MLflow: a parent run `pipeline` (experiment `lmforge`, lmforge.track.pipeline_run.PipelineRun); each stage's
   own run nests under it through LMFORGE_PARENT_RUN_ID (lmforge.track.runs.stage_run reads it) and is
   tagged with the Prefect flow run id. The parent carries `stage.<name>` = `ran` |
   `skipped (cache hit)` | `failed`, `stage.<name>.run_id` = the run that produced the stage's outputs
@@ -321,7 +321,8 @@ def _run_pipeline(overrides: list[str], force: bool, stages: list[str] | None, r
     from prefect.runtime import flow_run
 
     from flows.dvc_repo import check_params_file
-    from lmforge.track.runs import FLOW_RUN_ENV, PARENT_RUN_ENV, PipelineRun
+    from lmforge.track.pipeline_run import PipelineRun
+    from lmforge.track.runs import FLOW_RUN_ENV, PARENT_RUN_ENV
     from lmforge.track.store import check_tracking_server
 
     logger = get_run_logger()

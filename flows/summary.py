@@ -20,7 +20,7 @@ from lmforge.core.numbers import human
 from lmforge.core.redact import redact
 
 if TYPE_CHECKING:
-    from lmforge.track.runs import PipelineRun
+    from lmforge.track.pipeline_run import PipelineRun
 
 SUMMARY_KEY = "lmforge-pipeline-summary"
 # The params a reader of the parent run compares first (the overridden ones are added to them).

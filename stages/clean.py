@@ -12,7 +12,7 @@ from lmforge.core import paths
 from lmforge.core.stage import run_stage
 from lmforge.data.clean_job import run_clean
 from lmforge.core.io import write_json, write_jsonl
-from lmforge.data.partitions import clear_staging, read_manifest, staging_dir
+from lmforge.data.partitions import clear_staging, read_parts_manifest, staging_dir
 from lmforge.data.engine import dask_client, hash_on_workers, map_tasks, worker_count
 from lmforge.core.errors import LmforgeError
 from lmforge.core.params import load_params
@@ -25,7 +25,7 @@ COMPARED = ("documents_in", "documents_out", "kept_byte_fraction")
 def main() -> None:
     params = load_params()
     with stage_run("clean", {"clean": params.clean}, inputs=[paths.RAW]) as run:
-        read_manifest(paths.RAW, "ingest")  # a clear error before the engine starts if ingest has not run
+        read_parts_manifest(paths.RAW, "ingest")  # a clear error before the engine starts if ingest has not run
         with dask_client(params.engine) as client:
             workers = worker_count(client)
             result = run_clean(params.clean, paths.RAW, paths.CLEAN, staging_dir("clean"),

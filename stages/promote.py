@@ -12,73 +12,23 @@ before anything is written.
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 from pathlib import Path
 
 from lmforge.core import paths
-from lmforge.core.stage import run_stage
-from lmforge.core.io import write_json
+from lmforge.core.digests import content_hash
 from lmforge.core.errors import LmforgeError
-from lmforge.evaluate.metrics import model_scores, score_classifier, score_sft
-from lmforge.model.export import WEIGHTS
-from lmforge.finetune.tuning import check_labels, load_finetuned, read_examples
-from lmforge.track.lineage import content_hash
-from lmforge.core.params import Params, load_params
-from lmforge.track.promotion import Decision, checked_score, exported_files, promote, undecided
-from lmforge.track.runs import stage_run, tracking_guard
-from lmforge.track.store import tracking_uri
+from lmforge.core.io import write_json
+from lmforge.core.params import load_params
 from lmforge.core.paths import WEIGHTS_TAG
+from lmforge.core.stage import run_stage
+from lmforge.model.export import WEIGHTS
+from lmforge.track.promotion import Decision, promote, undecided
+from lmforge.track.runs import stage_run, tracking_guard
+from lmforge.track.scoring import evaluated_score, score_version, scoring_knobs
+from lmforge.track.store import tracking_uri
 
 log = logging.getLogger("stages.promote")
-
-
-def scoring_knobs(params: Params) -> dict[str, object]:
-    """What, beyond the test file, changes a score: a stored score counts only when these match."""
-    ft, cfg = params.finetune, params.evaluate
-    knobs: dict[str, object] = {"task": ft.task}
-    if ft.task == "sft":
-        knobs |= {"max_examples": cfg.sft_max_examples, "max_new_tokens": cfg.sft_max_new_tokens,
-                  "seed": params.generate.seed}
-    return knobs
-
-
-def score_version(params: Params, metric: str, version: str) -> float:
-    """`metric` of registered version `version` on this run's test set, as evaluate scores it."""
-    ft = params.finetune
-    rows = read_examples(Path(ft.test_file), ft, ft.task)
-    with tempfile.TemporaryDirectory(prefix="lmforge-champion-") as tmp:
-        model = load_finetuned(exported_files(paths.FINETUNED_MODEL, version, Path(tmp)))
-        if model.task != ft.task:
-            raise LmforgeError(f"it is a {model.task} model and this run's task is {ft.task}")
-        if ft.task == "classify":
-            check_labels(rows, model.labels, "label", ft.test_file)
-            report = score_classifier(model, [r["text"] for r in rows], [r["label"] for r in rows])
-        else:
-            rows = rows[: params.evaluate.sft_max_examples]
-            report, _ = score_sft(model, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                                  params.evaluate.sft_max_new_tokens, params.generate.seed)
-    return model_scores(ft.task, report)[metric]
-
-
-def evaluated_score(path: Path, metric: str, task: str) -> float:
-    """The challenger's `metric` from evaluate's `path`: a finite number in the metric's range, or
-    one LmforgeError naming the file and the key (the other figures are not the decision's)."""
-    rerun = "rerun evaluate (`dvc repro -f evaluate`)"
-    if not path.is_file():
-        raise LmforgeError(f"{path} is missing, so there is no {metric} to decide on: {rerun}")
-    try:
-        evaluated = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise LmforgeError(f"{path} is not valid JSON ({exc}), so there is no {metric} to decide on: {rerun}") from None
-    if not isinstance(evaluated, dict) or metric not in evaluated:
-        raise LmforgeError(f"{path} has no {metric!r} (promote.metric.{task}): "
-                           f"rerun evaluate for task {task}, or pick one of its figures")
-    try:
-        return checked_score(evaluated[metric], metric, str(path))
-    except LmforgeError as exc:
-        raise LmforgeError(f"{exc}: no decision can rest on it; {rerun}, and check the model it scored") from None
 
 
 def main() -> None:

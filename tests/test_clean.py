@@ -20,7 +20,7 @@ from lmforge.data.clean_job import run_clean
 from lmforge.data.quality.dedup import CanonicalTexts, lsh_bands, signatures
 from lmforge.data.documents import METADATA_COLUMNS, make_document
 from lmforge.data.documents import DocumentWriter
-from lmforge.data.partitions import iter_dataset_batches, part_name, write_manifest
+from lmforge.data.partitions import iter_dataset_batches, part_name, write_parts_manifest
 from lmforge.data.quality.filters import build_filters
 from lmforge.data.quality.text import TextBatch, normalize, normalize_batch
 from lmforge.core.params import CleanParams
@@ -230,7 +230,7 @@ def write_raw(directory: Path, docs: list[dict], parts: int) -> None:
                                         **{column: doc.get(column) for column in METADATA_COLUMNS})
                           | {"id": doc["id"]} for doc in docs[bounds[index] : bounds[index + 1]]])
         entries.append({"name": part_name(index), "documents": writer.documents, "bytes": writer.bytes})
-    write_manifest(directory, entries)
+    write_parts_manifest(directory, entries)
 
 
 EXTRAS = ("seconds", "mb_per_s", "partitions", "dedup_seconds")

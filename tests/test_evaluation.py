@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from sklearn import metrics as skm
 
-from lmforge.data.tokens.shards import ShardReader, ShardWriter, SplitSummary, token_dtype, write_manifest
+from lmforge.data.tokens.shards import ShardReader, ShardWriter, SplitSummary, token_dtype, write_shards_manifest
 from lmforge.core.errors import LmforgeError
 from lmforge.evaluate.metrics import (
     bag_of_words_baseline,
@@ -19,14 +19,11 @@ from lmforge.evaluate.metrics import (
     exact_match,
     language_model_loss,
     majority_baseline,
-    plot_confusion_matrix,
-    render_report_md,
     rouge_l,
     sft_report,
     token_f1,
-    write_confusion_json,
-    write_per_class_csv,
 )
+from lmforge.evaluate.report import plot_confusion_matrix, render_report_md, write_confusion_json, write_per_class_csv
 from lmforge.model.decoder import ModelConfig, Transformer
 
 LABELS = ["ant", "bee", "cat", "dog"]
@@ -163,8 +160,8 @@ def shard_reader(tmp_path):
     writer = ShardWriter(tmp_path, "val", seq_len, dtype, shard_rows=6)
     writer.add(rows)
     summary = SplitSummary(rows=len(rows), tokens=int(rows.size), shards=writer.close())
-    write_manifest(tmp_path, tokenizer_sha256="x", vocab_size=vocab, eos_id=0, seq_len=seq_len, dtype=dtype,
-                   splits={"val": summary})
+    write_shards_manifest(tmp_path, tokenizer_sha256="x", vocab_size=vocab, eos_id=0, seq_len=seq_len, dtype=dtype,
+                      splits={"val": summary})
     return ShardReader(tmp_path, "val"), rows.astype(np.int64)
 
 

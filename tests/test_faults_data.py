@@ -25,9 +25,9 @@ from lmforge.data.sources.configured import iter_documents
 from lmforge.data.tokens.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from lmforge.core.digests import file_sha256
 from lmforge.core.errors import LmforgeError
-from lmforge.evaluate.metrics import write_per_class_csv
-from lmforge.finetune.tuning import encode_sft, encode_texts, read_examples, special_ids
-from lmforge.train.curves import write_csv
+from lmforge.evaluate.report import write_per_class_csv
+from lmforge.finetune.examples import encode_sft, encode_texts, read_examples, special_ids
+from lmforge.train.curves import write_curve_csv
 from lmforge.core.params import DataParams, FinetuneParams, TokenizerParams
 
 from conftest import make_repo, make_texts, run, write_params
@@ -272,5 +272,5 @@ def test_per_class_csv_writes_a_formula_label_as_text(tmp_path):
 
 def test_metrics_csv_keeps_negative_numbers_and_neutralizes_strings(tmp_path):
     records = [{"step": 1, "value": -0.5, "note": "-cmd|' /C calc'!A0"}]
-    write_csv(tmp_path / "curve.csv", records, ["step", "value", "note"])
+    write_curve_csv(tmp_path / "curve.csv", records, ["step", "value", "note"])
     assert read_csv(tmp_path / "curve.csv") == [["step", "value", "note"], ["1", "-0.5", "'-cmd|' /C calc'!A0"]]

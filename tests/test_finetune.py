@@ -11,11 +11,13 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from lmforge.core.errors import LmforgeError
-from lmforge.finetune.tuning import (
-    IGNORE_INDEX, apply_method, check_labels, classify_collate, count_params, encode_sft,
-    encode_texts, label_set, load_finetuned, merged_model, read_examples, special_ids, split_train_val, task_spec,
-    FinetunedModel,
+from lmforge.finetune.examples import (
+    check_labels, classify_collate, encode_sft, encode_texts, label_set, read_examples, special_ids, split_train_val,
 )
+from lmforge.finetune.inference import FinetunedModel, load_finetuned
+from lmforge.finetune.methods import apply_method, count_params, merged_model
+from lmforge.finetune.objectives import task_spec
+from lmforge.model.decoder import IGNORE_INDEX
 from lmforge.train.export import save_finetuned
 from lmforge.model.decoder import build_model
 from lmforge.model.decoder import ModelConfig, Transformer

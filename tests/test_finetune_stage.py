@@ -11,8 +11,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from lmforge.finetune.tuning import load_finetuned
-from lmforge.track.lineage import content_hash
+from lmforge.finetune.inference import load_finetuned
+from lmforge.core.digests import content_hash
 
 from conftest import TINY_PARAMS, run
 

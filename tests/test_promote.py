@@ -331,7 +331,7 @@ def test_the_champion_rescored_from_the_registry_matches_evaluate(tiny_repo, mon
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     from lmforge.core.params import load_params
-    from stages.promote import score_version
+    from lmforge.track.scoring import score_version
 
     monkeypatch.chdir(tiny_repo)
     version = MlflowClient(f"sqlite:///{tiny_repo}/mlflow.db").get_model_version_by_alias(NAME, paths.CHAMPION_ALIAS)

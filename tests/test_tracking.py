@@ -3,7 +3,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from lmforge.core.params import DataParams
-from lmforge.track.lineage import content_hash, input_hashes
+from lmforge.core.digests import content_hash
+from lmforge.track.lineage import input_hashes
 from lmforge.core.params import flatten
 from lmforge.track.runs import OUTPUT_TAG, stage_run
 

@@ -23,7 +23,8 @@ from lmforge.core.errors import LmforgeError  # noqa: E402
 from lmforge.model.decoder import ModelConfig, Transformer  # noqa: E402
 from lmforge.core.params import TrainerParams  # noqa: E402
 from lmforge.train.batches import PackedRows, RowSampler  # noqa: E402
-from lmforge.train.trainer import Trainer, lr_at  # noqa: E402
+from lmforge.train.optim import lr_at  # noqa: E402
+from lmforge.train.trainer import Trainer  # noqa: E402
 
 HELPER = Path(__file__).parent / "train_helper.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +36,22 @@ def make_trainer(model=None, **kw) -> Trainer:
     cfg = TrainerParams(**{"max_steps": 4, "micro_batch_size": 4, "warmup_steps": 0, "eval_every": 0,
                          "eval_batches": 2, "checkpoint_every": 0, "progress": False, "lr": 3e-3, **kw})
     return Trainer(model, cfg, PackedRows(SyntheticRows(128, 1), SyntheticRows(32, 2)))
+
+
+def test_validation_and_evaluate_report_the_same_loss_and_perplexity_even_past_e50():
+    """One loss-over-rows loop: the trainer's val figures and evaluate's on the same rows agree,
+    also for a diverged model (a loss past 50 nats: its perplexity is exp(loss), not a cap)."""
+    from lmforge.evaluate.metrics import language_model_loss
+
+    trainer = make_trainer()
+    with torch.no_grad():
+        trainer.model.norm.weight.mul_(1000.0)  # logits x1000: confidently wrong
+    val = trainer.evaluate()
+    rows = trainer.cfg.eval_batches * trainer.cfg.micro_batch_size
+    scored = language_model_loss(trainer.model, trainer.val_data, trainer.cfg.micro_batch_size, max_rows=rows)
+    assert val["val_loss"] > 50
+    assert val["val_loss"] == pytest.approx(scored["loss"], rel=1e-6)
+    assert val["val_ppl"] == pytest.approx(scored["perplexity"], rel=1e-5)
 
 
 def test_one_optimizer_step_reduces_the_loss_on_a_fixed_batch():

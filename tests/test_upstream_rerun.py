@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from lmforge.core import paths
-from lmforge.track.lineage import content_hash
+from lmforge.core.digests import content_hash
 from lmforge.track.promotion import DECISION_TAG, aliases
 
 from conftest import run, write_params

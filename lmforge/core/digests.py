@@ -1,10 +1,11 @@
-"""File digests: sha256 (manifests, markers, checkpoints) and DVC's md5 (lineage), read in 1 MiB
+"""File digests: sha256 (manifests, markers, checkpoints), DVC's md5 of a file or directory (lineage), read in 1 MiB
 chunks, and md5s computed elsewhere (a data stage's workers) remembered while a file's size and mtime hold.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 
@@ -45,3 +46,17 @@ def md5_of(path: Path) -> str:
 
 def file_sha256(path: str | Path) -> str:
     return file_digest(path, "sha256")
+
+
+def content_hash(path: Path) -> str:
+    """DVC 3's md5 of a file or directory (the `md5` dvc.lock records for an output): a file's md5,
+    or for a directory the md5 of its files' sorted [{"md5", "relpath"}] list as DVC serializes it,
+    plus ".dir"; "missing" when there is nothing at `path`."""
+    if path.is_file():
+        return md5_of(path)
+    if path.is_dir():
+        listing = [{"md5": content_hash(file), "relpath": file.relative_to(path).as_posix()}
+                   for file in path.rglob("*") if file.is_file()]
+        listing.sort(key=lambda entry: entry["relpath"])
+        return hashlib.md5(json.dumps(listing, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+    return "missing"

@@ -35,13 +35,15 @@ from lmforge.data.quality.dedup import (CanonicalTexts, band_buckets, band_keys,
 from lmforge.core.io import atomic_path
 from lmforge.data.documents import DocumentWriter
 from lmforge.data.markers import completed, mark_completed, task_key
-from lmforge.data.partitions import iter_part_arrow, iter_part_batches, part_name, part_paths, publish, write_manifest
+from lmforge.data.partitions import (
+    iter_part_arrow, iter_part_batches, part_name, part_paths, publish, write_parts_manifest,
+)
 from lmforge.core.digests import file_sha256
 from lmforge.data.engine import fault_point
 from lmforge.core.params import CleanParams
 
 # Bumped when a staged file's layout or a marker's meaning changes: older markers are then stale.
-FORMAT_VERSION = 1
+CLEAN_TASK_VERSION = 1
 ROW_BITS = 32  # gid = partition << ROW_BITS | row among the partition's filter survivors
 EXACT, NEAR = 1, 2  # codes of the drops file, in the order the steps run
 
@@ -104,7 +106,7 @@ def map_part(task: tuple[Plan, int, str]) -> dict[str, Any]:
     name = part_name(index)
     filtered_path, keys_path = plan.path("filtered", name), plan.path("keys", name)
     sha256 = file_sha256(raw_path)
-    key = task_key("map", plan.params_key(), sha256, FORMAT_VERSION)
+    key = task_key("map", plan.params_key(), sha256, CLEAN_TASK_VERSION)
     if (done := completed(plan.staging, f"map-{name}", key, [filtered_path, keys_path])) is not None:
         return {**done, "resumed": True}
     fault_point(STAGE, index)
@@ -279,7 +281,7 @@ def run_clean(params: CleanParams, raw_dir: Path, out_dir: Path, staging: Path, 
     resumed = sum(part.get("resumed", False) for part in mapped)
     if resumed:
         log.info("resumed: %d of %d partitions were filtered by an earlier run of this stage", resumed, len(mapped))
-    run_key = task_key("run", plan.params_key(), [part["sha256"] for part in mapped], FORMAT_VERSION)
+    run_key = task_key("run", plan.params_key(), [part["sha256"] for part in mapped], CLEAN_TASK_VERSION)
     survivors = [part["survivors"] for part in mapped]
     names = (["exact"] if params.exact_dedup else []) + (
         [f"band-{band:03d}" for band in range(plan.bands)] if params.near_dedup else [])
@@ -291,8 +293,8 @@ def run_clean(params: CleanParams, raw_dir: Path, out_dir: Path, staging: Path, 
     seconds = time.perf_counter() - start
 
     publish([plan.path("out", part["name"]) for part in written], out_dir)
-    write_manifest(out_dir, [{"name": part["name"], "documents": part["documents"], "bytes": part["bytes"]}
-                             for part in written])
+    write_parts_manifest(out_dir, [{"name": part["name"], "documents": part["documents"], "bytes": part["bytes"]}
+                                 for part in written])
     stats = merge_stats([part["stats"] for part in written])
     stats["seconds"] = round(seconds, 3)
     stats["mb_per_s"] = stats["bytes_in"] / 1e6 / seconds if seconds else 0.0

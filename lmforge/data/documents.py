@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +60,6 @@ def split_of(doc_id: str, val_fraction: float) -> str:
 
 def to_record_batch(docs: list[Document]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pylist(docs, schema=DOCUMENT_SCHEMA)
-
-
-def iter_rows(batch: pa.RecordBatch) -> Iterator[Document]:
-    yield from batch.to_pylist()
 
 
 def check_columns(columns: list[str], path: str, required: Mapping[str, str]) -> None:

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "ingest"
 # Bumped when a part's contents change for the same inputs and params: older markers are stale.
-FORMAT_VERSION = 1
+INGEST_TASK_VERSION = 1
 
 
 def ingest_dataset(client: Any, data: DataParams, staging: Path, output: Path, stats_path: Path) -> dict[str, Any]:
@@ -79,8 +79,8 @@ def ingest_dataset(client: Any, data: DataParams, staging: Path, output: Path, s
     }
     partitions.publish([staging / result["name"] for result in results], output)
     write_json(stats_path, stats)
-    partitions.write_manifest(output, [{key: result[key] for key in ("name", "documents", "bytes")} for result in results],
-                              source=data.source)
+    partitions.write_parts_manifest(output, [{key: result[key] for key in ("name", "documents", "bytes")} for result in results],
+                                    source=data.source)
     partitions.clear_staging_dir(staging)
     return stats
 
@@ -109,7 +109,7 @@ def plan_tasks(data: DataParams, staging: Path) -> list[IngestTask]:
     dumped = data.model_dump(mode="json")
     staging = staging.resolve()
     return [
-        IngestTask(index, partition, dumped, str(staging), task_key(FORMAT_VERSION, partition, dumped))
+        IngestTask(index, partition, dumped, str(staging), task_key(INGEST_TASK_VERSION, partition, dumped))
         for index, partition in enumerate(partitions)
     ]
 

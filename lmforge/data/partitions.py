@@ -31,7 +31,7 @@ from lmforge.core.errors import LmforgeError
 MANIFEST = "manifest.json"
 STAGING = Path("data/.staging")
 # Bumped when the manifest's meaning changes, so an old one is rejected with a clear message.
-FORMAT_VERSION = 1
+PARTS_MANIFEST_FORMAT = 1
 
 
 def part_name(index: int) -> str:
@@ -42,12 +42,12 @@ def staging_dir(stage: str) -> Path:
     return STAGING / stage
 
 
-def write_manifest(directory: str | Path, parts: list[dict[str, Any]], **extra: Any) -> None:
+def write_parts_manifest(directory: str | Path, parts: list[dict[str, Any]], **extra: Any) -> None:
     """The manifest, last: `parts` in global order, each at least {"name", "documents", "bytes"}
     ("bytes": the UTF-8 bytes of the documents' text, as DocumentWriter counts them; tokenize sizes
     its BPE sample from them)."""
     write_json(Path(directory) / MANIFEST, {
-        "format": FORMAT_VERSION,
+        "format": PARTS_MANIFEST_FORMAT,
         "documents": sum(part["documents"] for part in parts),
         "bytes": sum(part["bytes"] for part in parts),
         "parts": parts,
@@ -55,7 +55,7 @@ def write_manifest(directory: str | Path, parts: list[dict[str, Any]], **extra: 
     })
 
 
-def read_manifest(directory: str | Path, stage_hint: str) -> dict[str, Any]:
+def read_parts_manifest(directory: str | Path, stage_hint: str) -> dict[str, Any]:
     """The manifest of a partitioned dataset an earlier stage wrote, or say which stage to rerun."""
     path = Path(directory) / MANIFEST
     try:
@@ -64,7 +64,7 @@ def read_manifest(directory: str | Path, stage_hint: str) -> dict[str, Any]:
         raise LmforgeError(f"{path} not found: run `dvc repro {stage_hint}` first") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise LmforgeError(f"{path} is damaged ({exc}); rerun `dvc repro -f {stage_hint}`") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or "parts" not in manifest:
+    if not isinstance(manifest, dict) or manifest.get("format") != PARTS_MANIFEST_FORMAT or "parts" not in manifest:
         raise LmforgeError(f"{path} is not a manifest of this lmforge version; rerun `dvc repro -f {stage_hint}`")
     return manifest
 
@@ -72,7 +72,7 @@ def read_manifest(directory: str | Path, stage_hint: str) -> dict[str, Any]:
 def part_paths(directory: str | Path, stage_hint: str) -> list[Path]:
     """The parts of a partitioned dataset in global order; each must exist."""
     directory = Path(directory)
-    paths = [directory / part["name"] for part in read_manifest(directory, stage_hint)["parts"]]
+    paths = [directory / part["name"] for part in read_parts_manifest(directory, stage_hint)["parts"]]
     for path in paths:
         if not path.is_file():
             raise LmforgeError(f"{path} is listed in {directory / MANIFEST} but missing; rerun `dvc repro -f {stage_hint}`")
@@ -116,20 +116,24 @@ def iter_dataset_batches(directory: str | Path, batch_size: int, stage_hint: str
         yield from iter_part_batches(path, batch_size, stage_hint, columns)
 
 
-def publish(staged: list[Path], output_dir: str | Path) -> None:
-    """Move finished parts from staging into the stage's output directory (a rename each on one
-    filesystem). Parts of an earlier run that are not in `staged` are removed first, so the
-    directory holds exactly this run's parts; the caller writes the manifest after this."""
+def publish(staged: list[Path], output_dir: str | Path, under: Path | None = None) -> None:
+    """Move a data stage's finished files from staging into its output directory (a rename each on
+    one filesystem, a copy across), each at its path relative to `under` (its name alone when None).
+    Parts of an earlier run that are not staged are removed first, and the manifest, so the directory
+    holds exactly this run's files and a reader never sees a manifest over a mix; the caller writes
+    the manifest after this."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    names = {path.name for path in staged}
+    targets = {path: output_dir / (path.relative_to(under) if under is not None else path.name) for path in staged}
+    kept = set(targets.values())
     for old in output_dir.glob("part-*.parquet"):
-        if old.name not in names:
+        if old not in kept:
             old.unlink()
-    (output_dir / MANIFEST).unlink(missing_ok=True)  # a reader never sees a manifest over a mix
-    for path in staged:
-        with atomic_path(output_dir / path.name) as tmp:
-            shutil.copyfile(path, tmp) if not _same_device(path, output_dir) else os.replace(path, tmp)
+    (output_dir / MANIFEST).unlink(missing_ok=True)
+    for path, target in targets.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(path, tmp) if not _same_device(path, target.parent) else os.replace(path, tmp)
 
 
 def clear_staging(stage: str) -> None:

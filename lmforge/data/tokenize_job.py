@@ -9,7 +9,6 @@ sample, hence the tokenizer, do not depend on the number of workers, and its cos
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from lmforge.core.io import atomic_path
 from lmforge.data.markers import completed, mark_completed, task_key
 from lmforge.data.tokens.pack import encode_part, merge_parts, shard_stats
 from lmforge.data.partitions import iter_part_batches
-from lmforge.data.tokens.shards import token_dtype, write_manifest
+from lmforge.data.tokens.shards import token_dtype, write_shards_manifest
 from lmforge.data.tokens.tokenizer import load_tokenizer, save_tokenizer, tokenizer_threads, train_tokenizer
 from lmforge.core.digests import file_sha256
 from lmforge.data.engine import fault_point, map_tasks, throughput_postfix, worker_count
@@ -34,7 +33,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "tokenize"
 # Bumped when a task's output changes for the same inputs and params: older markers are stale.
-FORMAT_VERSION = 1
+TOKENIZE_TASK_VERSION = 1
 SAMPLES = "sample"
 SHARDS = "shards"
 TOKENIZER = "tokenizer.json"
@@ -44,7 +43,7 @@ def tokenize_dataset(client: Any, params: TokenizerParams, val_fraction: float, 
                      tokenizer_path: Path, shards_dir: Path) -> dict[str, Any]:
     """The BPE (`tokenizer_path`) and the shards of every clean partition (`shards_dir`, manifest
     last) on the engine `client`; returns the stage's stats."""
-    manifest = partitions.read_manifest(clean_dir, "clean")  # a clear error before any work if clean has not run
+    manifest = partitions.read_parts_manifest(clean_dir, "clean")  # a clear error before any work if clean has not run
     parts = [part_of(i, path) for i, path in enumerate(partitions.part_paths(clean_dir, "clean"))]
     staging = staging.resolve()
     rate = sample_rate(params.train_sample_mb, manifest["bytes"], val_fraction)
@@ -75,10 +74,11 @@ def tokenize_dataset(client: Any, params: TokenizerParams, val_fraction: float, 
         shutil.copyfile(staging / TOKENIZER, tmp)
     # DVC removes outputs before a run, but a run by hand must not mix old and new shards.
     shutil.rmtree(shards_dir, ignore_errors=True)
-    publish_shards(staging, encoded, shards_dir)
-    write_manifest(shards_dir, tokenizer_sha256=trained["sha256"], vocab_size=vocab_size,
-                   eos_id=tokenizer.token_to_id(params.eos_token), seq_len=params.seq_len,
-                   dtype=token_dtype(vocab_size), splits=splits)
+    partitions.publish([staging / SHARDS / shard["file"] for part in encoded for split in part["splits"].values()
+                        for shard in split["shards"]], shards_dir, under=staging / SHARDS)
+    write_shards_manifest(shards_dir, tokenizer_sha256=trained["sha256"], vocab_size=vocab_size,
+                      eos_id=tokenizer.token_to_id(params.eos_token), seq_len=params.seq_len,
+                      dtype=token_dtype(vocab_size), splits=splits)
     partitions.clear_staging_dir(staging)
     return {
         "tokenizer_train_seconds": trained["seconds"],
@@ -127,7 +127,7 @@ class SampleTask(NamedTuple):
 
 
 def sample_key(task: SampleTask) -> str:
-    return task_key(FORMAT_VERSION, "sample", task.part, task.rate, task.val_fraction)
+    return task_key(TOKENIZE_TASK_VERSION, "sample", task.part, task.rate, task.val_fraction)
 
 
 def sample_part(task: SampleTask) -> dict[str, Any]:
@@ -164,7 +164,7 @@ def train_on_sample(task: TrainTask) -> dict[str, Any]:
     """The BPE from the samples in order -> <staging>/tokenizer.json; returns its sha256."""
     staging = Path(task.staging)
     output = staging / TOKENIZER
-    key = task_key(FORMAT_VERSION, "train", task.sample_keys, task.params)
+    key = task_key(TOKENIZE_TASK_VERSION, "train", task.sample_keys, task.params)
     if (done := completed(staging, "tokenizer", key, [output])) is not None:
         return done
     started = time.perf_counter()
@@ -196,7 +196,7 @@ def encode_partition(task: EncodeTask) -> dict[str, Any]:
     """One partition's shards -> <staging>/shards/<split>/part-NNNNN-<split>-NNNNN.arrow."""
     staging, name = Path(task.staging), f"encode-{task.part.name}"
     root = staging / SHARDS
-    key = task_key(FORMAT_VERSION, "encode", task.part, task.tokenizer_sha256, task.params, task.val_fraction)
+    key = task_key(TOKENIZE_TASK_VERSION, "encode", task.part, task.tokenizer_sha256, task.params, task.val_fraction)
     done = completed(staging, name, key)
     if done is not None and all((root / shard["file"]).is_file()
                                 for split in done["splits"].values() for shard in split["shards"]):
@@ -215,14 +215,3 @@ def encode_partition(task: EncodeTask) -> dict[str, Any]:
               "bytes": part["bytes_in"], "seconds": round(time.perf_counter() - started, 3)}
     mark_completed(staging, name, key, result)
     return {**result, "resumed": False}
-
-
-def publish_shards(staging: Path, parts: list[dict[str, Any]], shards_dir: Path) -> None:
-    """Move the partitions' shards from staging into the shards directory (a rename each on one
-    filesystem); the caller writes the manifest after this."""
-    for part in parts:
-        for split in part["splits"].values():
-            for shard in split["shards"]:
-                target = shards_dir / shard["file"]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staging / SHARDS / shard["file"], target)

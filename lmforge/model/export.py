@@ -197,7 +197,7 @@ def write_finetuned(sd: dict[str, torch.Tensor], base_config: ModelConfig, out_d
 
 def read_finetuned(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig, dict]:
     """(model, base config, task metadata) from save_finetuned's output (no pickles); the inference
-    wrapper around them is lmforge.finetune.tuning.load_finetuned."""
+    wrapper around them is lmforge.finetune.inference.load_finetuned."""
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from lmforge.core import paths
-from lmforge.core.digests import md5_of
+from lmforge.core.digests import content_hash, md5_of
 
 
 def git_commit(root: Path) -> str:
@@ -52,20 +52,6 @@ def recorded_outputs(root: Path) -> dict[str, dict[str, Any]]:
 def recorded_hashes(root: Path) -> dict[str, str]:
     """path -> md5 of every output recorded in dvc.lock (its producing stage's record)."""
     return {path: entry["md5"] for path, entry in recorded_outputs(root).items()}
-
-
-def content_hash(path: Path) -> str:
-    """DVC 3's md5 of a file or directory (the `md5` dvc.lock records for an output): a file's md5,
-    or for a directory the md5 of its files' sorted [{"md5", "relpath"}] list as DVC serializes it,
-    plus ".dir"; "missing" when there is nothing at `path`."""
-    if path.is_file():
-        return md5_of(path)
-    if path.is_dir():
-        listing = [{"md5": content_hash(file), "relpath": file.relative_to(path).as_posix()}
-                   for file in path.rglob("*") if file.is_file()]
-        listing.sort(key=lambda entry: entry["relpath"])
-        return hashlib.md5(json.dumps(listing, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
-    return "missing"
 
 
 def stage_outputs(root: Path, stage: str) -> list[str]:

@@ -1,7 +1,6 @@
 """The one MLflow helper every stage uses: open a run, log params, metrics, artifacts and models,
 tag its lineage (lmforge.track.lineage: git commit, the hash of every input), and degrade to one warning
-when the store is down, damaged or read-only; and the Prefect flow's parent run `pipeline`
-(PipelineRun) that the stages' runs nest under.
+when the store is down, damaged or read-only. The flow's parent run is lmforge.track.pipeline_run.
 
 Where the runs are stored, and whether that store can take one, is lmforge.track.store.
 """
@@ -12,7 +11,6 @@ import functools
 import json
 import logging
 import os
-import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -21,17 +19,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lmforge.track.lineage import git_commit, input_hashes, output_hashes, recorded_hashes, stage_outputs
+from lmforge.track.lineage import git_commit, input_hashes, output_hashes
 from lmforge.core.params import flatten
 from lmforge.core.redact import redact
 from lmforge.track.store import (
-    LOGGING_FAILED_MARKER,
     ensure_experiment,
     mark_orphans_killed,
     probe_store,
     process_tags,
     report_logging_failure,
-    store_label,
     tracking_errors,
     tracking_uri,
     use_http_client_defaults,
@@ -68,7 +64,7 @@ def _run_exists(run_id: str, experiment_id: str) -> bool:
         return False
 
 
-def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+def guarded(method: Callable[..., Any]) -> Callable[..., Any]:
     """A StageRun method that, on a tracking failure, warns once and turns logging off."""
 
     @functools.wraps(method)
@@ -96,13 +92,13 @@ class StageRun:
         self.run_id, self.stage, self.experiment_id = run_id, stage, experiment_id
         self.failed = run_id is None
 
-    @_guarded
+    @guarded
     def log_params(self, params: Mapping[str, str]) -> None:
         import mlflow
 
         mlflow.log_params(dict(params))
 
-    @_guarded
+    @guarded
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         import mlflow
 
@@ -116,33 +112,33 @@ class StageRun:
         if numeric:
             mlflow.log_metrics(numeric, step=step)
 
-    @_guarded
+    @guarded
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Counts and constants of the run (parameters, world size, ...): not metrics, no steps."""
         import mlflow
 
         mlflow.set_tags({key: str(value) for key, value in tags.items() if value is not None})
 
-    @_guarded
+    @guarded
     def describe(self, text: str) -> None:
         """The run's description in the MLflow UI (markdown): what the stage did, its key figures."""
         import mlflow
 
         mlflow.set_tag("mlflow.note.content", text)
 
-    @_guarded
+    @guarded
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         import mlflow
 
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
-    @_guarded
+    @guarded
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         import mlflow
 
         mlflow.log_dict(dict(data), name)
 
-    @_guarded
+    @guarded
     def log_torch_model(self, model: Any, registered_name: str, signature: Any = None, input_example: Any = None,
                         description: str | None = None, extra_files: list[Path] | None = None) -> Any:
         """Log a plain torch module (pytorch flavor), named like its registered model, and register
@@ -177,7 +173,7 @@ class StageRun:
             extra_files=[str(path) for path in extra_files or []] or None,
         )
 
-    @_guarded
+    @guarded
     def log_datasets(self, datasets: Mapping[str, tuple[str, str]], context: str) -> None:
         """name -> (source URI, DVC hash) as the run's input datasets (MLflow's Datasets panel)."""
         import mlflow
@@ -190,7 +186,7 @@ class StageRun:
                 resolved = resolve_dataset_source(source)
             mlflow.log_input(MetaDataset(resolved, name=name, digest=digest), context=context)
 
-    @_guarded
+    @guarded
     def tag_model_version(self, name: str, version: str, tags: Mapping[str, str]) -> None:
         from mlflow.tracking import MlflowClient
 
@@ -198,19 +194,19 @@ class StageRun:
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
 
-    @_guarded
+    @guarded
     def describe_model_version(self, name: str, version: str, text: str) -> None:
         from mlflow.tracking import MlflowClient
 
         MlflowClient().update_model_version(name, version, description=text)
 
-    @_guarded
+    @guarded
     def set_model_alias(self, name: str, alias: str, version: str) -> None:
         from mlflow.tracking import MlflowClient
 
         MlflowClient().set_registered_model_alias(name, alias, version)
 
-    @_guarded
+    @guarded
     def find_model_version(self, name: str, tag: str, value: str) -> str | None:
         """The newest registered version of `name` whose tag `tag` is `value` (None: none is)."""
         from mlflow.tracking import MlflowClient
@@ -259,27 +255,54 @@ def stage_run(
         report_logging_failure(problem, root)
         yield StageRun(None, stage)
         return
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    logged = logged_params(params)
+    run = _start_run(stage, run_tags(stage, root, hashes), logged, resume_run_id, system_metrics, root)
+    if run is None:
+        yield StageRun(None, stage)
+        return
+    handle = StageRun(run.info.run_id, stage, run.info.experiment_id)
+    logger.info("MLflow run %s/%s: %s", stage, run.info.run_id, runs_table_link(run.info.experiment_id))
+    handle.log_params(logged)
+    handle.log_dict({"stage": stage, "inputs": hashes}, "lineage.json")
+    with _ended(handle, root):
+        yield handle
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+def run_tags(stage: str, root: Path, hashes: Mapping[str, str]) -> dict[str, str]:
+    """A stage run's tags: the stage, the code's commit, the process, every input's hash, and the
+    flow's runs it belongs to (nested under the `pipeline` run when the Prefect flow runs it)."""
     tags = {
         "lmforge.stage": stage,
         "mlflow.source.git.commit": git_commit(root),
         **process_tags(),
         **{f"lmforge.input.{path}": digest for path, digest in hashes.items()},
     }
-    if os.environ.get(PARENT_RUN_ENV):  # run by the Prefect flow: nest under its `pipeline` run
+    if os.environ.get(PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
     if os.environ.get(FLOW_RUN_ENV):
         tags["lmforge.prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
+    return tags
+
+
+def logged_params(params: Mapping[str, BaseModel | Mapping[str, Any]]) -> dict[str, str]:
+    """The sections flattened to `section.key`: MLflow params are strings of bounded length, so lists
+    and dicts become JSON."""
     flat_params = {}
     for section, values in params.items():
         dumped = values.model_dump(mode="json") if isinstance(values, BaseModel) else dict(values)
         flat_params.update(flatten(dumped, f"{section}."))
-    # MLflow params are strings of bounded length; lists and dicts become JSON.
-    logged = {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flat_params.items()}
-    errors = tracking_errors()
+    return {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flat_params.items()}
+
+
+def _start_run(stage: str, tags: dict[str, str], logged: Mapping[str, str], resume_run_id: str | None,
+               system_metrics: bool, root: Path) -> Any:
+    """The active MLflow run of `stage`: `resume_run_id` continued when it exists with the same
+    params, else a new run (linked to it); runs a gone process left RUNNING marked KILLED first.
+    None, after one warning, when the store does not answer."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         experiment_id = ensure_experiment(root)
         for orphan in mark_orphans_killed(MlflowClient(tracking_uri(root)), experiment_id):
@@ -290,122 +313,34 @@ def stage_run(
                 start = {"run_id": resume_run_id}
             else:  # MLflow params are immutable: a resume with other params is a new, linked run
                 tags["lmforge.continues_run"] = resume_run_id
-        run = mlflow.start_run(**start, tags=tags, log_system_metrics=True if system_metrics else None)
-    except errors as exc:  # the store does not answer: do the stage's work all the same
+        return mlflow.start_run(**start, tags=tags, log_system_metrics=True if system_metrics else None)
+    except tracking_errors() as exc:  # the store does not answer: do the stage's work all the same
         report_logging_failure(exc, root)
-        run = None
-    if run is None:
-        yield StageRun(None, stage)
-        return
-    handle = StageRun(run.info.run_id, stage, run.info.experiment_id)
-    logger.info("MLflow run %s/%s: %s", stage, run.info.run_id, runs_table_link(run.info.experiment_id))
-    handle.log_params(logged)
-    handle.log_dict({"stage": stage, "inputs": hashes}, "lineage.json")
+        return None
+
+
+@contextmanager
+def _ended(handle: StageRun, root: Path) -> Iterator[None]:
+    """End the run as the stage ends (FINISHED, FAILED, KILLED); a finished one is first tagged with
+    what it made, as dvc.lock will record it (no output depends on this tag)."""
+    import mlflow
+
+    errors = tracking_errors()
     status = "FINISHED"
     try:
-        yield handle
+        yield
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     except BaseException:
         status = "FAILED"
         raise
-    else:  # what the run made, as dvc.lock will record it (no output depends on this tag)
+    else:
         if not handle.failed:
-            handle.set_tags({f"{OUTPUT_TAG}{path}": md5 for path, md5 in output_hashes(root, stage).items()})
+            handle.set_tags({f"{OUTPUT_TAG}{path}": md5 for path, md5 in output_hashes(root, handle.stage).items()})
     finally:
         try:
             mlflow.end_run(status)
         except errors as exc:
             if not handle.failed:
                 report_logging_failure(exc, root)
-
-
-class PipelineRun:
-    """The parent run `pipeline` (experiment `lmforge`) that the Prefect flow opens and the stages'
-    runs nest under. Guarded like StageRun: the first tracking failure warns once and turns its
-    logging off (the stages go on); `failure` keeps that warning's line for the flow's last word."""
-
-    def __init__(self, root: Path, run_id: str, experiment_id: str) -> None:
-        self.root = root.resolve()
-        self.run_id = run_id
-        self.experiment_id = experiment_id
-        self.failed = False
-        self.failure: str | None = None
-
-    @classmethod
-    def start(cls, root: Path, tags: Mapping[str, str] | None = None) -> PipelineRun:
-        """Open the run (not guarded: a store that cannot open it fails the caller)."""
-        from mlflow.tracking import MlflowClient
-
-        root = root.resolve()
-        experiment_id = ensure_experiment(root)
-        run = MlflowClient(tracking_uri(root)).create_run(
-            experiment_id, run_name="pipeline",
-            tags={"lmforge.stage": "pipeline", "mlflow.source.git.commit": git_commit(root), **process_tags(),
-                  **(tags or {})},
-        )
-        return cls(root, run.info.run_id, experiment_id)
-
-    @_guarded
-    def tag(self, tags: Mapping[str, str]) -> None:
-        with self._noted("tagging the pipeline run"):
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(tracking_uri(self.root))
-            for key, value in tags.items():
-                client.set_tag(self.run_id, key, value)
-
-    @_guarded
-    def producing_runs(self, stages: list[str]) -> dict[str, str | None]:
-        """stage -> the id of the newest FINISHED run of that stage whose output tags equal the md5s
-        dvc.lock records for the stage's outputs (it made the files in the workspace, in this flow
-        or an earlier one); None when no run did (never recorded, or made with tracking down)."""
-        with self._noted("finding the stages' runs"):
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(tracking_uri(self.root))
-            recorded = recorded_hashes(self.root)
-            found: dict[str, str | None] = {}
-            for stage in stages:
-                outputs = {path: recorded.get(path) for path in stage_outputs(self.root, stage)}
-                if not outputs or None in outputs.values() or any("`" in p or "'" in p for p in outputs):
-                    found[stage] = None
-                    continue
-                conditions = [f"tags.`lmforge.stage` = '{stage}'", "attributes.status = 'FINISHED'"]
-                conditions += [f"tags.`{OUTPUT_TAG}{path}` = '{md5}'" for path, md5 in outputs.items()]
-                runs = client.search_runs([self.experiment_id], " and ".join(conditions),
-                                          order_by=["attributes.start_time DESC"], max_results=1)
-                found[stage] = runs[0].info.run_id if runs else None
-            return found
-
-    @_guarded
-    def record(self, metrics: Mapping[str, float], params: Mapping[str, str], description: str) -> None:
-        """The run's headline figures (named like the stages' own metrics), key params and description."""
-        with self._noted("recording the pipeline run's figures"):
-            from mlflow.entities import Metric, Param, RunTag
-            from mlflow.tracking import MlflowClient
-
-            now = int(time.time() * 1000)
-            MlflowClient(tracking_uri(self.root)).log_batch(
-                self.run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
-                params=[Param(key, value) for key, value in params.items()],
-                tags=[RunTag("mlflow.note.content", description)],
-            )
-
-    @_guarded
-    def end(self, status: str) -> None:
-        with self._noted("closing the pipeline run"):
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient(tracking_uri(self.root)).set_terminated(self.run_id, status)
-
-    @contextmanager
-    def _noted(self, what: str) -> Iterator[None]:
-        """Keep the line of a failure of `what` (the guard around it reports it and turns logging off)."""
-        try:
-            yield
-        except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else repr(exc)
-            self.failure = redact(f"{LOGGING_FAILED_MARKER}: {what}: {first} ({store_label(self.root)})")
-            raise

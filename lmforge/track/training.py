@@ -1,6 +1,7 @@
 """The skeleton both training stages share: claim the checkpoint directory, open the MLflow run on
 rank 0 (continuing the run a resumed checkpoint belongs to), keep the per-step curve beside the
-checkpoints, register the exported model, tear the process group down. Each stage says only what differs.
+checkpoints, then report, log, tag and register the exported model (finish), tear the process group
+down. Each stage says only what differs.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from pydantic import BaseModel
 from torch import nn
 
 from lmforge.train.curves import CurveLog
+from lmforge.train.report import Registration, TrainingReport, write_reports
 from lmforge.train.distributed import DistInfo, barrier, destroy
 from lmforge.train.resume import claim_run_dir, remember_run_id
-from lmforge.track.lineage import DATA_LINEAGE, content_hash, dataset_source, dvc_remote_url, git_commit, input_hashes
+from lmforge.core.digests import content_hash
+from lmforge.track.lineage import DATA_LINEAGE, dataset_source, dvc_remote_url, git_commit, input_hashes
 from lmforge.core.params import load_params
 from lmforge.core.paths import WEIGHTS_TAG  # re-exported: the stages import it from here
 from lmforge.track.runs import FLOW_RUN_ENV, PARENT_RUN_ENV, StageRun, stage_run
@@ -59,6 +62,23 @@ def training_run(stage: str, info: DistInfo, checkpoints: Path, fingerprint: dic
             remember_run_id(checkpoints, run.run_id)
         yield TrainingRun(info, run, curve, dict(renames or {}))
     destroy()
+
+
+def finish(run: StageRun, step: int, report: TrainingReport, registration: Registration) -> str | None:
+    """The training stages' ending on rank 0: the reports written, the final figures, tags,
+    description and artifacts on the run, the model registered; the version (None: tracking down)."""
+    write_reports(report)
+    summary = report.summary
+    # The losses are already in the per-step history; the rest lands at the final step.
+    run.log_metrics({key: summary[key] for key in report.final if summary.get(key) is not None}, step=step)
+    run.set_tags({f"lmforge.{key}": summary.get(key) for key in report.tagged})
+    run.describe(report.description)
+    for folder, files in report.artifacts.items():
+        for path in files:
+            run.log_artifact(path, folder)
+    r = registration
+    return register(run, r.model, r.name, r.weights, description=r.description, figures=r.figures,
+                    signature=model_signature(*r.signature), input_example=r.input_example, datasets=r.datasets)
 
 
 def model_signature(inputs: dict[str, tuple[str, tuple[int, ...]]], outputs: dict[str, tuple[str, tuple[int, ...]]]) -> Any:

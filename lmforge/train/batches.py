@@ -12,6 +12,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from lmforge.core.errors import LmforgeError
+
 Batch = dict[str, torch.Tensor]
 Collate = Callable[[list[Any]], Batch]
 
@@ -102,6 +104,49 @@ class Examples:
     val: Sequence[Any] | None
     collate: Collate
     max_tokens: int
+
+
+def check_step_fits(n_rows: int, cfg: Any, world_size: int) -> None:
+    """One optimizer step takes micro_batch_size x grad_accum_steps rows on each of `world_size` processes."""
+    rows_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world_size
+    if n_rows < rows_per_step:
+        raise LmforgeError(
+            f"the training data has {n_rows} rows but one optimizer step needs "
+            f"{rows_per_step} (micro_batch_size {cfg.micro_batch_size} x grad_accum_steps "
+            f"{cfg.grad_accum_steps} x {world_size} processes): lower those, use fewer "
+            "processes (nproc), or add data"
+        )
+
+
+def tokens_per_row(data: PackedRows | Examples, model: Any) -> int:
+    """The tokens one training row holds (seq_len for packed rows, max_tokens for examples), after
+    checking the rows fit `model` (its max_seq_len and vocabulary, when it has a config)."""
+    if len(data.train) == 0:
+        raise LmforgeError("the training data has no rows: check the tokenize stage's output")
+    if isinstance(data, Examples):  # examples of any form; the caller checked them
+        if data.max_tokens < 1:
+            raise LmforgeError(f"max_tokens per example must be >= 1 (got {data.max_tokens})")
+        return int(data.max_tokens)
+    first = np.asarray(data.train[0])
+    if first.ndim != 1 or first.shape[0] < 2:
+        raise LmforgeError(f"a training row must be a 1-D array of seq_len + 1 ids (got shape {first.shape})")
+    seq_len = first.shape[0] - 1
+    model_cfg = getattr(model, "config", None)
+    if model_cfg is not None:
+        if seq_len > model_cfg.max_seq_len:
+            raise LmforgeError(
+                f"rows hold {seq_len} inputs but the model's max_seq_len is {model_cfg.max_seq_len}: "
+                "raise model max_seq_len or re-tokenize with a shorter seq_len"
+            )
+        vocab = getattr(data.train, "vocab_size", None)
+        if vocab is not None:
+            model_cfg.check_vocab(int(vocab))
+        if int(first.max()) >= model_cfg.vocab_size:
+            raise LmforgeError(
+                f"row 0 holds token id {int(first.max())} but the model embeds only {model_cfg.vocab_size}: "
+                "the data was tokenized with another tokenizer than the model's; rerun `dvc repro`"
+            )
+    return seq_len
 
 
 class Prefetcher:

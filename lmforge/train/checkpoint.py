@@ -12,7 +12,6 @@ only a `.tmp` behind and the previous checkpoint stays the newest loadable one.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import random
 import shutil
@@ -30,6 +29,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from lmforge.core.digests import file_sha256
 from lmforge.core.errors import LmforgeError, disk_full, naming_full_disk
 from lmforge.train.distributed import barrier
 
@@ -89,14 +89,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _checksums(directory: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under `directory` but the checksum list itself."""
-    out = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS):
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        out[path.relative_to(directory).as_posix()] = digest.hexdigest()
-    return out
+    return {path.relative_to(directory).as_posix(): file_sha256(path)
+            for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS)}
 
 
 # --- the manager -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.core.io import atomic_path, write_csv as write_csv_rows  # this module's write_csv takes records
+from lmforge.core.io import atomic_path, write_csv
 
 
 def unigram_entropy(rows: Iterable[np.ndarray], vocab_size: int) -> float:
@@ -56,7 +56,7 @@ class CurveLog:
         return [by_step[step] for step in sorted(by_step)]
 
 
-def write_csv(path: str | Path, records: list[dict[str, Any]], columns: list[str], blank_missing: bool = False) -> None:
+def write_curve_csv(path: str | Path, records: list[dict[str, Any]], columns: list[str], blank_missing: bool = False) -> None:
     """A CSV for `dvc plots`: only the rows that have every column (e.g. val rows only on eval
     steps), or with `blank_missing` one row per record and `nan` where a value is missing.
     Not an empty cell: DVC's Vega-Lite templates read "" as 0 and draw it; they skip `nan`."""
@@ -65,7 +65,7 @@ def write_csv(path: str | Path, records: list[dict[str, Any]], columns: list[str
     else:
         complete = [record for record in records if all(column in record for column in columns)]
         rows = [[record[column] for column in columns] for record in complete]
-    write_csv_rows(path, columns, rows)
+    write_csv(path, columns, rows)
 
 
 def plot_loss(path: str | Path, records: list[dict[str, Any]], baseline: float | None, title: str) -> None:

@@ -87,3 +87,14 @@ def run_record(root: Path) -> dict[str, Any]:
 def remember_run_id(root: Path, run_id: str) -> None:
     marker = root / MARKER
     write_json(marker, {**json.loads(marker.read_text()), "mlflow_run_id": run_id})
+
+
+def check_still_claimed(marker: Path | None, step: int) -> None:
+    """Stop when the run directory whose `marker` a run holds was deleted under it (before `step`):
+    going on would write a curve and checkpoints that no later run could trust."""
+    if marker is not None and not marker.is_file():
+        raise LmforgeError(
+            f"{marker.parent} was deleted while training (before step {step}); its "
+            "checkpoints and curve are gone, so this run stops here. Rerun the stage to start from step 0 "
+            f"(remove what is left first: rm -rf {marker.parent})"
+        )

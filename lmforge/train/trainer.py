@@ -18,29 +18,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmforge.train.batches import Batch, Examples, PackedRows, Prefetcher, RowSampler
+from lmforge.train.batches import Batch, Examples, PackedRows, Prefetcher, RowSampler, check_step_fits, tokens_per_row
 from lmforge.train.checkpoint import CheckpointManager
 from lmforge.train.early_stopping import EarlyStopping
 from lmforge.core.errors import LmforgeError
 from lmforge.model.loss import lm_loss
 from lmforge.train.distributed import DistInfo, init_distributed
 from lmforge.core.params import TrainerParams
-from lmforge.train.resume import MARKER as RUN_MARKER, run_record
+from lmforge.train.resume import MARKER as RUN_MARKER, check_still_claimed, run_record
+from lmforge.train.optim import build_optimizer, build_scaler, build_scheduler
 from lmforge.train.throughput import mfu, peak_flops, peak_memory_mib
+from lmforge.train.validation import EvalFn, LossFn, perplexity, summed_loss
 
 log = logging.getLogger(__name__)
 
-# (model, batch) -> (summed loss over counted tokens, number of counted tokens)
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int | torch.Tensor]]
 MetricsCallback = Callable[[int, dict[str, float | None]], None]
-# (model, batch) -> {metric name: (summed numerator, denominator)}; summed over val batches and ranks,
-# the metric is numerator / denominator (e.g. {"val_accuracy": (correct, examples)}).
-EvalFn = Callable[[nn.Module, Batch], dict[str, tuple[torch.Tensor | float, torch.Tensor | float]]]
 
 @dataclass
 class TrainResult:
@@ -54,16 +50,6 @@ class TrainResult:
     best_step: int | None = None
     best_metrics: dict[str, float] = field(default_factory=dict)  # the eval at best_step
     stopped_early: bool = False
-
-
-def lr_at(step: int, cfg: TrainerParams, total_steps: int) -> float:
-    """Multiplier of cfg.lr after `step` optimizer steps: linear warmup, then cosine to min_lr."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    span = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.min_lr / cfg.lr
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class Trainer:
@@ -97,15 +83,9 @@ class Trainer:
         self.loss_fn, self.on_metrics, self.eval_fn = loss_fn, on_metrics, eval_fn
         self.early_stopping = early_stopping
         self._check_setup(checkpoint_dir)
-        self.seq_len = self._check_data()
+        self.seq_len = tokens_per_row(data, model)
         self.rows_per_step = config.micro_batch_size * config.grad_accum_steps * self.dist.world_size
-        if len(self.train_data) < self.rows_per_step:
-            raise LmforgeError(
-                f"the training data has {len(self.train_data)} rows but one optimizer step needs "
-                f"{self.rows_per_step} (micro_batch_size {config.micro_batch_size} x grad_accum_steps "
-                f"{config.grad_accum_steps} x {self.dist.world_size} processes): lower those, use fewer "
-                "processes (nproc), or add data"
-            )
+        check_step_fits(len(self.train_data), config, self.dist.world_size)
         self.total_steps = config.max_steps
         if config.max_tokens is not None:
             self.total_steps = min(self.total_steps, math.ceil(config.max_tokens / (self.rows_per_step * self.seq_len)))
@@ -115,11 +95,9 @@ class Trainer:
         self.sampler = RowSampler(len(self.train_data), config.seed)
         self.data_position = 0
         self.step = 0
-        self.optimizer = self._build_optimizer()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_at(s, self.cfg, self.total_steps)
-        )
-        self.scaler = self._build_scaler()
+        self.optimizer = build_optimizer(model, config, self.device)
+        self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+        self.scaler = build_scaler(config, self.dist, self.device)
         owner = run_record(Path(checkpoint_dir)).get("nonce") if checkpoint_dir else None
         self.checkpoints = (
             CheckpointManager(checkpoint_dir, config.keep_checkpoints, owner, async_save=async_checkpoint)
@@ -143,56 +121,6 @@ class Trainer:
             raise LmforgeError(f"early stopping on {self.early_stopping.metric!r} needs validation data")
         if self.early_stopping is not None and self.dist.distributed and checkpoint_dir is None:
             raise LmforgeError("keeping the best weights across processes needs a checkpoint_dir (its best/ copy)")
-
-    def _check_data(self) -> int:
-        if len(self.train_data) == 0:
-            raise LmforgeError("the training data has no rows: check the tokenize stage's output")
-        if isinstance(self.data, Examples):  # examples of any form; the caller checked them
-            if self.data.max_tokens < 1:
-                raise LmforgeError(f"max_tokens per example must be >= 1 (got {self.data.max_tokens})")
-            return int(self.data.max_tokens)
-        first = np.asarray(self.train_data[0])
-        if first.ndim != 1 or first.shape[0] < 2:
-            raise LmforgeError(f"a training row must be a 1-D array of seq_len + 1 ids (got shape {first.shape})")
-        seq_len = first.shape[0] - 1
-        model_cfg = getattr(self.model, "config", None)
-        if model_cfg is not None:
-            if seq_len > model_cfg.max_seq_len:
-                raise LmforgeError(
-                    f"rows hold {seq_len} inputs but the model's max_seq_len is {model_cfg.max_seq_len}: "
-                    "raise model max_seq_len or re-tokenize with a shorter seq_len"
-                )
-            vocab = getattr(self.train_data, "vocab_size", None)
-            if vocab is not None:
-                model_cfg.check_vocab(int(vocab))
-            if int(first.max()) >= model_cfg.vocab_size:
-                raise LmforgeError(
-                    f"row 0 holds token id {int(first.max())} but the model embeds only {model_cfg.vocab_size}: "
-                    "the data was tokenized with another tokenizer than the model's; rerun `dvc repro`"
-                )
-        return seq_len
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        # Matrices (and embeddings) decay; norms and biases do not.
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        extra = {"fused": True} if self.device.type == "cuda" else {}
-        return torch.optim.AdamW(
-            groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), eps=1e-8, **extra
-        )
-
-    def _build_scaler(self) -> torch.amp.GradScaler | None:
-        if self.cfg.precision != "fp16":
-            return None
-        if self.dist.distributed:
-            # All-reduces found-inf across ranks, so every rank skips the same steps.
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-            return ShardedGradScaler(self.device.type)
-        return torch.amp.GradScaler(self.device.type)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.cfg.precision == "fp32":
@@ -307,28 +235,14 @@ class Trainer:
 
     # --- eval ----------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss and perplexity over the fixed val batches (all ranks), plus eval_fn's metrics."""
-        self.model.eval()
-        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
-        tokens = torch.zeros((), dtype=torch.float64, device=self.device)
-        extra: dict[str, list[torch.Tensor]] = {}
-        for batch in self.val_micro_batches():
-            with self.autocast():
-                loss_sum, n_tokens = self.loss_fn(self.model, batch)
-                parts = self.eval_fn(self.model, batch) if self.eval_fn is not None else {}
-            loss_total += loss_sum.double()
-            tokens += torch.as_tensor(n_tokens, device=self.device).double()
-            for name, (num, den) in parts.items():
-                acc = extra.setdefault(name, [torch.zeros((), dtype=torch.float64, device=self.device)] * 2)
-                extra[name] = [acc[0] + torch.as_tensor(num, device=self.device).double(),
-                               acc[1] + torch.as_tensor(den, device=self.device).double()]
+        sums, names = summed_loss(self.model, self.val_micro_batches(), self.loss_fn, self.device, self.eval_fn,
+                                  self.autocast)
         self.model.train()
-        names = sorted(extra)
-        reduced = self._all_reduce_sum([loss_total, tokens] + [v for n in names for v in extra[n]])
+        reduced = self._all_reduce_sum(sums)
         loss = reduced[0] / max(reduced[1], 1.0)
-        out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        out = {"val_loss": loss, "val_ppl": perplexity(loss)}
         for i, name in enumerate(names):
             out[name] = reduced[2 + 2 * i] / max(reduced[3 + 2 * i], 1e-12)
         return out
@@ -395,16 +309,6 @@ class Trainer:
         self._mfu_note_done = True
         return value
 
-    def _check_run_dir(self) -> None:
-        """Stop when the checkpoint directory was deleted under the run: going on would write a
-        curve and checkpoints that no later run could trust."""
-        if self._run_marker is not None and not self._run_marker.is_file():
-            raise LmforgeError(
-                f"{self._run_marker.parent} was deleted while training (before step {self.step + 1}); its "
-                "checkpoints and curve are gone, so this run stops here. Rerun the stage to start from step 0 "
-                f"(remove what is left first: rm -rf {self._run_marker.parent})"
-            )
-
     @property
     def stopped_early(self) -> bool:
         return self.early_stopping is not None and self.early_stopping.stopped
@@ -416,7 +320,7 @@ class Trainer:
     def _loop(self, bar: Any, prefetcher: Prefetcher | None) -> Path | None:
         last_ckpt: Path | None = None
         while self.step < self.total_steps and not self.stopped_early:
-            self._check_run_dir()
+            check_still_claimed(self._run_marker, self.step + 1)
             t0 = time.perf_counter()
             lr = self.scheduler.get_last_lr()[0]
             if prefetcher is None:

@@ -23,7 +23,6 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\ufeff]")
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u3000]+")
 _TRAILING = re.compile(r"[ \t]+\n")
 _BLANK_LINES = re.compile(r"\n{3,}")
-_WORD = re.compile(r"\S+")
 
 # The same rules in RE2 (Arrow) syntax, for whole batches.
 _RE2_CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x{9f}\x{200b}\x{feff}]"
@@ -99,10 +98,6 @@ def _nfc(texts: pa.Array) -> pa.Array:
         return texts
     composed = [unicodedata.normalize("NFC", text) for text in texts.filter(non_ascii).to_pylist()]
     return pc.replace_with_mask(texts, non_ascii, pa.array(composed, texts.type))
-
-
-def split_words(text: str) -> list[str]:
-    return _WORD.findall(text)
 
 
 def segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:

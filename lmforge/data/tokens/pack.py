@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 from tokenizers import Tokenizer
 
 from lmforge.data.documents import split_of
-from lmforge.data.partitions import open_part
-from lmforge.data.tokens.shards import ShardInfo, ShardWriter, SplitSummary, token_dtype, write_manifest
+from lmforge.data.partitions import iter_part_arrow
+from lmforge.data.tokens.shards import ShardInfo, ShardWriter, SplitSummary, token_dtype, write_shards_manifest
 from lmforge.data.tokens.tokenizer import encode_plain
 from lmforge.core.errors import LmforgeError
 from lmforge.core.params import TokenizerParams
@@ -64,18 +63,10 @@ class Packer:
         return len(self._carry)
 
 
-def _id_text_batches(path: Path, batch_size: int) -> Iterator[tuple[list[str], pa.Array]]:
-    parquet = open_part(path, "clean")
-    try:
-        for batch in parquet.iter_batches(batch_size=batch_size, columns=["id", "text"]):
-            yield batch.column(0).to_pylist(), batch.column(1)
-    except (pa.ArrowException, OSError) as exc:
-        raise LmforgeError(f"{path} is corrupt ({exc}); rerun `dvc repro -f clean`") from None
-
-
 def _batches(path: Path, batch_size: int, val_fraction: float) -> Iterator[tuple[list[str], np.ndarray, int]]:
     """(texts, is_val mask, UTF-8 bytes) per batch, in file order; the split comes from each id."""
-    for ids, texts in _id_text_batches(path, batch_size):
+    for batch in iter_part_arrow(path, batch_size, "clean", ["id", "text"]):
+        ids, texts = batch.column(0).to_pylist(), batch.column(1)
         is_val = np.fromiter((split_of(doc_id, val_fraction) == "val" for doc_id in ids), bool, len(ids))
         yield texts.to_pylist(), is_val, int(pc.sum(pc.binary_length(texts)).as_py() or 0)
 
@@ -186,7 +177,7 @@ def encode_to_shards(
     seconds = time.perf_counter() - start
     splits = merge_parts([part], params.seq_len)
     vocab_size = tokenizer.get_vocab_size()
-    write_manifest(root, tokenizer_sha256=tokenizer_sha256, vocab_size=vocab_size,
-                   eos_id=tokenizer.token_to_id(params.eos_token), seq_len=params.seq_len,
-                   dtype=token_dtype(vocab_size), splits=splits)
+    write_shards_manifest(root, tokenizer_sha256=tokenizer_sha256, vocab_size=vocab_size,
+                      eos_id=tokenizer.token_to_id(params.eos_token), seq_len=params.seq_len,
+                      dtype=token_dtype(vocab_size), splits=splits)
     return shard_stats(splits, vocab_size, part["bytes_in"], seconds)

@@ -19,7 +19,7 @@ from lmforge.core.digests import file_sha256
 from lmforge.core.errors import LmforgeError, naming_full_disk
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+SHARDS_MANIFEST_FORMAT = 1
 COLUMN = "input_ids"
 
 
@@ -102,7 +102,7 @@ class ShardWriter:
         )
 
 
-def write_manifest(
+def write_shards_manifest(
     root: Path,
     *,
     tokenizer_sha256: str,
@@ -114,7 +114,7 @@ def write_manifest(
 ) -> dict[str, Any]:
     """Written last: a shard set without a manifest is an unfinished one."""
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format_version": SHARDS_MANIFEST_FORMAT,
         "tokenizer_sha256": tokenizer_sha256,
         "vocab_size": vocab_size,
         "eos_id": eos_id,
@@ -128,7 +128,7 @@ def write_manifest(
     return manifest
 
 
-def read_manifest(root: str | Path) -> dict[str, Any]:
+def read_shards_manifest(root: str | Path) -> dict[str, Any]:
     """manifest.json of the shards in `root`, every field the reader and the trainers use checked."""
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
@@ -141,8 +141,8 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         raise LmforgeError(f"{path} is corrupt ({exc}); rerun `dvc repro -f tokenize`") from None
     if not isinstance(manifest, dict):
         raise LmforgeError(f"{path} is not a JSON object; rerun `dvc repro -f tokenize`")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise LmforgeError(f"{path} has format {manifest.get('format_version')}, expected {FORMAT_VERSION}; rerun `dvc repro -f tokenize`")
+    if manifest.get("format_version") != SHARDS_MANIFEST_FORMAT:
+        raise LmforgeError(f"{path} has format {manifest.get('format_version')}, expected {SHARDS_MANIFEST_FORMAT}; rerun `dvc repro -f tokenize`")
     problem = _manifest_problem(manifest)
     if problem:
         raise LmforgeError(f"{path}: {problem}; rerun `dvc repro -f tokenize`")
@@ -227,7 +227,7 @@ class ShardReader:
     ) -> None:
         self.root = Path(root)
         self.split = split
-        self.manifest = read_manifest(self.root)
+        self.manifest = read_shards_manifest(self.root)
         manifest_path = self.root / MANIFEST_NAME
         if split not in self.manifest["splits"]:
             raise LmforgeError(f"{manifest_path} has no split {split!r} (it has {sorted(self.manifest['splits'])})")

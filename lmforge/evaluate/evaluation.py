@@ -1,0 +1,142 @@
+"""What the evaluate stage measures: the language models' loss beside the unigram floor, the
+fine-tuned model on its task's test set beside baselines (classify) or references (sft), samples of
+the pretrained model, metrics.json's headline and report.md's provenance table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmforge.core import paths
+from lmforge.core.io import write_json
+from lmforge.core.params import Params
+from lmforge.data.tokens.shards import ShardReader
+from lmforge.evaluate.metrics import (
+    bag_of_words_baseline, language_model_loss, majority_baseline, model_scores, score_classifier, score_sft,
+)
+from lmforge.train.validation import perplexity
+from lmforge.evaluate.report import plot_confusion_matrix, write_confusion_json, write_per_class_csv
+from lmforge.finetune.examples import check_labels, read_examples
+from lmforge.model.decoder import Transformer
+from lmforge.model.generate import sample_prompts
+from lmforge.train.curves import unigram_entropy
+from lmforge.train.resume import run_record
+
+
+def evaluate_lm(params: Params, pretrained: Transformer, finetuned: Any) -> dict[str, dict[str, Any]]:
+    """Loss/perplexity on the same val rows for each language model, and the unigram floor."""
+    val = ShardReader(paths.SHARDS, "val", tokenizer_path=paths.PRETRAINED / "tokenizer.json", verify="size")
+    train = ShardReader(paths.SHARDS, "train", verify="size")
+    cfg = params.evaluate
+    batch = params.runtime.evaluate.lm_micro_batch_size
+    results = {"pretrained": language_model_loss(pretrained, val, batch, cfg.lm_max_rows)}
+    if finetuned is not None and finetuned.task == "sft":
+        results["fine-tuned (SFT)"] = language_model_loss(finetuned.model, val, batch, cfg.lm_max_rows)
+    entropy = unigram_entropy(train.blocks(), train.vocab_size)
+    results["unigram baseline"] = {"loss": entropy, "perplexity": perplexity(entropy), "tokens": train.num_tokens}
+    return results
+
+
+def evaluate_classify(params: Params, finetuned: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    ft = params.finetune
+    train = read_examples(Path(ft.train_file), ft, "classify")
+    test = read_examples(Path(ft.test_file), ft, "classify")
+    texts, truth = [r["text"] for r in test], [r["label"] for r in test]
+    check_labels(test, finetuned.labels, "label", ft.test_file)
+    report = score_classifier(finetuned, texts, truth)
+    train_texts, train_labels = [r["text"] for r in train], [r["label"] for r in train]
+    baselines = {
+        "majority class": majority_baseline(train_labels, truth, finetuned.labels),
+        "bag of words (tf-idf + logistic regression)": bag_of_words_baseline(
+            train_texts, train_labels, texts, truth, seed=params.finetune.seed, labels=finetuned.labels
+        ),
+    }
+    plot_confusion_matrix(paths.FIGURES / "confusion_matrix.png", report["confusion"], "fine-tuned classifier")
+    write_confusion_json(paths.FIGURES / "confusion_matrix.json", report)
+    write_per_class_csv(paths.FIGURES / "per_class.csv", report)
+    return report, baselines
+
+
+def evaluate_sft(params: Params, finetuned: Any) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    ft, gen, cfg = params.finetune, params.generate, params.evaluate
+    test = read_examples(Path(ft.test_file), ft, "sft")[: cfg.sft_max_examples]
+    prompts, refs = [r["prompt"] for r in test], [r["response"] for r in test]
+    report, preds = score_sft(finetuned, prompts, refs, cfg.sft_max_new_tokens, gen.seed)
+    examples = [{"prompt": p, "response": r, "reference": t} for p, r, t in zip(prompts, preds, refs)]
+    write_json(paths.FIGURES / "sft_examples.json", examples)
+    return report, examples[: cfg.report_examples]
+
+
+def pretrained_samples(params: Params, model: Transformer) -> list[dict[str, str]]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(paths.PRETRAINED / "tokenizer.json"))
+    return sample_prompts(model, tokenizer, params.generate, tokenizer.token_to_id(params.tokenizer.eos_token))
+
+
+def headline(lm: dict[str, Any], classify: dict[str, Any] | None, baselines: dict[str, Any] | None,
+             sft: dict[str, Any] | None) -> dict[str, Any]:
+    """metrics.json: the model's own figures at top level, the baselines under `baselines`."""
+    metrics: dict[str, Any] = {
+        "val_loss": lm["pretrained"]["loss"],
+        "perplexity": lm["pretrained"]["perplexity"],
+    }
+    base: dict[str, Any] = {"unigram_entropy": lm["unigram baseline"]["loss"]}
+    if classify is not None:
+        metrics |= model_scores("classify", classify)
+        base["majority_accuracy"] = baselines["majority class"]["accuracy"]
+        base["majority_macro_f1"] = baselines["majority class"]["macro_f1"]
+        bow = baselines["bag of words (tf-idf + logistic regression)"]
+        base["bag_of_words_accuracy"], base["bag_of_words_macro_f1"] = bow["accuracy"], bow["macro_f1"]
+    if sft is not None:
+        metrics |= model_scores("sft", sft)
+        if "fine-tuned (SFT)" in lm:
+            metrics["sft_val_perplexity"] = lm["fine-tuned (SFT)"]["perplexity"]
+    return metrics | {"baselines": base}
+
+
+def provenance(params: Params, commit: str, run_id: str | None, version: str | None) -> dict[str, Any]:
+    """What produced these figures: code, runs, model version, recipe (report.md's first table)."""
+    def run_of(checkpoints: Path) -> str:
+        return run_record(checkpoints).get("mlflow_run_id") or "not tracked"
+
+    finetune = json.loads((paths.FINETUNE_REPORTS / "metrics.json").read_text()) \
+        if (paths.FINETUNE_REPORTS / "metrics.json").is_file() else {}
+    pretrain = json.loads((paths.PRETRAIN_REPORTS / "metrics.json").read_text()) \
+        if (paths.PRETRAIN_REPORTS / "metrics.json").is_file() else {}
+    return {
+        "git commit": commit,
+        "pretrain": f"preset `{params.model.preset}`, {pretrain.get('steps', '?')} steps, MLflow run "
+                    f"`{run_of(paths.PRETRAIN_CHECKPOINTS)}`",
+        "fine-tune": f"{params.finetune.task} / {params.finetune.method}, {finetune.get('steps', '?')} steps, "
+                     f"MLflow run `{run_of(paths.FINETUNE_CHECKPOINTS)}`",
+        "model": f"`{paths.FINETUNED_MODEL}` version {version} (alias `{paths.CANDIDATE_ALIAS}`)" if version
+                 else "not registered (tracking down)",
+        "evaluate run": f"`{run_id}`" if run_id else "not tracked",
+        "test data": f"`{params.finetune.test_file}`",
+    }
+
+
+def images() -> dict[str, str]:
+    """report.md's pictures that exist, by caption: paths relative to reports/."""
+    found = {}
+    if (paths.FIGURES / "confusion_matrix.png").is_file():
+        found["confusion_matrix"] = "figures/confusion_matrix.png"
+    if (paths.PRETRAIN_REPORTS / "loss.png").is_file():
+        found["pretraining loss"] = "pretrain/loss.png"
+    if (paths.FINETUNE_REPORTS / "loss.png").is_file():
+        found["fine-tuning loss"] = "finetune/loss.png"
+    return found
+
+
+def description(metrics: dict[str, Any], version: str | None, test_file: str) -> str:
+    """The evaluate run's description: the model's test figures beside its baselines."""
+    base = metrics["baselines"]
+    quality = (f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} (majority "
+               f"{base['majority_accuracy']:.3f}, bag of words {base['bag_of_words_accuracy']:.3f})"
+               if "accuracy" in metrics else ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("sft_")))
+    return (f"Evaluate `{paths.FINETUNED_MODEL}` version {version} (alias `{paths.CANDIDATE_ALIAS}`) on "
+            f"{test_file}: {quality}. Pretrained LM: val loss {metrics['val_loss']:.3f} "
+            f"vs unigram {base['unigram_entropy']:.3f}. Full report: reports/report.md.")

@@ -1,0 +1,119 @@
+"""Pretraining the decoder on the token shards: the model as the params and the shards shape it
+(activation checkpointing, compile, FSDP2 over many processes), the trainer over packed rows, the
+fingerprint a resumed checkpoint must match, and the report stages/pretrain.py writes and logs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.core import paths
+from lmforge.core.params import Params
+from lmforge.data.tokens.shards import ShardReader
+from lmforge.model.decoder import ModelConfig, Transformer, build_config
+from lmforge.model.loss import lm_loss
+from lmforge.train.batches import DocumentCollate, PackedRows, lm_collate
+from lmforge.train.curves import unigram_entropy
+from lmforge.train.distributed import DistInfo, apply_activation_checkpointing, apply_compile, apply_fsdp
+from lmforge.train.report import Registration, TrainingReport
+from lmforge.train.resume import result_knobs
+from lmforge.train.trainer import Trainer, TrainResult
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The figures `dvc metrics show` and `dvc exp show` put side by side (metrics.json); stats.json
+# keeps the rest (the model's size, the world size, the loss against the unigram entropy).
+COMPARED = ("steps", "train_loss", "val_loss", "val_perplexity", "unigram_entropy", "tokens_per_s", "tokens_seen")
+
+
+def run_fingerprint(params: Params, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: model shape, every knob of the result, the data."""
+    return {
+        "model": params.model.model_dump(mode="json"),
+        "pretrain": result_knobs(params.pretrain),
+        "tokenizer_sha256": manifest["tokenizer_sha256"],
+        "train_shards": [s["sha256"] for s in manifest["splits"]["train"]["shards"]],
+    }
+
+
+def build_decoder(params: Params, train: ShardReader, info: DistInfo) -> tuple[Transformer, ModelConfig]:
+    """The preset's decoder sized to the shards' vocabulary and rows, on this process's device,
+    wrapped as the knobs ask (FSDP2 per block when there are many processes)."""
+    config = build_config(
+        params.model.preset, vocab_size=train.vocab_size, max_seq_len=train.seq_len, **params.model.overrides()
+    )
+    model = Transformer(config).to(info.device)
+    if params.runtime.pretrain.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if params.runtime.pretrain.compile:
+        apply_compile(model)
+    if info.distributed:
+        compute_dtype = PRECISION_DTYPES[params.pretrain.precision]
+        apply_fsdp(model, param_dtype=compute_dtype if info.device.type == "cuda" else torch.float32)
+    return model, config
+
+
+def build_trainer(model: Transformer, params: Params, train: ShardReader, val: ShardReader, info: DistInfo,
+                  on_metrics: Any) -> Trainer:
+    """The one trainer over packed rows (documents masked from each other when the knobs say so)."""
+    collate = DocumentCollate(train.eos_id) if params.pretrain.document_mask else lm_collate
+    runtime = params.runtime.pretrain
+    return Trainer(model, params.trainer("pretrain"), PackedRows(train, val, collate), dist_info=info,
+                   checkpoint_dir=paths.PRETRAIN_CHECKPOINTS, on_metrics=on_metrics,
+                   loss_fn=functools.partial(lm_loss, loss_chunk=runtime.loss_chunk_tokens),
+                   async_checkpoint=runtime.async_checkpoint)
+
+
+def summarize(result: TrainResult, records: list[dict[str, Any]], train: ShardReader, config: ModelConfig,
+              info: DistInfo) -> dict[str, Any]:
+    """stats.json: the run's figures beside the unigram entropy of the train shards (the loss a
+    model that ignores context reaches), throughput past the first fifth of the steps (warm-up)."""
+    baseline = unigram_entropy(train.blocks(), train.vocab_size)
+    speeds = [r["tokens_per_s"] for r in records[len(records) // 5:] if "tokens_per_s" in r]
+    return {
+        "steps": result.step,
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "val_perplexity": result.val_ppl,
+        "unigram_entropy": baseline,
+        "val_loss_vs_unigram": (result.val_loss / baseline) if result.val_loss else None,
+        "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
+        "tokens_seen": result.tokens_seen,
+        "parameters": config.num_params(),
+        "world_size": info.world_size,
+    }
+
+
+def report(preset: str, result: TrainResult, records: list[dict[str, Any]], summary: dict[str, Any],
+           config: ModelConfig) -> TrainingReport:
+    """The pretrain stage's report files, run figures, tags, description and artifacts."""
+    reports = paths.PRETRAIN_REPORTS
+    figures = f"val loss {summary['val_loss']:.3f} nats/token (perplexity {summary['val_perplexity']:.1f})" \
+        if result.val_loss is not None else "no validation"
+    description = (f"Pretrain `{preset}` ({config.num_params() / 1e6:.2f} M parameters) for {result.step} steps, "
+                   f"{result.tokens_seen:,} tokens: {figures} against a unigram entropy of "
+                   f"{summary['unigram_entropy']:.3f}. Curves: reports/pretrain/; samples: evaluate's reports/samples.json.")
+    return TrainingReport(
+        reports=reports, records=records, summary=summary, compared=COMPARED,
+        columns=["step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "val_ppl"],
+        title="pretrain", baseline=summary["unigram_entropy"],
+        final=("val_perplexity", "unigram_entropy", "val_loss_vs_unigram", "tokens_per_s"),
+        tagged=("steps", "tokens_seen", "parameters", "world_size"), description=description,
+        artifacts={"reports": [reports / name for name in ("stats.json", "loss.png", "curve.csv")],
+                   "model_config": [paths.PRETRAINED / "config.json"]},
+    )
+
+
+def registration(model: Transformer, result: TrainResult, config: ModelConfig, eos_id: int) -> Registration:
+    """models/pretrain's card in the registry: token ids in, next-token logits out."""
+    return Registration(
+        model=model, name=paths.PRETRAINED_MODEL, weights=paths.PRETRAINED / "model.safetensors",
+        description="lmforge's pretrained decoder (Llama-style): token ids (batch, time) -> next-token "
+                    "logits (batch, time, vocab). Tokenizer: tokenizer.json beside the weights.",
+        figures={"val_loss": result.val_loss, "val_perplexity": result.val_ppl},
+        signature=({"input_ids": ("int64", (-1, -1))}, {"logits": ("float32", (-1, -1, config.vocab_size))}),
+        input_example=np.full((1, 8), eos_id, dtype=np.int64),
+    )
