@@ -1,5 +1,6 @@
 """Shared fixtures: small deterministic corpora, and a copy of the repository where real
-DVC and MLflow run the stages (no mocks)."""
+DVC and MLflow run the stages (no mocks). The tiny pipeline runs once per test session, whatever
+the number of xdist workers; every fixture that needs its outputs copies them from there."""
 
 from __future__ import annotations
 
@@ -9,12 +10,21 @@ import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-import yaml
+# The team stack's variables, as `eval "$(deploy/local-stack env)"` exports them in a developer's
+# shell (README): a test that means one sets it. Taken out of this process's environment here, at
+# import, not in a fixture: Prefect reads PREFECT_API_URL and lmforge.core.paths
+# LMFORGE_CHECKPOINTS_DIR once, when a test module imports them.
+TEAM_STACK = ("LMFORGE_", "AWS_", "MLFLOW_", "DVC_", "PREFECT_API_")
+SHELL_TEAM_STACK = {name: os.environ.pop(name) for name in list(os.environ) if name.startswith(TEAM_STACK)}
 
-from lmforge import quiet_env
+import pytest  # noqa: E402 - after the environment is cleared
+import yaml  # noqa: E402
+from filelock import FileLock  # noqa: E402
+
+from lmforge import quiet_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = (
@@ -41,8 +51,11 @@ def make_texts(n_docs: int, seed: int = 0, words_per_doc: tuple[int, int] = (20,
 
 
 def tool_env(**extra: str) -> dict[str, str]:
-    """The environment stage subprocesses see: venv first on PATH, quiet, no outside store."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    """The environment stage subprocesses see: venv first on PATH, quiet, no outside store, none
+    of the team stack's variables but those the test passes in `extra` or set itself (the shell's
+    are gone from os.environ, see SHELL_TEAM_STACK; MLflow's and DVC's only through `extra`)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_")) and SHELL_TEAM_STACK.get(k) != v}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     quiet_env(env)
     env.update(extra)
@@ -141,27 +154,86 @@ def make_repo(root: Path, params: dict | None = None, n_docs: int = 200) -> Path
     return root
 
 
+_BUILT: dict[str, Path] = {}  # this process's: tiny_repo and data_repo share one build
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """`build(root)` run once per test session: the first xdist worker to ask builds it under a file
+    lock in the temp directory all workers share, the others wait for it and get the same directory.
+    Read it only: a test that changes files works on a copy (`copy_repo`)."""
+    if name in _BUILT:
+        return _BUILT[name]
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        root = tmp_path_factory.mktemp(name)
+        build(root)
+        _BUILT[name] = root
+        return root
+    shared = tmp_path_factory.getbasetemp().parent  # pytest-N/, above each worker's popen-gwK/
+    root, done = shared / name, shared / f"{name}.done"
+    with FileLock(shared / f"{name}.lock"):
+        if not done.exists():  # a worker whose build failed leaves no mark: the next one tries again
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            build(root)
+            done.touch()
+    _BUILT[name] = root
+    return root
+
+
+def copy_repo(source: Path, target: Path, *, ignore: Callable[[str, list[str]], set[str]] | None = None) -> Path:
+    """A private copy of a tiny repository; its embedded MLflow store (if copied) made its own: MLflow
+    records absolute artifact locations, which would otherwise point into `source`."""
+    from lmforge.track.store import relocate_local_store
+
+    shutil.copytree(source, target, symlinks=True, ignore=ignore)
+    if (target / "mlflow.db").is_file():
+        relocate_local_store(target / "mlflow.db", (source / "mlruns").resolve().as_uri(),
+                             (target / "mlruns").resolve().as_uri())
+    return target
+
+
+def _tiny_pipeline(root: Path) -> None:
+    """Each stage appends the params keys it reads to PARAMS_TRACE (tests/test_params_deps.py)."""
+    make_repo(root)
+    run(["dvc", "repro"], root, LMFORGE_PARAMS_TRACE=str(root / PARAMS_TRACE))
+
+
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny repository on which `dvc repro` has run once (shared: it takes ~15 s); each stage
-    appended the params keys it read to PARAMS_TRACE (tests/test_params_deps.py)."""
-    root = make_repo(tmp_path_factory.mktemp("repo"))
-    run(["dvc", "repro"], root, LMFORGE_PARAMS_TRACE=str(root / PARAMS_TRACE))
-    return root
+    """A tiny repository on which `dvc repro` has run once: the session's one full pipeline run
+    (TINY_PARAMS), copied once per worker. Read only: copy it (`copy_repo`) to change it."""
+    built = built_once(tmp_path_factory, "tiny_pipeline", _tiny_pipeline)
+    return copy_repo(built, tmp_path_factory.mktemp("repo") / "repo")
+
+
+# What the data stages (ingest, clean, tokenize) leave out of a tiny pipeline's workspace.
+NOT_DATA = {"mlflow.db", "mlruns", "checkpoints", "models", "reports", "dvc.lock", "data/finetune",
+            ".dvc/cache", ".dvc/tmp"}
+
+
+def _data_only(root: Path) -> Callable[[str, list[str]], set[str]]:
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        here = Path(directory).relative_to(root)
+        return {name for name in names if (here / name).as_posix() in NOT_DATA}
+    return ignore
 
 
 @pytest.fixture(scope="session")
 def data_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny repository whose data stages have run (by hand, not through DVC)."""
-    root = make_repo(tmp_path_factory.mktemp("data_repo"))
-    for module in ("ingest", "clean", "tokenize_data"):
-        run(["python", "-m", f"stages.{module}"], root)
-    return root
+    """A tiny repository whose data stages have run, nothing after them (no store, no dvc.lock): the
+    session's pipeline run's data outputs (same params, same commands)."""
+    built = built_once(tmp_path_factory, "tiny_pipeline", _tiny_pipeline)
+    return copy_repo(built, tmp_path_factory.mktemp("data_repo") / "repo", ignore=_data_only(built))
 
 
 @pytest.fixture
 def trained_ready(data_repo: Path, tmp_path: Path) -> Path:
     """A private copy of `data_repo` (shards ready, no MLflow store, no checkpoints)."""
-    root = tmp_path / "repo"
-    shutil.copytree(data_repo, root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"), symlinks=True)
-    return root
+    return copy_repo(data_repo, tmp_path / "repo")
+
+
+@pytest.fixture
+def trained_repo(tiny_repo: Path, tmp_path: Path) -> Path:
+    """A private copy of `tiny_repo` as pretrain left it: its store with the pretrain run, its
+    checkpoints (TINY_PARAMS), for a test about what the next pretrain run does."""
+    return copy_repo(tiny_repo, tmp_path / "repo")

@@ -27,22 +27,11 @@ def _finetune_runs(root: Path):
     return [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "finetune"]
 
 
-@pytest.fixture(scope="module")
-def finetuned_repo(data_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny data repository after `stages.pretrain` and `stages.finetune` (TINY_PARAMS: classify, full)."""
-    root = tmp_path_factory.mktemp("finetune") / "repo"
-    shutil.copytree(data_repo, root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns", "checkpoints"), symlinks=True)
-    run(["python", "-m", "stages.pretrain"], root)
-    run(["python", "-m", "stages.finetune"], root)
-    return root
-
-
 @pytest.fixture
-def repo(finetuned_repo: Path, tmp_path: Path) -> Path:
-    """A private copy (pretrained model ready, a fresh MLflow store, no fine-tuning checkpoints)."""
+def repo(tiny_repo: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny pipeline (pretrained model ready, a fresh MLflow store, no checkpoints)."""
     root = tmp_path / "repo"
-    shutil.copytree(finetuned_repo, root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns", "checkpoints"),
-                    symlinks=True)
+    shutil.copytree(tiny_repo, root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns", "checkpoints"), symlinks=True)
     return root
 
 
@@ -52,8 +41,8 @@ def _finetune_params(root: Path, **values) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def test_stage_fine_tunes_a_classifier_exports_it_and_registers_a_version(finetuned_repo):
-    tiny_repo = finetuned_repo
+def test_stage_fine_tunes_a_classifier_exports_it_and_registers_a_version(tiny_repo):
+    """What `dvc repro` left of the finetune stage (TINY_PARAMS: classify, full)."""
     metrics = json.loads((tiny_repo / "reports/finetune/metrics.json").read_text())
     stats = json.loads((tiny_repo / "reports/finetune/stats.json").read_text())
     assert stats["task"] == "classify" and stats["method"] == "full"

@@ -175,7 +175,7 @@ def test_first_run_runs_every_stage_nested_under_one_pipeline_run(runs, mlflow_u
     assert first["result"]["metrics"]["pretrain"]["steps"] == 6
 
 
-def test_second_run_is_all_cache_hits_but_promote_and_faster(runs, mlflow_uri):
+def test_second_run_is_all_cache_hits_but_promote(runs, mlflow_uri):
     second = runs["second"]
     assert second["state"].is_completed(), second["error"]
     # promote is always_changed (it reads the registry, which DVC cannot see): it runs every time
@@ -185,7 +185,6 @@ def test_second_run_is_all_cache_hits_but_promote_and_faster(runs, mlflow_uri):
     nested = [r.info.run_name for r in _pipeline_runs(mlflow_uri).values()
               if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert nested == ["promote"]  # a cache hit logs nothing new
-    assert second["seconds"] < runs["first"]["seconds"] / 3
 
 
 def test_the_parent_run_links_every_stage_and_carries_the_headline_and_key_params(runs, mlflow_uri):

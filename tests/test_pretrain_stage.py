@@ -105,9 +105,8 @@ def test_two_ranks_under_torchrun_log_one_run_then_resume_at_one_rank(trained_re
     assert json.loads((root / "reports/pretrain/stats.json").read_text())["world_size"] == 1
 
 
-def test_changed_max_steps_starts_a_fresh_run_not_a_continuation(trained_ready):
-    root = trained_ready
-    run(["python", "-m", "stages.pretrain"], root)
+def test_changed_max_steps_starts_a_fresh_run_not_a_continuation(trained_repo):
+    root = trained_repo  # pretrain's run and checkpoints with TINY_PARAMS
     _params(root, pretrain={**TINY_PARAMS["pretrain"], "max_steps": 8})
     result = run(["python", "-m", "stages.pretrain"], root)
     # The LR schedule depends on max_steps: continuing would not equal a fresh 8-step run.
@@ -139,9 +138,8 @@ def test_killed_stage_resumes_from_its_checkpoint_in_the_same_run(trained_ready)
     assert steps == set(range(1, 17))
 
 
-def test_changed_model_shape_starts_fresh_and_keeps_old_checkpoints_aside(trained_ready):
-    root = trained_ready
-    run(["python", "-m", "stages.pretrain"], root)
+def test_changed_model_shape_starts_fresh_and_keeps_old_checkpoints_aside(trained_repo):
+    root = trained_repo
     _params(root, model={"preset": "tiny", "dim": 64})
     result = run(["python", "-m", "stages.pretrain"], root)
     assert "starting fresh" in result.stderr and "resumed from" not in result.stderr
@@ -181,9 +179,8 @@ def test_a_manifest_eos_id_that_disagrees_with_the_tokenizer_is_one_line_naming_
     assert "data/shards/manifest.json: eos_id" in line and "dvc repro -f tokenize" in line
 
 
-def test_a_manifest_vocab_beyond_the_tokenizer_is_blamed_on_the_manifest_not_the_checkpoints(trained_ready):
-    root = trained_ready
-    run(["python", "-m", "stages.pretrain"], root)  # checkpoints of this very run exist
+def test_a_manifest_vocab_beyond_the_tokenizer_is_blamed_on_the_manifest_not_the_checkpoints(trained_repo):
+    root = trained_repo  # checkpoints of this very run exist
     vocab = json.loads((root / "data/shards/manifest.json").read_text())["vocab_size"]
     _edit_manifest(root, vocab_size=vocab + 64)
     result = run(["python", "-m", "stages.pretrain"], root, check=False)

@@ -20,7 +20,7 @@ from lmforge.track.lineage import input_hashes
 from lmforge.data.engine import FAULT_ENV
 from lmforge.core.errors import LmforgeError
 
-from conftest import make_repo, run, tool_env, write_params
+from conftest import copy_repo, make_repo, run, tool_env, write_params
 
 
 def _client(root: Path) -> MlflowClient:
@@ -80,14 +80,13 @@ def test_each_stage_logs_one_mlflow_run_with_metrics_and_lineage(tiny_repo):
     assert {"stats.json", "rejected_samples.jsonl", "lineage.json"} <= artifacts
 
 
-def test_experiment_on_vocab_size_reruns_tokenize_only(tmp_path):
-    root = make_repo(tmp_path)
-    run(["dvc", "repro"], root)
-    run(["git", "add", "-A"], root)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], root)
-    result = run(["dvc", "exp", "run", "-S", "tokenizer.vocab_size=300"], root)
-    assert "Running stage 'tokenize'" in result.stdout
-    assert "Running stage 'ingest'" not in result.stdout and "Running stage 'clean'" not in result.stdout
+def test_experiment_on_vocab_size_reruns_from_tokenize_not_ingest_or_clean(tiny_repo, tmp_path):
+    """What `dvc exp run -S tokenizer.vocab_size=300` reruns, as DVC sees it (test_flow's override
+    reruns it for real)."""
+    root = copy_repo(tiny_repo, tmp_path / "repo")
+    _write_params(root, tokenizer={"vocab_size": 300})
+    stale = json.loads(run(["dvc", "status", "--json"], root).stdout)
+    assert "tokenize" in stale and "ingest" not in stale and "clean" not in stale, stale
 
 
 def _stage(root: Path, module: str) -> subprocess.CompletedProcess:

@@ -27,11 +27,6 @@ def test_labels_are_the_top_k_training_packages_and_classes_are_capped():
     assert all(r["label"] in labels for r in test)
 
 
-def test_classify_sampling_is_deterministic():
-    docs = _docs({"json": 400, "email": 300})
-    assert classify_examples(docs, 0.1, 2, 100, seed=3) == classify_examples(docs, 0.1, 2, 100, seed=3)
-
-
 def test_sft_pairs_a_signature_with_the_summary_line():
     doc = make_document("\n  Return the answer.\n\n  More details here.", "stdlib", kind="function", signature="def f(x)")
     other = make_document("A class.", "stdlib", kind="class")
