@@ -17,5 +17,5 @@ class PipelineError(RuntimeError):
 
 class StageInputError(PipelineError):
     """A stage rejected its params or input (its `[stage] error:` line, exit status 2), or failed on a
-    wrong path or a bug (flows.pipeline.SAME_EVERY_TIME): it fails the same way every time, so the
+    wrong path or a bug (flows.failures.SAME_EVERY_TIME): it fails the same way every time, so the
     flow never retries it."""

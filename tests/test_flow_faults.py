@@ -25,6 +25,7 @@ import flows.pipeline as pipeline_module
 from flows.dvc_repo import apply_param_overrides
 from flows.errors import PipelineError
 from flows.cli import check_prefect_api, main
+from flows import failures
 from flows.pipeline import _credentials_masked
 from flows.summary import SUMMARY_KEY
 from lmforge.core.redact import MASK
@@ -307,7 +308,7 @@ ERROR: failed to reproduce 'pretrain': failed to run: python -m stages.pretrain,
     ("Traceback (most recent call last):\n  File \"x.py\"\nKeyError: 'splits'", True),
 ])
 def test_what_a_retry_cannot_fix_is_told_from_the_stage_output(output, deterministic):
-    assert pipeline_module._is_deterministic("pretrain", output.splitlines()) is deterministic
+    assert failures.is_deterministic("pretrain", output.splitlines()) is deterministic
 
 
 def test_a_stage_failing_on_a_path_error_of_its_own_runs_once(flow_env, monkeypatch):

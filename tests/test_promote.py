@@ -5,7 +5,6 @@ tracking, re-scoring a registered champion, and the pipeline end to end (`dvc re
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket

@@ -7,8 +7,6 @@ found by the md5 dvc.lock records for it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import subprocess
 from collections.abc import Mapping
@@ -18,7 +16,7 @@ from typing import Any
 import yaml
 
 from lmforge.core import paths
-from lmforge.core.digests import content_hash, md5_of
+from lmforge.core.digests import content_hash
 
 
 def git_commit(root: Path) -> str:
