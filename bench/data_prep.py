@@ -116,12 +116,10 @@ def worker(method: str, work: Path, params: TokenizerParams) -> dict:
 
 def _clean(raw: Path, out: Path) -> dict:
     """The clean stage's tasks (filter, dedup per band, write), run one after another here."""
-    from lmforge.data.clean_job import run_clean
+    from lmforge.data.clean_job import CleanJob
+    from lmforge.data.job import Engine, run_data_job
 
-    def in_order(function, items, desc="", postfix=None):
-        return [function(item) for item in items]
-
-    return run_clean(CleanParams(), raw, out / "clean", out / "staging", in_order)["stats"]
+    return run_data_job(CleanJob(CleanParams(), raw, out / "clean", out / "staging"), Engine())
 
 
 def prepare(work: Path, files: str | None, repeat: int, tok_params: TokenizerParams) -> dict:
