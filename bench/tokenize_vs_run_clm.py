@@ -2,7 +2,7 @@
 
   ours    a fresh `python` process that does what `python -m stages.tokenize_data` does: start the
           embedded engine, sample the train split (tokenizer.train_sample_mb), train the BPE, encode,
-          pack and write the shards + manifest (lmforge.data.tokenize_job.tokenize_dataset);
+          pack and write the shards + manifest (lmforge.data.tokenize_job.TokenizeJob);
   theirs  a fresh `python` process that reads the same clean Parquet parts, trains the same BPE
           (tokenizers' BpeTrainer with the settings of lmforge/data/tokens/tokenizer.py and params.yaml) on
           the same train split (by document id), then runs `datasets.Dataset.map` (batched, the fast tokenizer) and
