@@ -54,7 +54,7 @@ def worker(method: str, work: Path, params: TokenizerParams) -> dict:
     """One timed measurement of one method, in this (fresh) process."""
     clean_path, tokenizer_path = work / "clean.parquet", work / "tokenizer.json"
     if method == "stage":
-        from lmforge.data.tokens.pack import encode_to_shards
+        from lmforge.data.sequential import encode_to_shards
         from lmforge.data.tokens.tokenizer import load_tokenizer
         from lmforge.core.digests import file_sha256
 
@@ -127,7 +127,7 @@ def prepare(work: Path, files: str | None, repeat: int, tok_params: TokenizerPar
     from lmforge.data.documents import make_document
     from lmforge.data.documents import DocumentWriter
     from lmforge.data.partitions import iter_dataset_batches, part_name, write_parts_manifest
-    from lmforge.data.sources.configured import iter_documents
+    from lmforge.data.sequential import iter_documents
     from lmforge.data.tokens.tokenizer import save_tokenizer, train_tokenizer
 
     data = DataParams(source="files", files=[files]) if files else DataParams()

@@ -36,7 +36,7 @@ from lmforge import quiet_env  # noqa: E402
 from lmforge.data.clean_job import CleanJob  # noqa: E402
 from lmforge.data.ingest_job import IngestJob  # noqa: E402
 from lmforge.data.job import Engine, run_data_job  # noqa: E402
-from lmforge.data.sources.configured import iter_documents  # noqa: E402
+from lmforge.data.sequential import iter_documents  # noqa: E402
 from lmforge.data.tokenize_job import TokenizeJob  # noqa: E402
 from lmforge.data.engine import dask_client  # noqa: E402
 from lmforge.core.params import DataParams, EngineParams, load_params  # noqa: E402

@@ -24,7 +24,7 @@ from lmforge.data.job import Engine, run_data_job
 from lmforge.data.markers import MARKERS_DIR
 from lmforge.data.partitions import iter_dataset_batches
 from lmforge.data.tokens.shards import ShardReader
-from lmforge.data.sources.configured import iter_documents
+from lmforge.data.sequential import iter_documents
 from lmforge.data.tokenize_job import TokenizeJob
 from lmforge.data.engine import FAULT_ENV, dask_client
 from lmforge.core.params import DataParams, EngineParams, TokenizerParams

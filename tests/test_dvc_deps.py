@@ -74,3 +74,27 @@ def test_the_walk_follows_lazy_and_transitive_imports():
     assert "lmforge/model/export.py" in deps  # imported by stages.evaluate
     assert "lmforge/model/decoder.py" in deps  # through lmforge.model.export
     assert "lmforge/core/errors.py" in deps
+
+
+def _used_names(path: Path) -> set[str]:
+    """The names `path`'s code uses (its imports aside: an import alone is no use)."""
+    names: set[str] = set()
+    for top in ast.parse(path.read_text(encoding="utf-8")).body:
+        if not isinstance(top, (ast.Import, ast.ImportFrom)):
+            names |= {node.id for node in ast.walk(top) if isinstance(node, ast.Name)}
+            names |= {node.attr for node in ast.walk(top) if isinstance(node, ast.Attribute)}
+    return names
+
+
+def test_a_stages_code_deps_hold_no_code_that_only_tests_and_benchmarks_use():
+    """A function in a module a stage imports is a DVC dep: editing it reruns the stage. One that only
+    tests or benchmarks call belongs in a module no stage imports (lmforge/data/sequential.py)."""
+    deps = sorted({REPO / dep for stage in STAGES.values() for module in stage_modules(stage["cmd"])
+                   for dep in code_deps(module)})
+    used = set().union(*(_used_names(path) for top in ("lmforge", "stages", "flows") for path in (REPO / top).rglob("*.py")
+                         if path != REPO / "lmforge/data/sequential.py"))  # its users are the tests and benchmarks
+    unused = [f"{path.relative_to(REPO)}: {node.name}" for path in deps
+              for node in ast.parse(path.read_text(encoding="utf-8")).body
+              if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name not in used]
+    assert not unused, "only tests or benchmarks (or nothing) use these; move them out of the stages' deps:\n" + \
+        "\n".join(unused)
