@@ -17,7 +17,7 @@ import pytest
 from lmforge.core.errors import LmforgeError
 from lmforge.core.params import EngineParams
 from lmforge.data.documents import DocumentWriter, make_document
-from lmforge.data.job import Engine, JobResult, run_data_job
+from lmforge.data.job import DataJob, Engine, JobResult, run_data_job
 from lmforge.data.markers import completed, mark_completed, task_key
 from lmforge.data.partitions import iter_dataset_batches, iter_part_batches, part_name, part_paths, write_parts_manifest
 
@@ -71,13 +71,12 @@ def upper_part(task: tuple[int, str, str]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class UpperJob:
+class UpperJob(DataJob):
     source: Path
     output: Path
     staging: Path
     fail: bool = False  # the run raises after its tasks (a result the job finds unusable)
-    compared: tuple[str, ...] = ("documents",)
-    uses_engine: bool = True
+    compared = ("documents",)
 
     @property
     def reports(self) -> Path:

@@ -6,6 +6,7 @@ lines dvc.yaml lacks, or lists that no stage imports."""
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -25,10 +26,16 @@ def module_file(module: str) -> Path | None:
     return None
 
 
+@functools.cache
+def parsed(path: Path) -> ast.Module:
+    """`path`'s syntax tree, parsed once for all the tests here."""
+    return ast.parse(path.read_text(encoding="utf-8"))
+
+
 def imported_modules(path: Path) -> set[str]:
     """Every module of ours that `path` imports, at top level or inside a function."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(parsed(path)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.split(".")[0] in OURS)
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in OURS:
@@ -79,7 +86,7 @@ def test_the_walk_follows_lazy_and_transitive_imports():
 def _used_names(path: Path) -> set[str]:
     """The names `path`'s code uses (its imports aside: an import alone is no use)."""
     names: set[str] = set()
-    for top in ast.parse(path.read_text(encoding="utf-8")).body:
+    for top in parsed(path).body:
         if not isinstance(top, (ast.Import, ast.ImportFrom)):
             names |= {node.id for node in ast.walk(top) if isinstance(node, ast.Name)}
             names |= {node.attr for node in ast.walk(top) if isinstance(node, ast.Attribute)}
@@ -94,7 +101,7 @@ def test_a_stages_code_deps_hold_no_code_that_only_tests_and_benchmarks_use():
     used = set().union(*(_used_names(path) for top in ("lmforge", "stages", "flows") for path in (REPO / top).rglob("*.py")
                          if path != REPO / "lmforge/data/sequential.py"))  # its users are the tests and benchmarks
     unused = [f"{path.relative_to(REPO)}: {node.name}" for path in deps
-              for node in ast.parse(path.read_text(encoding="utf-8")).body
+              for node in parsed(path).body
               if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name not in used]
     assert not unused, "only tests or benchmarks (or nothing) use these; move them out of the stages' deps:\n" + \
         "\n".join(unused)

@@ -36,7 +36,7 @@ from lmforge.data.quality.dedup import (CanonicalTexts, band_buckets, band_keys,
                                 near_duplicates, signatures, verified_pairs)
 from lmforge.core.io import atomic_path, write_jsonl
 from lmforge.data.documents import DocumentWriter
-from lmforge.data.job import Engine, JobResult
+from lmforge.data.job import DataJob, Engine, JobResult
 from lmforge.data.markers import completed, mark_completed, task_key
 from lmforge.data.partitions import iter_part_arrow, iter_part_batches, part_name, part_paths, write_parts_manifest
 from lmforge.core.digests import file_sha256
@@ -271,7 +271,7 @@ def _raw_samples(raw_path: str, wanted: np.ndarray, batch_size: int) -> dict[int
 # --- The job: plan, three maps, merge. ---
 
 @dataclass(frozen=True)
-class CleanJob:
+class CleanJob(DataJob):
     """The partitioned dataset `raw` cleaned into `output` (parts in the same order, rejected samples,
     stats.json, metrics.json, manifest.json last), as a data job (lmforge.data.job)."""
 
@@ -279,8 +279,7 @@ class CleanJob:
     raw: Path
     output: Path
     staging: Path
-    compared: tuple[str, ...] = COMPARED
-    uses_engine: bool = True
+    compared = COMPARED
 
     @property
     def reports(self) -> Path:

@@ -25,7 +25,7 @@ from lmforge.data.documents import Document, split_of
 from lmforge.data.documents import DocumentWriter
 from lmforge.data.sources.locations import input_identity, input_location, input_size, open_input, resolve_files
 from lmforge.data.markers import completed, mark_completed, task_key
-from lmforge.data.job import Engine, JobResult
+from lmforge.data.job import DataJob, Engine, JobResult
 from lmforge.data.partitions import part_name, write_parts_manifest
 from lmforge.data.sources.readers import FileRange, open_parquet
 from lmforge.data.sources.configured import COUNTER_KEYS, check_supported, counted, file_range_documents, iter_hf_documents, splittable
@@ -41,14 +41,13 @@ INGEST_TASK_VERSION = 1
 
 
 @dataclass(frozen=True)
-class IngestJob:
+class IngestJob(DataJob):
     """Every document of `data`'s source -> `output` (parts, stats.json, manifest.json last), as a
     data job (lmforge.data.job)."""
 
     data: DataParams
     output: Path
-    staging: Path
-    compared: tuple[str, ...] = ()  # no metrics.json: ingest's figures are the corpus's, not a result
+    staging: Path  # no metrics.json (`compared` empty): ingest's figures are the corpus's, not a result
 
     @property
     def reports(self) -> Path:

@@ -58,13 +58,13 @@ class JobResult:
 
 
 class DataJob(Protocol):
-    """A data stage's work, as `run_data_job` runs it."""
+    """A data stage's work, as `run_data_job` runs it: a job subclasses it and fills it in."""
 
     staging: Path  # the job's own staging directory (lmforge.data.partitions.staging_dir)
     output: Path  # the directory it publishes, replaced as a whole
     reports: Path  # where stats.json (and metrics.json) go
-    compared: tuple[str, ...]  # the stats keys metrics.json holds (none: no metrics.json)
-    uses_engine: bool  # False: the driver does the work (a sequential stream), no engine starts
+    compared: tuple[str, ...] = ()  # the stats keys metrics.json holds (none: no metrics.json)
+    uses_engine: bool = True  # False: the driver does the work (a sequential stream), no engine starts
 
     def plan(self) -> Any:
         """The tasks, from the inputs' manifests and sizes, on the driver before the engine starts."""

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from lmforge.data import partitions
 from lmforge.data.documents import split_of
 from lmforge.core.io import atomic_path
-from lmforge.data.job import Engine, JobResult
+from lmforge.data.job import DataJob, Engine, JobResult
 from lmforge.data.markers import completed, mark_completed, task_key
 from lmforge.data.tokens.pack import encode_part, merge_parts, shard_stats
 from lmforge.data.partitions import iter_part_batches
@@ -44,7 +44,7 @@ TOKENIZER = "tokenizer.json"
 
 
 @dataclass(frozen=True)
-class TokenizeJob:
+class TokenizeJob(DataJob):
     """The BPE (`tokenizer_dir`/tokenizer.json, beside stats.json and metrics.json) and the shards of
     every partition of `clean` (`output`, manifest last), as a data job (lmforge.data.job)."""
 
@@ -54,8 +54,7 @@ class TokenizeJob:
     output: Path
     reports: Path
     staging: Path
-    compared: tuple[str, ...] = COMPARED
-    uses_engine: bool = True
+    compared = COMPARED
 
     def plan(self) -> tuple[list[Part], float]:
         """The clean partitions and the share of their train documents the BPE samples (a clear
