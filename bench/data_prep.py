@@ -54,7 +54,7 @@ def worker(method: str, work: Path, params: TokenizerParams) -> dict:
     """One timed measurement of one method, in this (fresh) process."""
     clean_path, tokenizer_path = work / "clean.parquet", work / "tokenizer.json"
     if method == "stage":
-        from lmforge.data.tokens.pack import encode_to_shards
+        from lmforge.data.sequential import encode_to_shards
         from lmforge.data.tokens.tokenizer import load_tokenizer
         from lmforge.core.digests import file_sha256
 
@@ -116,12 +116,10 @@ def worker(method: str, work: Path, params: TokenizerParams) -> dict:
 
 def _clean(raw: Path, out: Path) -> dict:
     """The clean stage's tasks (filter, dedup per band, write), run one after another here."""
-    from lmforge.data.clean_job import run_clean
+    from lmforge.data.clean_job import CleanJob
+    from lmforge.data.job import Engine, run_data_job
 
-    def in_order(function, items, desc="", postfix=None):
-        return [function(item) for item in items]
-
-    return run_clean(CleanParams(), raw, out / "clean", out / "staging", in_order)["stats"]
+    return run_data_job(CleanJob(CleanParams(), raw, out / "clean", out / "staging"), Engine())
 
 
 def prepare(work: Path, files: str | None, repeat: int, tok_params: TokenizerParams) -> dict:
@@ -129,7 +127,7 @@ def prepare(work: Path, files: str | None, repeat: int, tok_params: TokenizerPar
     from lmforge.data.documents import make_document
     from lmforge.data.documents import DocumentWriter
     from lmforge.data.partitions import iter_dataset_batches, part_name, write_parts_manifest
-    from lmforge.data.sources.configured import iter_documents
+    from lmforge.data.sequential import iter_documents
     from lmforge.data.tokens.tokenizer import save_tokenizer, train_tokenizer
 
     data = DataParams(source="files", files=[files]) if files else DataParams()

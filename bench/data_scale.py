@@ -15,7 +15,6 @@ the targets of issue 13 beside the measured values with pass/fail.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -34,11 +33,12 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge import quiet_env  # noqa: E402
-from lmforge.data.clean_job import run_clean  # noqa: E402
-from lmforge.data.ingest_job import ingest_dataset  # noqa: E402
-from lmforge.data.sources.configured import iter_documents  # noqa: E402
-from lmforge.data.tokenize_job import tokenize_dataset  # noqa: E402
-from lmforge.data.engine import dask_client, map_tasks  # noqa: E402
+from lmforge.data.clean_job import CleanJob  # noqa: E402
+from lmforge.data.ingest_job import IngestJob  # noqa: E402
+from lmforge.data.job import Engine, run_data_job  # noqa: E402
+from lmforge.data.sequential import iter_documents  # noqa: E402
+from lmforge.data.tokenize_job import TokenizeJob  # noqa: E402
+from lmforge.data.engine import dask_client  # noqa: E402
 from lmforge.core.params import DataParams, EngineParams, load_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,15 +119,15 @@ def run(corpus_dir: Path, size: int, workers: int, args: argparse.Namespace, scr
             started = time.perf_counter()
             with dask_client(EngineParams(workers=workers)) as client:
                 if stage == "ingest":
-                    ingest_dataset(client, data, scratch / "staging", scratch / "raw", scratch / "raw-stats.json")
+                    run_data_job(IngestJob(data, scratch / "raw", scratch / "staging"), Engine(client))
                     extra: dict[str, Any] = {"mb_in": round(size / 1e6, 2)}
                 elif stage == "clean":
-                    stats = run_clean(params.clean, scratch / "raw", scratch / "clean", scratch / "staging-clean",
-                                      functools.partial(map_tasks, client))["stats"]
+                    stats = run_data_job(CleanJob(params.clean, scratch / "raw", scratch / "clean",
+                                                  scratch / "staging-clean"), Engine(client))
                     extra = {"mb_in": round(stats["bytes_in"] / 1e6, 2), "mb_out": round(stats["bytes_out"] / 1e6, 2)}
                 else:
-                    stats = tokenize_dataset(client, tokenizer, data.val_fraction, scratch / "clean",
-                                             scratch / "staging-tok", scratch / "tokenizer.json", scratch / "shards")
+                    stats = run_data_job(TokenizeJob(tokenizer, data.val_fraction, scratch / "clean", scratch / "shards",
+                                                     scratch / "tokenizer", scratch / "staging-tok"), Engine(client))
                     extra = {"mb_in": round(stats["bytes_in"] / 1e6, 2),
                              "bpe_sample_mb": round(stats["sample_bytes"] / 1e6, 2),
                              "bpe_train_s": round(stats["tokenizer_train_seconds"], 2)}

@@ -2,7 +2,7 @@
 
   ours    a fresh `python` process that does what `python -m stages.tokenize_data` does: start the
           embedded engine, sample the train split (tokenizer.train_sample_mb), train the BPE, encode,
-          pack and write the shards + manifest (lmforge.data.tokenize_job.tokenize_dataset);
+          pack and write the shards + manifest (lmforge.data.tokenize_job.TokenizeJob);
   theirs  a fresh `python` process that reads the same clean Parquet parts, trains the same BPE
           (tokenizers' BpeTrainer with the settings of lmforge/data/tokens/tokenizer.py and params.yaml) on
           the same train split (by document id), then runs `datasets.Dataset.map` (batched, the fast tokenizer) and
@@ -20,7 +20,6 @@ cleaned once beforehand (not timed). Targets (issue 13): >= 50 MB of real Englis
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -42,15 +41,14 @@ REPO = Path(__file__).resolve().parents[1]
 def ours(work: Path, run_dir: Path, workers: int | None) -> dict[str, Any]:
     """The tokenize stage's work, as stages/tokenize_data.py runs it (without the tracking)."""
     from lmforge import quiet_env
-    from lmforge.data.tokenize_job import tokenize_dataset
-    from lmforge.data.engine import dask_client
+    from lmforge.data.job import run_data_job
+    from lmforge.data.tokenize_job import TokenizeJob
     from lmforge.core.params import EngineParams, load_params
 
     quiet_env(os.environ)
     params = load_params(REPO / "params.yaml")
-    with dask_client(EngineParams(workers=workers)) as client:
-        stats = tokenize_dataset(client, params.tokenizer, params.data.val_fraction, work / "clean",
-                                 run_dir / "staging", run_dir / "tokenizer.json", run_dir / "shards")
+    stats = run_data_job(TokenizeJob(params.tokenizer, params.data.val_fraction, work / "clean", run_dir / "shards",
+                                     run_dir / "tokenizer", run_dir / "staging"), EngineParams(workers=workers))
     return {key: stats[key] for key in ("train_sample_mb", "sample_rate", "sample_documents", "sample_bytes",
                                         "tokenizer_train_seconds", "bytes_in", "vocab_size", "partitions",
                                         "workers", "train.tokens", "val.tokens")}
@@ -149,18 +147,18 @@ def timed(method: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
 def prepare(work: Path, files: list[str], partition_mb: float | None, workers: int | None) -> dict[str, Any]:
     """Ingest and clean the corpus once (not timed), as the stages would."""
     from lmforge import quiet_env
-    from lmforge.data.clean_job import run_clean
-    from lmforge.data.ingest_job import ingest_dataset
-    from lmforge.data.engine import dask_client, map_tasks
+    from lmforge.data.clean_job import CleanJob
+    from lmforge.data.ingest_job import IngestJob
+    from lmforge.data.engine import dask_client
+    from lmforge.data.job import Engine, run_data_job
     from lmforge.core.params import DataParams, EngineParams, load_params
 
     quiet_env(os.environ)
     params = load_params(REPO / "params.yaml")
     data = DataParams(source="files", files=files, partition_mb=partition_mb or params.data.partition_mb)
     with dask_client(EngineParams(workers=workers)) as client:
-        ingest_dataset(client, data, work / "staging-ingest", work / "raw", work / "raw-stats.json")
-        stats = run_clean(params.clean, work / "raw", work / "clean", work / "staging-clean",
-                          functools.partial(map_tasks, client))["stats"]
+        run_data_job(IngestJob(data, work / "raw", work / "staging-ingest"), Engine(client))
+        stats = run_data_job(CleanJob(params.clean, work / "raw", work / "clean", work / "staging-clean"), Engine(client))
     return {"raw_mb": round(stats["bytes_in"] / 1e6, 2), "clean_mb": round(stats["bytes_out"] / 1e6, 2),
             "clean_documents": stats["documents_out"], "partitions": len(stats["partitions"])}
 

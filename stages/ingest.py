@@ -1,20 +1,19 @@
 """DVC stage `ingest`: documents from the configured source (built-in corpus, files or the Hugging
 Face Hub) -> data/raw/part-NNNNN.parquet, stats.json and manifest.json (written last).
 
-Partitions run as tasks on the engine (lmforge.data.ingest_job) into a staging directory with a
-completion marker each, so a killed run resumes; then they are published into data/raw.
+Partitions run as tasks on the engine (lmforge.data.ingest_job, a data job run by
+lmforge.data.job.run_data_job) into a staging directory with a completion marker each, so a killed
+run resumes; then they are published into data/raw.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 from lmforge.core import paths
 from lmforge.core.stage import run_stage
-from lmforge.data.ingest_job import STAGE, ingest_dataset
+from lmforge.data.ingest_job import STAGE, IngestJob
+from lmforge.data.job import run_data_job
 from lmforge.data.sources.locations import is_url, resolve_files
 from lmforge.data.partitions import staging_dir
-from lmforge.data.engine import dask_client, hash_on_workers
 from lmforge.core.params import load_params
 from lmforge.track.runs import stage_run
 
@@ -25,11 +24,8 @@ def main() -> None:
     # Lineage: the local files read (source=files); the built-in corpus is the Python version's.
     inputs = [path for path in resolve_files(data.files) if not is_url(path)] if data.source == "files" else []
     with stage_run("ingest", {"data": data, "engine": params.engine}, inputs=inputs) as run:
-        # The Hub's stream is read by the driver: no engine to start for it.
-        with dask_client(params.engine) if data.source != "hf" else nullcontext() as client:
-            stats = ingest_dataset(client, data, staging_dir(STAGE).resolve(), paths.RAW, paths.RAW_STATS)
-            if client is not None and not run.failed:  # the output tags' md5s, on the workers
-                hash_on_workers(client, paths.RAW)
+        stats = run_data_job(IngestJob(data, paths.RAW, staging_dir(STAGE)), params.engine,
+                             hash_outputs=not run.failed)  # the output tags' md5s, on the workers
         # A few comparable figures as metrics; every count and each partition's seconds are in the stats artifact.
         run.log_metrics({key: stats[key] for key in ("documents", "bytes", "mb_per_s", "partitions", "workers")})
         run.log_artifact(paths.RAW_STATS)

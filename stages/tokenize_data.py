@@ -1,24 +1,20 @@
 """DVC stage `tokenize`: train the BPE on a bounded sample of the train split of data/clean, then
 encode, pack and shard each clean partition into data/shards/{train,val}, manifest.json last.
 
-Sampling, training and encoding run as tasks on the engine (lmforge.data.tokenize_job) with
-completion markers in a staging directory, so a killed run resumes.
-(Not named tokenize.py: that would shadow the standard library's `tokenize` module.)
+Sampling, training and encoding run as tasks on the engine (lmforge.data.tokenize_job, a data job
+run by lmforge.data.job.run_data_job) with completion markers in a staging directory, so a killed
+run resumes. (Not named tokenize.py: that would shadow the standard library's `tokenize` module.)
 """
 
 from __future__ import annotations
 
 from lmforge.core import paths
 from lmforge.core.stage import run_stage
-from lmforge.core.io import write_json
+from lmforge.data.job import run_data_job
 from lmforge.data.partitions import staging_dir
-from lmforge.data.tokenize_job import STAGE, tokenize_dataset
-from lmforge.data.engine import dask_client, hash_on_workers
+from lmforge.data.tokenize_job import STAGE, TokenizeJob
 from lmforge.core.params import load_params
 from lmforge.track.runs import stage_run
-
-# The figures `dvc metrics show` and `dvc exp show` put side by side; stats.json keeps the rest.
-COMPARED = ("train.tokens", "bytes_per_token")
 
 
 def main() -> None:
@@ -26,13 +22,9 @@ def main() -> None:
     tok_params = params.tokenizer
     with stage_run("tokenize", {"tokenizer": tok_params, "data": params.data, "engine": params.engine},
                    inputs=[paths.CLEAN]) as run:
-        with dask_client(params.engine) as client:
-            stats = tokenize_dataset(client, tok_params, params.data.val_fraction, paths.CLEAN, staging_dir(STAGE),
-                                     paths.TOKENIZER, paths.SHARDS)
-            if not run.failed:  # the output tags' md5s, on the workers
-                hash_on_workers(client, paths.SHARDS)
-        write_json(paths.TOKENIZER_STATS, stats)
-        write_json(paths.TOKENIZER_METRICS, {key: stats[key] for key in COMPARED})
+        job = TokenizeJob(tok_params, params.data.val_fraction, paths.CLEAN, paths.SHARDS, paths.TOKENIZER.parent,
+                          staging_dir(STAGE))
+        stats = run_data_job(job, params.engine, hash_outputs=not run.failed)  # the output tags' md5s, on the workers
         run.log_metrics({"train_tokens": stats["train.tokens"], "val_tokens": stats["val.tokens"],
                          "bytes_per_token": stats["bytes_per_token"], "tokens_per_s": stats["tokens_per_s"],
                          "sample_bytes": stats["sample_bytes"], "partitions": stats["partitions"],

@@ -5,6 +5,7 @@ whatever the partitioning, and count every document once."""
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 import tempfile
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 from rensa import RMinHash, RMinHashLSH
 
-from lmforge.data.clean_job import run_clean
+from lmforge.data.clean_job import REJECTED_SAMPLES, CleanJob
+from lmforge.data.job import Engine, run_data_job
 from lmforge.data.quality.dedup import CanonicalTexts, lsh_bands, signatures
 from lmforge.data.documents import METADATA_COLUMNS, make_document
 from lmforge.data.documents import DocumentWriter
@@ -213,9 +215,13 @@ def _docs(texts: list[str]) -> list[dict]:
     return [{"id": f"d{i}", "text": text, "source": "test", "name": f"n{i}"} for i, text in enumerate(texts)]
 
 
-def serial_map(function, items, desc="", postfix=None):
-    """The stage's tasks run here, in order: the same code as on the Dask engine, without it."""
-    return [function(item) for item in items]
+def run_clean(params: CleanParams, raw: Path, out: Path, staging: Path, engine: Engine = Engine()) -> dict:
+    """The clean job through the data-job driver, its tasks in this process unless `engine` has a
+    client (the same code as on the Dask engine): its stats and rejected samples, as written."""
+    stats = run_data_job(CleanJob(params, raw, out, staging), engine)
+    # Lines end at "\n" only: a sample's text may hold U+2028 or U+0085, which splitlines() also splits at.
+    samples = [json.loads(line) for line in (out / REJECTED_SAMPLES).read_text(encoding="utf-8").split("\n") if line]
+    return {"stats": stats, "samples": samples}
 
 
 def write_raw(directory: Path, docs: list[dict], parts: int) -> None:
@@ -233,7 +239,7 @@ def write_raw(directory: Path, docs: list[dict], parts: int) -> None:
     write_parts_manifest(directory, entries)
 
 
-EXTRAS = ("seconds", "mb_per_s", "partitions", "dedup_seconds")
+EXTRAS = ("seconds", "mb_per_s", "partitions", "dedup_seconds", "workers")
 
 
 def _run(params: CleanParams, docs: list[dict], parts: int = 3) -> tuple[list[dict], dict, list[dict]]:
@@ -241,7 +247,7 @@ def _run(params: CleanParams, docs: list[dict], parts: int = 3) -> tuple[list[di
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_raw(root / "raw", docs, parts)
-        result = run_clean(params, root / "raw", root / "clean", root / "staging", serial_map)
+        result = run_clean(params, root / "raw", root / "clean", root / "staging")
         kept = [doc for batch in iter_dataset_batches(root / "clean", 1000, "clean") for doc in batch]
     columns = {key for doc in docs for key in doc}
     kept = [{key: value for key, value in doc.items() if key in columns} for doc in kept]
@@ -377,19 +383,20 @@ def test_near_and_exact_duplicates_in_other_partitions_drop_the_later_copy():
 PEAK_MEMORY_SCRIPT = """\
 import json, re, sys
 from pathlib import Path
-from lmforge.data.clean_job import run_clean
+from lmforge.data.clean_job import REJECTED_SAMPLES, CleanJob
+from lmforge.data.job import Engine, run_data_job
 from lmforge.core.params import CleanParams
 
 def status_mb(key):
     return int(re.search(rf"^{key}:\\s+(\\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) / 1024
 
 root = Path(sys.argv[1])
-serial = lambda function, items, desc="", postfix=None: [function(item) for item in items]
 Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from the current size
 before = status_mb("VmRSS")
-result = run_clean(CleanParams(), root / "raw", root / "clean", root / "staging", serial)
-print(json.dumps({"grown_mb": status_mb("VmHWM") - before, "length": result["stats"]["steps"]["length"],
-                  "samples": [(row["reason"], row["chars"], len(row["text"])) for row in result["samples"]]}))
+stats = run_data_job(CleanJob(CleanParams(), root / "raw", root / "clean", root / "staging"), Engine())
+samples = [json.loads(line) for line in (root / "clean" / REJECTED_SAMPLES).read_text().split("\\n") if line]
+print(json.dumps({"grown_mb": status_mb("VmHWM") - before, "length": stats["steps"]["length"],
+                  "samples": [(row["reason"], row["chars"], len(row["text"])) for row in samples]}))
 """
 
 

@@ -4,7 +4,6 @@ from them and ends with what an uninterrupted run writes."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -14,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data.clean_job import run_clean
+from lmforge.data.clean_job import CleanJob
 from lmforge.data.engine import FAULT_ENV
-from lmforge.data.engine import dask_client, map_tasks
+from lmforge.data.engine import dask_client
+from lmforge.data.job import Engine
 from lmforge.core.params import CleanParams, EngineParams
 
 from conftest import make_repo, make_texts, tool_env, tiny_params
-from test_clean import EXTRAS, _docs, serial_map, tricky_texts, write_raw
+from test_clean import EXTRAS, _docs, run_clean, tricky_texts, write_raw
 
 PARAMS = CleanParams(batch_size=100)
 
@@ -50,14 +50,14 @@ def outputs(root: Path, result: dict) -> dict:
 
 def clean_on_dask(raw: Path, root: Path, workers: int) -> dict:
     with dask_client(EngineParams(workers=workers)) as client:
-        result = run_clean(PARAMS, raw, root / "clean", root / "staging", functools.partial(map_tasks, client))
+        result = run_clean(PARAMS, raw, root / "clean", root / "staging", Engine(client))
     return outputs(root, result)
 
 
 @pytest.fixture(scope="module")
 def serial(raw, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("serial")
-    return outputs(root, run_clean(PARAMS, raw, root / "clean", root / "staging", serial_map))
+    return outputs(root, run_clean(PARAMS, raw, root / "clean", root / "staging"))
 
 
 def test_one_and_two_workers_write_the_same_bytes(raw, serial, tmp_path):
@@ -103,26 +103,31 @@ def test_a_killed_stage_resumes_from_its_finished_partitions_and_ends_as_an_unin
     assert resumed >= finished
     stats = json.loads((root / "data/clean/stats.json").read_text())
     uninterrupted = outputs(tmp_path / "fresh", run_clean(PARAMS, root / "data/raw", tmp_path / "fresh/clean",
-                                                           tmp_path / "fresh/staging", serial_map))
+                                                           tmp_path / "fresh/staging"))
     samples = [json.loads(line) for line in (root / "data/clean/rejected_samples.jsonl").read_text().splitlines()]
-    assert outputs(root / "data", {"stats": stats, "samples": samples}) == uninterrupted | {
-        "stats": uninterrupted["stats"] | {"workers": 1}}
+    assert outputs(root / "data", {"stats": stats, "samples": samples}) == uninterrupted and stats["workers"] == 1
     assert not (root / "data/.staging/clean").exists()
 
 
 def test_a_rerun_redoes_only_the_partitions_whose_input_or_params_changed(tmp_path, caplog):
     docs = _docs(make_texts(300, seed=24))
     write_raw(tmp_path / "raw", docs, parts=3)
-    staging = tmp_path / "staging"  # kept between runs, as after a killed run
-    run_clean(PARAMS, tmp_path / "raw", tmp_path / "first/clean", staging, serial_map)
+    staging = tmp_path / "staging"
+
+    def tasks_only(params: CleanParams) -> None:
+        """The job's tasks without the driver's ending: staging kept, as after a killed run."""
+        job = CleanJob(params, tmp_path / "raw", tmp_path / "first/clean", staging)
+        job.run(job.plan(), Engine())
+
+    tasks_only(PARAMS)
     write_raw(tmp_path / "raw", docs[:250] + _docs(make_texts(50, seed=25)), parts=3)  # the last part changes
     with caplog.at_level("INFO", logger="lmforge.clean"):
-        again = run_clean(PARAMS, tmp_path / "raw", tmp_path / "again/clean", staging, serial_map)
+        again = run_clean(PARAMS, tmp_path / "raw", tmp_path / "again/clean", staging)
     assert "resumed: 2 of 3 partitions" in caplog.text
-    fresh = run_clean(PARAMS, tmp_path / "raw", tmp_path / "fresh/clean", tmp_path / "fresh-staging", serial_map)
+    fresh = run_clean(PARAMS, tmp_path / "raw", tmp_path / "fresh/clean", tmp_path / "fresh-staging")
     assert outputs(tmp_path / "again", again) == outputs(tmp_path / "fresh", fresh)
+    tasks_only(PARAMS)
     caplog.clear()
     with caplog.at_level("INFO", logger="lmforge.clean"):
-        run_clean(PARAMS.model_copy(update={"min_words": 5}), tmp_path / "raw", tmp_path / "other/clean", staging,
-                  serial_map)
+        run_clean(PARAMS.model_copy(update={"min_words": 5}), tmp_path / "raw", tmp_path / "other/clean", staging)
     assert "resumed" not in caplog.text

@@ -19,12 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmforge.data.ingest_job import ingest_dataset, plan_tasks, run_partition
+from lmforge.data.ingest_job import IngestJob, plan_tasks, run_partition
+from lmforge.data.job import Engine, run_data_job
 from lmforge.data.markers import MARKERS_DIR
 from lmforge.data.partitions import iter_dataset_batches
 from lmforge.data.tokens.shards import ShardReader
-from lmforge.data.sources.configured import iter_documents
-from lmforge.data.tokenize_job import tokenize_dataset
+from lmforge.data.sequential import iter_documents
+from lmforge.data.tokenize_job import TokenizeJob
 from lmforge.data.engine import FAULT_ENV, dask_client
 from lmforge.core.params import DataParams, EngineParams, TokenizerParams
 
@@ -58,10 +59,9 @@ def make_corpus(root: Path) -> DataParams:
 
 def run_data_stages(client, data: DataParams, out: Path) -> Path:
     """Ingest, then tokenize over the raw partitions (they follow clean's contract), into `out`."""
-    ingest_dataset(client, data, out / "staging-ingest", out / "raw", out / "raw-stats.json")
-    stats = tokenize_dataset(client, TOKENIZER, VAL_FRACTION, out / "raw", out / "staging-tokenize",
-                             out / "tokenizer.json", out / "shards")
-    (out / "tokenize-stats.json").write_text(json.dumps(stats, indent=1))
+    run_data_job(IngestJob(data, out / "raw", out / "staging-ingest"), Engine(client))
+    run_data_job(TokenizeJob(TOKENIZER, VAL_FRACTION, out / "raw", out / "shards", out / "tokenizer",
+                             out / "staging-tokenize"), Engine(client))
     return out
 
 
@@ -134,12 +134,12 @@ def test_one_and_two_workers_and_a_rerun_write_the_same_bytes(reference, corpus,
     assert two == reference and again == reference
     assert sum(name.startswith("raw/part-") for name in reference) > 20
     assert sum(name.startswith("shards/train/part-") for name in reference) > 20
-    shards = ShardReader(tmp_path / "two/shards", "train", tokenizer_path=tmp_path / "two/tokenizer.json")
-    assert len(shards) == reference["tokenize-stats.json"]["train.rows"]
+    shards = ShardReader(tmp_path / "two/shards", "train", tokenizer_path=tmp_path / "two/tokenizer/tokenizer.json")
+    assert len(shards) == reference["tokenizer/stats.json"]["train.rows"]
 
 
 def test_the_bpe_trains_on_a_bounded_sample_chosen_by_id(reference):
-    stats = reference["tokenize-stats.json"]
+    stats = reference["tokenizer/stats.json"]
     assert 0 < stats["sample_rate"] < 1
     assert 0 < stats["sample_documents"] < stats["train.documents"]
     assert stats["sample_bytes"] < 3 * TOKENIZER.train_sample_mb * 1e6
@@ -215,7 +215,7 @@ def test_a_stage_killed_mid_way_resumes_without_redoing_finished_partitions(one_
     monkeypatch.chdir(root)  # the uninterrupted runs below, in this process, read the same relative paths
     data, tokenizer = DataParams(**params["data"]), TokenizerParams(**params["tokenizer"])
     if stage == "tokenize":  # its input: raw partitions published as data/clean (the contract's layout)
-        ingest_dataset(one_worker, data, tmp_path / "staging", root / "data/clean", tmp_path / "raw-stats.json")
+        run_data_job(IngestJob(data, root / "data/clean", tmp_path / "staging"), Engine(one_worker))
     hanging = _stage(root, module, **{FAULT_ENV: f"{stage}:5:hang"})
     markers = root / "data/.staging" / stage / MARKERS_DIR
     try:
@@ -234,14 +234,14 @@ def test_a_stage_killed_mid_way_resumes_without_redoing_finished_partitions(one_
     assert f"resumed: {len(finished)} of" in stderr
     if stage == "ingest":
         out, expected = root / "data/raw", tmp_path / "uninterrupted"
-        ingest_dataset(one_worker, data, tmp_path / "staging", expected, tmp_path / "stats.json")
+        run_data_job(IngestJob(data, expected, tmp_path / "staging"), Engine(one_worker))
         ids = [doc["id"] for batch in iter_dataset_batches(out, 1000, "ingest") for doc in batch]
         assert len(ids) == len(set(ids)) == 120
     else:
         out, expected = root / "data/shards", tmp_path / "uninterrupted"
-        tokenize_dataset(one_worker, tokenizer, data.val_fraction, root / "data/clean", tmp_path / "staging",
-                         tmp_path / "tokenizer.json", expected)
-        assert (root / "data/tokenizer/tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
+        run_data_job(TokenizeJob(tokenizer, data.val_fraction, root / "data/clean", expected, tmp_path / "tokenizer",
+                                 tmp_path / "staging"), Engine(one_worker))
+        assert (root / "data/tokenizer/tokenizer.json").read_bytes() == (tmp_path / "tokenizer/tokenizer.json").read_bytes()
     assert _tree(out) == _tree(expected)
 
 

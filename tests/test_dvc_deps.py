@@ -6,6 +6,7 @@ lines dvc.yaml lacks, or lists that no stage imports."""
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -25,10 +26,16 @@ def module_file(module: str) -> Path | None:
     return None
 
 
+@functools.cache
+def parsed(path: Path) -> ast.Module:
+    """`path`'s syntax tree, parsed once for all the tests here."""
+    return ast.parse(path.read_text(encoding="utf-8"))
+
+
 def imported_modules(path: Path) -> set[str]:
     """Every module of ours that `path` imports, at top level or inside a function."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(parsed(path)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.split(".")[0] in OURS)
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in OURS:
@@ -74,3 +81,27 @@ def test_the_walk_follows_lazy_and_transitive_imports():
     assert "lmforge/model/export.py" in deps  # imported by stages.evaluate
     assert "lmforge/model/decoder.py" in deps  # through lmforge.model.export
     assert "lmforge/core/errors.py" in deps
+
+
+def _used_names(path: Path) -> set[str]:
+    """The names `path`'s code uses (its imports aside: an import alone is no use)."""
+    names: set[str] = set()
+    for top in parsed(path).body:
+        if not isinstance(top, (ast.Import, ast.ImportFrom)):
+            names |= {node.id for node in ast.walk(top) if isinstance(node, ast.Name)}
+            names |= {node.attr for node in ast.walk(top) if isinstance(node, ast.Attribute)}
+    return names
+
+
+def test_a_stages_code_deps_hold_no_code_that_only_tests_and_benchmarks_use():
+    """A function in a module a stage imports is a DVC dep: editing it reruns the stage. One that only
+    tests or benchmarks call belongs in a module no stage imports (lmforge/data/sequential.py)."""
+    deps = sorted({REPO / dep for stage in STAGES.values() for module in stage_modules(stage["cmd"])
+                   for dep in code_deps(module)})
+    used = set().union(*(_used_names(path) for top in ("lmforge", "stages", "flows") for path in (REPO / top).rglob("*.py")
+                         if path != REPO / "lmforge/data/sequential.py"))  # its users are the tests and benchmarks
+    unused = [f"{path.relative_to(REPO)}: {node.name}" for path in deps
+              for node in parsed(path).body
+              if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name not in used]
+    assert not unused, "only tests or benchmarks (or nothing) use these; move them out of the stages' deps:\n" + \
+        "\n".join(unused)

@@ -19,9 +19,9 @@ import pytest
 from lmforge.data.documents import make_document, split_of
 from lmforge.core.io import spreadsheet_safe
 from lmforge.data.documents import DocumentWriter
-from lmforge.data.tokens.pack import encode_to_shards
+from lmforge.data.sequential import encode_to_shards
 from lmforge.data.tokens.shards import ShardReader
-from lmforge.data.sources.configured import iter_documents
+from lmforge.data.sequential import iter_documents
 from lmforge.data.tokens.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from lmforge.core.digests import file_sha256
 from lmforge.core.errors import LmforgeError

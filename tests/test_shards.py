@@ -11,7 +11,8 @@ import pytest
 
 from lmforge.data.documents import make_document, split_of
 from lmforge.data.documents import DocumentWriter
-from lmforge.data.tokens.pack import Packer, encode_to_shards
+from lmforge.data.tokens.pack import Packer
+from lmforge.data.sequential import encode_to_shards
 from lmforge.data.tokens.shards import ShardReader, token_dtype
 from lmforge.data.tokens.tokenizer import save_tokenizer, train_tokenizer
 from lmforge.core.digests import file_sha256

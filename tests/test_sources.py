@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmforge.data.sources.builtin import iter_builtin_documents
+from lmforge.data.sequential import iter_builtin_documents
 from lmforge.data.documents import DOCUMENT_SCHEMA, document_id, to_record_batch
-from lmforge.data.sources.configured import COUNTER_KEYS, iter_documents
+from lmforge.data.sources.configured import COUNTER_KEYS
+from lmforge.data.sequential import iter_documents
 from lmforge.core.errors import LmforgeError
 from lmforge.core.params import DataParams, HfSourceParams
 
@@ -31,7 +32,7 @@ NEVER_IMPORTED = ["tkinter", "turtle", "this", "antigravity", "mailbox", "turtle
 _CORPUS_IN_SUBPROCESS = f"""
 import json, sys
 from collections import Counter
-from lmforge.data.sources.builtin import iter_builtin_documents
+from lmforge.data.sequential import iter_builtin_documents
 ids = [doc["id"] for doc in iter_builtin_documents(Counter())]
 print(json.dumps({{"ids": ids, "imported": [m for m in {NEVER_IMPORTED!r} if m in sys.modules]}}))
 """

@@ -7,7 +7,8 @@
    order (a single task: its memory is the number of duplicate pairs) and writes, per
    partition, the rows dedup drops.
 3. `write_part` (per partition): the survivors of both, as data/clean's part of the same index,
-   with the partition's stats and rejected samples; `run_clean` (the driver) sums them.
+   with the partition's stats and rejected samples; `CleanJob.run` sums them (the data-job
+   driver, lmforge.data.job, publishes them).
 
 Memory of a task: one partition's batch at a time (1, 3), or one band's keys of the corpus,
 16 bytes a document, plus the signatures of its candidates (2). Every task writes into the
@@ -17,6 +18,7 @@ params, so a rerun of a killed stage skips what was finished.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -32,12 +34,11 @@ import pyarrow.parquet as pq
 from lmforge.data.quality.clean import DEDUP_STEPS, SAMPLE_TEXT_CHARS, Cleaner, Filtered, count_dedup, merge_samples, merge_stats, sample_row
 from lmforge.data.quality.dedup import (CanonicalTexts, band_buckets, band_keys, exact_duplicates, exact_keys, lsh_bands,
                                 near_duplicates, signatures, verified_pairs)
-from lmforge.core.io import atomic_path
+from lmforge.core.io import atomic_path, write_jsonl
 from lmforge.data.documents import DocumentWriter
+from lmforge.data.job import DataJob, Engine, JobResult
 from lmforge.data.markers import completed, mark_completed, task_key
-from lmforge.data.partitions import (
-    iter_part_arrow, iter_part_batches, part_name, part_paths, publish, write_parts_manifest,
-)
+from lmforge.data.partitions import iter_part_arrow, iter_part_batches, part_name, part_paths, write_parts_manifest
 from lmforge.core.digests import file_sha256
 from lmforge.data.engine import fault_point
 from lmforge.core.params import CleanParams
@@ -48,9 +49,10 @@ ROW_BITS = 32  # gid = partition << ROW_BITS | row among the partition's filter 
 EXACT, NEAR = 1, 2  # codes of the drops file, in the order the steps run
 
 STAGE = "clean"
+# The figures `dvc metrics show` and `dvc exp show` put side by side; stats.json keeps the rest.
+COMPARED = ("documents_in", "documents_out", "kept_byte_fraction")
+REJECTED_SAMPLES = "rejected_samples.jsonl"  # beside the parts: the first documents each step dropped
 log = logging.getLogger("lmforge.clean")
-
-Mapper = Callable[..., list[Any]]  # lmforge.data.engine.map_tasks with its client bound, or a plain loop
 
 
 @dataclass(frozen=True)
@@ -266,46 +268,63 @@ def _raw_samples(raw_path: str, wanted: np.ndarray, batch_size: int) -> dict[int
     return out
 
 
-# --- The driver: plan, three maps, merge. ---
+# --- The job: plan, three maps, merge. ---
 
-def run_clean(params: CleanParams, raw_dir: Path, out_dir: Path, staging: Path, mapper: Mapper) -> dict[str, Any]:
-    """Clean the partitioned dataset `raw_dir` into `out_dir` (parts in the same order, manifest
-    last). Returns {"stats": stats.json, "samples": rejected samples}; `staging` is left for the
-    caller to clear once it has written what it keeps."""
-    plan = Plan(params, staging.resolve())
-    raw_parts = [str(path.resolve()) for path in part_paths(raw_dir, "ingest")]
-    indexes = list(range(len(raw_parts)))
-    start = time.perf_counter()
-    mapped = mapper(map_part, [(plan, index, raw) for index, raw in zip(indexes, raw_parts)], desc="clean: filter",
-                    postfix=_throughput(start, "stats"))
-    resumed = sum(part.get("resumed", False) for part in mapped)
-    if resumed:
-        log.info("resumed: %d of %d partitions were filtered by an earlier run of this stage", resumed, len(mapped))
-    run_key = task_key("run", plan.params_key(), [part["sha256"] for part in mapped], CLEAN_TASK_VERSION)
-    survivors = [part["survivors"] for part in mapped]
-    names = (["exact"] if params.exact_dedup else []) + (
-        [f"band-{band:03d}" for band in range(plan.bands)] if params.near_dedup else [])
-    dedup = mapper(dedup_task, [(plan, name, indexes, survivors, run_key) for name in names], desc="clean: dedup")
-    if names:
-        mapper(resolve, [(plan, names, indexes, run_key)], desc="clean: resolve")
-    written = mapper(write_part, [(plan, index, raw, part, run_key) for index, raw, part in zip(indexes, raw_parts, mapped)],
-                     desc="clean: write", postfix=_throughput(start, "stats"))
-    seconds = time.perf_counter() - start
+@dataclass(frozen=True)
+class CleanJob(DataJob):
+    """The partitioned dataset `raw` cleaned into `output` (parts in the same order, rejected samples,
+    stats.json, metrics.json, manifest.json last), as a data job (lmforge.data.job)."""
 
-    publish([plan.path("out", part["name"]) for part in written], out_dir)
-    write_parts_manifest(out_dir, [{"name": part["name"], "documents": part["documents"], "bytes": part["bytes"]}
-                                 for part in written])
-    stats = merge_stats([part["stats"] for part in written])
-    stats["seconds"] = round(seconds, 3)
-    stats["mb_per_s"] = stats["bytes_in"] / 1e6 / seconds if seconds else 0.0
-    stats["partitions"] = [
-        {"name": part["name"], "documents_in": part["stats"]["documents_in"], "documents_out": part["documents"],
-         "bytes_in": part["stats"]["bytes_in"], "filter_seconds": done["seconds"], "write_seconds": part["seconds"]}
-        for done, part in zip(mapped, written)
-    ]
-    stats["dedup_seconds"] = {task["name"]: task["seconds"] for task in dedup}
-    return {"stats": stats, "samples": merge_samples([part["samples"] for part in written],
-                                                     params.rejected_samples_per_reason)}
+    params: CleanParams
+    raw: Path
+    output: Path
+    staging: Path
+    compared = COMPARED
+
+    @property
+    def reports(self) -> Path:
+        return self.output
+
+    def plan(self) -> list[str]:
+        """The raw parts in global order (a clear error before the engine starts if ingest has not run)."""
+        return [str(path.resolve()) for path in part_paths(self.raw, "ingest")]
+
+    def run(self, raw_parts: list[str], engine: Engine) -> JobResult:
+        params, plan = self.params, Plan(self.params, self.staging.resolve())
+        indexes = list(range(len(raw_parts)))
+        start = time.perf_counter()
+        mapped = engine.map(map_part, [(plan, index, raw) for index, raw in zip(indexes, raw_parts)],
+                            desc="clean: filter", postfix=_throughput(start, "stats"))
+        resumed = sum(part.get("resumed", False) for part in mapped)
+        if resumed:
+            log.info("resumed: %d of %d partitions were filtered by an earlier run of this stage", resumed, len(mapped))
+        run_key = task_key("run", plan.params_key(), [part["sha256"] for part in mapped], CLEAN_TASK_VERSION)
+        survivors = [part["survivors"] for part in mapped]
+        names = (["exact"] if params.exact_dedup else []) + (
+            [f"band-{band:03d}" for band in range(plan.bands)] if params.near_dedup else [])
+        dedup = engine.map(dedup_task, [(plan, name, indexes, survivors, run_key) for name in names], desc="clean: dedup")
+        if names:
+            engine.map(resolve, [(plan, names, indexes, run_key)], desc="clean: resolve")
+        written = engine.map(write_part, [(plan, index, raw, part, run_key)
+                                          for index, raw, part in zip(indexes, raw_parts, mapped)],
+                             desc="clean: write", postfix=_throughput(start, "stats"))
+        seconds = time.perf_counter() - start
+
+        stats = merge_stats([part["stats"] for part in written])
+        stats["seconds"] = round(seconds, 3)
+        stats["mb_per_s"] = stats["bytes_in"] / 1e6 / seconds if seconds else 0.0
+        stats["partitions"] = [
+            {"name": part["name"], "documents_in": part["stats"]["documents_in"], "documents_out": part["documents"],
+             "bytes_in": part["stats"]["bytes_in"], "filter_seconds": done["seconds"], "write_seconds": part["seconds"]}
+            for done, part in zip(mapped, written)
+        ]
+        stats["dedup_seconds"] = {task["name"]: task["seconds"] for task in dedup}
+        stats["workers"] = engine.workers
+        samples = plan.staging / REJECTED_SAMPLES
+        write_jsonl(samples, merge_samples([part["samples"] for part in written], params.rejected_samples_per_reason))
+        parts = [{"name": part["name"], "documents": part["documents"], "bytes": part["bytes"]} for part in written]
+        return JobResult(stats, [plan.path("out", part["name"]) for part in written] + [samples],
+                         functools.partial(write_parts_manifest, parts=parts))
 
 
 def _throughput(start: float, stats_key: str) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:

@@ -3,31 +3,33 @@ sizes and Parquet footers (no data read); each task reads its slices into one Pa
 
 The plan follows the inputs' order (file order, then offset in the file), so the parts in plan order
 hold the documents in global order whatever the number of workers. The Hugging Face source is one
-sequential stream: the driver reads it into parts itself (`write_stream_parts`).
+sequential stream: the driver reads it into parts itself (`write_stream_parts`). `IngestJob` is the
+stage's data job (lmforge.data.job: the driver publishes, writes the stats and clears staging).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import platform
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from lmforge.data.sources.builtin import iter_builtin_files, stdlib_dir, stdlib_source_files
 from lmforge.data.documents import Document, split_of
-from lmforge.data import partitions
-from lmforge.core.io import write_json
 from lmforge.data.documents import DocumentWriter
 from lmforge.data.sources.locations import input_identity, input_location, input_size, open_input, resolve_files
 from lmforge.data.markers import completed, mark_completed, task_key
-from lmforge.data.partitions import part_name
+from lmforge.data.job import DataJob, Engine, JobResult
+from lmforge.data.partitions import part_name, write_parts_manifest
 from lmforge.data.sources.readers import FileRange, open_parquet
 from lmforge.data.sources.configured import COUNTER_KEYS, check_supported, counted, file_range_documents, iter_hf_documents, splittable
-from lmforge.data.engine import fault_point, map_tasks, throughput_postfix, worker_count
+from lmforge.data.engine import fault_point, throughput_postfix
 from lmforge.core.errors import LmforgeError
 from lmforge.core.params import DataParams
 
@@ -38,51 +40,64 @@ STAGE = "ingest"
 INGEST_TASK_VERSION = 1
 
 
-def ingest_dataset(client: Any, data: DataParams, staging: Path, output: Path, stats_path: Path) -> dict[str, Any]:
-    """Every document of the source -> `output` (parts, then `stats_path`, then the manifest, last);
-    returns the stats. `client`: the engine (lmforge.data.engine.dask_client); the Hub source does not use it."""
-    started = time.perf_counter()
-    counters: Counter = Counter({key: 0 for key in COUNTER_KEYS})
-    if data.source == "hf":
-        workers = 0  # the driver reads the stream itself
-        results = write_stream_parts(iter_hf_documents(data.hf, data.text_field, counters), counters, data, staging)
-    else:
-        workers = worker_count(client)
-        results = map_tasks(client, run_partition, plan_tasks(data, staging), desc="ingest",
-                            postfix=throughput_postfix(started))
-        for result in results:
-            counters.update(result["counters"])
-    resumed = sum(result.pop("resumed") for result in results)
-    if resumed:
-        log.info("resumed: %d of %d partitions were complete from a killed run and were not read again",
-                 resumed, len(results))
-    seconds = time.perf_counter() - started
-    documents = sum(result["documents"] for result in results)
-    if documents == 0:
-        # Nothing is published: the previous parts, manifest and stats stay as they were.
-        raise LmforgeError(_no_documents(data, counters, output))
-    size = sum(result["bytes"] for result in results)
-    stats = {
-        "source": data.source,
-        "python": platform.python_version(),
-        "documents": documents,
-        "bytes": size,
-        "train_documents": sum(result["train_documents"] for result in results),
-        "val_documents": sum(result["val_documents"] for result in results),
-        "seconds": round(seconds, 3),
-        "mb_per_s": size / 1e6 / seconds if seconds else 0.0,
-        "counters": dict(sorted(counters.items())),
-        "partitions": len(results),
-        "workers": workers,
-        "parts": [{key: result[key] for key in ("name", "documents", "bytes", "train_documents", "val_documents", "seconds")}
-                  for result in results],
-    }
-    partitions.publish([staging / result["name"] for result in results], output)
-    write_json(stats_path, stats)
-    partitions.write_parts_manifest(output, [{key: result[key] for key in ("name", "documents", "bytes")} for result in results],
-                                    source=data.source)
-    partitions.clear_staging_dir(staging)
-    return stats
+@dataclass(frozen=True)
+class IngestJob(DataJob):
+    """Every document of `data`'s source -> `output` (parts, stats.json, manifest.json last), as a
+    data job (lmforge.data.job)."""
+
+    data: DataParams
+    output: Path
+    staging: Path  # no metrics.json (`compared` empty): ingest's figures are the corpus's, not a result
+
+    @property
+    def reports(self) -> Path:
+        return self.output
+
+    @property
+    def uses_engine(self) -> bool:
+        return self.data.source != "hf"  # the Hub's stream is read by the driver
+
+    def plan(self) -> list[IngestTask]:
+        return plan_tasks(self.data, self.staging) if self.uses_engine else []
+
+    def run(self, tasks: list[IngestTask], engine: Engine) -> JobResult:
+        data, staging = self.data, self.staging.resolve()
+        started = time.perf_counter()
+        counters: Counter = Counter({key: 0 for key in COUNTER_KEYS})
+        if not self.uses_engine:
+            results = write_stream_parts(iter_hf_documents(data.hf, data.text_field, counters), counters, data, staging)
+        else:
+            results = engine.map(run_partition, tasks, desc="ingest", postfix=throughput_postfix(started))
+            for result in results:
+                counters.update(result["counters"])
+        resumed = sum(result.pop("resumed") for result in results)
+        if resumed:
+            log.info("resumed: %d of %d partitions were complete from a killed run and were not read again",
+                     resumed, len(results))
+        seconds = time.perf_counter() - started
+        documents = sum(result["documents"] for result in results)
+        if documents == 0:
+            # Nothing is published: the previous parts, manifest and stats stay as they were.
+            raise LmforgeError(_no_documents(data, counters, self.output))
+        size = sum(result["bytes"] for result in results)
+        stats = {
+            "source": data.source,
+            "python": platform.python_version(),
+            "documents": documents,
+            "bytes": size,
+            "train_documents": sum(result["train_documents"] for result in results),
+            "val_documents": sum(result["val_documents"] for result in results),
+            "seconds": round(seconds, 3),
+            "mb_per_s": size / 1e6 / seconds if seconds else 0.0,
+            "counters": dict(sorted(counters.items())),
+            "partitions": len(results),
+            "workers": engine.workers if self.uses_engine else 0,  # 0: the driver read the stream
+            "parts": [{key: result[key] for key in ("name", "documents", "bytes", "train_documents", "val_documents",
+                                                     "seconds")} for result in results],
+        }
+        parts = [{key: result[key] for key in ("name", "documents", "bytes")} for result in results]
+        return JobResult(stats, [staging / result["name"] for result in results],
+                         functools.partial(write_parts_manifest, parts=parts, source=data.source))
 
 
 def _no_documents(data: DataParams, counters: Counter, output: Path) -> str:

@@ -119,25 +119,17 @@ def iter_dataset_batches(directory: str | Path, batch_size: int, stage_hint: str
 def publish(staged: list[Path], output_dir: str | Path, under: Path | None = None) -> None:
     """Move a data stage's finished files from staging into its output directory (a rename each on
     one filesystem, a copy across), each at its path relative to `under` (its name alone when None).
-    Parts of an earlier run that are not staged are removed first, and the manifest, so the directory
-    holds exactly this run's files and a reader never sees a manifest over a mix; the caller writes
-    the manifest after this."""
+    The directory is replaced: what an earlier run left there goes first (parts, shards, its
+    manifest), so it holds exactly this run's files and a reader never sees a manifest over a mix;
+    the caller writes the manifest after this."""
     output_dir = Path(output_dir)
+    shutil.rmtree(output_dir, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    targets = {path: output_dir / (path.relative_to(under) if under is not None else path.name) for path in staged}
-    kept = set(targets.values())
-    for old in output_dir.glob("part-*.parquet"):
-        if old not in kept:
-            old.unlink()
-    (output_dir / MANIFEST).unlink(missing_ok=True)
-    for path, target in targets.items():
+    for path in staged:
+        target = output_dir / (path.relative_to(under) if under is not None else path.name)
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
             shutil.copyfile(path, tmp) if not _same_device(path, target.parent) else os.replace(path, tmp)
-
-
-def clear_staging(stage: str) -> None:
-    clear_staging_dir(staging_dir(stage))
 
 
 def clear_staging_dir(directory: str | Path) -> None:

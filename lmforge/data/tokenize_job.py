@@ -8,9 +8,10 @@ sample, hence the tokenizer, do not depend on the number of workers, and its cos
 
 from __future__ import annotations
 
+import functools
 import logging
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,18 +21,21 @@ import pyarrow.parquet as pq
 from lmforge.data import partitions
 from lmforge.data.documents import split_of
 from lmforge.core.io import atomic_path
+from lmforge.data.job import DataJob, Engine, JobResult
 from lmforge.data.markers import completed, mark_completed, task_key
 from lmforge.data.tokens.pack import encode_part, merge_parts, shard_stats
 from lmforge.data.partitions import iter_part_batches
 from lmforge.data.tokens.shards import token_dtype, write_shards_manifest
 from lmforge.data.tokens.tokenizer import load_tokenizer, save_tokenizer, tokenizer_threads, train_tokenizer
 from lmforge.core.digests import file_sha256
-from lmforge.data.engine import fault_point, map_tasks, throughput_postfix, worker_count
+from lmforge.data.engine import fault_point, throughput_postfix
 from lmforge.core.params import TokenizerParams
 
 log = logging.getLogger(__name__)
 
 STAGE = "tokenize"
+# The figures `dvc metrics show` and `dvc exp show` put side by side; stats.json keeps the rest.
+COMPARED = ("train.tokens", "bytes_per_token")
 # Bumped when a task's output changes for the same inputs and params: older markers are stale.
 TOKENIZE_TASK_VERSION = 1
 SAMPLES = "sample"
@@ -39,58 +43,68 @@ SHARDS = "shards"
 TOKENIZER = "tokenizer.json"
 
 
-def tokenize_dataset(client: Any, params: TokenizerParams, val_fraction: float, clean_dir: Path, staging: Path,
-                     tokenizer_path: Path, shards_dir: Path) -> dict[str, Any]:
-    """The BPE (`tokenizer_path`) and the shards of every clean partition (`shards_dir`, manifest
-    last) on the engine `client`; returns the stage's stats."""
-    manifest = partitions.read_parts_manifest(clean_dir, "clean")  # a clear error before any work if clean has not run
-    parts = [part_of(i, path) for i, path in enumerate(partitions.part_paths(clean_dir, "clean"))]
-    staging = staging.resolve()
-    rate = sample_rate(params.train_sample_mb, manifest["bytes"], val_fraction)
-    dumped = params.model_dump(mode="json")
-    started = time.perf_counter()
-    sample_tasks = [SampleTask(part, rate, val_fraction, params.encode_batch_size, str(staging)) for part in parts]
-    samples = map_tasks(client, sample_part, sample_tasks, desc="tokenize: sample", postfix=throughput_postfix(started))
-    train_task = TrainTask([part.name for part in parts], [sample_key(task) for task in sample_tasks], dumped,
-                           params.encode_batch_size, str(staging))
-    (trained,) = map_tasks(client, train_on_sample, [train_task], desc="tokenize: train BPE")
-    started = time.perf_counter()
-    workers = worker_count(client)
-    spread = len(parts) < workers  # idle workers otherwise: let each encoder use every core
-    encoded = map_tasks(client, encode_partition,
-                        [EncodeTask(part, trained["sha256"], dumped, val_fraction, str(staging), spread)
-                         for part in parts],
-                        desc="tokenize", postfix=throughput_postfix(started))
-    encode_seconds = time.perf_counter() - started
-    resumed = sum(result.pop("resumed") for result in encoded)
-    if resumed:
-        log.info("resumed: %d of %d partitions were encoded by a killed run and were not read again",
-                 resumed, len(encoded))
-    tokenizer = load_tokenizer(staging / TOKENIZER)
-    vocab_size = tokenizer.get_vocab_size()
-    splits = merge_parts(encoded, params.seq_len)  # before any output changes: an empty split is an error
+@dataclass(frozen=True)
+class TokenizeJob(DataJob):
+    """The BPE (`tokenizer_dir`/tokenizer.json, beside stats.json and metrics.json) and the shards of
+    every partition of `clean` (`output`, manifest last), as a data job (lmforge.data.job)."""
 
-    with atomic_path(tokenizer_path) as tmp:
-        shutil.copyfile(staging / TOKENIZER, tmp)
-    # DVC removes outputs before a run, but a run by hand must not mix old and new shards.
-    shutil.rmtree(shards_dir, ignore_errors=True)
-    partitions.publish([staging / SHARDS / shard["file"] for part in encoded for split in part["splits"].values()
-                        for shard in split["shards"]], shards_dir, under=staging / SHARDS)
-    write_shards_manifest(shards_dir, tokenizer_sha256=trained["sha256"], vocab_size=vocab_size,
-                      eos_id=tokenizer.token_to_id(params.eos_token), seq_len=params.seq_len,
-                      dtype=token_dtype(vocab_size), splits=splits)
-    partitions.clear_staging_dir(staging)
-    return {
-        "tokenizer_train_seconds": trained["seconds"],
-        "train_sample_mb": params.train_sample_mb,
-        "sample_rate": rate,
-        "sample_documents": sum(sample["documents"] for sample in samples),
-        "sample_bytes": sum(sample["bytes"] for sample in samples),
-        **shard_stats(splits, vocab_size, sum(part["bytes_in"] for part in encoded), encode_seconds),
-        "partitions": len(parts),
-        "workers": workers,
-        "parts": [{key: part[key] for key in ("name", "documents", "bytes", "seconds")} for part in encoded],
-    }
+    params: TokenizerParams
+    val_fraction: float
+    clean: Path
+    output: Path
+    reports: Path
+    staging: Path
+    compared = COMPARED
+
+    def plan(self) -> tuple[list[Part], float]:
+        """The clean partitions and the share of their train documents the BPE samples (a clear
+        error before the engine starts if clean has not run)."""
+        corpus_bytes = partitions.read_parts_manifest(self.clean, "clean")["bytes"]
+        parts = [part_of(i, path) for i, path in enumerate(partitions.part_paths(self.clean, "clean"))]
+        return parts, sample_rate(self.params.train_sample_mb, corpus_bytes, self.val_fraction)
+
+    def run(self, plan: tuple[list[Part], float], engine: Engine) -> JobResult:
+        (parts, rate), params, val_fraction, staging = plan, self.params, self.val_fraction, self.staging.resolve()
+        dumped = params.model_dump(mode="json")
+        started = time.perf_counter()
+        sample_tasks = [SampleTask(part, rate, val_fraction, params.encode_batch_size, str(staging)) for part in parts]
+        samples = engine.map(sample_part, sample_tasks, desc="tokenize: sample", postfix=throughput_postfix(started))
+        train_task = TrainTask([part.name for part in parts], [sample_key(task) for task in sample_tasks], dumped,
+                               params.encode_batch_size, str(staging))
+        (trained,) = engine.map(train_on_sample, [train_task], desc="tokenize: train BPE")
+        started = time.perf_counter()
+        workers = engine.workers
+        spread = len(parts) < workers  # idle workers otherwise: let each encoder use every core
+        encoded = engine.map(encode_partition,
+                             [EncodeTask(part, trained["sha256"], dumped, val_fraction, str(staging), spread)
+                              for part in parts],
+                             desc="tokenize", postfix=throughput_postfix(started))
+        encode_seconds = time.perf_counter() - started
+        resumed = sum(result.pop("resumed") for result in encoded)
+        if resumed:
+            log.info("resumed: %d of %d partitions were encoded by a killed run and were not read again",
+                     resumed, len(encoded))
+        tokenizer = load_tokenizer(staging / TOKENIZER)
+        vocab_size = tokenizer.get_vocab_size()
+        splits = merge_parts(encoded, params.seq_len)  # before any output changes: an empty split is an error
+        stats = {
+            "tokenizer_train_seconds": trained["seconds"],
+            "train_sample_mb": params.train_sample_mb,
+            "sample_rate": rate,
+            "sample_documents": sum(sample["documents"] for sample in samples),
+            "sample_bytes": sum(sample["bytes"] for sample in samples),
+            **shard_stats(splits, vocab_size, sum(part["bytes_in"] for part in encoded), encode_seconds),
+            "partitions": len(parts),
+            "workers": workers,
+            "parts": [{key: part[key] for key in ("name", "documents", "bytes", "seconds")} for part in encoded],
+        }
+        manifest = functools.partial(write_shards_manifest, tokenizer_sha256=trained["sha256"], vocab_size=vocab_size,
+                                     eos_id=tokenizer.token_to_id(params.eos_token), seq_len=params.seq_len,
+                                     dtype=token_dtype(vocab_size), splits=splits)
+        shards = [staging / SHARDS / shard["file"] for part in encoded for split in part["splits"].values()
+                  for shard in split["shards"]]
+        return JobResult(stats, shards, manifest, under=staging / SHARDS,
+                         beside={staging / TOKENIZER: self.reports / TOKENIZER})
 
 
 class Part(NamedTuple):

@@ -9,7 +9,7 @@ import logging
 import os
 import sysconfig
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.data.documents import Document, make_document
@@ -31,29 +31,11 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def iter_builtin_documents(
-    counters: Counter, packages: Collection[str] | None = None
-) -> Iterator[Document]:
-    """Every non-empty docstring of the stdlib (module, class, function and method),
-    then every `pydoc_data.topics` entry; deterministic order.
-
-    `packages` keeps only those top-level packages ("json", "pydoc_topics", ...), for tests
-    and quick runs; None keeps everything. Counts "files_read" and "parse_errors".
-    """
-    root = stdlib_dir()
-    for path in stdlib_source_files(root):
-        module = module_name(path.relative_to(root))
-        if packages is not None and module.split(".")[0] not in packages:
-            continue
-        yield from _module_documents(path, module, counters)
-    if packages is None or TOPICS_PACKAGE in packages:
-        yield from iter_topic_documents()
-
-
 def iter_builtin_files(files: list[str], topics: bool, counters: Counter) -> Iterator[Document]:
     """One partition of the built-in corpus: the documents of these stdlib files (paths relative to
     stdlib_dir(), in this order), then the topics if `topics`. The partitions of
-    stdlib_source_files() in order, topics in the last, give iter_builtin_documents()' documents."""
+    stdlib_source_files() in order, topics in the last, give the whole corpus in order
+    (lmforge.data.sequential.iter_builtin_documents)."""
     root = stdlib_dir()
     for relative in files:
         yield from _module_documents(root / relative, module_name(Path(relative)), counters)

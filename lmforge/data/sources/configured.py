@@ -12,9 +12,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.sources.builtin import iter_builtin_documents
 from lmforge.data.documents import Document, check_columns, make_document
-from lmforge.data.sources.locations import input_location, input_size, open_input, resolve_files
+from lmforge.data.sources.locations import input_size, open_input
 from lmforge.data.sources.readers import TABLE_READERS, FileRange, iter_table_rows, row_text, txt_texts, without_surrogates
 from lmforge.core.errors import LmforgeError
 from lmforge.core.params import DataParams, HfSourceParams
@@ -39,22 +38,6 @@ BINARY_SNIFF_BYTES = 8192
 TEXT_FIELD_HINT = "set data.text_field in params.yaml to the column that holds the text"
 
 
-def iter_documents(params: DataParams, counters: Counter) -> Iterator[Document]:
-    """Stream the documents of `params.source`, counting into `counters` (keys: COUNTER_KEYS).
-
-    Text is never dropped for bad encoding: invalid UTF-8 is replaced by U+FFFD and the
-    document counted in "decode_replaced_docs".
-    """
-    counters.update({key: 0 for key in COUNTER_KEYS})
-    if params.source == "builtin":
-        documents = iter_builtin_documents(counters)
-    elif params.source == "files":
-        documents = iter_file_documents(params, counters)
-    else:
-        documents = iter_hf_documents(params.hf, params.text_field, counters)
-    yield from counted(documents, counters)
-
-
 def counted(documents: Iterable[Document], counters: Counter) -> Iterator[Document]:
     """Count documents and bytes in one place, and make every text valid UTF-8."""
     for doc in documents:
@@ -69,15 +52,6 @@ def counted(documents: Iterable[Document], counters: Counter) -> Iterator[Docume
 
 
 # ---------------------------------------------------------------- local files
-
-
-def iter_file_documents(params: DataParams, counters: Counter) -> Iterator[Document]:
-    """Documents of every file the `data.files` globs match, in sorted path order."""
-    paths = resolve_files(params.files)
-    for path in paths:  # checked before reading any, so a typo fails in seconds, not hours
-        _reader_for(path)
-    for path in paths:
-        yield from file_range_documents(FileRange(path, input_location(path)), params, counters)
 
 
 def file_range_documents(part: FileRange, params: DataParams, counters: Counter) -> Iterator[Document]:

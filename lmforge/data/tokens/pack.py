@@ -1,5 +1,6 @@
 """The tokenize pipeline: stream cleaned documents, route each to its split by id, encode
-in batches with the Rust tokenizer (already multithreaded), pack and shard, then the manifest.
+in batches with the Rust tokenizer (already multithreaded), pack and
+shard (the shard files and their manifest: shards.py).
 
 `Packer` packs documents end to end (EOS after each) into rows of seq_len+1 ids; the shard
 files and manifest they go into are lmforge.data.tokens.shards.
@@ -7,7 +8,6 @@ files and manifest they go into are lmforge.data.tokens.shards.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from lmforge.data.documents import split_of
 from lmforge.data.partitions import iter_part_arrow
-from lmforge.data.tokens.shards import ShardInfo, ShardWriter, SplitSummary, token_dtype, write_shards_manifest
+from lmforge.data.tokens.shards import ShardInfo, ShardWriter, SplitSummary, token_dtype
 from lmforge.data.tokens.tokenizer import encode_plain
 from lmforge.core.errors import LmforgeError
 from lmforge.core.params import TokenizerParams
@@ -160,24 +160,3 @@ def shard_stats(splits: dict[str, SplitSummary], vocab_size: int, bytes_in: int,
         },
         **{f"{split}.shards": len(summary.shards) for split, summary in splits.items()},
     }
-
-
-def encode_to_shards(
-    path: Path,
-    tokenizer: Tokenizer,
-    tokenizer_sha256: str,
-    params: TokenizerParams,
-    val_fraction: float,
-    root: Path,
-) -> dict[str, Any]:
-    """One documents file as a dataset of one partition: its shards and manifest under `root`
-    (for tests and benchmarks; the stage runs encode_part per partition on the engine)."""
-    start = time.perf_counter()
-    part = encode_part(path, tokenizer, params, val_fraction, root)
-    seconds = time.perf_counter() - start
-    splits = merge_parts([part], params.seq_len)
-    vocab_size = tokenizer.get_vocab_size()
-    write_shards_manifest(root, tokenizer_sha256=tokenizer_sha256, vocab_size=vocab_size,
-                      eos_id=tokenizer.token_to_id(params.eos_token), seq_len=params.seq_len,
-                      dtype=token_dtype(vocab_size), splits=splits)
-    return shard_stats(splits, vocab_size, part["bytes_in"], seconds)
