@@ -18,7 +18,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # DVC stages call `python -m stages.<name>`: make that the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-gpu plots bench ui docs
+.PHONY: setup run test test-gpu plots bench ui docs params
 
 # Reinstall only when pyproject.toml or the torch spec changed (idempotent set-up).
 setup:
@@ -53,6 +53,13 @@ ui: setup
 # The Vega-Lite specs of `dvc plots show --json`, rendered by vl-convert (no browser, no CDN).
 plots: setup
 	$(BIN)/python -m lmforge.evaluate.plots
+
+# params.yaml and docs/reference/params.md, regenerated from the typed params (lmforge/core/*_params.py:
+# defaults, descriptions, docstrings) after a knob is added or changed; tests/test_params_yaml.py and
+# tests/test_params_reference.py fail until they are.
+params: setup
+	$(BIN)/python -m lmforge.core.params_yaml > params.yaml.new && mv params.yaml.new params.yaml
+	$(BIN)/python -m lmforge.core.params_reference > docs/reference/params.md.new && mv docs/reference/params.md.new docs/reference/params.md
 
 # The docs site (mkdocs.yml, docs/) into site/: open site/index.html, no server or network needed.
 docs: setup

@@ -25,6 +25,7 @@ import yaml  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
 from lmforge import quiet_env  # noqa: E402
+from lmforge.core.params_yaml import params_yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = (
@@ -119,7 +120,8 @@ def tiny_params(**sections: dict) -> dict:
 
 
 def write_params(root: Path, **sections: dict) -> None:
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(**sections), sort_keys=False), encoding="utf-8")
+    """The tiny params (with `sections` merged in), in the form the repository's params.yaml has."""
+    (root / "params.yaml").write_text(params_yaml(tiny_params(**sections)), encoding="utf-8")
 
 
 def make_repo(root: Path, params: dict | None = None, n_docs: int = 200) -> Path:
@@ -147,7 +149,7 @@ def make_repo(root: Path, params: dict | None = None, n_docs: int = 200) -> Path
     for name, rows in (("train", make_labeled(80, 1)), ("test", make_labeled(20, 2)),
                        ("sft_train", sft[:80]), ("sft_test", sft[80:])):
         (labeled / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    (root / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(), sort_keys=False), encoding="utf-8")
+    (root / "params.yaml").write_text(params_yaml(params or tiny_params()), encoding="utf-8")
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], root)

@@ -125,11 +125,13 @@ class PretrainRuntime(TrainingRuntime):
 class LoraParams(Section):
     """`finetune.lora`: peft's LoraConfig(r, lora_alpha, lora_dropout, target_modules) on the backbone."""
 
+    # First: in params.yaml anything after a list's last item (a comment, a blank line) is lost
+    # when DVC's editor rewrites the file (lmforge/core/params_yaml.py).
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], description=(
+        "Linear layers adapted: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj"))
     r: int = Field(8, gt=0, description="rank of the adapters")
     alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale alpha / r)")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapters' input")
-    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], description=(
-        "Linear layers adapted: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj"))
 
     @field_validator("target_modules")
     @classmethod

@@ -41,7 +41,13 @@ MAX_LISTED_ERRORS = 10
 
 
 class Params(BaseModel):
-    """The whole params.yaml."""
+    """params.yaml: every knob of the pipeline, one section per stage, validated at load by
+    lmforge/core/params.py (an unknown key or a bad value stops the stage with a message naming the key).
+
+    This file is generated from the typed params, their defaults and descriptions
+    (`python -m lmforge.core.params_yaml > params.yaml`): change a default or a comment in
+    lmforge/core/data_params.py or model_params.py, then regenerate. An empty value is null.
+    Experiment from the command line: dvc exp run -S tokenizer.vocab_size=4096"""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
