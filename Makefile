@@ -1,5 +1,6 @@
-# Two entry points: `make run` (the pipeline on the built-in corpus) and `make test`; after a
-# run, `make plots` draws dvc.yaml's plots into reports/plots/*.svg, offline; `make docs` builds
+# Two entry points: `make run` (the pipeline on the built-in corpus, saved as the DVC experiment
+# `baseline`) and `make test`; after a run, `make compare` puts experiments beside the baseline,
+# `make plots` draws dvc.yaml's plots into reports/plots/*.svg, offline; `make docs` builds
 # the docs site into site/ (offline; `make test` builds it too, strictly, in tests/test_docs.py).
 # All create .venv/ and install torch first (pinned CPU build by default; override
 # with e.g. `make run TORCH=torch` to keep a CUDA build), then the project.
@@ -18,7 +19,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # DVC stages call `python -m stages.<name>`: make that the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-gpu plots bench ui docs params
+.PHONY: setup run compare test test-gpu plots bench ui docs params
 
 # Reinstall only when pyproject.toml or the torch spec changed (idempotent set-up).
 setup:
@@ -32,8 +33,20 @@ setup:
 		echo "$$want" > $(STAMP); \
 	fi
 
+# The pipeline, then the run saved as the DVC experiment `baseline` (with dvc.lock and the outputs in
+# DVC's cache), so `make compare` has it to compare with and `dvc exp apply baseline` brings it back;
+# only while params.yaml is the committed one (after `dvc exp run -S`, the run is that experiment's).
 run: setup
 	$(BIN)/dvc repro
+	@if git diff --quiet HEAD -- params.yaml 2>/dev/null; then \
+		$(BIN)/dvc exp save -n baseline -f && echo "compare experiments with it: make compare"; \
+	else \
+		echo "params.yaml differs from the last commit: this run is not saved as the baseline"; \
+	fi
+
+# The baseline, the workspace and each experiment: the params that differ, the headline figures.
+compare: setup
+	$(BIN)/python -m lmforge.evaluate.compare
 
 # Two test processes, each file's tests on one of them (module fixtures are built once): the
 # suite waits on subprocesses and servers about half the time, so this halves its wall time.

@@ -195,15 +195,19 @@ def copy_repo(source: Path, target: Path, *, ignore: Callable[[str, list[str]], 
 
 
 def _tiny_pipeline(root: Path) -> None:
-    """Each stage appends the params keys it reads to PARAMS_TRACE (tests/test_params_deps.py)."""
+    """`make run` without its set-up (`-o setup`; this venv's tools): `dvc repro`, then the run saved as
+    the DVC experiment `baseline`. Each stage appends the params keys it reads to PARAMS_TRACE
+    (tests/test_params_deps.py)."""
     make_repo(root)
-    run(["dvc", "repro"], root, LMFORGE_PARAMS_TRACE=str(root / PARAMS_TRACE))
+    run(["make", "-o", "setup", "run", f"BIN={Path(sys.executable).parent}"], root,
+        LMFORGE_PARAMS_TRACE=str(root / PARAMS_TRACE))
 
 
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny repository on which `dvc repro` has run once: the session's one full pipeline run
-    (TINY_PARAMS), copied once per worker. Read only: copy it (`copy_repo`) to change it."""
+    """A tiny repository on which `make run` has run once (`dvc repro`, the baseline saved): the
+    session's one full pipeline run (TINY_PARAMS), copied once per worker. Read only: copy it
+    (`copy_repo`) to change it."""
     built = built_once(tmp_path_factory, "tiny_pipeline", _tiny_pipeline)
     return copy_repo(built, tmp_path_factory.mktemp("repo") / "repo")
 
