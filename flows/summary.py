@@ -23,11 +23,6 @@ if TYPE_CHECKING:
     from lmforge.track.pipeline_run import PipelineRun
 
 SUMMARY_KEY = "lmforge-pipeline-summary"
-# The params a reader of the parent run compares first (the overridden ones are added to them).
-KEY_PARAMS = ("data.source", "tokenizer.vocab_size", "tokenizer.seq_len", "model.preset", "pretrain.max_steps",
-              "pretrain.lr", "pretrain.precision", "runtime.pretrain.nproc", "finetune.task", "finetune.method",
-              "finetune.max_steps", "finetune.lr")
-LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 
 @dataclass(frozen=True)
@@ -110,20 +105,17 @@ class MlflowLinks:
 
 
 def mlflow_links(run_id: str, experiment_id: str, uri: str, root: Path) -> MlflowLinks:
-    """The links for tracking URI `uri` (redacted). An http(s) URI is the server's UI; anything else
-    is a store `mlflow ui` serves, the repository's own `sqlite:///<root>/mlflow.db` from its root."""
-    from lmforge.track.runs import RUNS_TABLE
+    """The links for tracking URI `uri` (redacted, in the UI's runs view: lmforge.track.ui). An http(s)
+    URI is the server's UI; anything else is a store `mlflow ui` serves, the repository's own
+    `sqlite:///<root>/mlflow.db` from its root."""
+    from lmforge.track.ui import ui_link
 
-    if uri.startswith(("http://", "https://")):
-        base, serve = uri.rstrip("/"), None
-    else:
-        base = LOCAL_UI
+    serve = None
+    if not uri.startswith(("http://", "https://")):
         default = f"sqlite:///{root.resolve()}/mlflow.db"
         serve = (f"cd {shlex.quote(str(root.resolve()))} && mlflow ui --backend-store-uri sqlite:///mlflow.db"
                  if uri == default else f"mlflow ui --backend-store-uri {shlex.quote(uri)}")
-    experiment = f"{base}/#/experiments/{experiment_id}"
-    return MlflowLinks(run_id=run_id, run=redact(f"{experiment}/runs/{run_id}"),
-                       runs=redact(f"{base}/{RUNS_TABLE.format(id=experiment_id)}"),
+    return MlflowLinks(run_id=run_id, run=ui_link(uri, experiment_id, run_id), runs=ui_link(uri, experiment_id),
                        serve=redact(serve) if serve else None)
 
 
@@ -206,8 +198,10 @@ def summary_markdown(results: list[dict[str, Any]], metrics: Mapping[str, Mappin
     return redact("\n".join(lines).rstrip("\n") + "\n")  # the URL, the overrides and the outcome may carry one
 
 
-def promotion_line(repo: Path) -> str | None:
-    """The promote stage's decision in one line (reports/promotion_decision.json), None without one."""
+def promotion_line(repo: Path, results: list[dict[str, Any]]) -> str | None:
+    """The promote stage's decision in one line (reports/promotion_decision.json), None without one.
+    When promote did not run in this flow (`results`), the file is an earlier run's: said so, with
+    that run and its time, so an old decision never reads as this flow's."""
     from lmforge.core.paths import PROMOTION_DECISION
     from lmforge.track.promotion import decision_line
 
@@ -215,7 +209,13 @@ def promotion_line(repo: Path) -> str | None:
         record = json.loads((repo / PROMOTION_DECISION).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    return decision_line(record)
+    if not isinstance(record, dict):
+        return None
+    if any(r["stage"] == "promote" and r["status"] == "ran" for r in results):
+        return decision_line(record)
+    made = ", ".join(f"{what} {value}" for what, value in (("promote run", f"`{record.get('run_id')}`"),
+                                                           ("at", record.get("at"))) if value and value != "`None`")
+    return f"not decided in this flow; an earlier run's ({made or 'run unknown'}): {decision_line(record)}"
 
 
 def publish_summary(results: list[dict[str, Any]], repo: Path, metrics_files: Mapping[str, list[str]],
@@ -227,7 +227,7 @@ def publish_summary(results: list[dict[str, Any]], repo: Path, metrics_files: Ma
     metrics = read_metrics(repo, metrics_files)
     try:
         create_markdown_artifact(markdown=summary_markdown(results, metrics, links, overrides, outcome, experiment,
-                                                           promotion_line(repo)),
+                                                           promotion_line(repo, results)),
                                  key=SUMMARY_KEY, description=redact(f"lmforge pipeline: {outcome}"))
     except Exception as exc:  # noqa: BLE001 - a lost summary must not hide the run's own outcome or error
         get_run_logger().warning("summary artifact %s not published: %s", SUMMARY_KEY, redact(str(exc)))
@@ -246,8 +246,8 @@ def parent_figures(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, floa
 
 def key_params(repo: Path, overrides: list[str]) -> dict[str, str]:
     """KEY_PARAMS and every overridden key, with their values in params.yaml as the stages read it."""
-    from lmforge.core.params import load_params
-    from lmforge.core.params import flatten
+    from lmforge.core.params import flatten, load_params
+    from lmforge.track.ui import KEY_PARAMS
 
     flat = flatten(load_params(repo / "params.yaml").model_dump(mode="json"))
     keys = list(KEY_PARAMS) + [o.partition("=")[0].strip() for o in overrides]
@@ -266,10 +266,12 @@ def parent_description(order: list[str], results: list[dict[str, Any]], producin
         lines += [f"| {figure} | {value} | {baselines} |" for figure, value, baselines, _ in headline]
         lines.append("")
     status = {r["stage"]: r["status"] for r in results}
+    from lmforge.track.ui import ui_page
+
     lines += ["| stage | in this flow | run that produced its outputs |", "|---|---|---|"]
     for stage in order:
         run_id = producing.get(stage)
-        link = f"[{run_id[:8]}](#/experiments/{experiment_id}/runs/{run_id})" if run_id else "none recorded"
+        link = f"[{run_id[:8]}]({ui_page(experiment_id, run_id)})" if run_id else "none recorded"
         lines.append(f"| {stage} | {status.get(stage, 'not run')} | {link} |")
     return redact("\n".join(lines) + "\n")
 

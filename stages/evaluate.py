@@ -32,7 +32,8 @@ log = logging.getLogger("stages.evaluate")
 def main() -> None:
     params = load_params()
     inputs = [paths.PRETRAINED, paths.FINETUNED, paths.SHARDS, Path(params.finetune.test_file)]
-    with stage_run("evaluate", {"evaluate": params.evaluate, "generate": params.generate}, inputs=inputs) as run:
+    with stage_run("evaluate", {"evaluate": params.evaluate, "generate": params.generate}, inputs=inputs,
+                   scored=params) as run:
         shutil.rmtree(paths.FIGURES, ignore_errors=True)  # no figure of another task's run may linger
         paths.FIGURES.mkdir(parents=True)
         finetuned = load_finetuned(paths.FINETUNED)
@@ -58,12 +59,13 @@ def main() -> None:
         with atomic_path(paths.REPORTS / "report.md") as tmp:
             tmp.write_text(report, encoding="utf-8")
         run.log_metrics(metrics)
-        for name in ("metrics.json", "report.md", "samples.json"):
+        for name in ("metrics.json", "samples.json"):
             run.log_artifact(paths.REPORTS / name, "reports")
+        run.log_markdown(paths.REPORTS / "report.md", "reports")  # its figures shown in MLflow's viewer
         for path in sorted(paths.FIGURES.glob("*")):
             run.log_artifact(path, "reports/figures")
         for caption, stage in (("pretraining loss", "pretrain"), ("fine-tuning loss", "finetune")):
-            if caption in images:  # report.md's links resolve inside MLflow too
+            if caption in images:  # beside the figures: the report's paths are relative to reports/
                 run.log_artifact(paths.REPORTS / stage / "loss.png", f"reports/{stage}")
         run.describe(evaluation.description(metrics, version, params.finetune.test_file))
         log.info("%s; candidate version %s", json.dumps({k: v for k, v in metrics.items() if k != "baselines"}), version)

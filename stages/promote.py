@@ -40,7 +40,8 @@ def main() -> None:
     knobs = scoring_knobs(params)
     decision: Decision | None = None
     with stage_run("promote", {"promote": params.promote}, inputs=[paths.FINETUNED, test_file,
-                                                                   paths.REPORTS / "metrics.json"]) as run:
+                                                                   paths.REPORTS / "metrics.json"],
+                   scored=params) as run:
         why_not = "tracking is down (see the warning above): rerun `dvc repro -f promote` once it is up"
         if not run.failed:
             with tracking_guard(run):

@@ -72,6 +72,8 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **extra_env: str) -> subp
 
 # Where tiny_repo's stages recorded the params they read (git- and DVC-ignored).
 PARAMS_TRACE = ".dvc/tmp/params-trace.jsonl"
+# What tiny_repo's `dvc repro` printed, stdout then stderr (git- and DVC-ignored).
+REPRO_LOG = ".dvc/tmp/repro.log"
 TINY_PARAMS = {
     "data": {"source": "files", "files": ["data/corpus/*.txt"], "val_fraction": 0.2, "batch_size": 64},
     "clean": {"batch_size": 64},
@@ -197,10 +199,11 @@ def copy_repo(source: Path, target: Path, *, ignore: Callable[[str, list[str]], 
 def _tiny_pipeline(root: Path) -> None:
     """`make run` without its set-up (`-o setup`; this venv's tools): `dvc repro`, then the run saved as
     the DVC experiment `baseline`. Each stage appends the params keys it reads to PARAMS_TRACE
-    (tests/test_params_deps.py)."""
+    (tests/test_params_deps.py); what the run printed is kept in REPRO_LOG."""
     make_repo(root)
-    run(["make", "-o", "setup", "run", f"BIN={Path(sys.executable).parent}"], root,
-        LMFORGE_PARAMS_TRACE=str(root / PARAMS_TRACE))
+    result = run(["make", "-o", "setup", "run", f"BIN={Path(sys.executable).parent}"], root,
+                 LMFORGE_PARAMS_TRACE=str(root / PARAMS_TRACE))
+    (root / REPRO_LOG).write_text(result.stdout + result.stderr, encoding="utf-8")
 
 
 @pytest.fixture(scope="session")

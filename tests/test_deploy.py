@@ -154,7 +154,7 @@ def test_stage_runs_nest_under_the_pipeline_run_and_artifacts_land_in_the_bucket
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     (parent,) = [r for r in runs if r.info.run_name == "pipeline"]
     assert parent.data.tags["lmforge.prefect_flow_run_id"] == deployed["flow_run"]["id"]
-    children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    children = sorted(r.data.tags["lmforge.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
     assert children == sorted(ALL)
     assert experiment.artifact_location.startswith("mlflow-artifacts:")  # served: clients hold no keys
     stored = keys(deployed["env"], "lmforge-artifacts")

@@ -44,7 +44,7 @@ def test_finetuned_model_is_registered_with_the_candidate_alias_and_its_figures(
     assert float(version.tags["eval.accuracy"]) == round(metrics["accuracy"], 6) or \
         abs(float(version.tags["eval.accuracy"]) - metrics["accuracy"]) < 1e-5
     runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
-    evaluate = next(r for r in runs if r.info.run_name == "evaluate")
+    evaluate = next(r for r in runs if r.data.tags["lmforge.stage"] == "evaluate")
     assert version.tags["eval.run_id"] == evaluate.info.run_id
     assert evaluate.data.metrics["evaluate/accuracy"] == metrics["accuracy"]
     assert evaluate.data.tags["lmforge.evaluated_model"] == f"models:/lmforge-finetune/{version.version}"

@@ -338,6 +338,6 @@ def test_a_full_disk_is_one_line_and_the_run_is_marked_failed(tiny_repo, tmp_pat
         assert not (root / "models/pretrain").exists() and not list((root / "models").glob(".pretrain*"))
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     experiment = client.get_experiment_by_name("lmforge").experiment_id
-    latest = client.search_runs([experiment], "attributes.run_name = 'pretrain'",
+    latest = client.search_runs([experiment], "tags.`lmforge.stage` = 'pretrain'",
                                 order_by=["attributes.start_time DESC"])[0]
     assert latest.info.status == "FAILED" and before

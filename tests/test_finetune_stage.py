@@ -24,7 +24,7 @@ def _client(root: Path) -> MlflowClient:
 def _finetune_runs(root: Path):
     client = _client(root)
     experiment = client.get_experiment_by_name("lmforge")
-    return [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "finetune"]
+    return [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags["lmforge.stage"] == "finetune"]
 
 
 @pytest.fixture

@@ -166,7 +166,7 @@ def test_first_run_runs_every_stage_nested_under_one_pipeline_run(runs, mlflow_u
     assert parent.data.tags["mlflow.source.git.commit"] not in ("", "unknown")
     assert parent.data.tags["lmforge.prefect_flow_run_id"] == first["flow_run_id"]
     assert {parent.data.tags[f"stage.{name}"] for name in ALL} == {"ran"}
-    children = {r.info.run_name: r for r in by_id.values()
+    children = {r.data.tags["lmforge.stage"]: r for r in by_id.values()
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert sorted(children) == sorted(ALL)
     assert all(r.data.tags["lmforge.prefect_flow_run_id"] == first["flow_run_id"] for r in children.values())
@@ -182,7 +182,7 @@ def test_second_run_is_all_cache_hits_but_promote(runs, mlflow_uri):
     assert _statuses(second) == {**{name: SKIPPED for name in ALL}, "promote": "ran"}
     parent = _pipeline_runs(mlflow_uri)[second["result"]["mlflow_run_id"]]
     assert {parent.data.tags[f"stage.{name}"] for name in ALL if name != "promote"} == {SKIPPED}
-    nested = [r.info.run_name for r in _pipeline_runs(mlflow_uri).values()
+    nested = [r.data.tags["lmforge.stage"] for r in _pipeline_runs(mlflow_uri).values()
               if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert nested == ["promote"]  # a cache hit logs nothing new
 
@@ -192,16 +192,17 @@ def test_the_parent_run_links_every_stage_and_carries_the_headline_and_key_param
     produced the outputs in the workspace: for the second flow, the first flow's runs (but promote's own)."""
     by_id = _pipeline_runs(mlflow_uri)
     first, second, override = (by_id[runs[key]["result"]["mlflow_run_id"]] for key in ("first", "second", "override"))
-    made = {r.info.run_name: r.info.run_id for r in by_id.values()
+    made = {r.data.tags["lmforge.stage"]: r.info.run_id for r in by_id.values()
             if r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
     assert sorted(made) == sorted(ALL)
     evaluate = runs["first"]["result"]["metrics"]["evaluate"]
-    promoted_again = {r.info.run_name: r.info.run_id for r in by_id.values()
+    promoted_again = {r.data.tags["lmforge.stage"]: r.info.run_id for r in by_id.values()
                       if r.data.tags.get("mlflow.parentRunId") == second.info.run_id}
     for parent, linked in ((first, made), (second, {**made, **promoted_again})):
         assert {name: parent.data.tags.get(f"stage.{name}.run_id") for name in ALL} == linked
         note = parent.data.tags["mlflow.note.content"]
-        assert all(f"(#/experiments/{parent.info.experiment_id}/runs/{linked[name]})" in note for name in ALL)
+        assert all(f"(#/experiments/{parent.info.experiment_id}/runs/{linked[name]}?workflowType=machine_learning)" in note
+                   for name in ALL)
         assert "| test accuracy |" in note
         assert parent.data.metrics["evaluate/accuracy"] == evaluate["accuracy"]
         assert parent.data.metrics["evaluate/baselines.majority_accuracy"] == evaluate["baselines.majority_accuracy"]
@@ -209,7 +210,7 @@ def test_the_parent_run_links_every_stage_and_carries_the_headline_and_key_param
                 "clean/documents_out"} <= set(parent.data.metrics)
         assert parent.data.params["model.preset"] == "tiny" and parent.data.params["finetune.task"] == "classify"
     # The override reran tokenize and after: those link to its own runs, the cached ones to the first flow's.
-    reran = {r.info.run_name: r.info.run_id for r in by_id.values()
+    reran = {r.data.tags["lmforge.stage"]: r.info.run_id for r in by_id.values()
              if r.data.tags.get("mlflow.parentRunId") == override.info.run_id}
     assert sorted(reran) == ["evaluate", "finetune", "pretrain", "promote", "tokenize"]
     assert {name: override.data.tags[f"stage.{name}.run_id"] for name in ALL} == {**made, **reran}
@@ -282,7 +283,8 @@ def test_summary_artifact_leads_with_the_model_against_its_baselines_and_links_m
     first = runs["first"]
     markdown = _summary(first)
     experiment = MlflowClient(mlflow_uri).get_experiment_by_name("lmforge").experiment_id
-    assert first["result"]["mlflow_url"] == f"{mlflow_uri}/#/experiments/{experiment}/runs/{first['result']['mlflow_run_id']}"
+    assert first["result"]["mlflow_url"] == (f"{mlflow_uri}/#/experiments/{experiment}/runs/"
+                                             f"{first['result']['mlflow_run_id']}?workflowType=machine_learning")
     assert f"]({first['result']['mlflow_url']})" in markdown
     assert f"]({mlflow_uri}/#/experiments/{experiment}/runs?workflowType=machine_learning)" in markdown
     headline = markdown[markdown.index("|"):markdown.index("\n\n", markdown.index("|"))].splitlines()

@@ -107,7 +107,7 @@ def test_an_sft_run_leads_with_its_sft_figures():
 
 def test_a_tracking_server_gets_links_to_the_run_and_the_runs_table_without_credentials():
     links = mlflow_links("0123abcd", "7", "https://lmforge:s3cr3t@mlflow.example:5000/", Path("/repo"))
-    assert links.run == f"https://lmforge:{MASK}@mlflow.example:5000/#/experiments/7/runs/0123abcd"
+    assert links.run == f"https://lmforge:{MASK}@mlflow.example:5000/#/experiments/7/runs/0123abcd?workflowType=machine_learning"
     assert links.runs == f"https://lmforge:{MASK}@mlflow.example:5000/#/experiments/7/runs?workflowType=machine_learning"
     markdown = _markdown(CLASSIFY, links=links)
     assert f"({links.run})" in markdown and f"({links.runs})" in markdown and "s3cr3t" not in markdown

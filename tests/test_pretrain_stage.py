@@ -27,7 +27,7 @@ def _client(root: Path) -> MlflowClient:
 def _runs(root: Path, name: str):
     client = _client(root)
     experiment = client.get_experiment_by_name("lmforge")
-    return [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == name]
+    return [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags["lmforge.stage"] == name]
 
 
 def _params(root: Path, **sections) -> None:

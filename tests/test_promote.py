@@ -443,13 +443,37 @@ def test_the_flow_summary_shows_the_decision_in_one_line(client, tmp_path):
     v1, v2 = new_version(client, tmp_path, "raw-1"), new_version(client, tmp_path, "raw-2")
     promote_with(client, v1, 0.6, {})
     decision, _ = promote_with(client, v2, 0.9, {})
-    assert promotion_line(tmp_path) is None  # no decision file yet
+    ran = [{"stage": "promote", "status": "ran", "seconds": 1.0}]
+    assert promotion_line(tmp_path, ran) is None  # no decision file yet
     (tmp_path / paths.PROMOTION_DECISION).parent.mkdir(parents=True)
     (tmp_path / paths.PROMOTION_DECISION).write_text(json.dumps(decision.record()))
-    line = promotion_line(tmp_path)
+    line = promotion_line(tmp_path, ran)
     assert line.startswith(f"v{v2} promoted to `champion`: challenger wins: macro_f1 0.9 vs champion's 0.6")
     links = mlflow_links("0123abcd", "7", "http://127.0.0.1:5000", tmp_path)
     assert f"**Promotion:** {line}" in summary_markdown([], {}, links, [], "succeeded", None, line)
+
+
+def test_the_decision_states_the_aliases_as_they_are_after_it(client, tmp_path):
+    v1, v2 = new_version(client, tmp_path, "raw-1"), new_version(client, tmp_path, "raw-2")
+    client.set_registered_model_alias(NAME, paths.CANDIDATE_ALIAS, v1)
+    promote_with(client, v1, 0.6, {})
+    client.set_registered_model_alias(NAME, paths.CANDIDATE_ALIAS, v2)  # evaluate scored v2
+    decision, _ = promote_with(client, v2, 0.55, {})
+    assert decision.aliases == aliases(client, NAME) == {"champion": v1, "challenger": v2, "candidate": v2}
+    assert decision.line().endswith(f"(aliases now: champion → v{v1}, challenger → v{v2}, candidate → v{v2})")
+    assert decision.record()["at"]  # when, for a reader of reports/promotion_decision.json later
+
+
+def test_a_flow_where_promote_did_not_run_says_the_decision_is_an_earlier_runs(client, tmp_path):
+    from flows.summary import promotion_line
+
+    decision, _ = promote_with(client, new_version(client, tmp_path, "raw-1"), 0.6, {})
+    (tmp_path / paths.PROMOTION_DECISION).parent.mkdir(parents=True)
+    (tmp_path / paths.PROMOTION_DECISION).write_text(json.dumps(decision.record()))
+    cached = [{"stage": name, "status": "skipped (cache hit)", "seconds": 0.1} for name in ("evaluate", "promote")]
+    line = promotion_line(tmp_path, cached)
+    assert line.startswith(f"not decided in this flow; an earlier run's (promote run `r`, at {decision.at}): ")
+    assert line.endswith(decision.line())
 
 
 def test_a_training_run_logs_system_metrics(tmp_path, monkeypatch):

@@ -60,7 +60,7 @@ def test_shards_from_the_stage_open_with_the_reader(tiny_repo):
 def test_each_stage_logs_one_mlflow_run_with_metrics_and_lineage(tiny_repo):
     client = _client(tiny_repo)
     experiment = client.get_experiment_by_name("lmforge")
-    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    runs = {r.data.tags["lmforge.stage"]: r for r in client.search_runs([experiment.experiment_id])}
     assert {"ingest", "clean", "tokenize"} <= set(runs)
     assert runs["ingest"].data.metrics["ingest/documents"] == 200
     assert runs["clean"].data.metrics["clean/documents_out"] > 0

@@ -84,12 +84,13 @@ def test_every_run_and_registered_model_reads_well_in_the_ui(tiny_repo):
     assert experiment.tags.get("mlflow.note.content")
     assert experiment.artifact_location.startswith("file://")
     runs = client.search_runs([experiment.experiment_id])
-    stages = {r.info.run_name for r in runs}
+    stages = {r.data.tags["lmforge.stage"] for r in runs}
     assert {"ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate", "promote"} <= stages
     for run in runs:
         assert run.data.tags.get("mlflow.note.content"), run.info.run_name
         # MLflow's system metrics (training runs) are its own `system/...`, one meaning in every run
-        assert all(name.startswith((f"{run.info.run_name}/", "system/")) for name in run.data.metrics), run.info.run_name
+        stage = run.data.tags["lmforge.stage"]
+        assert all(name.startswith((f"{stage}/", "system/")) for name in run.data.metrics), run.info.run_name
     for name in ("lmforge-pretrain", "lmforge-finetune"):
         assert client.get_registered_model(name).description
         (version,) = client.search_model_versions(f"name = '{name}'")[:1]
@@ -107,7 +108,7 @@ def test_each_stage_run_is_tagged_with_the_md5s_dvc_lock_records_for_its_outputs
     client = MlflowClient(f"sqlite:///{tiny_repo}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
     for stage, entry in lock.items():
-        run = next(r for r in runs if r.info.run_name == stage)
+        run = next(r for r in runs if r.data.tags["lmforge.stage"] == stage)
         tagged = {key[len(OUTPUT_TAG):]: value for key, value in run.data.tags.items() if key.startswith(OUTPUT_TAG)}
         recorded = {out["path"]: out["md5"] for out in entry["outs"] if not out["path"].startswith("checkpoints/")}
         assert tagged == recorded, stage

@@ -112,7 +112,11 @@ def provenance(params: Params, commit: str, run_id: str | None, version: str | N
                     f"`{run_of(paths.PRETRAIN_CHECKPOINTS)}`",
         "fine-tune": f"{params.finetune.task} / {params.finetune.method}, {finetune.get('steps', '?')} steps, "
                      f"MLflow run `{run_of(paths.FINETUNE_CHECKPOINTS)}`",
-        "model": f"`{paths.FINETUNED_MODEL}` version {version} (alias `{paths.CANDIDATE_ALIAS}`)" if version
+        # Aliases move after this report is written (promote, later runs): it names the version scored and
+        # where the decision and the aliases after it are, never a current alias as a fact.
+        "model": f"`{paths.FINETUNED_MODEL}` version {version}, scored here and given the alias "
+                 f"`{paths.CANDIDATE_ALIAS}`; promote's decision and the aliases after it (`champion`, "
+                 f"`challenger`): `{paths.PROMOTION_DECISION}` and the promote run" if version
                  else "not registered (tracking down)",
         "evaluate run": f"`{run_id}`" if run_id else "not tracked",
         "test data": f"`{params.finetune.test_file}`",
@@ -137,6 +141,6 @@ def description(metrics: dict[str, Any], version: str | None, test_file: str) ->
     quality = (f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} (majority "
                f"{base['majority_accuracy']:.3f}, bag of words {base['bag_of_words_accuracy']:.3f})"
                if "accuracy" in metrics else ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("sft_")))
-    return (f"Evaluate `{paths.FINETUNED_MODEL}` version {version} (alias `{paths.CANDIDATE_ALIAS}`) on "
+    return (f"Evaluate `{paths.FINETUNED_MODEL}` version {version} (given the alias `{paths.CANDIDATE_ALIAS}`) on "
             f"{test_file}: {quality}. Pretrained LM: val loss {metrics['val_loss']:.3f} "
             f"vs unigram {base['unigram_entropy']:.3f}. Full report: reports/report.md.")

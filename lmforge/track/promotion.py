@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,10 @@ class Decision:
     delta: float | None = None
     run_id: str | None = None
     fails_stage: bool = False
+    # The registry's aliases once the decision is made (None: not read, tracking down), and when:
+    # what a reader of the decision later needs, as the report evaluate wrote names only `candidate`.
+    aliases: dict[str, str] | None = None
+    at: str | None = None
 
     def numbers(self) -> dict[str, float | int]:
         """reports/promotion.json (a DVC metric: numbers only; the words are in the decision file)."""
@@ -148,7 +153,16 @@ def decision_line(record: Mapping[str, Any]) -> str:
     verdict = f"v{version} promoted to `champion`" if record.get("promoted") else f"v{version} stays `challenger`"
     if record.get("promoted") is False and (record.get("champion") or {}).get("version") is None:
         verdict = f"v{version} is `champion`"
-    return f"{verdict}: {record.get('reason')}"
+    return f"{verdict}: {record.get('reason')}{aliases_note(record.get('aliases'))}"
+
+
+def aliases_note(now: Mapping[str, str] | None) -> str:
+    """` (aliases now: champion → v1, challenger → v2, candidate → v2)`; '' when they were not read."""
+    if not now:
+        return ""
+    order = [paths.CHAMPION_ALIAS, paths.CHALLENGER_ALIAS, paths.CANDIDATE_ALIAS]
+    named = sorted(now, key=lambda alias: (order.index(alias) if alias in order else len(order), alias))
+    return " (aliases now: " + ", ".join(f"{alias} → v{now[alias]}" for alias in named) + ")"
 
 
 def undecided(reason: str, metric: str, min_delta: float, challenger_score: float, test_set_md5: str,
@@ -230,7 +244,7 @@ def promote(client: Any, name: str, challenger_version: str, challenger_score: f
     common = dict(metric=metric, min_delta=min_delta, challenger_score=challenger_score, test_set_md5=test_set_md5,
                   scored_with=scored_with, challenger=challenger, run_id=run_id)
     if current == challenger_version:  # nothing compared: the version keeps the decision that made it champion
-        return Decision(True, False, f"v{current} is already the champion", **common)
+        return _as_now(client, name, Decision(True, False, f"v{current} is already the champion", **common))
     if twin := rolled_back_twin(client, name, challenger_version, challenger_tags.get(WEIGHTS_TAG)):
         champion = None
         if current is not None:  # not re-scored: nothing depends on its score
@@ -240,7 +254,12 @@ def promote(client: Any, name: str, challenger_version: str, challenger_score: f
     else:
         decision = _compare(client, name, current, rescore, common)
     _record(client, name, decision)
-    return decision
+    return _as_now(client, name, decision)
+
+
+def _as_now(client: Any, name: str, decision: Decision) -> Decision:
+    """The decision with the registry's aliases after it, and the time it was made."""
+    return replace(decision, aliases=aliases(client, name), at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def _compare(client: Any, name: str, current: str | None, rescore: Callable[[str], float],

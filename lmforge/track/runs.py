@@ -21,7 +21,6 @@ from pydantic import BaseModel
 
 from lmforge.track.lineage import git_commit, input_hashes, output_hashes
 from lmforge.core.params import flatten
-from lmforge.core.redact import redact
 from lmforge.track.store import (
     ensure_experiment,
     mark_orphans_killed,
@@ -32,9 +31,8 @@ from lmforge.track.store import (
     tracking_uri,
     use_http_client_defaults,
 )
+from lmforge.track.ui import DVC_EXP_NAME, changed_params, model_params, run_name, ui_link, with_artifact_images
 
-# The runs table (the UI opens on traces otherwise): `<ui>/#/experiments/<id>/...`
-RUNS_TABLE = "#/experiments/{id}/runs?workflowType=machine_learning"
 logger = logging.getLogger(__name__)
 
 # Set by the Prefect flow (flows/pipeline.py) in the environment of each stage it runs: the stage's
@@ -46,13 +44,13 @@ FLOW_RUN_ENV = "LMFORGE_PREFECT_FLOW_RUN_ID"
 OUTPUT_TAG = "lmforge.output."
 
 
-def runs_table_link(experiment_id: str) -> str:
-    """Where to see the runs: the server's runs table, or how to open the local store's."""
-    page = RUNS_TABLE.format(id=experiment_id)
+def run_link(experiment_id: str, run_id: str) -> str:
+    """Where to see a stage's run: its page on the server, or on the local store once served."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    link = ui_link(uri, experiment_id, run_id)
     if uri.startswith(("http://", "https://")):
-        return redact(f"{uri.rstrip('/')}/{page}")
-    return f"`make ui` (mlflow ui --backend-store-uri sqlite:///mlflow.db), then http://127.0.0.1:5000/{page}"
+        return link
+    return f"{link} (`make ui` first: mlflow ui --backend-store-uri sqlite:///mlflow.db)"
 
 
 def _run_exists(run_id: str, experiment_id: str) -> bool:
@@ -131,6 +129,15 @@ class StageRun:
         import mlflow
 
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    @guarded
+    def log_markdown(self, path: Path, artifact_dir: str) -> None:
+        """A markdown file as `<artifact_dir>/<name>`, its relative image paths (the caller logs the
+        images under `artifact_dir` too) made URLs MLflow's viewer shows (ui.with_artifact_images)."""
+        import mlflow
+
+        text = with_artifact_images(path.read_text(encoding="utf-8"), tracking_uri(), str(self.run_id), artifact_dir)
+        mlflow.log_text(text, f"{artifact_dir}/{path.name}")
 
     @guarded
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
@@ -236,8 +243,14 @@ def stage_run(
     root: Path | None = None,
     resume_run_id: str | None = None,
     system_metrics: bool = False,
+    scored: BaseModel | None = None,
 ) -> Iterator[StageRun]:
-    """Open the MLflow run of one stage (experiment `lmforge`, run name = stage).
+    """Open the MLflow run of one stage (experiment `lmforge`), named by the stage and what differs
+    (lmforge.track.ui.run_name: `finetune · method=frozen`, the params changed since the baseline
+    commit, the DVC experiment's name).
+
+    `scored`: the whole params of a stage that scores a model (evaluate, promote): the params that
+    define that model (lmforge.track.ui.model_params) are logged beside the stage's own.
 
     `system_metrics`: MLflow samples CPU, memory (and GPU, with nvidia-ml-py) into the run while it
     is open (psutil; the training stages ask for it, on rank 0 only since only rank 0 opens a run).
@@ -255,13 +268,17 @@ def stage_run(
         report_logging_failure(problem, root)
         yield StageRun(None, stage)
         return
+    changed = changed_params(root)
     logged = logged_params(params)
-    run = _start_run(stage, run_tags(stage, root, hashes), logged, resume_run_id, system_metrics, root)
+    if scored is not None:
+        logged = {**model_params(scored.model_dump(mode="json"), changed), **logged}
+    name = run_name(stage, logged, changed)
+    run = _start_run(name, run_tags(stage, root, hashes), logged, resume_run_id, system_metrics, root)
     if run is None:
         yield StageRun(None, stage)
         return
     handle = StageRun(run.info.run_id, stage, run.info.experiment_id)
-    logger.info("MLflow run %s/%s: %s", stage, run.info.run_id, runs_table_link(run.info.experiment_id))
+    logger.info("MLflow run %s: %s", name, run_link(run.info.experiment_id, run.info.run_id))
     handle.log_params(logged)
     handle.log_dict({"stage": stage, "inputs": hashes}, "lineage.json")
     with _ended(handle, root):
@@ -281,6 +298,8 @@ def run_tags(stage: str, root: Path, hashes: Mapping[str, str]) -> dict[str, str
         tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
     if os.environ.get(FLOW_RUN_ENV):
         tags["lmforge.prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
+    if os.environ.get(DVC_EXP_NAME):  # `dvc exp run`: filter the table with tags.`lmforge.dvc_experiment`
+        tags["lmforge.dvc_experiment"] = os.environ[DVC_EXP_NAME]
     return tags
 
 
@@ -294,9 +313,9 @@ def logged_params(params: Mapping[str, BaseModel | Mapping[str, Any]]) -> dict[s
     return {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flat_params.items()}
 
 
-def _start_run(stage: str, tags: dict[str, str], logged: Mapping[str, str], resume_run_id: str | None,
+def _start_run(name: str, tags: dict[str, str], logged: Mapping[str, str], resume_run_id: str | None,
                system_metrics: bool, root: Path) -> Any:
-    """The active MLflow run of `stage`: `resume_run_id` continued when it exists with the same
+    """The active MLflow run named `name`: `resume_run_id` continued when it exists with the same
     params, else a new run (linked to it); runs a gone process left RUNNING marked KILLED first.
     None, after one warning, when the store does not answer."""
     import mlflow
@@ -307,7 +326,7 @@ def _start_run(stage: str, tags: dict[str, str], logged: Mapping[str, str], resu
         experiment_id = ensure_experiment(root)
         for orphan in mark_orphans_killed(MlflowClient(tracking_uri(root)), experiment_id):
             logger.info("MLflow run %s was left RUNNING by a process that is gone: marked KILLED", orphan)
-        start: dict[str, Any] = {"experiment_id": experiment_id, "run_name": stage}
+        start: dict[str, Any] = {"experiment_id": experiment_id, "run_name": name}
         if resume_run_id and _run_exists(resume_run_id, experiment_id):
             if mlflow.get_run(resume_run_id).data.params == logged:
                 start = {"run_id": resume_run_id}
