@@ -99,11 +99,10 @@ def register(run: StageRun, model: nn.Module, name: str, weights: Path, *, descr
     """A new registered version of `model` named `name`, described, tagged with the md5 of `weights`
     (how evaluate finds it), its own `figures` and its lineage (record_lineage; `datasets`: the
     stage's own data inputs by name); None when tracking is down. The exported directory's files
-    travel with it (`extra_files/`), so promote can re-score it without the pickle."""
+    travel with it (`extra_files/`), so promote can re-score it from the files it wrote."""
     exported = [path for path in sorted(weights.parent.iterdir()) if path.is_file()]
-    logged = run.log_torch_model(model, name, signature=signature, input_example=input_example,
-                                 description=description, extra_files=exported)
-    version = getattr(logged, "registered_model_version", None)
+    version = run.log_torch_model(model, name, signature=signature, input_example=input_example,
+                                  description=description, extra_files=exported)
     if version is None:
         return None
     shown = {key: value for key, value in figures.items() if value is not None}

@@ -47,7 +47,7 @@ class Registration:
     description: str
     figures: Mapping[str, float | None]
     signature: tuple[TensorSpecs, TensorSpecs]  # inputs, outputs: {name: (numpy dtype, shape)}, -1 any size
-    input_example: Any = None
+    input_example: Any  # numpy arrays, one per signature input: torch.export traces the model on them
     datasets: Mapping[str, Path] | None = None
 
 
