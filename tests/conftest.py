@@ -71,6 +71,8 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **extra_env: str) -> subp
 
 # Where tiny_repo's stages recorded the params they read (git- and DVC-ignored).
 PARAMS_TRACE = ".dvc/tmp/params-trace.jsonl"
+# What its `dvc repro` printed, stdout then stderr (tests/test_quiet_output.py reads it).
+REPRO_OUTPUT = ".dvc/tmp/repro-output.txt"
 TINY_PARAMS = {
     "data": {"source": "files", "files": ["data/corpus/*.txt"], "val_fraction": 0.2, "batch_size": 64},
     "clean": {"batch_size": 64},
@@ -193,9 +195,11 @@ def copy_repo(source: Path, target: Path, *, ignore: Callable[[str, list[str]], 
 
 
 def _tiny_pipeline(root: Path) -> None:
-    """Each stage appends the params keys it reads to PARAMS_TRACE (tests/test_params_deps.py)."""
+    """Each stage appends the params keys it reads to PARAMS_TRACE (tests/test_params_deps.py); what
+    the run printed is kept in REPRO_OUTPUT."""
     make_repo(root)
-    run(["dvc", "repro"], root, LMFORGE_PARAMS_TRACE=str(root / PARAMS_TRACE))
+    result = run(["dvc", "repro"], root, LMFORGE_PARAMS_TRACE=str(root / PARAMS_TRACE))
+    (root / REPRO_OUTPUT).write_text(result.stdout + result.stderr, encoding="utf-8")
 
 
 @pytest.fixture(scope="session")

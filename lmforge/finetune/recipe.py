@@ -216,7 +216,7 @@ def report(fp: FinetuneParams, result: TrainResult, records: list[dict[str, Any]
     return TrainingReport(
         reports=reports, records=records, summary=summary, compared=COMPARED,
         columns=["step", "train_loss", "lr", "val_loss"] + (["val_accuracy"] if fp.task == "classify" else []),
-        title=f"fine-tune ({fp.task}, {fp.method})", baseline=None, final=QUALITY,
+        title=f"fine-tune ({fp.task}, {fp.method})", baseline=None, final=QUALITY, loss_label=loss_label(fp.task),
         tagged=("steps", "best_step", "stopped_early", "trainable_params", "total_params", "train_examples",
                 "val_examples", "world_size", "n_labels"),
         description=description,
@@ -224,6 +224,11 @@ def report(fp: FinetuneParams, result: TrainResult, records: list[dict[str, Any]
                    "model_config": [model_dir / "config.json"],
                    "adapter": sorted(adapter.iterdir()) if adapter.is_dir() else []},
     )
+
+
+def loss_label(task: str) -> str:
+    """The fine-tuning loss's unit: one classification per example; SFT's loss is per response token."""
+    return "cross-entropy (nats/example)" if task == "classify" else "cross-entropy (nats/token)"
 
 
 def registration(fp: FinetuneParams, model: nn.Module, labels: list[str] | None, config: ModelConfig,

@@ -36,11 +36,11 @@ class TrainingRun:
     info: DistInfo
     run: StageRun | None
     curve: CurveLog
-    renames: Mapping[str, str] = field(default_factory=dict)
+    renames: Mapping[str, str | None] = field(default_factory=dict)  # None: not recorded
 
     def on_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         """The trainer's per-step sink (rank 0 only, the trainer's rule): curve file and MLflow."""
-        named = {self.renames.get(k, k): v for k, v in metrics.items()}
+        named = {self.renames.get(k, k): v for k, v in metrics.items() if self.renames.get(k, k) is not None}
         self.curve.append(step, named)
         if self.run is not None:
             self.run.log_metrics({k: v for k, v in named.items() if v is not None}, step=step)
@@ -49,7 +49,7 @@ class TrainingRun:
 @contextlib.contextmanager
 def training_run(stage: str, info: DistInfo, checkpoints: Path, fingerprint: dict[str, Any], resume: str,
                  sections: Mapping[str, BaseModel | Mapping[str, Any]], inputs: list[str | Path],
-                 renames: Mapping[str, str] | None = None) -> Iterator[TrainingRun]:
+                 renames: Mapping[str, str | None] | None = None) -> Iterator[TrainingRun]:
     """Keep `checkpoints` for this same run (fingerprint) or start it fresh, then open the stage's
     MLflow run on rank 0; every rank enters, and leaves with the process group destroyed."""
     resume_run_id = claim_run_dir(checkpoints, fingerprint, resume) if info.is_main else None
