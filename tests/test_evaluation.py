@@ -247,10 +247,10 @@ def test_report_md_has_the_tables_and_escapes_cells():
         images={"confusion_matrix": "plots/confusion.png", "loss curve": "plots/loss.png"},
     )
     assert "| model | loss (nats/token) | perplexity | tokens |" in md
-    assert "| pretrained | 2 | 7.389 | 1,000 |" in md
-    assert "| unigram baseline | 4.5 | 90.02 | – |" in md
-    assert "| fine-tuned model | 0.6 |" in md and "| majority | 0.3 | 0.1 | – |" in md
-    assert "| dog | 0 | 0 | 0 | 2 |" in md
+    assert "| pretrained | 2.000 | 7.4 | 1,000 |" in md
+    assert "| unigram baseline | 4.500 | 90.0 | – |" in md
+    assert "| fine-tuned model | 0.600 |" in md and "| majority | 0.300 | 0.100 | – |" in md
+    assert "| dog | 0.000 | 0.000 | 0.000 | 2 |" in md
     assert "![confusion matrix](plots/confusion.png)" in md and "![loss curve](plots/loss.png)" in md
     assert "| 1 | say \\| hi | x \\| y<br>z &lt;\\|endoftext\\|> | x y |" in md
     assert "| temperature | top_k |" in md and "| 0.8 | 50 |" in md  # each sample shows its own prompt
@@ -273,7 +273,7 @@ def test_report_md_leads_with_its_provenance_and_names_the_system():
                           system="fine-tuned lmforge (lora)")
     lines = md.splitlines()
     assert lines[0] == "# lmforge evaluation" and lines[2].startswith("| provenance |")
-    assert "| git commit | abc123 |" in md and "| fine-tuned lmforge (lora) | 1 |" in md
+    assert "| git commit | abc123 |" in md and "| fine-tuned lmforge (lora) | 1.000 |" in md
 
 
 def test_report_tables_give_one_format_per_column_kind():
