@@ -14,30 +14,41 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # Telemetry is off in every process that imports lmforge (lmforge.quiet_env) and in DVC's own
-# (.dvc/config core.analytics false); pip stays quiet too.
+# (.dvc/config core.analytics false); the same switches here (lmforge.TELEMETRY_OFF) reach the servers
+# this Makefile starts (`make ui`, `make prefect-server`). `?=`: a value in your environment wins.
+export DO_NOT_TRACK ?= 1
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DVC_NO_ANALYTICS ?= 1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+# pip stays quiet too.
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # DVC stages call `python -m stages.<name>`: make that the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run compare test test-gpu plots bench ui docs params
+.PHONY: setup run repro compare test test-gpu plots bench ui prefect-server docs params
 
-# Reinstall only when pyproject.toml or the torch spec changed (idempotent set-up).
+# Reinstall only when pyproject.toml or the torch spec changed (idempotent set-up). PYTHONWARNINGS: no
+# setuptools "Editable installation" banner (pip's -q does not reach the build backend's warnings).
 setup:
 	@want="$(TORCH) $$(cksum < pyproject.toml)"; \
 	if [ ! -x "$(BIN)/python" ] || [ "$$(cat $(STAMP) 2>/dev/null)" != "$$want" ]; then \
+		echo "set-up (once; again only when pyproject.toml or TORCH change): .venv/, then $(TORCH) (about a minute),"; \
+		echo "then lmforge and its dependencies (a few minutes, quietly)..."; \
 		$(PYTHON) -m venv $(VENV); \
 		$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }; \
 		$(BIN)/python -m pip install --quiet $(TORCH) 2>&1 | { grep -v "^WARNING: Location" || true; }; \
-		$(BIN)/python -m pip install --quiet -e ".[dev]" 2>&1 | { grep -v "^WARNING: Location" || true; }; \
+		PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e ".[dev]" 2>&1 | { grep -v "^WARNING: Location" || true; }; \
 		$(BIN)/python -c "import torch, lmforge, stages" ; \
 		echo "$$want" > $(STAMP); \
+		echo "set-up done"; \
 	fi
 
 # The pipeline, then the run saved as the DVC experiment `baseline` (with dvc.lock and the outputs in
 # DVC's cache), so `make compare` has it to compare with and `dvc exp apply baseline` brings it back;
 # only while params.yaml is the committed one (after `dvc exp run -S`, the run is that experiment's).
 run: setup
-	$(BIN)/dvc repro
+	@$(MAKE) --no-print-directory repro
 	@if git diff --quiet HEAD -- params.yaml 2>/dev/null; then \
 		$(BIN)/dvc exp save -n baseline -f && echo "compare experiments with it: make compare"; \
 	else \
@@ -47,6 +58,12 @@ run: setup
 # The baseline, the workspace and each experiment: the params that differ, the headline figures.
 compare: setup
 	$(BIN)/python -m lmforge.evaluate.compare
+
+# `dvc repro`, less DVC's closing "Use `dvc push` ..." when no remote is configured (nothing to push
+# to: DVC has no setting for it). Unbuffered, so DVC's lines keep their place among the stages'.
+repro:
+	@if [ -n "$$($(BIN)/dvc remote list)" ]; then $(BIN)/dvc repro; \
+	else PYTHONUNBUFFERED=1 $(BIN)/dvc repro | { grep --line-buffered -v '^Use `dvc push`' || true; }; fi
 
 # Two test processes, each file's tests on one of them (module fixtures are built once): the
 # suite waits on subprocesses and servers about half the time, so this halves its wall time.
@@ -58,10 +75,17 @@ test: setup
 test-gpu: setup
 	$(BIN)/python -m pytest -q -rs tests/gpu
 
-# The MLflow UI on the embedded store; open the runs table it prints (not the Traces page).
+# The MLflow UI on the store the stages use (MLFLOW_TRACKING_URI, else the embedded sqlite:///mlflow.db);
+# open the runs table it prints (not the Traces page). A tracking server serves its own UI.
 ui: setup
-	@echo "MLflow runs: http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	@uri="$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"; runs="#/experiments/1/runs?workflowType=machine_learning"; \
+	case "$$uri" in http://*|https://*) echo "MLFLOW_TRACKING_URI is a server: open $${uri%/}/$$runs"; exit 0;; esac; \
+	echo "MLflow runs ($$uri): http://127.0.0.1:5000/$$runs"; \
+	exec $(BIN)/mlflow ui --backend-store-uri "$$uri" --host 127.0.0.1 --port 5000
+
+# The Prefect server the flow reports to (then `export PREFECT_API_URL=http://127.0.0.1:4200/api`).
+prefect-server: setup
+	$(BIN)/prefect server start --host 127.0.0.1
 
 # The Vega-Lite specs of `dvc plots show --json`, rendered by vl-convert (no browser, no CDN).
 plots: setup

@@ -18,6 +18,7 @@ from prefect import get_run_logger
 
 from lmforge.core.numbers import human
 from lmforge.core.redact import redact
+from lmforge.core.verdict import majority_warning
 
 if TYPE_CHECKING:
     from lmforge.track.pipeline_run import PipelineRun
@@ -149,6 +150,13 @@ def headline_rows(metrics: Mapping[str, Mapping[str, float]]) -> list[tuple[str,
     return rows
 
 
+def baseline_warning(metrics: Mapping[str, Mapping[str, float]]) -> str | None:
+    """The evaluate stage's warning, from its metrics: test accuracy at or below the majority class."""
+    accuracy = HEADLINE[0]  # test accuracy, beside its majority-class baseline
+    values = metrics.get(accuracy.stage) or {}
+    return majority_warning(values.get(accuracy.key), values.get(dict(accuracy.baselines)["majority class"]))
+
+
 def _stats_block(stage: str, values: Mapping[str, float]) -> str:
     """One stage's figures as an HTML table in a <details> block, on consecutive lines: a markdown
     renderer takes it as one raw HTML block (Prefect's UIs sanitize it and keep details/summary)."""
@@ -172,6 +180,9 @@ def summary_markdown(results: list[dict[str, Any]], metrics: Mapping[str, Mappin
     else:
         lines.append("No model figures yet: evaluate, pretrain and finetune have not written their metrics.")
     lines.append("")
+    warning = baseline_warning(metrics)
+    if warning:
+        lines += [f"> **Warning:** {warning}", ""]
     if promotion:
         lines += [f"**Promotion:** {promotion}", ""]
     if links.serve is None:

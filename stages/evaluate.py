@@ -50,8 +50,9 @@ def main() -> None:
         write_json(paths.REPORTS / "metrics.json", metrics)
         images = evaluation.images()
         version = tag_candidate(run, metrics)
+        warning = evaluation.warn_if_no_better_than_majority(run, classify, baselines)
         report = render_report_md(
-            lm=lm, classification=classify, baselines=baselines, sft=sft, sft_examples=sft_examples,
+            lm=lm, classification=classify, baselines=baselines, sft=sft, sft_examples=sft_examples, warning=warning,
             samples=samples, sampling=params.generate.model_dump(), images=images,
             provenance=evaluation.provenance(params, git_commit(Path.cwd()), run.run_id, version),
             system=f"fine-tuned lmforge ({finetuned.meta.get('method')})",

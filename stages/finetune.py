@@ -31,8 +31,9 @@ def main() -> None:
     model, counts = recipe.build_model_to_train(fp, setup, info)
 
     inputs = [paths.PRETRAINED, fp.train_file, fp.test_file]
-    # The trainer counts examples, not tokens, for the classification loss.
-    renames = {"tokens_per_s": "examples_per_s"} if fp.task == "classify" else {}
+    # The classification loss is per example: the trainer counts examples, not tokens, and the
+    # perplexity of a classification loss means nothing (not recorded).
+    renames = {"tokens_per_s": "examples_per_s", "val_ppl": None} if fp.task == "classify" else {}
     with training_run("finetune", info, paths.FINETUNE_CHECKPOINTS, recipe.run_fingerprint(fp),
                       params.runtime.finetune.resume,
                       {"finetune": fp}, inputs, renames) as tr:
@@ -46,9 +47,9 @@ def main() -> None:
         exported = load_finetuned(paths.FINETUNED).model
         finish(tr.run, result.step, recipe.report(fp, result, records, summary),
                recipe.registration(fp, exported, setup.data["labels"], setup.config, summary))
-        log.info("%s/%s: best %s %.4f at step %s of %d (%d of %d params trained)", fp.task, fp.method,
+        log.info("%s/%s: best %s %.4f at step %s of %d (%s of %s params trained)", fp.task, fp.method,
                  fp.early_stopping_metric, (result.best_metrics.get(fp.early_stopping_metric) or float("nan")),
-                 result.best_step, result.step, *counts)
+                 result.best_step, result.step, *(f"{n:,}" for n in counts))
 
 
 if __name__ == "__main__":

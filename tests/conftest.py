@@ -74,6 +74,7 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **extra_env: str) -> subp
 PARAMS_TRACE = ".dvc/tmp/params-trace.jsonl"
 # What tiny_repo's `dvc repro` printed, stdout then stderr (git- and DVC-ignored).
 REPRO_LOG = ".dvc/tmp/repro.log"
+REPRO_OUTPUT = REPRO_LOG  # tests/test_quiet_output.py reads it under this name
 TINY_PARAMS = {
     "data": {"source": "files", "files": ["data/corpus/*.txt"], "val_fraction": 0.2, "batch_size": 64},
     "clean": {"batch_size": 64},

@@ -24,6 +24,8 @@ from lmforge.evaluate.metrics import (
     token_f1,
 )
 from lmforge.evaluate.report import plot_confusion_matrix, render_report_md, write_confusion_json, write_per_class_csv
+from lmforge.evaluate.evaluation import warn_if_no_better_than_majority
+from lmforge.core.verdict import WARNING_TAG, majority_warning
 from lmforge.model.decoder import ModelConfig, Transformer
 
 LABELS = ["ant", "bee", "cat", "dog"]
@@ -245,10 +247,10 @@ def test_report_md_has_the_tables_and_escapes_cells():
         images={"confusion_matrix": "plots/confusion.png", "loss curve": "plots/loss.png"},
     )
     assert "| model | loss (nats/token) | perplexity | tokens |" in md
-    assert "| pretrained | 2 | 7.389 | 1,000 |" in md
-    assert "| unigram baseline | 4.5 | 90.02 | – |" in md
-    assert "| fine-tuned model | 0.6 |" in md and "| majority | 0.3 | 0.1 | – |" in md
-    assert "| dog | 0 | 0 | 0 | 2 |" in md
+    assert "| pretrained | 2.000 | 7.4 | 1,000 |" in md
+    assert "| unigram baseline | 4.500 | 90.0 | – |" in md
+    assert "| fine-tuned model | 0.600 |" in md and "| majority | 0.300 | 0.100 | – |" in md
+    assert "| dog | 0.000 | 0.000 | 0.000 | 2 |" in md
     assert "![confusion matrix](plots/confusion.png)" in md and "![loss curve](plots/loss.png)" in md
     assert "| 1 | say \\| hi | x \\| y<br>z &lt;\\|endoftext\\|> | x y |" in md
     assert "| temperature | top_k |" in md and "| 0.8 | 50 |" in md  # each sample shows its own prompt
@@ -271,4 +273,42 @@ def test_report_md_leads_with_its_provenance_and_names_the_system():
                           system="fine-tuned lmforge (lora)")
     lines = md.splitlines()
     assert lines[0] == "# lmforge evaluation" and lines[2].startswith("| provenance |")
-    assert "| git commit | abc123 |" in md and "| fine-tuned lmforge (lora) | 1 |" in md
+    assert "| git commit | abc123 |" in md and "| fine-tuned lmforge (lora) | 1.000 |" in md
+
+
+def test_report_tables_give_one_format_per_column_kind():
+    classification = {"n": 20, "accuracy": 0.03171, "macro_f1": 0.5, "weighted_f1": 1,
+                      "per_class": {"a": {"precision": 1.0, "recall": 0.3, "f1": 0.46153, "support": 1234}}}
+    text = render_report_md(
+        lm={"pretrained": {"loss": 4.84761, "perplexity": 127.4348, "tokens": 512},
+            "unigram baseline": {"loss": 4.1822, "perplexity": 65.5123, "tokens": 27753}},
+        classification=classification, baselines={"majority class": {"accuracy": 0.7709, "macro_f1": 0.1, "weighted_f1": None}})
+    assert "| fine-tuned model | 0.032 | 0.500 | 1.000 |" in text  # not 0.03171 beside 0.7709
+    assert "| majority class | 0.771 | 0.100 | – |" in text
+    assert "| a | 1.000 | 0.300 | 0.462 | 1,234 |" in text
+    assert "| pretrained | 4.848 | 127.4 | 512 |" in text and "| unigram baseline | 4.182 | 65.5 | 27,753 |" in text
+
+
+def test_a_model_at_or_below_the_majority_class_is_flagged_first_in_the_report():
+    assert majority_warning(0.771, 0.145) is None and majority_warning(None, 0.145) is None
+    for accuracy in (0.128, 0.145):
+        warning = majority_warning(accuracy, 0.145)
+        assert warning and f"{accuracy:.3f}" in warning and "0.145" in warning and "majority" in warning
+    text = render_report_md(title="t", warning=majority_warning(0.128, 0.145))
+    assert text.splitlines()[2] == f"> **Warning:** {majority_warning(0.128, 0.145)}"
+    assert "Warning" not in render_report_md(title="t")
+
+
+def test_evaluate_tags_logs_and_returns_the_warning_only_for_a_model_no_better_than_majority(caplog):
+    class Run:
+        tags: dict[str, str] = {}
+
+        def set_tags(self, tags):
+            self.tags.update(tags)
+
+    weak, strong, run = {"accuracy": 0.128}, {"accuracy": 0.771}, Run()
+    baselines = {"majority class": {"accuracy": 0.145}}
+    assert warn_if_no_better_than_majority(run, strong, baselines) is None and run.tags == {}
+    assert warn_if_no_better_than_majority(run, None, None) is None  # an SFT run
+    warning = warn_if_no_better_than_majority(run, weak, baselines)
+    assert run.tags == {WARNING_TAG: warning} and warning in caplog.text

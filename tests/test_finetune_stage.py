@@ -11,7 +11,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from lmforge.core.params import FinetuneParams
+from lmforge.finetune import recipe
 from lmforge.finetune.inference import load_finetuned
+from lmforge.train.trainer import TrainResult
 from lmforge.core.digests import content_hash
 
 from conftest import TINY_PARAMS, run
@@ -119,3 +122,18 @@ def test_pretrain_and_finetune_are_bitwise_reproducible_whatever_the_threads_and
         run(["python", "-m", f"stages.{stage}"], trained_ready, **env)
     for model in ("models/pretrain/model.safetensors", "models/finetune/model.safetensors"):
         assert (trained_ready / model).read_bytes() == (tiny_repo / model).read_bytes(), model
+
+
+def test_a_classifier_records_no_perplexity_of_its_loss(tiny_repo):
+    (run_,) = _finetune_runs(tiny_repo)
+    assert "finetune/val_loss" in run_.data.metrics and "finetune/val_accuracy" in run_.data.metrics
+    assert not [name for name in run_.data.metrics if "ppl" in name or "perplexity" in name]
+
+
+def test_a_classifier_s_loss_is_plotted_per_example_and_an_sft_loss_per_token():
+    result = TrainResult(step=2, train_loss=0.5, val_loss=0.6, val_ppl=None, tokens_seen=0, checkpoint=None,
+                         val_metrics={}, best_step=2, best_metrics={"val_loss": 0.6}, stopped_early=False)
+    summary = {"train_examples": 10, "trainable_params": 5, "total_params": 5}
+    for task, unit in (("classify", "nats/example"), ("sft", "nats/token")):
+        report = recipe.report(FinetuneParams(task=task), result, [], summary)
+        assert report.loss_label == f"cross-entropy ({unit})", task

@@ -132,3 +132,12 @@ def test_read_metrics_skips_missing_and_unreadable_files(tmp_path):
     metrics = read_metrics(tmp_path, {"evaluate": ["reports/metrics.json", "reports/broken.json"],
                                       "pretrain": ["reports/pretrain/metrics.json"]})
     assert metrics == {"evaluate": {"accuracy": 0.5, "baselines.majority_accuracy": 0.2}, "pretrain": {}}
+
+
+def test_a_model_no_better_than_the_majority_class_is_flagged_under_the_headline():
+    weak = {**CLASSIFY, "evaluate": {**CLASSIFY["evaluate"], "accuracy": 0.128, "baselines.majority_accuracy": 0.145}}
+    lines = _markdown(weak).splitlines()
+    (flag,) = [i for i, line in enumerate(lines) if line.startswith("> **Warning:**")]
+    assert "0.128" in lines[flag] and "majority" in lines[flag]
+    assert flag > max(i for i, line in enumerate(lines[:flag]) if line.startswith("| test accuracy"))
+    assert "Warning" not in _markdown(CLASSIFY)

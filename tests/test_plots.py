@@ -146,3 +146,22 @@ def test_a_plot_without_data_is_reported_and_its_old_image_removed(tmp_path, mon
     assert [p.name for p in written] == ["pretrain_loss.svg"]
     assert not (tmp_path / "per_class_f1.svg").exists()
     assert "per_class_f1" in caplog.text and "per_class.csv" in caplog.text
+
+
+def test_loss_plots_draw_train_and_val_in_two_colours(shown):
+    for name in ("pretrain_loss", "finetune_loss"):
+        colour = shown[name][0]["content"]["encoding"]["color"]
+        assert colour["field"] == "field", name  # one colour per curve, not per revision
+        assert dict(zip(colour["scale"]["domain"], colour["scale"]["range"])).keys() == {"train_loss", "val_loss"}
+        assert len(set(colour["scale"]["range"])) == 2, name
+
+
+def test_the_confusion_matrix_image_shows_the_count_in_each_cell(tiny_repo, tmp_path):
+    specs, _ = dvc_plot_specs(tiny_repo)
+    svg = ET.fromstring(render(specs["confusion_matrix"], tmp_path / "confusion.svg").read_text(encoding="utf-8"))
+    cells = [text.text for group in svg.iter() if "role-mark" in group.get("class", "") and "mark-text" in group.get("class", "")
+             for text in group.iter() if text.tag.endswith("text") and text.text]
+    records = json.loads((tiny_repo / "reports/figures/confusion_matrix.json").read_text())
+    labels = sorted({r["actual"] for r in records} | {r["predicted"] for r in records})
+    counts = [sum(1 for r in records if (r["actual"], r["predicted"]) == (a, p)) for a in labels for p in labels]
+    assert sorted(cells, key=int) == sorted(map(str, counts), key=int)

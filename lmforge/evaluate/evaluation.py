@@ -6,12 +6,14 @@ the pretrained model, metrics.json's headline and report.md's provenance table.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from lmforge.core import paths
 from lmforge.core.io import write_json
 from lmforge.core.params import Params
+from lmforge.core.verdict import WARNING_TAG, majority_warning
 from lmforge.data.tokens.shards import ShardReader
 from lmforge.evaluate.metrics import (
     bag_of_words_baseline, language_model_loss, majority_baseline, model_scores, score_classifier, score_sft,
@@ -23,6 +25,8 @@ from lmforge.model.decoder import Transformer
 from lmforge.model.generate import sample_prompts
 from lmforge.train.curves import unigram_entropy
 from lmforge.train.resume import run_record
+
+log = logging.getLogger("lmforge.evaluate")
 
 
 def evaluate_lm(params: Params, pretrained: Transformer, finetuned: Any) -> dict[str, dict[str, Any]]:
@@ -74,6 +78,19 @@ def pretrained_samples(params: Params, model: Transformer) -> list[dict[str, str
 
     tokenizer = Tokenizer.from_file(str(paths.PRETRAINED / "tokenizer.json"))
     return sample_prompts(model, tokenizer, params.generate, tokenizer.token_to_id(params.tokenizer.eos_token))
+
+
+def warn_if_no_better_than_majority(run: Any, classify: dict[str, Any] | None,
+                                    baselines: dict[str, Any] | None) -> str | None:
+    """The classifier at or below the majority-class baseline: the warning, logged and tagged on the
+    evaluate run (WARNING_TAG) for report.md to show too; None otherwise, and for SFT."""
+    if classify is None or baselines is None:
+        return None
+    warning = majority_warning(classify.get("accuracy"), baselines["majority class"].get("accuracy"))
+    if warning:
+        log.warning("%s", warning)
+        run.set_tags({WARNING_TAG: warning})
+    return warning
 
 
 def headline(lm: dict[str, Any], classify: dict[str, Any] | None, baselines: dict[str, Any] | None,

@@ -102,6 +102,14 @@ def md_cell(value: Any, max_chars: int = 400) -> str:
     return re.sub(r"\r\n|\r|\n", "<br>", text)
 
 
+def fixed(value: Any, decimals: int = 3) -> Any:
+    """A number to `decimals` places, for a column of one kind of figure (scores, losses): every row
+    alike, 0.032 beside 0.771, not 0.03171 beside 0.7709; anything else left to md_cell."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return value
+    return f"{value:,.{decimals}f}"
+
+
 def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavored markdown table; every cell goes through `md_cell`."""
     lines = ["| " + " | ".join(md_cell(h) for h in header) + " |", "|" + " --- |" * len(header)]
@@ -129,6 +137,7 @@ def render_report_md(
     provenance: dict[str, Any] | None = None,
     system: str = "fine-tuned model",
     title: str = "lmforge evaluation",
+    warning: str | None = None,
 ) -> str:
     """The human-readable report: a section per argument given, skipped when it is None.
 
@@ -139,37 +148,40 @@ def render_report_md(
         generated with `sampling` params; images: caption -> path relative to the report
         ("confusion_matrix" is placed in the classification section, the rest under Figures);
         provenance: what produced the figures (commit, runs, model version, method), tabled first;
-        system: the fine-tuned model's name in the tables (e.g. "fine-tuned lmforge (full)").
+        system: the fine-tuned model's name in the tables (e.g. "fine-tuned lmforge (full)");
+        warning: a line shown first (a model no better than its majority baseline).
     """
     images = dict(images or {})
-    parts = [f"# {title}"]
+    parts = [f"# {title}"] + ([f"> **Warning:** {md_cell(warning)}"] if warning else [])
     if provenance:
         parts += [md_table(["provenance", ""], [[key, value] for key, value in provenance.items()])]
     if lm:
         parts += ["## Language modelling", "Mean next-token cross-entropy on held-out rows (lower is better).",
                   md_table(["model", "loss (nats/token)", "perplexity", "tokens"],
-                           [[name, r.get("loss"), r.get("perplexity"), r.get("tokens")] for name, r in lm.items()])]
+                           [[name, fixed(r.get("loss")), fixed(r.get("perplexity"), 1), r.get("tokens")]
+                            for name, r in lm.items()])]
     if classification:
         systems = {system: classification, **(baselines or {})}
         parts += ["## Classification", f"Test split: {classification['n']} examples.",
                   md_table(["system", "accuracy", "macro F1", "weighted F1"],
-                           [[name, r.get("accuracy"), r.get("macro_f1"), r.get("weighted_f1")] for name, r in systems.items()])]
+                           [[name, *(fixed(r.get(key)) for key in ("accuracy", "macro_f1", "weighted_f1"))]
+                            for name, r in systems.items()])]
         if classification.get("invalid_predictions"):
             parts.append(f"{classification['invalid_predictions']} predictions were not a known label (counted as wrong).")
         parts += ["### Per class",
                   md_table(["label", "precision", "recall", "F1", "support"],
-                           [[label, r["precision"], r["recall"], r["f1"], r["support"]]
+                           [[label, fixed(r["precision"]), fixed(r["recall"]), fixed(r["f1"]), r["support"]]
                             for label, r in classification["per_class"].items()])]
         if "confusion_matrix" in images:
             parts.append(f"![confusion matrix]({images.pop('confusion_matrix')})")
     if sft:
         parts += ["## Instruction following (SFT)",
                   md_table(["examples", "exact match", "token F1", "ROUGE-L"],
-                           [[sft.get("n"), sft.get("exact_match"), sft.get("token_f1"), sft.get("rouge_l")]])]
+                           [[sft.get("n"), *(fixed(sft.get(key)) for key in ("exact_match", "token_f1", "rouge_l"))]])]
     if sft_examples:
         parts += ["### Generated responses beside the reference",
                   md_table(["#", "prompt", "generated", "reference", "token F1"],
-                           [[i + 1, e.get("prompt", ""), e["response"], e["reference"], token_f1(e["response"], e["reference"])]
+                           [[i + 1, e.get("prompt", ""), e["response"], e["reference"], fixed(token_f1(e["response"], e["reference"]))]
                             for i, e in enumerate(sft_examples)])]
     if samples:
         parts.append("## Samples")

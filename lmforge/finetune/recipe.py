@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from lmforge.core import paths
@@ -215,7 +216,7 @@ def report(fp: FinetuneParams, result: TrainResult, records: list[dict[str, Any]
     return TrainingReport(
         reports=reports, records=records, summary=summary, compared=COMPARED,
         columns=["step", "train_loss", "lr", "val_loss"] + (["val_accuracy"] if fp.task == "classify" else []),
-        title=f"fine-tune ({fp.task}, {fp.method})", baseline=None, final=QUALITY,
+        title=f"fine-tune ({fp.task}, {fp.method})", baseline=None, final=QUALITY, loss_label=loss_label(fp.task),
         tagged=("steps", "best_step", "stopped_early", "trainable_params", "total_params", "train_examples",
                 "val_examples", "world_size", "n_labels"),
         description=description,
@@ -225,22 +226,30 @@ def report(fp: FinetuneParams, result: TrainResult, records: list[dict[str, Any]
     )
 
 
+def loss_label(task: str) -> str:
+    """The fine-tuning loss's unit: one classification per example; SFT's loss is per response token."""
+    return "cross-entropy (nats/example)" if task == "classify" else "cross-entropy (nats/token)"
+
+
 def registration(fp: FinetuneParams, model: nn.Module, labels: list[str] | None, config: ModelConfig,
                  summary: dict[str, Any]) -> Registration:
     """models/finetune's card in the registry: a classifier (ids + lengths -> logits) or an SFT model."""
+    ids = np.zeros((2, 8), dtype=np.int64)  # batch 2: a batch of 1 would export as fixed
     if fp.task == "classify":
         labels = labels or []
         signature = ({"input_ids": ("int64", (-1, -1)), "lengths": ("int64", (-1,))},
                      {"logits": ("float32", (-1, len(labels)))})
+        example: Any = (ids, np.array([8, 5], dtype=np.int64))
         what = f"a {len(labels)}-way classifier ({', '.join(labels)}): token ids + lengths -> logits"
     else:
         signature = ({"input_ids": ("int64", (-1, -1))}, {"logits": ("float32", (-1, -1, config.vocab_size))})
+        example = ids
         what = "an SFT language model: prompt + separator -> response"
     return Registration(
         model=model, name=paths.FINETUNED_MODEL, weights=paths.FINETUNED / "model.safetensors",
         description=f"lmforge's fine-tuned model ({fp.method}): {what}. Load it with "
                     "lmforge.finetune.inference.load_finetuned on the DVC output, or mlflow.pytorch.load_model.",
         figures={key: summary[key] for key in QUALITY if summary.get(key) is not None},
-        signature=signature, datasets={"finetune_train": Path(fp.train_file)},
+        signature=signature, input_example=example, datasets={"finetune_train": Path(fp.train_file)},
     )
 

@@ -50,7 +50,8 @@ def run_link(experiment_id: str, run_id: str) -> str:
     link = ui_link(uri, experiment_id, run_id)
     if uri.startswith(("http://", "https://")):
         return link
-    return f"{link} (`make ui` first: mlflow ui --backend-store-uri sqlite:///mlflow.db)"
+    # `make ui` serves MLFLOW_TRACKING_URI too: name the store it will open, not always the default
+    return f"{link} (`make ui` first: mlflow ui --backend-store-uri {redact(uri or 'sqlite:///mlflow.db')})"
 
 
 def _run_exists(run_id: str, experiment_id: str) -> bool:
@@ -146,39 +147,42 @@ class StageRun:
         mlflow.log_dict(dict(data), name)
 
     @guarded
-    def log_torch_model(self, model: Any, registered_name: str, signature: Any = None, input_example: Any = None,
-                        description: str | None = None, extra_files: list[Path] | None = None) -> Any:
-        """Log a plain torch module (pytorch flavor), named like its registered model, and register
-        a new version of it (with `description`, when given, on the registered model). `extra_files`
-        land in the model's `extra_files/` (the exported directory: loadable without the pickle).
+    def log_torch_model(self, model: Any, registered_name: str, signature: Any, input_example: Any,
+                        description: str | None = None, extra_files: list[Path] | None = None) -> str | None:
+        """Log a plain torch module (pytorch flavor), named like its registered model, register a new
+        version of it and return that version (`description`, when given, on the registered model).
+        `extra_files` land in the model's `extra_files/` (the exported directory, for promote).
 
-        Pickle serialization with lmforge's source bundled (`code_paths`), so
-        `mlflow.pytorch.load_model("models:/<name>/<version>")` works without lmforge installed.
+        Saved as `pt2` (torch.export, traced from `input_example`): MLflow's safe format, no pickle, so
+        `mlflow.pytorch.load_model("models:/<name>/<version>")` runs without lmforge installed or any
+        code of ours executed. No serving check of the example: the flavour cannot take the several
+        named tensors the signature holds (it would print a JSON dump and an error).
         """
         import mlflow
         import torch
+        from mlflow.tracking import MlflowClient
 
-        import lmforge
-
-        if description:
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient()
-            try:
-                client.create_registered_model(registered_name, description=description)
-            except mlflow.exceptions.MlflowException:  # it exists: keep its description current
-                client.update_registered_model(registered_name, description=description)
-        return mlflow.pytorch.log_model(
-            model,
+        logged = mlflow.pytorch.log_model(
+            model.eval(),
             name=registered_name,
             signature=signature,
             input_example=input_example,
-            serialization_format="pickle",
-            pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy", "safetensors"],
-            code_paths=[str(Path(lmforge.__file__).parent)],
-            registered_model_name=registered_name,
+            serialization_format="pt2",
+            validate_serving_input=False,
+            pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy"],
             extra_files=[str(path) for path in extra_files or []] or None,
         )
+        # Registered here, not through log_model's registered_model_name: MLflow prints "Registered
+        # model ... already exists" there whenever the model exists, as it does once described.
+        client = MlflowClient()
+        try:
+            client.create_registered_model(registered_name, description=description)
+        except mlflow.exceptions.MlflowException:  # it exists: keep its description current
+            if description:
+                client.update_registered_model(registered_name, description=description)
+        version = client.create_model_version(registered_name, source=logged.model_uri, run_id=self.run_id,
+                                              model_id=logged.model_id)
+        return str(version.version)
 
     @guarded
     def log_datasets(self, datasets: Mapping[str, tuple[str, str]], context: str) -> None:

@@ -36,11 +36,11 @@ class TrainingRun:
     info: DistInfo
     run: StageRun | None
     curve: CurveLog
-    renames: Mapping[str, str] = field(default_factory=dict)
+    renames: Mapping[str, str | None] = field(default_factory=dict)  # None: not recorded
 
     def on_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         """The trainer's per-step sink (rank 0 only, the trainer's rule): curve file and MLflow."""
-        named = {self.renames.get(k, k): v for k, v in metrics.items()}
+        named = {self.renames.get(k, k): v for k, v in metrics.items() if self.renames.get(k, k) is not None}
         self.curve.append(step, named)
         if self.run is not None:
             self.run.log_metrics({k: v for k, v in named.items() if v is not None}, step=step)
@@ -49,7 +49,7 @@ class TrainingRun:
 @contextlib.contextmanager
 def training_run(stage: str, info: DistInfo, checkpoints: Path, fingerprint: dict[str, Any], resume: str,
                  sections: Mapping[str, BaseModel | Mapping[str, Any]], inputs: list[str | Path],
-                 renames: Mapping[str, str] | None = None) -> Iterator[TrainingRun]:
+                 renames: Mapping[str, str | None] | None = None) -> Iterator[TrainingRun]:
     """Keep `checkpoints` for this same run (fingerprint) or start it fresh, then open the stage's
     MLflow run on rank 0; every rank enters, and leaves with the process group destroyed."""
     resume_run_id = claim_run_dir(checkpoints, fingerprint, resume) if info.is_main else None
@@ -99,11 +99,10 @@ def register(run: StageRun, model: nn.Module, name: str, weights: Path, *, descr
     """A new registered version of `model` named `name`, described, tagged with the md5 of `weights`
     (how evaluate finds it), its own `figures` and its lineage (record_lineage; `datasets`: the
     stage's own data inputs by name); None when tracking is down. The exported directory's files
-    travel with it (`extra_files/`), so promote can re-score it without the pickle."""
+    travel with it (`extra_files/`), so promote can re-score it from the files it wrote."""
     exported = [path for path in sorted(weights.parent.iterdir()) if path.is_file()]
-    logged = run.log_torch_model(model, name, signature=signature, input_example=input_example,
-                                 description=description, extra_files=exported)
-    version = getattr(logged, "registered_model_version", None)
+    version = run.log_torch_model(model, name, signature=signature, input_example=input_example,
+                                  description=description, extra_files=exported)
     if version is None:
         return None
     shown = {key: value for key, value in figures.items() if value is not None}

@@ -68,7 +68,8 @@ def write_curve_csv(path: str | Path, records: list[dict[str, Any]], columns: li
     write_csv(path, columns, rows)
 
 
-def plot_loss(path: str | Path, records: list[dict[str, Any]], baseline: float | None, title: str) -> None:
+def plot_loss(path: str | Path, records: list[dict[str, Any]], baseline: float | None, title: str,
+              y_label: str = "cross-entropy (nats/token)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,7 +85,7 @@ def plot_loss(path: str | Path, records: list[dict[str, Any]], baseline: float |
     if baseline is not None and math.isfinite(baseline):
         ax.axhline(baseline, color="gray", linestyle="--", label=f"unigram entropy {baseline:.2f}")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(y_label)
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)

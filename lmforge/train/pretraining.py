@@ -21,6 +21,7 @@ from lmforge.train.curves import unigram_entropy
 from lmforge.train.distributed import DistInfo, apply_activation_checkpointing, apply_compile, apply_fsdp
 from lmforge.train.report import Registration, TrainingReport
 from lmforge.train.resume import result_knobs
+from lmforge.train.throughput import peak_flops
 from lmforge.train.trainer import Trainer, TrainResult
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,6 +74,8 @@ def summarize(result: TrainResult, records: list[dict[str, Any]], train: ShardRe
     model that ignores context reaches), throughput past the first fifth of the steps (warm-up)."""
     baseline = unigram_entropy(train.blocks(), train.vocab_size)
     speeds = [r["tokens_per_s"] for r in records[len(records) // 5:] if "tokens_per_s" in r]
+    mfus = [r["mfu"] for r in records[len(records) // 5:] if r.get("mfu") is not None]
+    _, device = peak_flops(info.device)
     return {
         "steps": result.step,
         "train_loss": result.train_loss,
@@ -81,6 +84,8 @@ def summarize(result: TrainResult, records: list[dict[str, Any]], train: ShardRe
         "unigram_entropy": baseline,
         "val_loss_vs_unigram": (result.val_loss / baseline) if result.val_loss else None,
         "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
+        # Model FLOPs utilization needs the device's peak FLOP/s: never known for a CPU, so said here, once
+        "mfu": sum(mfus) / len(mfus) if mfus else f"not known: no peak FLOP/s for {device} (throughput.PEAK_FLOPS)",
         "tokens_seen": result.tokens_seen,
         "parameters": config.num_params(),
         "world_size": info.world_size,
@@ -115,5 +120,5 @@ def registration(model: Transformer, result: TrainResult, config: ModelConfig, e
                     "logits (batch, time, vocab). Tokenizer: tokenizer.json beside the weights.",
         figures={"val_loss": result.val_loss, "val_perplexity": result.val_ppl},
         signature=({"input_ids": ("int64", (-1, -1))}, {"logits": ("float32", (-1, -1, config.vocab_size))}),
-        input_example=np.full((1, 8), eos_id, dtype=np.int64),
+        input_example=np.full((2, 8), eos_id, dtype=np.int64),  # batch 2: a batch of 1 would export as fixed
     )

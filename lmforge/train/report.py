@@ -35,6 +35,7 @@ class TrainingReport:
     tagged: tuple[str, ...]
     description: str
     artifacts: dict[str, list[Path]]
+    loss_label: str = "cross-entropy (nats/token)"  # loss.png's y axis: what one unit of the loss is
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Registration:
     description: str
     figures: Mapping[str, float | None]
     signature: tuple[TensorSpecs, TensorSpecs]  # inputs, outputs: {name: (numpy dtype, shape)}, -1 any size
-    input_example: Any = None
+    input_example: Any  # numpy arrays, one per signature input: torch.export traces the model on them
     datasets: Mapping[str, Path] | None = None
 
 
@@ -55,7 +56,7 @@ def write_reports(report: TrainingReport) -> None:
     """curve.csv (one row per step, val columns nan between evals: `dvc plots` draws every column
     from it), loss.png, stats.json and metrics.json: the same whether tracking is up or down."""
     write_curve_csv(report.reports / "curve.csv", report.records, report.columns, blank_missing=True)
-    plot_loss(report.reports / "loss.png", report.records, report.baseline, report.title)
+    plot_loss(report.reports / "loss.png", report.records, report.baseline, report.title, report.loss_label)
     write_json(report.reports / "stats.json", report.summary)
     write_json(report.reports / "metrics.json",
                {key: report.summary[key] for key in report.compared if report.summary.get(key) is not None})

@@ -106,7 +106,6 @@ class Trainer:
         self.prefetch = prefetch
         if early_stopping is not None and checkpoint_dir:
             early_stopping.checkpoints = CheckpointManager(Path(checkpoint_dir) / "best", 1, owner)
-        self._mfu_note_done = False
         # The last step's figures, checkpointed: a run resumed after it finished reports them again.
         self.train_loss: float | None = None
         self.val: dict[str, float] = {}
@@ -301,14 +300,6 @@ class Trainer:
         if self.on_metrics is not None and self.dist.is_main:
             self.on_metrics(self.step, metrics)
 
-    def _mfu(self, tokens_per_s: float) -> float | None:
-        value = mfu(self.flops_per_token, tokens_per_s, self.device, self.dist.world_size)
-        if value is None and not self._mfu_note_done and self.dist.is_main:
-            log.warning("MFU not reported: no peak FLOP/s known for device %r (see throughput.PEAK_FLOPS)",
-                        peak_flops(self.device)[1])
-        self._mfu_note_done = True
-        return value
-
     @property
     def stopped_early(self) -> bool:
         return self.early_stopping is not None and self.early_stopping.stopped
@@ -344,13 +335,16 @@ class Trainer:
             tokens_per_s = tokens / dt
             metrics: dict[str, float | None] = {
                 "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                "mfu": self._mfu(tokens_per_s), "peak_mem_mib": peak_memory_mib(self.device),
+                "mfu": mfu(self.flops_per_token, tokens_per_s, self.device, self.dist.world_size), "peak_mem_mib": peak_memory_mib(self.device),
                 "epoch": self.data_position / len(self.train_data),
             }
             last = self.step == self.total_steps
             if self.val_data is not None and (last or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
                 val = self.val = self.evaluate()
                 metrics.update(val)
+                if self.dist.is_main:  # through tqdm (fit): a line above the progress bar, not inside it
+                    log.info("step %d/%d: val_loss %.4f (train_loss %.4f)%s", self.step, self.total_steps, val["val_loss"],
+                             train_loss, "".join(f", {k} {v:.4f}" for k, v in val.items() if k not in ("val_loss", "val_ppl")))
                 if self.early_stopping is not None:
                     self.early_stopping.update(self.step, val, self.model, self._save_best, self.dist.distributed,
                                                self.device)
@@ -365,9 +359,13 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to total_steps (resuming first when allowed), evaluating and checkpointing on schedule."""
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         self.model.train()
         self.maybe_resume()
+        peak, device_name = peak_flops(self.device)
+        if peak is None and self.device.type == "cuda" and self.dist.is_main:  # a CPU's is never known: no warning
+            log.warning("MFU not reported: no peak FLOP/s known for %r (add it to throughput.PEAK_FLOPS)", device_name)
         bar = tqdm(
             total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and self.dist.is_main),
             desc="train", dynamic_ncols=True,
@@ -376,7 +374,8 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         prefetcher = Prefetcher(self.host_micro_batches, pin=self.device.type == "cuda") if self.prefetch else None
         try:
-            last_ckpt = self._loop(bar, prefetcher)
+            with logging_redirect_tqdm():  # a warning or a val line during training prints above the bar
+                last_ckpt = self._loop(bar, prefetcher)
         finally:
             if prefetcher is not None:
                 prefetcher.close()
