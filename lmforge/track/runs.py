@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from lmforge.track.lineage import git_commit, input_hashes, output_hashes
 from lmforge.core.params import flatten
+from lmforge.core.redact import redact
 from lmforge.track.store import (
     ensure_experiment,
     mark_orphans_killed,
