@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lmforge import TELEMETRY_OFF
-from lmforge.track.runs import runs_table_link
+from lmforge.track.runs import run_link
 
 from conftest import REPO, REPRO_OUTPUT, copy_repo, tool_env
 
@@ -107,9 +107,9 @@ def test_make_ui_serves_and_names_the_tracking_uri_in_use(fake_bin, tmp_path, mo
     output, args, _ = _make("ui", fake_bin, MLFLOW_TRACKING_URI=store)
     assert f"--backend-store-uri {store}" in args and store in output
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    assert f"--backend-store-uri {store})" in runs_table_link("1")  # the hint each stage prints
+    assert f"--backend-store-uri {store})" in run_link("1", "0123abcd")  # the hint each stage prints
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert "--backend-store-uri sqlite:///mlflow.db)" in runs_table_link("1")
+    assert "--backend-store-uri sqlite:///mlflow.db)" in run_link("1", "0123abcd")
 
 
 def test_the_readme_starts_prefect_through_the_makefile():
