@@ -30,7 +30,7 @@ import pyarrow
 from tqdm import tqdm
 
 from lmforge.core.errors import LmforgeError
-from lmforge.core.digests import file_md5, remember_md5
+from lmforge.core.digests import file_md5, md5_of, recording_md5s, remember_md5
 from lmforge.core.params import EngineParams
 from lmforge.core.redact import redact
 
@@ -281,15 +281,18 @@ def run_in_turn(function: Callable[[T], R], items: Sequence[T]) -> list[R]:
 
     The heap that was there before the tasks (the driver's imports, its tracking client: ~160,000
     objects, ~80 ms a full collection) is frozen meanwhile, so a collection walks only what the
-    tasks made: a few ms, where the clean stage's twenty tasks of one partition would pay 1.6 s."""
+    tasks made: a few ms, where the clean stage's twenty tasks of one partition would pay 1.6 s.
+    The md5s of the parts and shards the tasks write are remembered as they are written, for the
+    output tags (hash_in_driver)."""
     gc.freeze()
     try:
         results = []
-        for item in items:
-            try:
-                results.append(function(item))
-            finally:
-                release_memory()
+        with recording_md5s():
+            for item in items:
+                try:
+                    results.append(function(item))
+                finally:
+                    release_memory()
         return results
     finally:
         gc.unfreeze()
@@ -311,10 +314,11 @@ def hash_on_workers(client: Any, directory: Path) -> None:
 
 
 def hash_in_driver(directory: Path) -> None:
-    """hash_on_workers for a job whose tasks ran in the driver: it wrote the files moments ago, so
-    they are read back from the page cache, once, here rather than when the run tags its outputs."""
+    """hash_on_workers for a job whose tasks ran in the driver: the parts and shards it wrote were
+    hashed as they were written (run_in_turn); what is left (the manifest, the stats, a part of a
+    killed run's that this one resumed from) is read here."""
     for path in sorted(path for path in Path(directory).rglob("*") if path.is_file()):
-        remember_md5(path, file_md5(path))
+        remember_md5(path, md5_of(path))
 
 
 def _md5_of_files(paths: list[str]) -> dict[str, str]:
