@@ -9,7 +9,7 @@ from __future__ import annotations
 from lmforge.core import paths
 from lmforge.core.stage import run_stage
 from lmforge.data.clean_job import STAGE, CleanJob
-from lmforge.data.job import run_data_job
+from lmforge.data.job import on_engine, run_data_job
 from lmforge.data.partitions import staging_dir
 from lmforge.core.errors import LmforgeError
 from lmforge.core.params import load_params
@@ -21,14 +21,14 @@ def main() -> None:
     with stage_run("clean", {"clean": params.clean}, inputs=[paths.RAW]) as run:
         # Stats and samples are written even when nothing survives, so the user can see why.
         stats = run_data_job(CleanJob(params.clean, paths.RAW, paths.CLEAN, staging_dir(STAGE)), params.engine,
-                             hash_outputs=not run.failed)  # the output tags' md5s, on the workers
+                             hash_outputs=not run.failed)  # the output tags' md5s
         run.log_metrics({**{k: stats[k] for k in ("documents_out", "kept_document_fraction", "kept_byte_fraction",
                                                   "mb_per_s")}, "partitions": len(stats["partitions"]),
                          "workers": stats["workers"]})
         run.log_artifact(paths.CLEAN_STATS)
         run.describe(f"Clean: kept {stats['documents_out']:,} of {stats['documents_in']:,} documents "
                      f"({stats['kept_document_fraction']:.1%}) after the quality filters and dedup, in "
-                     f"{len(stats['partitions'])} partitions on {stats['workers']} workers; what each step dropped is "
+                     f"{len(stats['partitions'])} partitions {on_engine(stats['workers'])}; what each step dropped is "
                      "in stats.json (per partition too), examples in rejected_samples.jsonl.")
         run.log_artifact(paths.REJECTED_SAMPLES)
         if stats["documents_out"] == 0:

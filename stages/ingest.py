@@ -11,7 +11,7 @@ from __future__ import annotations
 from lmforge.core import paths
 from lmforge.core.stage import run_stage
 from lmforge.data.ingest_job import STAGE, IngestJob
-from lmforge.data.job import run_data_job
+from lmforge.data.job import on_engine, run_data_job
 from lmforge.data.sources.locations import is_url, resolve_files
 from lmforge.data.partitions import staging_dir
 from lmforge.core.params import load_params
@@ -25,13 +25,13 @@ def main() -> None:
     inputs = [path for path in resolve_files(data.files) if not is_url(path)] if data.source == "files" else []
     with stage_run("ingest", {"data": data, "engine": params.engine}, inputs=inputs) as run:
         stats = run_data_job(IngestJob(data, paths.RAW, staging_dir(STAGE)), params.engine,
-                             hash_outputs=not run.failed)  # the output tags' md5s, on the workers
+                             hash_outputs=not run.failed)  # the output tags' md5s
         # A few comparable figures as metrics; every count and each partition's seconds are in the stats artifact.
         run.log_metrics({key: stats[key] for key in ("documents", "bytes", "mb_per_s", "partitions", "workers")})
         run.log_artifact(paths.RAW_STATS)
         run.describe(f"Ingest from `{data.source}`: {stats['documents']:,} documents, {stats['bytes'] / 1e6:,.2f} MB "
-                     f"({stats['val_documents']:,} held out for validation) in {stats['partitions']} partitions on "
-                     f"{stats['workers']} workers, {stats['seconds']:.1f} s. Counts: stats.json.")
+                     f"({stats['val_documents']:,} held out for validation) in {stats['partitions']} partitions "
+                     f"{on_engine(stats['workers'])}, {stats['seconds']:.1f} s. Counts: stats.json.")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from lmforge.core import paths
 from lmforge.core.stage import run_stage
-from lmforge.data.job import run_data_job
+from lmforge.data.job import on_engine, run_data_job
 from lmforge.data.partitions import staging_dir
 from lmforge.data.tokenize_job import STAGE, TokenizeJob
 from lmforge.core.params import load_params
@@ -24,7 +24,7 @@ def main() -> None:
                    inputs=[paths.CLEAN]) as run:
         job = TokenizeJob(tok_params, params.data.val_fraction, paths.CLEAN, paths.SHARDS, paths.TOKENIZER.parent,
                           staging_dir(STAGE))
-        stats = run_data_job(job, params.engine, hash_outputs=not run.failed)  # the output tags' md5s, on the workers
+        stats = run_data_job(job, params.engine, hash_outputs=not run.failed)  # the output tags' md5s
         run.log_metrics({"train_tokens": stats["train.tokens"], "val_tokens": stats["val.tokens"],
                          "bytes_per_token": stats["bytes_per_token"], "tokens_per_s": stats["tokens_per_s"],
                          "sample_bytes": stats["sample_bytes"], "partitions": stats["partitions"],
@@ -32,8 +32,8 @@ def main() -> None:
         run.describe(f"Tokenize: byte-level BPE of {stats['vocab_size']:,} tokens trained on "
                      f"{stats['sample_bytes'] / 1e6:,.1f} MB of train text; {stats['train.tokens']:,} train and "
                      f"{stats['val.tokens']:,} val tokens in rows of {tok_params.seq_len + 1} "
-                     f"({stats['bytes_per_token']:.2f} bytes/token), {stats['partitions']} partitions on "
-                     f"{stats['workers']} workers.")
+                     f"({stats['bytes_per_token']:.2f} bytes/token), {stats['partitions']} partitions "
+                     f"{on_engine(stats['workers'])}.")
         for path in (paths.TOKENIZER_STATS, paths.SHARDS / "manifest.json", paths.TOKENIZER):
             run.log_artifact(path)
 

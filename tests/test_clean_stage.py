@@ -16,7 +16,9 @@ import pytest
 from lmforge.data.clean_job import CleanJob
 from lmforge.data.engine import FAULT_ENV
 from lmforge.data.engine import dask_client
+from lmforge.data import job
 from lmforge.data.job import Engine
+from lmforge.data.partitions import iter_dataset_batches
 from lmforge.core.params import CleanParams, EngineParams
 
 from conftest import make_repo, make_texts, tool_env, tiny_params
@@ -68,6 +70,18 @@ def test_one_and_two_workers_write_the_same_bytes(raw, serial, tmp_path):
     assert len(serial["parts"]) == 6
 
 
+def test_one_partition_is_cleaned_in_the_driver_with_the_bytes_of_a_cluster(raw, tmp_path, monkeypatch):
+    """One raw partition: the stage's engine params start no cluster (nothing to share between two
+    workers), and the driver writes what the cluster's workers write."""
+    one = tmp_path / "raw"
+    write_raw(one, [doc for batch in iter_dataset_batches(raw, 1000, "ingest") for doc in batch], parts=1)
+    on_cluster = clean_on_dask(one, tmp_path / "cluster", workers=2)
+    monkeypatch.setattr(job, "dask_client", lambda params: pytest.fail(f"a cluster was started for {params}"))
+    result = run_clean(PARAMS, one, tmp_path / "driver/clean", tmp_path / "driver/staging", EngineParams(workers=2))
+    assert outputs(tmp_path / "driver", result) == on_cluster and result["stats"]["workers"] == 0
+    assert len(on_cluster["parts"]) == 1 and on_cluster["stats"]["steps"]["exact_dedup"]["dropped"] >= 2
+
+
 def test_a_worker_killed_mid_task_is_retried_and_nothing_is_lost_or_doubled(raw, serial, tmp_path, monkeypatch):
     flag = tmp_path / "crashed"
     monkeypatch.setenv(FAULT_ENV, f"clean:1:exit:{flag}")  # the workers inherit it when they start
@@ -80,7 +94,8 @@ def _markers(root: Path) -> list[Path]:
 
 
 def test_a_killed_stage_resumes_from_its_finished_partitions_and_ends_as_an_uninterrupted_run(tmp_path):
-    root = make_repo(tmp_path / "repo", tiny_params(clean={"batch_size": PARAMS.batch_size}, engine={"workers": 1}),
+    # Two workers: with one, the driver would run the tasks itself (test_data_job.py), and this is the cluster's test.
+    root = make_repo(tmp_path / "repo", tiny_params(clean={"batch_size": PARAMS.batch_size}, engine={"workers": 2}),
                      n_docs=2)
     write_raw(root / "data/raw", _docs(make_texts(2400, seed=23)), parts=12)
     process = subprocess.Popen(["python", "-m", "stages.clean"], cwd=root, env=tool_env(), start_new_session=True,
@@ -105,7 +120,7 @@ def test_a_killed_stage_resumes_from_its_finished_partitions_and_ends_as_an_unin
     uninterrupted = outputs(tmp_path / "fresh", run_clean(PARAMS, root / "data/raw", tmp_path / "fresh/clean",
                                                            tmp_path / "fresh/staging"))
     samples = [json.loads(line) for line in (root / "data/clean/rejected_samples.jsonl").read_text().splitlines()]
-    assert outputs(root / "data", {"stats": stats, "samples": samples}) == uninterrupted and stats["workers"] == 1
+    assert outputs(root / "data", {"stats": stats, "samples": samples}) == uninterrupted and stats["workers"] == 2
     assert not (root / "data/.staging/clean").exists()
 
 

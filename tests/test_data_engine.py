@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmforge.data.ingest_job import IngestJob, plan_tasks, run_partition
+from lmforge.core import digests
+from lmforge.data import job
 from lmforge.data.job import Engine, run_data_job
 from lmforge.data.markers import MARKERS_DIR
 from lmforge.data.partitions import iter_dataset_batches
@@ -57,11 +59,13 @@ def make_corpus(root: Path) -> DataParams:
                       val_fraction=VAL_FRACTION)
 
 
-def run_data_stages(client, data: DataParams, out: Path) -> Path:
-    """Ingest, then tokenize over the raw partitions (they follow clean's contract), into `out`."""
-    run_data_job(IngestJob(data, out / "raw", out / "staging-ingest"), Engine(client))
+def run_data_stages(client, data: DataParams, out: Path, engine: EngineParams | None = None) -> Path:
+    """Ingest, then tokenize over the raw partitions (they follow clean's contract), into `out`: on
+    `client`'s cluster, or as a stage would with `engine`."""
+    running = engine or Engine(client)
+    run_data_job(IngestJob(data, out / "raw", out / "staging-ingest"), running, hash_outputs=engine is not None)
     run_data_job(TokenizeJob(TOKENIZER, VAL_FRACTION, out / "raw", out / "shards", out / "tokenizer",
-                             out / "staging-tokenize"), Engine(client))
+                             out / "staging-tokenize"), running, hash_outputs=engine is not None)
     return out
 
 
@@ -138,6 +142,25 @@ def test_one_and_two_workers_and_a_rerun_write_the_same_bytes(reference, corpus,
     assert len(shards) == reference["tokenizer/stats.json"]["train.rows"]
 
 
+def test_one_partition_runs_in_the_driver_with_the_bytes_of_a_cluster(one_worker, corpus, tmp_path, monkeypatch):
+    whole = corpus.model_copy(update={"partition_mb": 64.0})  # the whole corpus in one partition
+    on_cluster = outputs(run_data_stages(one_worker, whole, tmp_path / "cluster"))
+    monkeypatch.setattr(job, "dask_client", lambda params: pytest.fail(f"a cluster was started for {params}"))
+    # The output tags' md5s of the part and the shards: hashed as they were written, never read back.
+    monkeypatch.setattr(digests, "file_md5", lambda path: pytest.fail(f"{path} read back for its md5")
+                        if str(path).endswith((".parquet", ".arrow")) else digests.file_digest(path, "md5"))
+    in_driver = outputs(run_data_stages(None, whole, tmp_path / "driver", EngineParams(workers=2)))
+    assert in_driver == on_cluster and sum(name.startswith("raw/part-") for name in in_driver) == 1
+    assert sum(name.startswith("shards/train/") for name in in_driver) > 5
+    assert json.loads((tmp_path / "driver/tokenizer/stats.json").read_text())["workers"] == 0
+    for output in ("raw", "shards"):
+        with monkeypatch.context() as forgotten:
+            forgotten.setattr(digests, "_KNOWN_MD5", {})  # every file read: the md5s remembered were right
+            forgotten.setattr(digests, "file_md5", lambda path: digests.file_digest(path, "md5"))
+            read = digests.content_hash(tmp_path / "driver" / output)
+        assert digests.content_hash(tmp_path / "driver" / output) == read
+
+
 def test_the_bpe_trains_on_a_bounded_sample_chosen_by_id(reference):
     stats = reference["tokenizer/stats.json"]
     assert 0 < stats["sample_rate"] < 1
@@ -210,6 +233,7 @@ def _stage(root: Path, module: str, **env: str) -> subprocess.Popen:
 @pytest.mark.parametrize("stage,module,prefix", [("ingest", "ingest", "part-"), ("tokenize", "tokenize_data", "encode-")])
 def test_a_stage_killed_mid_way_resumes_without_redoing_finished_partitions(one_worker, tmp_path, monkeypatch,
                                                                            stage, module, prefix):
+    # One worker: the driver runs the partitions itself (test_clean_stage.py kills a stage on a cluster).
     params = tiny_params(data={"partition_mb": 0.002}, engine={"workers": 1}, tokenizer={"train_sample_mb": 0.02})
     root = make_repo(tmp_path / "repo", params, n_docs=120)
     monkeypatch.chdir(root)  # the uninterrupted runs below, in this process, read the same relative paths

@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 
+from lmforge.core import digests
 from lmforge.core.errors import LmforgeError
 from lmforge.core.params import EngineParams
+from lmforge.data import job as job_module
 from lmforge.data.documents import DocumentWriter, make_document
-from lmforge.data.job import DataJob, Engine, JobResult, run_data_job
+from lmforge.data.job import DataJob, Engine, JobResult, cluster_needed, run_data_job
 from lmforge.data.markers import completed, mark_completed, task_key
 from lmforge.data.partitions import iter_dataset_batches, iter_part_batches, part_name, part_paths, write_parts_manifest
 
@@ -25,7 +27,7 @@ from conftest import REPO
 
 DATA_JOB_STAGES = ("ingest", "clean", "tokenize_data")
 # What the driver alone does: a stage or a job that does it itself has left the contract.
-DRIVER_ONLY = {"dask_client", "hash_on_workers", "clear_staging_dir", "publish", "map_tasks"}
+DRIVER_ONLY = {"dask_client", "hash_on_workers", "hash_in_driver", "clear_staging_dir", "publish", "map_tasks"}
 
 
 def _calls_and_names(path: Path) -> tuple[set[str], set[str]]:
@@ -95,9 +97,9 @@ class UpperJob(DataJob):
                          lambda output: write_parts_manifest(output, parts))
 
 
-def _source(directory: Path) -> Path:
+def _source(directory: Path, partitions: list[list[str]] = [["one a", "two b"], ["three c"]]) -> Path:  # noqa: B006
     parts = []
-    for index, texts in enumerate([["one a", "two b"], ["three c"]]):
+    for index, texts in enumerate(partitions):
         with DocumentWriter(directory / part_name(index)) as writer:
             writer.write([make_document(text, "test") for text in texts])
         parts.append({"name": part_name(index), "documents": writer.documents, "bytes": writer.bytes})
@@ -136,3 +138,52 @@ def test_a_failed_job_publishes_nothing_and_keeps_its_staging_to_resume_from(tmp
     assert [p.name for p in job.output.iterdir()] == ["stats.json"]
     assert sorted(p.name for p in (job.staging / ".done").iterdir()) == ["part-00000.parquet.json",
                                                                         "part-00001.parquet.json"]
+
+
+@pytest.mark.parametrize("params,partitions,cluster", [
+    (EngineParams(), 1, False),  # one partition: nothing to share between workers
+    (EngineParams(workers=4), 1, False),
+    (EngineParams(workers=1), 12, False),  # one worker: the driver runs the tasks as it would
+    (EngineParams(workers=2), 2, True),
+    (EngineParams(address="tcp://10.0.0.5:8786"), 1, True),  # a scheduler given is always used
+    (EngineParams(address="tcp://10.0.0.5:8786", workers=1), 0, True),
+])
+def test_the_embedded_cluster_starts_only_with_partitions_and_workers_to_share(params, partitions, cluster, monkeypatch):
+    monkeypatch.setattr(job_module.os, "cpu_count", lambda: 2)  # engine.workers null: one per core
+    assert cluster_needed(params, partitions) is cluster
+
+
+def _no_cluster(params):
+    raise AssertionError(f"a Dask cluster was started for {params}")
+
+
+def test_one_partition_or_one_worker_runs_in_the_driver_and_remembers_the_output_md5s(tmp_path, monkeypatch):
+    """No cluster (its start, Dask's import and scheduling cost ~2 s of a tiny stage), the same outputs
+    as tasks run anywhere else, `workers` 0 in the stats, and the output tags' md5s known without
+    reading the parts again: hashed as they were written."""
+    monkeypatch.setattr(job_module, "dask_client", _no_cluster)
+    # The parts' md5s are taken as they are written (the small JSON files the driver writes are read).
+    monkeypatch.setattr(digests, "file_md5", lambda path: pytest.fail(f"{path} read back for its md5")
+                        if str(path).endswith(".parquet") else digests.file_digest(path, "md5"))
+    runs = {
+        "one partition": (_source(tmp_path / "one", [["one a", "two b", "three c"]]), EngineParams(workers=2)),
+        "one worker": (_source(tmp_path / "two"), EngineParams(workers=1)),
+    }
+    for name, (source, params) in runs.items():
+        job = UpperJob(source, tmp_path / name / "upper", tmp_path / name / "staging")
+        assert run_data_job(job, params, hash_outputs=True) == {"documents": 3, "workers": 0}
+        texts = [doc["text"] for batch in iter_dataset_batches(job.output, 10, "upper") for doc in batch]
+        assert texts == ["ONE A", "TWO B", "THREE C"]
+        with monkeypatch.context() as reads:
+            reads.setattr(digests, "file_md5", lambda path: pytest.fail(f"{path} was read again for its md5"))
+            remembered = digests.content_hash(job.output)
+        with monkeypatch.context() as forgotten:
+            forgotten.setattr(digests, "_KNOWN_MD5", {})  # every file read: the md5s remembered were right
+            forgotten.setattr(digests, "file_md5", lambda path: digests.file_digest(path, "md5"))
+            assert digests.content_hash(job.output) == remembered
+
+
+def test_a_one_partition_job_at_an_engine_address_still_goes_there(tmp_path):
+    job = UpperJob(_source(tmp_path / "source", [["one a"]]), tmp_path / "upper", tmp_path / "staging")
+    with pytest.raises(LmforgeError, match="engine.address tcp://127.0.0.1:9: connection refused"):
+        run_data_job(job, EngineParams(address="tcp://127.0.0.1:9"))

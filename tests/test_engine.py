@@ -4,6 +4,7 @@ that survives one dead worker and is bounded, and completion markers."""
 
 from __future__ import annotations
 
+import gc
 import http.server
 import os
 import socket
@@ -23,7 +24,7 @@ from lmforge.data.markers import completed, mark_completed, task_key
 from lmforge.core import digests
 from lmforge.track import lineage
 from lmforge.data import engine
-from lmforge.data.engine import UserError, WorkerTask, dask_client, hash_on_workers, map_tasks, worker_count
+from lmforge.data.engine import UserError, WorkerTask, dask_client, hash_on_workers, map_tasks, run_in_turn, worker_count
 from lmforge.core.errors import LmforgeError
 from lmforge.core.params import EngineParams
 
@@ -207,7 +208,8 @@ def _stage_error(result: subprocess.CompletedProcess) -> str:
 def test_a_data_stage_whose_workers_always_die_at_start_fails_in_one_line(engine_repo, tmp_path):
     preload = tmp_path / "always_dies.py"
     preload.write_text(ALWAYS_DIES)
-    write_params(engine_repo, engine={"workers": 1})
+    # Two workers and several partitions: with one of either the driver does the work, no cluster starts.
+    write_params(engine_repo, engine={"workers": 2}, data={"partition_mb": 0.001})
     result = run(["python", "-m", "stages.ingest"], engine_repo, check=False,
                  DASK_DISTRIBUTED__WORKER__PRELOAD=f'["{preload}"]')
     line = _stage_error(result)
@@ -257,6 +259,9 @@ def test_a_task_hands_back_what_it_freed_before_the_next_runs():
 
     assert WorkerTask(task)(21) == 42
     assert refs[0]() is None
+    # The driver running the tasks itself (one partition, one worker) hands it back the same way.
+    assert run_in_turn(task, [1, 2]) == [2, 4]
+    assert refs[1]() is None and refs[2]() is None and gc.get_freeze_count() == 0
 
     def fails(_: int) -> int:
         raise ValueError("a bug")

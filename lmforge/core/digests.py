@@ -1,17 +1,24 @@
 """File digests: sha256 (manifests, markers, checkpoints), DVC's md5 of a file or directory (lineage), read in 1 MiB
-chunks, and md5s computed elsewhere (a data stage's workers) remembered while a file's size and mtime hold.
+chunks, and md5s computed elsewhere (a data stage's workers, or a writer as it wrote) remembered while a file's
+size and mtime hold.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
-# md5s of files this process published, computed where they were written (the data stages' workers):
-# path -> (size, mtime_ns, md5), trusted while the file's size and mtime are still those.
-_KNOWN_MD5: dict[str, tuple[int, int, str]] = {}
+# md5s of files this process published, computed where they were written (the data stages' workers, or the
+# writer itself): (device, inode) -> (size, mtime_ns, md5), trusted while the file's size and mtime are still
+# those. Keyed by the inode, as DVC's own state is: a file written in staging keeps it when it is renamed into
+# the output, so its md5 need not be read again there.
+_KNOWN_MD5: dict[tuple[int, int], tuple[int, int, str]] = {}
+# Whether writers remember the md5s of what they write (lmforge.core.digests.recording_md5s).
+_RECORDING = False
 
 
 def file_digest(path: str | Path, algorithm: str) -> str:
@@ -30,17 +37,35 @@ def file_md5(path: str | Path) -> str:
 def remember_md5(path: Path, md5: str) -> None:
     """Record `path`'s md5, computed elsewhere, so content_hash does not read the file again: a data
     stage's driver would otherwise read every byte its workers wrote."""
-    stat = path.stat()
-    _KNOWN_MD5[str(path.resolve())] = (stat.st_size, stat.st_mtime_ns, md5)
+    stat = Path(path).stat()
+    _KNOWN_MD5[(stat.st_dev, stat.st_ino)] = (stat.st_size, stat.st_mtime_ns, md5)
+
+
+@contextmanager
+def recording_md5s() -> Iterator[None]:
+    """Inside the block, a writer that hashes what it writes remembers its md5 (written_md5): a data
+    stage's driver running its tasks itself, where the output tags will ask for them. A worker
+    process never records: it would keep the md5 of every file it wrote, for nobody."""
+    global _RECORDING
+    before, _RECORDING = _RECORDING, True
+    try:
+        yield
+    finally:
+        _RECORDING = before
+
+
+def written_md5(path: Path, md5: str) -> None:
+    """The md5 of the bytes just written to `path`, remembered when this process records them."""
+    if _RECORDING:
+        remember_md5(path, md5)
 
 
 def md5_of(path: Path) -> str:
     """`path`'s md5: remembered while its size and mtime hold, else read."""
-    known = _KNOWN_MD5.get(str(path.resolve()))
-    if known is not None:
-        stat = path.stat()
-        if (stat.st_size, stat.st_mtime_ns) == known[:2]:
-            return known[2]
+    stat = Path(path).stat()
+    known = _KNOWN_MD5.get((stat.st_dev, stat.st_ino))
+    if known is not None and (stat.st_size, stat.st_mtime_ns) == known[:2]:
+        return known[2]
     return file_md5(path)
 
 

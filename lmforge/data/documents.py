@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lmforge.core.digests import written_md5
 from lmforge.core.errors import naming_full_disk
 from lmforge.core.io import atomic_path
 
@@ -82,7 +84,8 @@ class DocumentWriter:
         self._context = atomic_path(self.path)
         self._tmp = self._context.__enter__()
         with naming_full_disk(self.path):
-            self._writer = pq.ParquetWriter(self._tmp, DOCUMENT_SCHEMA, compression="zstd")
+            self._sink = _Md5Writer(self._tmp)
+            self._writer = pq.ParquetWriter(self._sink, DOCUMENT_SCHEMA, compression="zstd")
 
     def write(self, docs: list[Document]) -> None:
         if not docs:
@@ -95,11 +98,15 @@ class DocumentWriter:
     def close(self) -> None:
         with naming_full_disk(self.path):
             self._writer.close()
+            self._sink.close()
         self._context.__exit__(None, None, None)
+        written_md5(self.path, self._sink.md5.hexdigest())
 
     def abort(self, exc: BaseException) -> None:
         with contextlib.suppress(Exception):  # the file is discarded: a close that fails too (a full disk) is moot
             self._writer.close()
+        with contextlib.suppress(Exception):
+            self._sink.close()
         self._context.__exit__(type(exc), exc, exc.__traceback__)
 
     def __enter__(self) -> DocumentWriter:
@@ -110,3 +117,16 @@ class DocumentWriter:
             self.close()
         else:
             self.abort(exc)
+
+
+class _Md5Writer(io.BufferedWriter):
+    """A file that hashes what is written to it: the md5 the stage run's output tags need, without
+    reading the file back (lmforge.core.digests.written_md5)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(io.FileIO(path, "wb"), buffer_size=1 << 20)
+        self.md5 = hashlib.md5()
+
+    def write(self, data: Any) -> int:
+        self.md5.update(data)
+        return super().write(data)

@@ -1,9 +1,11 @@
 """The engine of the data stages: Dask distributed, embedded on this machine or a real cluster.
 
 `engine.address: null` starts a `LocalCluster` of worker processes (one thread each: the filters
-and the dedup hold the GIL) for the length of a stage; `engine.address: tcp://host:8786` joins an
-existing scheduler (`dask scheduler` + `dask worker`, dask-jobqueue, dask-kubernetes). The stages
-only plan and merge small results here; partitions are read and written by the workers.
+and the dedup hold the GIL) for the length of a stage, when it has more than one partition for more
+than one worker (else the driver runs the tasks in turn: lmforge.data.job); `engine.address:
+tcp://host:8786` joins an existing scheduler (`dask scheduler` + `dask worker`, dask-jobqueue,
+dask-kubernetes). The stages only plan and merge small results here; partitions are read and
+written by the workers.
 
 A LocalCluster starts worker processes with `spawn`: create it only under
 `if __name__ == "__main__":` (every stage runs through `lmforge.core.stage.run_stage`, which is).
@@ -28,7 +30,7 @@ import pyarrow
 from tqdm import tqdm
 
 from lmforge.core.errors import LmforgeError
-from lmforge.core.digests import file_md5, remember_md5
+from lmforge.core.digests import file_md5, md5_of, recording_md5s, remember_md5
 from lmforge.core.params import EngineParams
 from lmforge.core.redact import redact
 
@@ -264,8 +266,36 @@ class WorkerTask:
         except LmforgeError as error:
             return UserError(error)
         finally:
-            gc.collect()
-            pyarrow.default_memory_pool().release_unused()
+            release_memory()
+
+
+def release_memory() -> None:
+    """What a finished task freed, handed back: cycles collected, pyarrow's pool trimmed (WorkerTask)."""
+    gc.collect()
+    pyarrow.default_memory_pool().release_unused()
+
+
+def run_in_turn(function: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """`function(item)` for every item in this process, one after another, each task's memory
+    handed back before the next as on a worker (release_memory).
+
+    The heap that was there before the tasks (the driver's imports, its tracking client: ~160,000
+    objects, ~80 ms a full collection) is frozen meanwhile, so a collection walks only what the
+    tasks made: a few ms, where the clean stage's twenty tasks of one partition would pay 1.6 s.
+    The md5s of the parts and shards the tasks write are remembered as they are written, for the
+    output tags (hash_in_driver)."""
+    gc.freeze()
+    try:
+        results = []
+        with recording_md5s():
+            for item in items:
+                try:
+                    results.append(function(item))
+                finally:
+                    release_memory()
+        return results
+    finally:
+        gc.unfreeze()
 
 
 def hash_on_workers(client: Any, directory: Path) -> None:
@@ -281,6 +311,14 @@ def hash_on_workers(client: Any, directory: Path) -> None:
     for share in map_tasks(client, _md5_of_files, shares, desc=f"md5 {directory}"):
         for path, md5 in share.items():
             remember_md5(Path(path), md5)
+
+
+def hash_in_driver(directory: Path) -> None:
+    """hash_on_workers for a job whose tasks ran in the driver: the parts and shards it wrote were
+    hashed as they were written (run_in_turn); what is left (the manifest, the stats, a part of a
+    killed run's that this one resumed from) is read here."""
+    for path in sorted(path for path in Path(directory).rglob("*") if path.is_file()):
+        remember_md5(path, md5_of(path))
 
 
 def _md5_of_files(paths: list[str]) -> dict[str, str]:

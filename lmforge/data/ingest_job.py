@@ -91,7 +91,7 @@ class IngestJob(DataJob):
             "mb_per_s": size / 1e6 / seconds if seconds else 0.0,
             "counters": dict(sorted(counters.items())),
             "partitions": len(results),
-            "workers": engine.workers if self.uses_engine else 0,  # 0: the driver read the stream
+            "workers": engine.workers,  # 0: the driver did the work (the Hub's stream, one partition, one worker)
             "parts": [{key: result[key] for key in ("name", "documents", "bytes", "train_documents", "val_documents",
                                                      "seconds")} for result in results],
         }

@@ -5,12 +5,18 @@ A job fills in `DataJob`: `plan` reads its inputs' manifests and cuts the work i
 read, no engine yet: a missing input fails in seconds); `run` maps its tasks on the engine (one map
 or several, each task writing into `job.staging` with a completion marker, so a killed run resumes)
 and returns a `JobResult`: its stats and the staged files to publish. The driver does the rest:
-it publishes, writes stats.json, metrics.json and the manifest (last), has the workers hash the
-output for the stage run's tags, and clears the staging directory once everything is written.
+it publishes, writes stats.json, metrics.json and the manifest (last), hashes the output for the
+stage run's tags (on the workers), and clears the staging directory once everything is written.
+
+The embedded cluster starts only when it has work to share: more than one partition and more than
+one worker. Otherwise (one partition, or engine.workers: 1) the driver runs the tasks itself, in
+turn, which gives the same bytes without the ~2 s of starting worker processes, importing Dask and
+scheduling; `workers` in the stats is then 0. An engine.address always gets the tasks.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +26,7 @@ from typing import Any, Protocol
 
 from lmforge.core.io import atomic_path, write_json
 from lmforge.core.params import EngineParams
-from lmforge.data.engine import dask_client, hash_on_workers, map_tasks, worker_count
+from lmforge.data.engine import dask_client, hash_in_driver, hash_on_workers, map_tasks, run_in_turn, worker_count
 from lmforge.data.partitions import clear_staging_dir, publish
 
 STATS = "stats.json"  # every figure of a run, in the job's `reports` directory
@@ -37,7 +43,7 @@ class Engine:
             postfix: Callable[[list[Any]], dict[str, Any]] | None = None) -> list[Any]:
         """`function(item)` for every item, results in the order of `items` (lmforge.data.engine.map_tasks)."""
         if self.client is None:
-            return [function(item) for item in items]
+            return run_in_turn(function, items)
         return map_tasks(self.client, function, items, desc, postfix)
 
     @property
@@ -72,6 +78,10 @@ class DataJob(Protocol):
     def run(self, plan: Any, engine: Engine) -> JobResult:
         """The planned tasks on `engine`; raises before anything is published when the result is unusable."""
 
+    def partitions(self, plan: Any) -> int:
+        """The partitions `plan` holds (one: no cluster is worth starting for it)."""
+        return len(plan)
+
 
 def run_data_job(job: DataJob, engine: EngineParams | Engine, hash_outputs: bool = False) -> dict[str, Any]:
     """Plan -> engine -> tasks -> publish -> stats.json, metrics.json, manifest (last) -> md5s on the
@@ -79,22 +89,38 @@ def run_data_job(job: DataJob, engine: EngineParams | Engine, hash_outputs: bool
     `engine`: the params of one to start for the job, or one running (a test's, a benchmark's).
     A job that raises leaves its staging directory for the next run to resume from."""
     plan = job.plan()
-    with _started(engine, job.uses_engine) as running:
+    needed = job.uses_engine and not isinstance(engine, Engine) and cluster_needed(engine, job.partitions(plan))
+    with _started(engine, needed) as running:
         result = job.run(plan, running)
         _publish(job, result)
-        if hash_outputs and running.client is not None:
-            hash_on_workers(running.client, job.output)
+        if hash_outputs:
+            if running.client is not None:
+                hash_on_workers(running.client, job.output)
+            else:
+                hash_in_driver(job.output)
     clear_staging_dir(job.staging)
     return result.stats
 
 
+def on_engine(workers: int) -> str:
+    """Where a job's tasks ran, for a run's description: its stats' `workers` in words."""
+    return f"on {workers} workers" if workers else "in the stage's own process"
+
+
+def cluster_needed(params: EngineParams, partitions: int) -> bool:
+    """Whether a job of `partitions` partitions runs on a Dask cluster: always at an engine.address;
+    the embedded one only when it has more than one partition for more than one worker."""
+    return params.address is not None or (partitions > 1 and (params.workers or os.cpu_count() or 1) > 1)
+
+
 @contextmanager
 def _started(engine: EngineParams | Engine, needed: bool) -> Iterator[Engine]:
-    if isinstance(engine, Engine) or not needed:
+    if not needed:
         yield engine if isinstance(engine, Engine) else Engine()
         return
     with dask_client(engine) as client:
         yield Engine(client)
+
 
 
 def _publish(job: DataJob, result: JobResult) -> None:

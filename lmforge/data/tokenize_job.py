@@ -63,6 +63,9 @@ class TokenizeJob(DataJob):
         parts = [part_of(i, path) for i, path in enumerate(partitions.part_paths(self.clean, "clean"))]
         return parts, sample_rate(self.params.train_sample_mb, corpus_bytes, self.val_fraction)
 
+    def partitions(self, plan: tuple[list[Part], float]) -> int:
+        return len(plan[0])
+
     def run(self, plan: tuple[list[Part], float], engine: Engine) -> JobResult:
         (parts, rate), params, val_fraction, staging = plan, self.params, self.val_fraction, self.staging.resolve()
         dumped = params.model_dump(mode="json")
@@ -74,7 +77,8 @@ class TokenizeJob(DataJob):
         (trained,) = engine.map(train_on_sample, [train_task], desc="tokenize: train BPE")
         started = time.perf_counter()
         workers = engine.workers
-        spread = len(parts) < workers  # idle workers otherwise: let each encoder use every core
+        # Idle workers otherwise, or the driver alone (0): let each encoder use every core.
+        spread = len(parts) < workers or workers == 0
         encoded = engine.map(encode_partition,
                              [EncodeTask(part, trained["sha256"], dumped, val_fraction, str(staging), spread)
                               for part in parts],

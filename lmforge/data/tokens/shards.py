@@ -4,6 +4,7 @@ a manifest, and read back memory-mapped (zero copy) after verifying manifest and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -15,7 +16,7 @@ import pyarrow as pa
 
 from lmforge.core.io import write_json
 from lmforge.data.tokens.tokenizer import load_tokenizer
-from lmforge.core.digests import file_sha256
+from lmforge.core.digests import file_sha256, written_md5
 from lmforge.core.errors import LmforgeError, naming_full_disk
 
 MANIFEST_NAME = "manifest.json"
@@ -90,16 +91,21 @@ class ShardWriter:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         values = pa.array(rows.reshape(-1), type=self.schema.field(COLUMN).type.value_type)
         column = pa.FixedSizeListArray.from_arrays(values, self.row_len)
+        # Built in memory (shard_rows rows: megabytes), so its sha256 (the manifest's) and md5 (the output
+        # tags') come from the bytes written, not from reading the file back.
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, self.schema) as writer:
+            writer.write_batch(pa.record_batch([column], schema=self.schema))
+        data = sink.getvalue()
         try:
             with naming_full_disk(path):
-                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, self.schema) as writer:
-                    writer.write_batch(pa.record_batch([column], schema=self.schema))
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
                 os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        self.shards.append(
-            ShardInfo(relative, len(rows), int(rows.size), path.stat().st_size, file_sha256(path))
-        )
+        written_md5(path, hashlib.md5(data).hexdigest())
+        self.shards.append(ShardInfo(relative, len(rows), int(rows.size), data.size, hashlib.sha256(data).hexdigest()))
 
 
 def write_shards_manifest(
