@@ -54,7 +54,9 @@ class EngineParams(Section):
     """`engine`: where the data stages run their partitions (Dask distributed). Run-time only."""
 
     address: str | None = Field(
-        None, description="null: an embedded cluster on this machine; `tcp://host:8786`: an existing Dask scheduler")
+        None, description="null: an embedded cluster on this machine, started only for more than one partition "
+                    "and more than one worker (else the stage's own process does the work); `tcp://host:8786`: an "
+                    "existing Dask scheduler")
     workers: int | None = Field(None, gt=0, description="embedded cluster: worker processes, one thread each; "
                                                         "null: one per core")
     dashboard: bool = Field(False, description="serve Dask's dashboard and print its link")
