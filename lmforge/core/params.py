@@ -21,6 +21,7 @@ from lmforge.core.data_params import (  # noqa: F401  (re-exported: `from lmforg
     MAX_SEQ_LEN, CleanParams, DataParams, EngineParams, HfSourceParams, TasksParams, TokenizerParams,
 )
 from lmforge.core.errors import LmforgeError
+from lmforge.core.timings import phase
 from lmforge.core.model_params import (  # noqa: F401  (re-exported)
     CLASSIFY_METRICS, LOWER_IS_BETTER, SFT_METRICS, EvaluateParams, EvaluateRuntime, FinetuneParams, GenerateParams,
     LoraParams, ModelParams, PretrainParams, PretrainRuntime, PromoteMetricParams, PromoteParams, RuntimeParams,
@@ -156,10 +157,11 @@ def load_params(path: str | Path = DEFAULT_PARAMS_PATH) -> Params:
     the keys the process reads from here on are recorded (write_trace appends them)."""
     start_trace()
     path = Path(path)
-    raw = read_params_yaml(path)
-    if raw is not None and not isinstance(raw, dict):
-        raise LmforgeError(f"{path} must be a mapping of sections (data, clean, tokenizer, ...)")
-    return parse_params(raw, str(path))
+    with phase("params"):
+        raw = read_params_yaml(path)
+        if raw is not None and not isinstance(raw, dict):
+            raise LmforgeError(f"{path} must be a mapping of sections (data, clean, tokenizer, ...)")
+        return parse_params(raw, str(path))
 
 
 def read_params_yaml(path: Path) -> Any:

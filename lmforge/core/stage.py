@@ -6,6 +6,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from lmforge.core import timings
 from lmforge.core.errors import LmforgeError, disk_full
 from lmforge.core.section import write_trace
 from lmforge.core.redact import redact
@@ -14,6 +15,7 @@ from lmforge.core.redact import redact
 def run_stage(name: str, main: Callable[[], None]) -> None:
     """Run a stage's main; an LmforgeError becomes one clear line and exit status 2 (a bad param or
     input: never worth a retry), a full disk one line and status 1."""
+    timings.stage_started()
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(message)s")
     for noisy in ("alembic", "mlflow", "urllib3", "httpx", "filelock", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -32,3 +34,5 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
         sys.exit(1)
     finally:
         write_trace(name)
+        if timings.wanted():
+            print(timings.line(name), file=sys.stderr, flush=True)

@@ -19,13 +19,14 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from lmforge.core.io import atomic_path, write_json
 from lmforge.core.params import EngineParams
+from lmforge.core.timings import phase
 from lmforge.data.engine import dask_client, hash_in_driver, hash_on_workers, map_tasks, run_in_turn, worker_count
 from lmforge.data.partitions import clear_staging_dir, publish
 
@@ -92,13 +93,16 @@ def run_data_job(job: DataJob, engine: EngineParams | Engine, hash_outputs: bool
     needed = job.uses_engine and not isinstance(engine, Engine) and cluster_needed(engine, job.partitions(plan))
     with _started(engine, needed) as running:
         result = job.run(plan, running)
-        _publish(job, result)
+        with phase("publish"):
+            _publish(job, result)
         if hash_outputs:
-            if running.client is not None:
-                hash_on_workers(running.client, job.output)
-            else:
-                hash_in_driver(job.output)
-    clear_staging_dir(job.staging)
+            with phase("hashing"):
+                if running.client is not None:
+                    hash_on_workers(running.client, job.output)
+                else:
+                    hash_in_driver(job.output)
+    with phase("publish"):
+        clear_staging_dir(job.staging)
     return result.stats
 
 
@@ -118,9 +122,14 @@ def _started(engine: EngineParams | Engine, needed: bool) -> Iterator[Engine]:
     if not needed:
         yield engine if isinstance(engine, Engine) else Engine()
         return
-    with dask_client(engine) as client:
-        yield Engine(client)
-
+    with ExitStack() as stack:
+        with phase("engine"):  # the cluster's start, and below its stop: fixed costs of the stage
+            client = stack.enter_context(dask_client(engine))
+        try:
+            yield Engine(client)
+        finally:
+            with phase("engine"):
+                stack.close()
 
 
 def _publish(job: DataJob, result: JobResult) -> None:
