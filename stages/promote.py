@@ -22,7 +22,7 @@ from lmforge.core.io import write_json
 from lmforge.core.params import load_params
 from lmforge.core.paths import WEIGHTS_TAG
 from lmforge.core.stage import run_stage
-from lmforge.model.export import WEIGHTS
+from lmforge.model.files import WEIGHTS
 from lmforge.track.promotion import Decision, promote, undecided
 from lmforge.track.runs import stage_run, tracking_guard
 from lmforge.track.scoring import evaluated_score, score_version, scoring_knobs

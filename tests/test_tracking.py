@@ -112,3 +112,38 @@ def test_each_stage_run_is_tagged_with_the_md5s_dvc_lock_records_for_its_outputs
         tagged = {key[len(OUTPUT_TAG):]: value for key, value in run.data.tags.items() if key.startswith(OUTPUT_TAG)}
         recorded = {out["path"]: out["md5"] for out in entry["outs"] if not out["path"].startswith("checkpoints/")}
         assert tagged == recorded, stage
+
+
+def test_a_logged_model_skips_mlflows_requirements_check_and_loads_as_before(tmp_path, monkeypatch):
+    """log_torch_model keeps MLflow from checking this environment against the model's requirements
+    (it maps every installed distribution to its modules first: about a second a model). The check
+    could only pass, since the requirements are read from this environment; the files logged are
+    the same, and the model loads through MLflow as the registry gives it."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.utils import requirements_utils
+
+    from lmforge.track.runs import model_requirements
+    from lmforge.track.training import model_signature
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
+    checked: list[str] = []
+    real_check = requirements_utils._check_requirement_satisfied
+    monkeypatch.setattr(requirements_utils, "_check_requirement_satisfied", lambda req: checked.append(req))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    example = np.ones((2, 4), dtype=np.float32)
+    with stage_run("pretrain", {}, inputs=[], root=tmp_path) as run:
+        version = run.log_torch_model(model, "tiny", model_signature({"x": ("float32", (-1, 4))},
+                                                                     {"y": ("float32", (-1, 3))}), example)
+    assert version == "1" and not run.failed
+    assert checked == [], "MLflow checked the model's requirements against the environment"
+
+    local = mlflow.artifacts.download_artifacts("models:/tiny/1", dst_path=str(tmp_path / "dl"))
+    logged = (tmp_path / "dl" / "requirements.txt").read_text().split()
+    assert logged == [f"mlflow=={mlflow.__version__}", *model_requirements()], local
+    assert all(real_check(req) is None for req in logged)  # what the skipped check would have found
+    loaded = mlflow.pytorch.load_model("models:/tiny/1")
+    x = torch.from_numpy(example)
+    torch.testing.assert_close(loaded(x), model(x).detach())

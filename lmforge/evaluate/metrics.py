@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn import metrics as skm
 from torch import nn
 
 from lmforge.core.errors import LmforgeError
@@ -78,6 +77,8 @@ def classification_report(y_true: Sequence[str], y_pred: Sequence[str], labels: 
     not know) counts as wrong for accuracy and for the recall of its true class, belongs to no
     column of the matrix, and is counted in `invalid_predictions`. Plain Python types only.
     """
+    from sklearn import metrics as skm  # here, not at the top: SFT and promote's usual path never score labels
+
     labels = list(labels)
     known = set(labels)
     if not labels:

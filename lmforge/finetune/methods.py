@@ -6,6 +6,7 @@ classify head is trained fully through `modules_to_save`). LoRA adapters are mer
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from torch import nn
@@ -48,11 +49,10 @@ def apply_method(model: nn.Module, method: str, task: str, lora: Any = None) -> 
 
 
 def is_peft(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
+    # A PeftModel exists only once apply_method has imported peft: for full and frozen, importing
+    # peft (and transformers with it, seconds) just to answer no would be the stage's slowest import.
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def merged_model(model: nn.Module) -> nn.Module:

@@ -20,13 +20,8 @@ from torch import nn
 from lmforge.core.io import sweep_stale_temps, temp_name
 from lmforge.core.errors import LmforgeError, naming_full_disk
 from lmforge.model.decoder import ModelConfig, Transformer, build_model
+from lmforge.model.files import ADAPTER_DIR, CONFIG, META_KEYS, TOKENIZER, WEIGHTS
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-TOKENIZER = "tokenizer.json"
-ADAPTER_DIR = "adapter"
-# What a fine-tuned model's config.json holds beside the ModelConfig fields.
-META_KEYS = ("task", "method", "labels", "pooling", "max_length", "prompt_separator", "eos_token", "pad_token")
 
 
 def write_atomically(out_dir: Path, fill: Any) -> Path:

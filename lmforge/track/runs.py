@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from pydantic import BaseModel
 
@@ -160,19 +161,19 @@ class StageRun:
         named tensors the signature holds (it would print a JSON dump and an error).
         """
         import mlflow
-        import torch
         from mlflow.tracking import MlflowClient
 
-        logged = mlflow.pytorch.log_model(
-            model.eval(),
-            name=registered_name,
-            signature=signature,
-            input_example=input_example,
-            serialization_format="pt2",
-            validate_serving_input=False,
-            pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy"],
-            extra_files=[str(path) for path in extra_files or []] or None,
-        )
+        with _no_requirements_check():
+            logged = mlflow.pytorch.log_model(
+                model.eval(),
+                name=registered_name,
+                signature=signature,
+                input_example=input_example,
+                serialization_format="pt2",
+                validate_serving_input=False,
+                pip_requirements=model_requirements(),
+                extra_files=[str(path) for path in extra_files or []] or None,
+            )
         # Registered here, not through log_model's registered_model_name: MLflow prints "Registered
         # model ... already exists" there whenever the model exists, as it does once described.
         client = MlflowClient()
@@ -226,6 +227,29 @@ class StageRun:
         versions = MlflowClient().search_model_versions(f"name = '{name}'")
         matching = [int(v.version) for v in versions if v.tags.get(tag) == value]
         return str(max(matching)) if matching else None
+
+
+def model_requirements() -> list[str]:
+    """A logged model's pip requirements: the torch it was exported with or newer, and numpy (MLflow
+    adds its own pin). Every one is met by this environment, which they are read from."""
+    import torch
+
+    return [f"torch>={torch.__version__.split('+')[0]}", "numpy"]
+
+
+@contextmanager
+def _no_requirements_check() -> Iterator[None]:
+    """MLflow's log_model without its check that this environment meets the model's requirements:
+    model_requirements are read from this environment, so the check can only pass, and it maps every
+    installed distribution to its modules first (importlib.metadata.packages_distributions: about a
+    second a model). The files logged are the same; a newer MLflow without the hook just checks."""
+    from mlflow.utils import environment
+
+    if not hasattr(environment, "warn_dependency_requirement_mismatches"):
+        yield
+        return
+    with mock.patch.object(environment, "warn_dependency_requirement_mismatches", lambda requirements: None):
+        yield
 
 
 @contextmanager

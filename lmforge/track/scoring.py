@@ -15,10 +15,7 @@ from lmforge.core.digests import content_hash
 from lmforge.core.errors import LmforgeError
 from lmforge.core.params import Params
 from lmforge.core.paths import WEIGHTS_TAG
-from lmforge.evaluate.metrics import model_scores, score_classifier, score_sft
-from lmforge.finetune.examples import check_labels, read_examples
-from lmforge.finetune.inference import load_finetuned
-from lmforge.model.export import WEIGHTS
+from lmforge.model.files import WEIGHTS
 from lmforge.track.promotion import checked_score, exported_files
 from lmforge.track.runs import StageRun
 
@@ -51,6 +48,12 @@ def scoring_knobs(params: Params) -> dict[str, object]:
 
 def score_version(params: Params, metric: str, version: str) -> float:
     """`metric` of registered version `version` on this run's test set, as evaluate scores it."""
+    # Here, not at the top: they import torch and sklearn (seconds), and promote scores a champion
+    # only when it has no score on this test set; evaluate has them imported already.
+    from lmforge.evaluate.metrics import model_scores, score_classifier, score_sft
+    from lmforge.finetune.examples import check_labels, read_examples
+    from lmforge.finetune.inference import load_finetuned
+
     ft = params.finetune
     rows = read_examples(Path(ft.test_file), ft, ft.task)
     with tempfile.TemporaryDirectory(prefix="lmforge-champion-") as tmp:
