@@ -13,6 +13,13 @@ from conftest import make_repo, run
 from lmforge.core import timings
 
 
+@pytest.fixture(autouse=True)
+def _own_clock(monkeypatch):
+    """The module's clock put back after each test: a later test's stage_run logs no timings of ours."""
+    for name in ("_started", "_startup", "_seconds"):
+        monkeypatch.setattr(timings, name, getattr(timings, name) if name != "_seconds" else {})
+
+
 def test_phases_and_the_rest_add_up_to_the_wall_and_nested_phases_count_once():
     timings.stage_started()
     with timings.phase("engine"):
@@ -48,6 +55,6 @@ def test_a_stage_prints_its_breakdown_on_request_and_logs_it_to_its_run(tmp_path
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     (experiment,) = [e for e in client.search_experiments() if e.name == "lmforge"]
     latest = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])[0]
-    logged = {k.removeprefix("timings/").removesuffix("_s"): v for k, v in latest.data.metrics.items()
-              if k.startswith("timings/")}
+    logged = {k.removeprefix("ingest/timings/").removesuffix("_s"): v for k, v in latest.data.metrics.items()
+              if k.startswith("ingest/timings/")}
     assert {"startup", "params", "tracking", "work"} <= set(logged) and all(v >= 0 for v in logged.values())

@@ -124,7 +124,7 @@ def test_a_logged_model_skips_mlflows_requirements_check_and_loads_as_before(tmp
     import torch
     from mlflow.utils import requirements_utils
 
-    from lmforge.track.runs import model_requirements
+    from lmforge.track.model_env import model_requirements
     from lmforge.track.training import model_signature
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")

@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from pydantic import BaseModel
 
 from lmforge.track.lineage import git_commit, input_hashes, output_hashes
+from lmforge.track.model_env import model_requirements, no_requirements_check
 from lmforge.core.params import flatten
 from lmforge.core.redact import redact
+from lmforge.core.timings import breakdown, phase
 from lmforge.track.store import (
     ensure_experiment,
     mark_orphans_killed,
@@ -163,7 +164,7 @@ class StageRun:
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        with _no_requirements_check():
+        with no_requirements_check():
             logged = mlflow.pytorch.log_model(
                 model.eval(),
                 name=registered_name,
@@ -229,29 +230,6 @@ class StageRun:
         return str(max(matching)) if matching else None
 
 
-def model_requirements() -> list[str]:
-    """A logged model's pip requirements: the torch it was exported with or newer, and numpy (MLflow
-    adds its own pin). Every one is met by this environment, which they are read from."""
-    import torch
-
-    return [f"torch>={torch.__version__.split('+')[0]}", "numpy"]
-
-
-@contextmanager
-def _no_requirements_check() -> Iterator[None]:
-    """MLflow's log_model without its check that this environment meets the model's requirements:
-    model_requirements are read from this environment, so the check can only pass, and it maps every
-    installed distribution to its modules first (importlib.metadata.packages_distributions: about a
-    second a model). The files logged are the same; a newer MLflow without the hook just checks."""
-    from mlflow.utils import environment
-
-    if not hasattr(environment, "warn_dependency_requirement_mismatches"):
-        yield
-        return
-    with mock.patch.object(environment, "warn_dependency_requirement_mismatches", lambda requirements: None):
-        yield
-
-
 @contextmanager
 def tracking_guard(run: StageRun) -> Iterator[None]:
     """Tracking calls a stage makes itself, beyond StageRun's methods (promote's registry work): a
@@ -291,12 +269,24 @@ def stage_run(
     """
     root = (root or Path.cwd()).resolve()
     use_http_client_defaults()
-    hashes = input_hashes(inputs, root)
+    with phase("hashing"):
+        hashes = input_hashes(inputs, root)
+    with phase("tracking"):
+        handle = _opened(stage, params, hashes, root, resume_run_id, system_metrics, scored)
+    if handle.run_id is None:
+        yield handle
+        return
+    with _ended(handle, root):
+        yield handle
+
+
+def _opened(stage: str, params: Mapping[str, BaseModel | Mapping[str, Any]], hashes: dict[str, str], root: Path,
+            resume_run_id: str | None, system_metrics: bool, scored: BaseModel | None) -> StageRun:
+    """The stage's run, started with its params and lineage; one that logs nothing when the store is down."""
     problem = probe_store(root)
     if problem:
         report_logging_failure(problem, root)
-        yield StageRun(None, stage)
-        return
+        return StageRun(None, stage)
     changed = changed_params(root)
     logged = logged_params(params)
     if scored is not None:
@@ -304,14 +294,12 @@ def stage_run(
     name = run_name(stage, logged, changed)
     run = _start_run(name, run_tags(stage, root, hashes), logged, resume_run_id, system_metrics, root)
     if run is None:
-        yield StageRun(None, stage)
-        return
+        return StageRun(None, stage)
     handle = StageRun(run.info.run_id, stage, run.info.experiment_id)
     logger.info("MLflow run %s: %s", name, run_link(run.info.experiment_id, run.info.run_id))
     handle.log_params(logged)
     handle.log_dict({"stage": stage, "inputs": hashes}, "lineage.json")
-    with _ended(handle, root):
-        yield handle
+    return handle
 
 
 def run_tags(stage: str, root: Path, hashes: Mapping[str, str]) -> dict[str, str]:
@@ -385,9 +373,12 @@ def _ended(handle: StageRun, root: Path) -> Iterator[None]:
         raise
     else:
         if not handle.failed:
-            handle.set_tags({f"{OUTPUT_TAG}{path}": md5 for path, md5 in output_hashes(root, handle.stage).items()})
+            with phase("hashing"):
+                outputs = output_hashes(root, handle.stage)
+            handle.set_tags({f"{OUTPUT_TAG}{path}": md5 for path, md5 in outputs.items()})
     finally:
-        try:
+        try:  # where the seconds went, up to here (lmforge.core.timings): `work` beside the fixed costs
+            handle.log_metrics({f"timings/{name}_s": seconds for name, seconds in breakdown().items()})
             mlflow.end_run(status)
         except errors as exc:
             if not handle.failed:
