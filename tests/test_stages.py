@@ -64,7 +64,11 @@ def test_each_stage_logs_one_mlflow_run_with_metrics_and_lineage(tiny_repo):
     assert {"ingest", "clean", "tokenize"} <= set(runs)
     assert runs["ingest"].data.metrics["ingest/documents"] == 200
     assert runs["clean"].data.metrics["clean/documents_out"] > 0
-    assert len(runs["clean"].data.metrics) <= 6  # the figures worth comparing; the counts are in stats.json
+    figures = [key for key in runs["clean"].data.metrics if "/timings/" not in key]
+    assert len(figures) <= 6  # the figures worth comparing; the counts are in stats.json
+    for stage, stage_run in runs.items():  # and where each stage's seconds went (lmforge.core.timings)
+        timed = {key.rpartition("/")[2] for key in stage_run.data.metrics if key.startswith(f"{stage}/timings/")}
+        assert {"startup_s", "params_s", "tracking_s", "work_s", "total_s"} <= timed, stage
     tokenize = runs["tokenize"]
     assert tokenize.data.metrics["tokenize/tokens_per_s"] > 0 and tokenize.data.metrics["tokenize/train_tokens"] > 0
     assert tokenize.data.params["tokenizer.vocab_size"] == "320"

@@ -36,3 +36,4 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
         write_trace(name)
         if timings.wanted():
             print(timings.line(name), file=sys.stderr, flush=True)
+        timings.stage_ended()  # a caller's process (a test, a flow) goes on without a stage clock

@@ -49,6 +49,13 @@ def stage_started() -> None:
     _startup = process_age()
 
 
+def stage_ended() -> None:
+    """Stop the stage's clock: breakdown() is empty again (nothing more to log)."""
+    global _started, _startup
+    _seconds.clear()
+    _started = _startup = None
+
+
 def process_age() -> float | None:
     """Seconds since this process started, from the kernel's record (psutil); None where unknown."""
     import psutil
