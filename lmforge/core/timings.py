@@ -40,7 +40,6 @@ def phase(name: str) -> Iterator[None]:
         _seconds[name] = _seconds.get(name, 0.0) + time.perf_counter() - started
 
 
-
 def stage_started() -> None:
     """Mark the start of the stage's main: what came before it (interpreter, imports) is `startup`."""
     global _started, _startup
