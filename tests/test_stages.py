@@ -85,8 +85,7 @@ def test_each_stage_logs_one_mlflow_run_with_metrics_and_lineage(tiny_repo):
 
 
 def test_experiment_on_vocab_size_reruns_from_tokenize_not_ingest_or_clean(tiny_repo, tmp_path):
-    """What `dvc exp run -S tokenizer.vocab_size=300` reruns, as DVC sees it (test_flow's override
-    reruns it for real)."""
+    """What `dvc exp run -S tokenizer.vocab_size=300` reruns, as DVC sees it."""
     root = copy_repo(tiny_repo, tmp_path / "repo")
     _write_params(root, tokenizer={"vocab_size": 300})
     stale = json.loads(run(["dvc", "status", "--json"], root).stdout)
