@@ -42,7 +42,7 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
         if timings.wanted():
             print(timings.line(name), file=sys.stderr, flush=True)
         timings.stage_ended()  # a caller's process (a test, a flow) goes on without a stage clock
-    if getattr(main, "__module__", None) == "__main__":
+    if getattr(main, "__module__", None) == "__main__" and sys.getprofile() is None:  # cProfile writes after
         exit_process(status)
     if status:
         sys.exit(status)
