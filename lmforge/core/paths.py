@@ -23,6 +23,7 @@ FINETUNE_DATA = Path("data/finetune")  # the built-in tasks: <task>_{train,test}
 
 PRETRAINED = Path("models/pretrain")
 PRETRAINED_HF = Path("models/pretrain_hf")
+PRETRAINED_INT8 = Path("models/pretrain_int8")  # evaluate's int8 quantization of PRETRAINED
 FINETUNED = Path("models/finetune")
 # Training checkpoints: each machine's resume state, no DVC output. LMFORGE_CHECKPOINTS_DIR moves them (a
 # run-time setting, never a param): a worker keeps them outside its clone (flows.remote.worker_locations).

@@ -1,0 +1,83 @@
+"""What int8 quantization costs and buys, measured by evaluate: the pretrained model quantized
+(lmforge.model.quantize), written to models/pretrain_int8/, and scored beside full precision on
+the same val rows (perplexity), the same test set (the fine-tuned classifier, quantized the same
+way), its size on disk and its greedy generation speed on this CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmforge.core import paths
+from lmforge.evaluate.metrics import language_model_loss, score_classifier
+from lmforge.finetune.inference import FinetunedModel
+from lmforge.model.decoder import ModelConfig, Transformer
+from lmforge.model.files import WEIGHTS
+from lmforge.model.quantize import WEIGHTS_INT8, directory_bytes, generation_tokens_per_s, quantize, write_quantized
+
+SPEED_NEW_TOKENS = 32  # greedy tokens per generation-speed run
+
+
+def perplexity_increase(full: float, quantized: float) -> float:
+    """Relative change of perplexity, int8 against full precision (0.01: 1 % higher)."""
+    return quantized / full - 1.0
+
+
+def evaluate_int8(mode: str, max_increase: float, pretrained: Transformer, config: ModelConfig, val: Any,
+                  full_lm: dict[str, Any], batch: int, max_rows: int | None, prompt_ids: list[int],
+                  finetuned: FinetunedModel | None = None, test: tuple[list[str], list[str]] | None = None,
+                  full_accuracy: float | None = None, out_dir: Path = paths.PRETRAINED_INT8) -> dict[str, Any]:
+    """Quantize, write and score. `full_lm`: the full-precision model's figures on the same `val`
+    rows; `test` (texts, labels) and `full_accuracy` when the fine-tuned model is a classifier."""
+    quantized = quantize(pretrained, mode)
+    write_quantized(quantized, config, out_dir, mode, paths.PRETRAINED / "tokenizer.json")
+    lm = language_model_loss(quantized, val, batch, max_rows)
+    increase = perplexity_increase(full_lm["perplexity"], lm["perplexity"])
+    out: dict[str, Any] = {
+        "mode": mode,
+        "rows": [
+            {"model": "pretrained (fp32)", "bytes": directory_bytes(paths.PRETRAINED, WEIGHTS),
+             "val_loss": full_lm["loss"], "perplexity": full_lm["perplexity"],
+             "tokens_per_s": generation_tokens_per_s(pretrained, prompt_ids, SPEED_NEW_TOKENS)},
+            {"model": f"pretrained ({mode})", "bytes": directory_bytes(out_dir, WEIGHTS_INT8),
+             "val_loss": lm["loss"], "perplexity": lm["perplexity"],
+             "tokens_per_s": generation_tokens_per_s(quantized, prompt_ids, SPEED_NEW_TOKENS)},
+        ],
+        "perplexity_increase": increase,
+        "max_perplexity_increase": max_increase,
+        "flagged": increase > max_increase,
+    }
+    if finetuned is not None and test is not None and finetuned.task == "classify":
+        small = FinetunedModel(quantize(finetuned.model, mode), finetuned.config, finetuned.meta, finetuned.tokenizer)
+        accuracy = score_classifier(small, *test)["accuracy"]
+        out["rows"][0]["accuracy"], out["rows"][1]["accuracy"] = full_accuracy, accuracy
+        out["accuracy_change"] = accuracy - full_accuracy if full_accuracy is not None else None
+    return out
+
+
+def metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The deterministic figures, for reports/metrics.json (`dvc metrics`): no speeds, which vary by run."""
+    full, small = result["rows"]
+    out = {"int8.perplexity": small["perplexity"], "int8.perplexity_increase": result["perplexity_increase"],
+           "int8.size_ratio": small["bytes"] / full["bytes"]}
+    if "accuracy" in small:
+        out["int8.accuracy"] = small["accuracy"]
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """report.md's section: the trade as one table, and a flag when int8 lost more than allowed."""
+    lines = [f"## int8 quantization ({result['mode']})", "",
+             "Linear layers of the blocks in int8 (torchao); embeddings, norms and head in fp32. Same val rows, "
+             "same test set; generation speed is greedy decoding on this machine's CPU.", "",
+             "| model | weights | val loss | perplexity | test accuracy | generation tokens/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in result["rows"]:
+        accuracy = f"{row['accuracy']:.4f}" if row.get("accuracy") is not None else "–"
+        lines.append(f"| {row['model']} | {row['bytes'] / 1e6:.2f} MB | {row['val_loss']:.4f} | {row['perplexity']:.2f} "
+                     f"| {accuracy} | {row['tokens_per_s']:.0f} |")
+    increase, allowed = result["perplexity_increase"], result["max_perplexity_increase"]
+    lines += ["", f"Perplexity {increase:+.2%} against fp32 (allowed: {allowed:.2%})."
+              + (" **Flagged: int8 loses more than `evaluate.int8_max_perplexity_increase` allows.**"
+                 if result["flagged"] else "")]
+    return "\n".join(lines) + "\n"
