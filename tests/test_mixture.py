@@ -70,3 +70,43 @@ def test_the_realised_mixture_states_weight_share_and_epochs():
     assert mixture_csv(mixture).splitlines() == ["source,weight,share,tokens,documents,epochs",
                                                  "docs,0.6,0.6,600,6,0.5", "code,0.4,0.4,400,8,2.0"]
 
+
+
+# --- bad sources: one clear error naming the key ---------------------------------------------------
+
+from lmforge.core.params import parse_params  # noqa: E402
+
+DOCS = {"name": "docs", "files": ["data/corpus/docs/*.txt"]}
+CODE = {"name": "code", "files": ["data/code/*.jsonl"], "text_field": "content"}
+
+
+def mixed(sources: list[dict], weights: dict | None = None, **data: object) -> dict:
+    return {"data": {"source": "sources", "sources": sources, **data},
+            "mix": {"weights": {s["name"]: 1.0 for s in sources} if weights is None else weights}}
+
+
+def test_two_weighted_sources_are_valid():
+    params = parse_params(mixed([DOCS, CODE], {"docs": 0.7, "code": 0.3}))
+    assert params.data.source_names == ["docs", "code"]
+    assert params.data.sources[1].text_field == "content"
+
+
+@pytest.mark.parametrize("raw, message", [
+    (mixed([DOCS, CODE], {"docs": 0.7, "code": 0}), r"mix.weights: weight of 'code' is 0.0: .* must be positive"),
+    (mixed([DOCS, CODE], {"docs": 0.7, "code": -1}), r"mix.weights: weight of 'code' is -1.0"),
+    (mixed([DOCS, {**CODE, "name": "docs"}]), r"data.sources\[1\].name 'docs' is listed twice"),
+    (mixed([DOCS], files=["other/*.txt"]), r"data.files \['other/\*.txt'\] is read only when data.source is 'files'"),
+    (mixed([]), r"data.source is 'sources' but data.sources is empty"),
+    ({"data": {"source": "files", "sources": [DOCS]}}, r"data.sources lists 1 sources but data.source is 'files'"),
+    ({"mix": {"weights": {"docs": 1.0}}}, r"mix.weights \['docs'\] weighs named sources, but data.source is 'builtin'"),
+    (mixed([DOCS, CODE], {"docs": 1.0}), r"mix.weights has no weight for data.sources \['code'\]"),
+    (mixed([DOCS], {"docs": 1.0, "web": 2.0}), r"mix.weights names \['web'\], which data.sources does not list"),
+    (mixed([{**DOCS, "name": "my docs"}]), r"data.sources.0.name: source name 'my docs': use 1-64 letters"),
+    (mixed([{**DOCS, "files": []}]), r"data.sources.0.files: a source needs at least one glob"),
+    (mixed([{"name": "docs"}]), r"data.sources.0.files: Field required"),
+    (mixed([{**DOCS, "weight": 0.7}]), r"data.sources.0: a source's weight goes in mix.weights \(docs: 0.7\)"),
+    (mixed([{**DOCS, "text": "x"}]), r"unknown key 'data.sources.0.text'"),
+])
+def test_bad_sources_are_one_error_naming_the_key(raw, message):
+    with pytest.raises(LmforgeError, match=message):
+        parse_params(raw)

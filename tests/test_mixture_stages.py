@@ -111,3 +111,31 @@ def test_a_new_weight_reruns_tokenize_not_ingest_or_clean(mixed_repo):
         write_params(mixed_repo, **SOURCES)
     assert "tokenize" in stale and "pretrain" in stale
     assert "ingest" not in stale and "clean" not in stale
+
+
+def test_evaluate_reports_a_val_loss_per_source_beside_the_asked_weights(mixed_repo, monkeypatch):
+    """evaluate's LM loss on each source's own val rows (a fresh tiny model: the figures' shape is what
+    is checked, pretraining adds nothing to it), and the report's mixture table."""
+    import shutil
+
+    import torch
+
+    from lmforge.core.params import load_params
+    from lmforge.evaluate import evaluation
+    from lmforge.evaluate.report import render_report_md
+    from lmforge.model.decoder import ModelConfig, Transformer
+
+    monkeypatch.chdir(mixed_repo)
+    (mixed_repo / "models/pretrain").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(mixed_repo / "data/tokenizer/tokenizer.json", mixed_repo / "models/pretrain/tokenizer.json")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=320, dim=32, n_layers=1, n_heads=4, max_seq_len=32))
+    lm = evaluation.evaluate_lm(load_params(), model, None)
+    by_source = evaluation.headline(lm, None, None, None)["val_loss_by_source"]
+    assert sorted(by_source) == ["code", "docs"] and all(loss > 0 for loss in by_source.values())
+    mixture = evaluation.training_mixture(lm)
+    assert {name: figures["val_loss"] for name, figures in mixture.items()} == by_source
+    report = render_report_md(lm=lm, mixture=mixture)
+    assert "## Training mixture" in report
+    assert f"| docs | 0.500 | {mixture['docs']['share']:.3f} |" in report
+    shutil.rmtree(mixed_repo / "models")

@@ -42,6 +42,15 @@ class SourceParams(Section):
     txt_separator: str | None = Field(
         None, description="null: one document per .txt file; otherwise the string between documents")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _weight_lives_in_mix(cls, raw: object) -> object:
+        if isinstance(raw, dict) and "weight" in raw:
+            raise ValueError(f"a source's weight goes in mix.weights ({raw.get('name')}: {raw['weight']}), not in "
+                             "data.sources: there it is a param of tokenize alone, so a new weight does not read the "
+                             "corpus again")
+        return raw
+
     @field_validator("name")
     @classmethod
     def _plain_name(cls, value: str) -> str:
