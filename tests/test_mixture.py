@@ -110,3 +110,14 @@ def test_two_weighted_sources_are_valid():
 def test_bad_sources_are_one_error_naming_the_key(raw, message):
     with pytest.raises(LmforgeError, match=message):
         parse_params(raw)
+
+
+def test_a_source_whose_files_match_nothing_is_named_by_its_key(tmp_path, monkeypatch):
+    from lmforge.data.ingest_job import plan_tasks
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/corpus/docs").mkdir(parents=True)
+    (tmp_path / "data/corpus/docs/a.txt").write_text("Some text of the docs source.", encoding="utf-8")
+    params = parse_params(mixed([DOCS, CODE]))
+    with pytest.raises(LmforgeError, match=r"data.sources\[1\].files: 'data/code/\*.jsonl' matches no files"):
+        plan_tasks(params.data, tmp_path / "staging")

@@ -17,7 +17,7 @@ from lmforge.core.section import Section
 MAX_SEQ_LEN = 2**20
 # A named source's name: it becomes part of shard file names, metric keys and a Parquet column value.
 SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-# data.files' default: with data.source `sources` any other value is a forgotten pool of files.
+# data.files' default: with data.source `sources`, data.files is this or [] (else: a pool of files left over).
 DEFAULT_FILES = ["data/corpus/**/*.txt"]
 
 
@@ -104,9 +104,9 @@ class DataParams(Section):
         if not self.sources:
             raise ValueError("data.source is 'sources' but data.sources is empty: list at least one "
                              "{name, files} source")
-        if self.files != DEFAULT_FILES:
+        if self.files not in ([], DEFAULT_FILES):  # two lists of globs: which would the user have read?
             raise ValueError(f"data.files {self.files} is read only when data.source is 'files'; with data.source: "
-                             "sources give each source its own files and leave data.files at its default")
+                             "sources give each source its own files and set data.files to [] (or its default)")
         seen: set[str] = set()
         for index, source in enumerate(self.sources):
             if source.name in seen:

@@ -35,7 +35,8 @@ COUNTER_KEYS = (
 )
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".parquet", ".csv")
 BINARY_SNIFF_BYTES = 8192
-TEXT_FIELD_HINT = "set data.text_field in params.yaml to the column that holds the text"
+TEXT_FIELD_HINT = ("set data.text_field (a named source's own text_field in data.sources) in params.yaml to the "
+                   "column that holds the text")
 
 
 def counted(documents: Iterable[Document], counters: Counter) -> Iterator[Document]:
@@ -124,7 +125,7 @@ def _reader_for(path: str) -> Reader:
     if suffix in TABLE_READERS:
         return _table_texts
     raise LmforgeError(
-        f"{path}: unsupported file type; data.files may only match "
+        f"{path}: unsupported file type; data.files (and data.sources' files) may only match "
         f"{', '.join(SUPPORTED_EXTENSIONS)} files"
     )
 
