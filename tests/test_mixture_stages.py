@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import make_repo, make_texts, run, tiny_params, write_params
+from lmforge.core.errors import LmforgeError
 from lmforge.core.params_yaml import params_yaml
 from lmforge.data.tokens.shards import ShardReader
 from lmforge.data.tokens.tokenizer import load_tokenizer
@@ -84,6 +85,14 @@ def test_the_train_split_gets_the_asked_shares(mixed_repo):
     assert csv[0] == "source,weight,share,tokens,documents,epochs" and [row.split(",")[0] for row in csv[1:]] == ["docs", "code"]
 
 
+def test_the_mixture_is_an_mlflow_table_of_the_tokenize_run(mixed_repo):
+    tables = sorted(mixed_repo.glob("mlruns/*/artifacts/mixture.json"))  # one per tokenize run
+    assert tables
+    logged = json.loads(tables[0].read_text(encoding="utf-8"))
+    rows = {row[0]: dict(zip(logged["columns"], row)) for row in logged["data"]}
+    assert sorted(rows) == ["code", "docs"] and rows["docs"]["weight"] == 0.5
+
+
 def test_each_sources_val_rows_stay_apart(mixed_repo):
     shards_dir, tokenizer = mixed_repo / "data/shards", load_tokenizer(mixed_repo / "data/tokenizer/tokenizer.json")
     val = {name: ShardReader(shards_dir, "val", source=name) for name in WEIGHTS}
@@ -95,7 +104,12 @@ def test_each_sources_val_rows_stay_apart(mixed_repo):
     assert "()" in code_text and "Document" not in code_text
 
 
-def test_mixing_is_deterministic(mixed_repo, tmp_path):
+def test_a_source_the_shards_do_not_keep_apart_is_an_error_naming_it(mixed_repo):
+    with pytest.raises(LmforgeError, match=r"keeps no val rows of source 'web' apart \(named sources: \['code', 'docs'\]\)"):
+        ShardReader(mixed_repo / "data/shards", "val", source="web")
+
+
+def test_mixing_is_deterministic(mixed_repo):
     before = shards(mixed_repo)
     run(["dvc", "repro", "-f", "-s", "tokenize"], mixed_repo)
     assert shards(mixed_repo) == before
