@@ -55,7 +55,7 @@ def main() -> None:
             lm=lm, classification=classify, baselines=baselines, sft=sft, sft_examples=sft_examples, warning=warning,
             samples=samples, sampling=params.generate.model_dump(), images=images,
             provenance=evaluation.provenance(params, git_commit(Path.cwd()), run.run_id, version),
-            system=f"fine-tuned lmforge ({finetuned.meta.get('method')})",
+            system=f"fine-tuned lmforge ({finetuned.meta.get('method')})", mixture=evaluation.training_mixture(lm),
         )
         with atomic_path(paths.REPORTS / "report.md") as tmp:
             tmp.write_text(report, encoding="utf-8")

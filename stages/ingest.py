@@ -21,8 +21,9 @@ from lmforge.track.runs import stage_run
 def main() -> None:
     params = load_params()
     data = params.data
-    # Lineage: the local files read (source=files); the built-in corpus is the Python version's.
-    inputs = [path for path in resolve_files(data.files) if not is_url(path)] if data.source == "files" else []
+    # Lineage: the local files read (source files or sources); the built-in corpus is the Python version's.
+    globs = data.files if data.source == "files" else [glob for source in data.sources for glob in source.files]
+    inputs = [path for path in resolve_files(globs) if not is_url(path)]
     with stage_run("ingest", {"data": data, "engine": params.engine}, inputs=inputs) as run:
         stats = run_data_job(IngestJob(data, paths.RAW, staging_dir(STAGE)), params.engine,
                              hash_outputs=not run.failed)  # the output tags' md5s

@@ -24,6 +24,7 @@ EXPECTED = {
     "finetune_loss": {"x": ("step", "quantitative"), "y": ("dvc_inferred_y_value", "quantitative")},
     "per_class_f1": {"x": ("f1", "quantitative"), "y": ("label", "nominal")},
     "confusion_matrix": {"x": ("predicted", "nominal"), "y": ("actual", "nominal")},
+    "source_mixture": {"x": ("share", "quantitative"), "y": ("source", "nominal")},
 }
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -6,6 +6,7 @@ Every field's `description` is the one text about it: docs/reference/params.md i
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -14,6 +15,10 @@ from lmforge.core.section import Section
 
 # Longest context a row may hold: far beyond any preset, and still an int32 index everywhere.
 MAX_SEQ_LEN = 2**20
+# A named source's name: it becomes part of shard file names, metric keys and a Parquet column value.
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# data.files' default: with data.source `sources`, data.files is this or [] (else: a pool of files left over).
+DEFAULT_FILES = ["data/corpus/**/*.txt"]
 
 
 class HfSourceParams(Section):
@@ -26,13 +31,53 @@ class HfSourceParams(Section):
     max_documents: int | None = Field(None, gt=0, description="stop after this many documents; null: the whole split")
 
 
+class SourceParams(Section):
+    """One entry of `data.sources`: a named pool of files (its weight is `mix.weights.<name>`, a
+    param of tokenize alone, so a new weight does not read the corpus again)."""
+
+    name: str = Field(description="the source's name: the documents' `source` column, its val shards, its metrics "
+                                  "(letters, digits, `_` and `-`)")
+    files: list[str] = Field(description="globs of its files, local paths or fsspec URLs (.txt .jsonl .parquet .csv)")
+    text_field: str = Field("text", description="column or field holding the text in its .jsonl/.parquet/.csv files")
+    txt_separator: str | None = Field(
+        None, description="null: one document per .txt file; otherwise the string between documents")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weight_lives_in_mix(cls, raw: object) -> object:
+        if isinstance(raw, dict) and "weight" in raw:
+            raise ValueError(f"a source's weight goes in mix.weights ({raw.get('name')}: {raw['weight']}), not in "
+                             "data.sources: there it is a param of tokenize alone, so a new weight does not read the "
+                             "corpus again")
+        return raw
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not SOURCE_NAME.fullmatch(value):
+            raise ValueError(f"source name {value!r}: use 1-64 letters, digits, `_` or `-`, starting with a letter "
+                             "or digit (it names files and metrics)")
+        return value
+
+    @field_validator("files")
+    @classmethod
+    def _some_files(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("a source needs at least one glob in its files")
+        return value
+
+
 class DataParams(Section):
     """`data` (stage ingest -> data/raw/): where documents come from and how the train/val split is drawn."""
 
-    source: Literal["builtin", "files", "hf"] = Field(
-        "builtin", description="`builtin` (stdlib docstrings, offline) | `files` (data.files) | `hf` (data.hf)")
-    files: list[str] = Field(["data/corpus/**/*.txt"],
+    source: Literal["builtin", "files", "hf", "sources"] = Field(
+        "builtin", description="`builtin` (stdlib docstrings, offline) | `files` (data.files) | `hf` (data.hf) | "
+                               "`sources` (the named sources of data.sources, mixed by mix.weights)")
+    files: list[str] = Field(DEFAULT_FILES,
                              description="globs read when source is `files` (.txt .jsonl .parquet .csv)")
+    sources: list[SourceParams] = Field(
+        [], description="when source is `sources`: the named sources, read in this order (a document in two is kept "
+                        "in the first); each {name, files, text_field, txt_separator}")
     text_field: str = Field("text", description="column or field holding the text in .jsonl/.parquet/.csv and hf rows")
     txt_separator: str | None = Field(
         None, description="null: one document per .txt file; otherwise the string between documents (e.g. a blank line)")
@@ -48,6 +93,32 @@ class DataParams(Section):
         if self.source == "files" and not self.files:
             raise ValueError("data.source is 'files' but data.files is empty: list at least one glob")
         return self
+
+    @model_validator(mode="after")
+    def _sources_fit_the_source(self) -> DataParams:
+        if self.sources and self.source != "sources":
+            raise ValueError(f"data.sources lists {len(self.sources)} sources but data.source is {self.source!r}: set "
+                             "data.source: sources to read them (or empty data.sources)")
+        if self.source != "sources":
+            return self
+        if not self.sources:
+            raise ValueError("data.source is 'sources' but data.sources is empty: list at least one "
+                             "{name, files} source")
+        if self.files not in ([], DEFAULT_FILES):  # two lists of globs: which would the user have read?
+            raise ValueError(f"data.files {self.files} is read only when data.source is 'files'; with data.source: "
+                             "sources give each source its own files and set data.files to [] (or its default)")
+        seen: set[str] = set()
+        for index, source in enumerate(self.sources):
+            if source.name in seen:
+                raise ValueError(f"data.sources[{index}].name {source.name!r} is listed twice: give each source "
+                                 "its own name")
+            seen.add(source.name)
+        return self
+
+    @property
+    def source_names(self) -> list[str]:
+        """The documents' `source` values in the order they are read: the named sources, or the one pool."""
+        return [source.name for source in self.sources] if self.source == "sources" else [self.source]
 
 
 class EngineParams(Section):
@@ -134,6 +205,25 @@ class TokenizerParams(Section):
                 f"tokenizer.eos_token {self.eos_token!r} must be listed in tokenizer.special_tokens"
             )
         return self
+
+
+class MixParams(Section):
+    """`mix` (stage tokenize): the share of training tokens each of data.sources gets. A source with
+    fewer tokens than its share is repeated (whole epochs, then a partial one chosen by document
+    hash), one with more is subsampled the same way; the validation split is never mixed."""
+
+    weights: dict[str, float] = Field(
+        {}, description="source name -> weight, for every one of data.sources (normalised to sum 1: 7 and 3 is "
+                        "70%/30%); empty: the single pool of data.source, weight 1")
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, weight in value.items():
+            if not weight > 0:
+                raise ValueError(f"weight of {name!r} is {weight}: a weight is a share of training tokens and must "
+                                 "be positive (remove the source from data.sources to leave it out)")
+        return value
 
 
 class TasksParams(Section):

@@ -18,7 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmforge.core.data_params import (  # noqa: F401  (re-exported: `from lmforge.core.params import CleanParams`)
-    MAX_SEQ_LEN, CleanParams, DataParams, EngineParams, HfSourceParams, TasksParams, TokenizerParams,
+    MAX_SEQ_LEN, CleanParams, DataParams, EngineParams, HfSourceParams, MixParams, SourceParams, TasksParams,
+    TokenizerParams,
 )
 from lmforge.core.errors import LmforgeError
 from lmforge.core.timings import phase
@@ -56,6 +57,7 @@ class Params(BaseModel):
     engine: EngineParams = Field(EngineParams(), description="where the data stages compute (run-time: tracked by no stage)")
     clean: CleanParams = Field(CleanParams(), description="stage clean: quality filters and dedup")
     tokenizer: TokenizerParams = Field(TokenizerParams(), description="stage tokenize: the BPE and the shards")
+    mix: MixParams = Field(MixParams(), description="stage tokenize: each named source's share of training tokens")
     model: ModelParams = Field(ModelParams(), description="the decoder's shape")
     pretrain: PretrainParams = Field(PretrainParams(), description="stage pretrain: the training knobs")
     finetune: FinetuneParams = Field(FinetuneParams(), description="stage finetune: task, data, method, training knobs")
@@ -85,6 +87,25 @@ class Params(BaseModel):
         if self.finetune.max_length > limit:
             raise ValueError(f"finetune.max_length {self.finetune.max_length} exceeds what the model reads "
                              f"({limit} tokens for {self.finetune.task}, from tokenizer.seq_len): lower it")
+        return self
+
+    @model_validator(mode="after")
+    def _weights_name_the_sources(self) -> Params:
+        """mix.weights (tokenize's) and data.sources (ingest's) name the same sources."""
+        weights, data = self.mix.weights, self.data
+        if data.source != "sources":
+            if weights:
+                raise ValueError(f"mix.weights {sorted(weights)} weighs named sources, but data.source is "
+                                 f"{data.source!r}: set data.source: sources and list them in data.sources, or "
+                                 "empty mix.weights")
+            return self
+        names = data.source_names
+        missing = [name for name in names if name not in weights]
+        unknown = [name for name in weights if name not in names]
+        if missing:
+            raise ValueError(f"mix.weights has no weight for data.sources {missing}: give every source a weight")
+        if unknown:
+            raise ValueError(f"mix.weights names {unknown}, which data.sources does not list (it has {names})")
         return self
 
 

@@ -94,6 +94,13 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ") if "\\|" not in text else text
 
 
+def _item_fields(annotation: Any) -> Iterator[tuple[str, FieldInfo]]:
+    """The fields of the section a `list[...]` field holds (data.sources' entries), else nothing."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list and isinstance(args[0], type) and issubclass(args[0], Section):
+        yield from args[0].model_fields.items()
+
+
 def reference(dvc_yaml: Path = Path("dvc.yaml")) -> str:
     """The page: one table per section (nested sections after their parent)."""
     declared = tracked_by(dvc_yaml)
@@ -111,6 +118,10 @@ def reference(dvc_yaml: Path = Path("dvc.yaml")) -> str:
             tracked = ", ".join(stages) if stages else ("none (run-time)" if name.startswith(UNTRACKED) else "none")
             lines.append(f"| `{dotted}` | {type_text(sub.annotation, sub)} | {_cell(value_text(sub.default))} | "
                          f"{_cell(sub.description or '')} | {tracked} |")
+            for item_key, item in _item_fields(sub.annotation):  # a list of sections: each item's keys
+                default = "required" if item.is_required() else _cell(value_text(item.default))
+                lines.append(f"| `{dotted}[].{item_key}` | {type_text(item.annotation, item)} | {default} | "
+                             f"{_cell(item.description or '')} | {tracked} |")
         parts.append("\n".join(lines if len(lines) > 6 else lines[:3]) + "\n")  # a section of sections: no table
     return "\n".join(parts)
 

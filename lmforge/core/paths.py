@@ -17,6 +17,7 @@ CLEAN_METRICS = Path("data/clean/metrics.json")  # the few figures of stats.json
 REJECTED_SAMPLES = Path("data/clean/rejected_samples.jsonl")
 TOKENIZER = Path("data/tokenizer/tokenizer.json")
 TOKENIZER_STATS = Path("data/tokenizer/stats.json")
+MIXTURE = Path("data/tokenizer/mixture.csv")  # the train split's realised mixture, one row per source
 TOKENIZER_METRICS = Path("data/tokenizer/metrics.json")
 SHARDS = Path("data/shards")
 FINETUNE_DATA = Path("data/finetune")  # the built-in tasks: <task>_{train,test}.jsonl + stats.json

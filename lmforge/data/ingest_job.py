@@ -28,7 +28,8 @@ from lmforge.data.markers import completed, mark_completed, task_key
 from lmforge.data.job import DataJob, Engine, JobResult
 from lmforge.data.partitions import part_name, write_parts_manifest
 from lmforge.data.sources.readers import FileRange, open_parquet
-from lmforge.data.sources.configured import COUNTER_KEYS, check_supported, counted, file_range_documents, iter_hf_documents, splittable
+from lmforge.data.sources.configured import (COUNTER_KEYS, check_supported, counted, file_range_documents,
+                                             iter_hf_documents, pools, splittable)
 from lmforge.data.engine import fault_point, throughput_postfix
 from lmforge.core.errors import LmforgeError
 from lmforge.core.params import DataParams
@@ -101,7 +102,8 @@ class IngestJob(DataJob):
 
 
 def _no_documents(data: DataParams, counters: Counter, output: Path) -> str:
-    where = f"data.files {data.files}" if data.source == "files" else f"the {data.source!r} source"
+    where = {"files": f"data.files {data.files}",
+             "sources": f"data.sources {data.source_names}"}.get(data.source, f"the {data.source!r} source")
     problems = {key: count for key, count in counters.items() if count and key != "documents"}
     return (
         f"{where} gave no documents ({problems or 'nothing was read'}); nothing was published, "
@@ -139,7 +141,17 @@ def _plan_builtin(target: int) -> list[dict[str, Any]]:
 
 
 def _plan_files(data: DataParams, target: int) -> list[dict[str, Any]]:
-    paths = resolve_files(data.files)
+    """Slices of the files of each pool in order; a named source's slices end with its name."""
+    slices: list[tuple[list[Any], int]] = []
+    for index, (name, pool) in enumerate(pools(data)):
+        named = [name] if data.source == "sources" else []  # the one pool's slices (and markers) as before
+        key = f"data.sources[{index}].files" if named else "data.files"
+        slices.extend((slice_ + named, estimate) for slice_, estimate in _file_slices(pool, target, key))
+    return [{"slices": group} for group in _pack(iter(slices), target)]
+
+
+def _file_slices(data: DataParams, target: int, key: str) -> list[tuple[list[Any], int]]:
+    paths = resolve_files(data.files, key)
     for path in paths:  # checked before any work, so a typo fails in seconds, not hours
         check_supported(path)
     slices: list[tuple[list[Any], int]] = []
@@ -156,7 +168,7 @@ def _plan_files(data: DataParams, target: int) -> list[dict[str, Any]]:
         else:
             spans = [(0, None, size)]
         slices.extend(([path, location, start, stop, identity], estimate) for start, stop, estimate in spans)
-    return [{"slices": group} for group in _pack(iter(slices), target)]
+    return slices
 
 
 def _row_group_spans(path: str, location: str, target: int) -> list[tuple[int, int | None, int]]:
@@ -194,8 +206,10 @@ def _partition_documents(partition: dict[str, Any], data: DataParams, counters: 
     if "builtin" in partition:
         yield from iter_builtin_files(partition["builtin"], partition["topics"], counters)
         return
-    for path, location, start, stop, _identity in partition["slices"]:
-        yield from file_range_documents(FileRange(path, location, start, stop), data, counters)
+    read_with = dict(pools(data))
+    for path, location, start, stop, _identity, *named in partition["slices"]:
+        source = named[0] if named else "files"
+        yield from file_range_documents(FileRange(path, location, start, stop), read_with[source], counters, source)
 
 
 def run_partition(task: IngestTask) -> dict[str, Any]:

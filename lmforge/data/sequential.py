@@ -16,7 +16,8 @@ from tokenizers import Tokenizer
 from lmforge.core.params import DataParams, TokenizerParams
 from lmforge.data.documents import Document
 from lmforge.data.sources.builtin import TOPICS_PACKAGE, iter_builtin_files, module_name, stdlib_dir, stdlib_source_files
-from lmforge.data.sources.configured import COUNTER_KEYS, check_supported, counted, file_range_documents, iter_hf_documents
+from lmforge.data.sources.configured import (COUNTER_KEYS, check_supported, counted, file_range_documents,
+                                             iter_hf_documents, pools)
 from lmforge.data.sources.locations import input_location, resolve_files
 from lmforge.data.sources.readers import FileRange
 from lmforge.data.tokens.pack import encode_part, merge_parts, shard_stats
@@ -33,7 +34,7 @@ def iter_documents(params: DataParams, counters: Counter) -> Iterator[Document]:
     counters.update({key: 0 for key in COUNTER_KEYS})
     if params.source == "builtin":
         documents = iter_builtin_documents(counters)
-    elif params.source == "files":
+    elif params.source in ("files", "sources"):
         documents = iter_file_documents(params, counters)
     else:
         documents = iter_hf_documents(params.hf, params.text_field, counters)
@@ -41,12 +42,15 @@ def iter_documents(params: DataParams, counters: Counter) -> Iterator[Document]:
 
 
 def iter_file_documents(params: DataParams, counters: Counter) -> Iterator[Document]:
-    """Documents of every file the `data.files` globs match, in sorted path order."""
-    paths = resolve_files(params.files)
-    for path in paths:  # checked before reading any, so a typo fails in seconds, not hours
-        check_supported(path)
-    for path in paths:
-        yield from file_range_documents(FileRange(path, input_location(path)), params, counters)
+    """Documents of every file the `data.files` globs match, in sorted path order (of each of
+    data.sources in turn, under its name)."""
+    read = [(name, pool, resolve_files(pool.files)) for name, pool in pools(params)]
+    for _, _, paths in read:  # checked before reading any, so a typo fails in seconds, not hours
+        for path in paths:
+            check_supported(path)
+    for name, pool, paths in read:
+        for path in paths:
+            yield from file_range_documents(FileRange(path, input_location(path)), pool, counters, name)
 
 
 def iter_builtin_documents(counters: Counter, packages: Collection[str] | None = None) -> Iterator[Document]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,7 +24,8 @@ from lmforge.data.documents import split_of
 from lmforge.core.io import atomic_path
 from lmforge.data.job import DataJob, Engine, JobResult
 from lmforge.data.markers import completed, mark_completed, task_key
-from lmforge.data.tokens.pack import encode_part, merge_parts, shard_stats
+from lmforge.data.tokens.mixture import mixture_csv, normalised, realised, source_factors
+from lmforge.data.tokens.pack import count_train_tokens, encode_part, merge_parts, shard_stats
 from lmforge.data.partitions import iter_part_batches
 from lmforge.data.tokens.shards import token_dtype, write_shards_manifest
 from lmforge.data.tokens.tokenizer import load_tokenizer, save_tokenizer, tokenizer_threads, train_tokenizer
@@ -41,6 +43,8 @@ TOKENIZE_TASK_VERSION = 1
 SAMPLES = "sample"
 SHARDS = "shards"
 TOKENIZER = "tokenizer.json"
+MIXTURE = "mixture.csv"  # beside tokenizer.json: the realised mixture of the train split, for `dvc plots`
+ONE_POOL = "all"  # the mixture's name for the documents of a single-pool source (builtin, files, hf)
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,12 @@ class TokenizeJob(DataJob):
     output: Path
     reports: Path
     staging: Path
-    compared = COMPARED
+    # mix.weights: named sources mixed in the train split, each source's val apart; empty: one pool.
+    weights: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def compared(self) -> tuple[str, ...]:
+        return COMPARED + (("mixture",) if self.weights else ())
 
     def plan(self) -> tuple[list[Part], float]:
         """The clean partitions and the share of their train documents the BPE samples (a clear
@@ -79,8 +88,16 @@ class TokenizeJob(DataJob):
         workers = engine.workers
         # Idle workers otherwise, or the driver alone (0): let each encoder use every core.
         spread = len(parts) < workers or workers == 0
+        factors = None
+        if self.weights:  # the sources' train tokens first: the factors need the whole corpus's counts
+            counted = engine.map(count_partition,
+                                 [CountTask(part, trained["sha256"], dumped, val_fraction, list(self.weights),
+                                            str(staging), spread) for part in parts],
+                                 desc="tokenize: count sources", postfix=throughput_postfix(started))
+            factors = source_factors({name: sum(part[name] for part in counted) for name in self.weights},
+                                     self.weights)
         encoded = engine.map(encode_partition,
-                             [EncodeTask(part, trained["sha256"], dumped, val_fraction, str(staging), spread)
+                             [EncodeTask(part, trained["sha256"], dumped, val_fraction, str(staging), spread, factors)
                               for part in parts],
                              desc="tokenize", postfix=throughput_postfix(started))
         encode_seconds = time.perf_counter() - started
@@ -102,13 +119,43 @@ class TokenizeJob(DataJob):
             "workers": workers,
             "parts": [{key: part[key] for key in ("name", "documents", "bytes", "seconds")} for part in encoded],
         }
+        sources = None
+        if factors is not None:
+            sources = mixed_sources(encoded, self.weights, factors)
+            stats["mixture"] = sources["mixture"]
+            stats["val_sources"] = {name: {key: val[key] for key in ("documents", "rows", "tokens")}
+                                    for name, val in sources["val"].items()}
+        else:  # the one pool: weight 1, every document once
+            train = splits["train"]
+            stats["mixture"] = realised({ONE_POOL: 1.0}, {ONE_POOL: {
+                "tokens": train.tokens_encoded, "documents": train.documents,
+                "unique_tokens": train.tokens_encoded, "unique_documents": train.documents}})
+        with atomic_path(staging / MIXTURE) as tmp:
+            tmp.write_text(mixture_csv(stats["mixture"]), encoding="utf-8")
         manifest = functools.partial(write_shards_manifest, tokenizer_sha256=trained["sha256"], vocab_size=vocab_size,
                                      eos_id=tokenizer.token_to_id(params.eos_token), seq_len=params.seq_len,
-                                     dtype=token_dtype(vocab_size), splits=splits)
+                                     dtype=token_dtype(vocab_size), splits=splits, sources=sources)
         shards = [staging / SHARDS / shard["file"] for part in encoded for split in part["splits"].values()
                   for shard in split["shards"]]
         return JobResult(stats, shards, manifest, under=staging / SHARDS,
-                         beside={staging / TOKENIZER: self.reports / TOKENIZER})
+                         beside={staging / TOKENIZER: self.reports / TOKENIZER,
+                                 staging / MIXTURE: self.reports / MIXTURE})
+
+
+def mixed_sources(encoded: list[dict[str, Any]], weights: Mapping[str, float],
+                  factors: Mapping[str, float]) -> dict[str, Any]:
+    """The shards manifest's `sources`: the asked weights and factors, the realised mixture of the
+    train split, and each source's val shards (what a per-source val loss reads)."""
+    keys = ("tokens", "documents", "unique_tokens", "unique_documents")
+    train = {name: {key: sum(part["sources"]["train"][name][key] for part in encoded) for key in keys}
+             for name in weights}
+    val = {name: {key: sum(part["sources"]["val"][name][key] for part in encoded)
+                  for key in ("documents", "tokens_encoded", "tail_tokens_dropped", "rows", "tokens")}
+           for name in weights}
+    for name in weights:
+        val[name]["shards"] = [shard["file"] for part in encoded for shard in part["sources"]["val"][name]["shards"]]
+    return {"weights": normalised(weights), "factors": {name: round(f, 6) for name, f in factors.items()},
+            "mixture": realised(weights, train), "val": val}
 
 
 class Part(NamedTuple):
@@ -201,6 +248,32 @@ def _sample_texts(staging: Path, names: list[str], batch_size: int):
             yield from batch.column(0).to_pylist()
 
 
+class CountTask(NamedTuple):
+    part: Part
+    tokenizer_sha256: str
+    params: dict[str, Any]  # TokenizerParams as JSON
+    val_fraction: float
+    names: list[str]  # the named sources, mix.weights' order
+    staging: str
+    spread: bool
+
+
+def count_partition(task: CountTask) -> dict[str, int]:
+    """One partition's train tokens per named source (a second encoding pass: the price of exact
+    token shares), with its completion marker."""
+    staging, name = Path(task.staging), f"count-{task.part.name}"
+    key = task_key(TOKENIZE_TASK_VERSION, "count", task.part, task.tokenizer_sha256, task.params, task.val_fraction,
+                   task.names)
+    if (done := completed(staging, name, key)) is not None:
+        return done
+    tokenizer = load_tokenizer(staging / TOKENIZER)
+    with tokenizer_threads(task.spread):
+        result = count_train_tokens(Path(task.part.path), tokenizer, TokenizerParams(**task.params),
+                                    task.val_fraction, task.names)
+    mark_completed(staging, name, key, result)
+    return result
+
+
 class EncodeTask(NamedTuple):
     part: Part
     tokenizer_sha256: str
@@ -208,13 +281,17 @@ class EncodeTask(NamedTuple):
     val_fraction: float
     staging: str
     spread: bool  # fewer partitions than workers: the tokenizer may use every core (tokenizer_threads)
+    factors: dict[str, float] | None = None  # named sources: each one's copies (lmforge.data.tokens.mixture)
 
 
 def encode_partition(task: EncodeTask) -> dict[str, Any]:
     """One partition's shards -> <staging>/shards/<split>/part-NNNNN-<split>-NNNNN.arrow."""
     staging, name = Path(task.staging), f"encode-{task.part.name}"
     root = staging / SHARDS
-    key = task_key(TOKENIZE_TASK_VERSION, "encode", task.part, task.tokenizer_sha256, task.params, task.val_fraction)
+    # The one pool's key as before (its markers stay valid); named sources' adds their factors.
+    mixed = () if task.factors is None else (task.factors,)
+    key = task_key(TOKENIZE_TASK_VERSION, "encode", task.part, task.tokenizer_sha256, task.params, task.val_fraction,
+                   *mixed)
     done = completed(staging, name, key)
     if done is not None and all((root / shard["file"]).is_file()
                                 for split in done["splits"].values() for shard in split["shards"]):
@@ -226,7 +303,7 @@ def encode_partition(task: EncodeTask) -> dict[str, Any]:
     tokenizer = load_tokenizer(staging / TOKENIZER)
     with tokenizer_threads(task.spread):
         part = encode_part(Path(task.part.path), tokenizer, TokenizerParams(**task.params), task.val_fraction,
-                           root, prefix)
+                           root, prefix, task.factors)
     fault_point(STAGE, task.part.index)
     result = {"name": task.part.name, **part,
               "documents": sum(split["documents"] for split in part["splits"].values()),

@@ -14,7 +14,7 @@ from lmforge.core import paths
 from lmforge.core.io import write_json
 from lmforge.core.params import Params
 from lmforge.core.verdict import WARNING_TAG, majority_warning
-from lmforge.data.tokens.shards import ShardReader
+from lmforge.data.tokens.shards import ShardReader, read_shards_manifest, val_sources
 from lmforge.evaluate.metrics import (
     bag_of_words_baseline, language_model_loss, majority_baseline, model_scores, score_classifier, score_sft,
 )
@@ -27,6 +27,8 @@ from lmforge.train.curves import unigram_entropy
 from lmforge.train.resume import run_record
 
 log = logging.getLogger("lmforge.evaluate")
+# The language-model table's row of the pretrained model on one named source's val rows.
+SOURCE_ROW = "pretrained, val of source "
 
 
 def evaluate_lm(params: Params, pretrained: Transformer, finetuned: Any) -> dict[str, dict[str, Any]]:
@@ -38,9 +40,23 @@ def evaluate_lm(params: Params, pretrained: Transformer, finetuned: Any) -> dict
     results = {"pretrained": language_model_loss(pretrained, val, batch, cfg.lm_max_rows)}
     if finetuned is not None and finetuned.task == "sft":
         results["fine-tuned (SFT)"] = language_model_loss(finetuned.model, val, batch, cfg.lm_max_rows)
+    for name in val_sources(paths.SHARDS):  # named sources: each one's val rows apart, the same model
+        rows = ShardReader(paths.SHARDS, "val", verify="size", source=name)
+        if len(rows):  # a source too small for one val row has no loss of its own
+            results[SOURCE_ROW + name] = language_model_loss(pretrained, rows, batch, cfg.lm_max_rows)
     entropy = unigram_entropy(train.blocks(), train.vocab_size)
     results["unigram baseline"] = {"loss": entropy, "perplexity": perplexity(entropy), "tokens": train.num_tokens}
     return results
+
+
+def training_mixture(lm: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
+    """Named sources: each one's asked weight, realised share, tokens, documents and epochs of the
+    train split (the shards manifest's), with its val loss; None for a single pool."""
+    sources = read_shards_manifest(paths.SHARDS).get("sources")
+    if not sources:
+        return None
+    return {name: {**figures, "val_loss": lm.get(SOURCE_ROW + name, {}).get("loss")}
+            for name, figures in sources["mixture"].items()}
 
 
 def evaluate_classify(params: Params, finetuned: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -100,6 +116,9 @@ def headline(lm: dict[str, Any], classify: dict[str, Any] | None, baselines: dic
         "val_loss": lm["pretrained"]["loss"],
         "perplexity": lm["pretrained"]["perplexity"],
     }
+    by_source = {name.removeprefix(SOURCE_ROW): r["loss"] for name, r in lm.items() if name.startswith(SOURCE_ROW)}
+    if by_source:  # named sources only: the one pool's metrics.json stays as it was
+        metrics["val_loss_by_source"] = by_source
     base: dict[str, Any] = {"unigram_entropy": lm["unigram baseline"]["loss"]}
     if classify is not None:
         metrics |= model_scores("classify", classify)

@@ -138,6 +138,7 @@ def render_report_md(
     system: str = "fine-tuned model",
     title: str = "lmforge evaluation",
     warning: str | None = None,
+    mixture: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """The human-readable report: a section per argument given, skipped when it is None.
 
@@ -149,7 +150,9 @@ def render_report_md(
         ("confusion_matrix" is placed in the classification section, the rest under Figures);
         provenance: what produced the figures (commit, runs, model version, method), tabled first;
         system: the fine-tuned model's name in the tables (e.g. "fine-tuned lmforge (full)");
-        warning: a line shown first (a model no better than its majority baseline).
+        warning: a line shown first (a model no better than its majority baseline);
+        mixture: named sources -> {"weight", "share", "tokens", "documents", "epochs", "val_loss"}, the
+        train split's realised mixture beside the asked weights.
     """
     images = dict(images or {})
     parts = [f"# {title}"] + ([f"> **Warning:** {md_cell(warning)}"] if warning else [])
@@ -160,6 +163,14 @@ def render_report_md(
                   md_table(["model", "loss (nats/token)", "perplexity", "tokens"],
                            [[name, fixed(r.get("loss")), fixed(r.get("perplexity"), 1), r.get("tokens")]
                             for name, r in lm.items()])]
+    if mixture:
+        parts += ["## Training mixture", "Share of train tokens each source asked for (mix.weights) and got; "
+                  "epochs above 1: the source was repeated, below 1: subsampled. Val loss: the pretrained model "
+                  "on that source's own val rows.",
+                  md_table(["source", "asked weight", "realised share", "tokens", "documents", "epochs", "val loss"],
+                           [[name, fixed(r["weight"]), fixed(r["share"]), r["tokens"], r["documents"],
+                             fixed(r["epochs"], 2), fixed(r.get("val_loss")) if r.get("val_loss") is not None
+                             else "no val row"] for name, r in mixture.items()])]
     if classification:
         systems = {system: classification, **(baselines or {})}
         parts += ["## Classification", f"Test split: {classification['n']} examples.",

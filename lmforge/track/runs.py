@@ -150,6 +150,15 @@ class StageRun:
         mlflow.log_dict(dict(data), name)
 
     @guarded
+    def log_table(self, rows: list[Mapping[str, Any]], name: str) -> None:
+        """Rows of equal keys as an MLflow table (the UI's artifact view shows it, and
+        `mlflow.load_table` reads it back across runs)."""
+        import mlflow
+
+        columns = list(rows[0]) if rows else []
+        mlflow.log_table({column: [row[column] for row in rows] for column in columns}, artifact_file=name)
+
+    @guarded
     def log_torch_model(self, model: Any, registered_name: str, signature: Any, input_example: Any,
                         description: str | None = None, extra_files: list[Path] | None = None) -> str | None:
         """Log a plain torch module (pytorch flavor), named like its registered model, register a new

@@ -35,7 +35,8 @@ COUNTER_KEYS = (
 )
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".parquet", ".csv")
 BINARY_SNIFF_BYTES = 8192
-TEXT_FIELD_HINT = "set data.text_field in params.yaml to the column that holds the text"
+TEXT_FIELD_HINT = ("set data.text_field (a named source's own text_field in data.sources) in params.yaml to the "
+                   "column that holds the text")
 
 
 def counted(documents: Iterable[Document], counters: Counter) -> Iterator[Document]:
@@ -54,9 +55,23 @@ def counted(documents: Iterable[Document], counters: Counter) -> Iterator[Docume
 # ---------------------------------------------------------------- local files
 
 
-def file_range_documents(part: FileRange, params: DataParams, counters: Counter) -> Iterator[Document]:
-    """The documents of one slice of a file. The file-level checks run in every slice, but only the
-    first slice counts and warns, so a file split in n slices is counted once."""
+def pools(data: DataParams) -> list[tuple[str, DataParams]]:
+    """(the documents' `source`, the params its files are read with) of each pool of files, in the
+    order they are read: data.files alone ("files"), or each of data.sources under its own name with
+    its own files, text_field and txt_separator."""
+    if data.source != "sources":
+        return [("files", data)]
+    return [(source.name, data.model_copy(update={"source": "files", "sources": [], "files": source.files,
+                                                  "text_field": source.text_field,
+                                                  "txt_separator": source.txt_separator}))
+            for source in data.sources]
+
+
+def file_range_documents(part: FileRange, params: DataParams, counters: Counter,
+                         source: str = "files") -> Iterator[Document]:
+    """The documents of one slice of a file, each with `source` as its source. The file-level checks
+    run in every slice, but only the first slice counts and warns, so a file split in n slices is
+    counted once."""
     path, first = part.path, part.start == 0
     if input_size(part.location) == 0:
         if first:
@@ -73,7 +88,7 @@ def file_range_documents(part: FileRange, params: DataParams, counters: Counter)
     counters["files_read"] += first
     for text, replaced in reader(part, params, counters):
         counters["decode_replaced_docs"] += replaced
-        yield make_document(text, "files", name=path)
+        yield make_document(text, source, name=path)
 
 
 def splittable(path: str, params: DataParams) -> bool:
@@ -110,7 +125,7 @@ def _reader_for(path: str) -> Reader:
     if suffix in TABLE_READERS:
         return _table_texts
     raise LmforgeError(
-        f"{path}: unsupported file type; data.files may only match "
+        f"{path}: unsupported file type; data.files (and data.sources' files) may only match "
         f"{', '.join(SUPPORTED_EXTENSIONS)} files"
     )
 

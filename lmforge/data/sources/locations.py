@@ -58,23 +58,23 @@ def input_identity(location: str) -> str:
     return ":".join(str(info.get(key)) for key in ("size", "ETag", "LastModified", "mtime", "updated"))
 
 
-def resolve_files(patterns: list[str]) -> list[str]:
+def resolve_files(patterns: list[str], key: str = "data.files") -> list[str]:
     """The files the globs match (** recursive, relative to cwd, or fsspec URLs), sorted, each real
-    file once."""
+    file once; `key`: where params.yaml lists the globs, for the errors."""
     found: dict[str, str] = {}  # real path -> the path as the glob spelled it
     for pattern in patterns:
         matches = []
         for path in _glob_urls(pattern) if is_url(pattern) else _glob_files(pattern):
             if len(matches) == MAX_GLOB_MATCHES:
                 raise LmforgeError(
-                    f"data.files: {pattern!r} matches more than {MAX_GLOB_MATCHES:,} files; "
+                    f"{key}: {pattern!r} matches more than {MAX_GLOB_MATCHES:,} files; "
                     "narrow the glob in params.yaml"
                 )
             matches.append(path)
         if not matches:
             raise LmforgeError(
-                f"data.files: {pattern!r} matches no files (relative to {os.getcwd()}); "
-                "fix data.files in params.yaml"
+                f"{key}: {pattern!r} matches no files (relative to {os.getcwd()}); "
+                f"fix {key} in params.yaml"
             )
         # Sorted: the spelling kept for a file seen twice must not depend on directory order.
         for path in sorted(matches):

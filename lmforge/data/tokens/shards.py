@@ -117,8 +117,10 @@ def write_shards_manifest(
     seq_len: int,
     dtype: np.dtype,
     splits: dict[str, SplitSummary],
+    sources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Written last: a shard set without a manifest is an unfinished one."""
+    """Written last: a shard set without a manifest is an unfinished one. `sources` (named sources
+    only): the mixture and each source's val shards (lmforge.data.tokenize_job.mixed_sources)."""
     manifest = {
         "format_version": SHARDS_MANIFEST_FORMAT,
         "tokenizer_sha256": tokenizer_sha256,
@@ -130,6 +132,8 @@ def write_shards_manifest(
         "column": COLUMN,
         "splits": {name: asdict(summary) for name, summary in splits.items()},
     }
+    if sources is not None:  # the one pool's manifest stays as it was
+        manifest["sources"] = sources
     write_json(root / MANIFEST_NAME, manifest)
     return manifest
 
@@ -212,13 +216,31 @@ def _split_problem(summary: Any) -> str | None:
     return None
 
 
+def val_sources(root: str | Path) -> list[str]:
+    """The named sources whose val rows the shards in `root` keep apart (none: one pool)."""
+    return list(read_shards_manifest(root).get("sources", {}).get("val", {}))
+
+
+def _source_summary(manifest: dict[str, Any], summary: dict[str, Any], split: str, source: str,
+                    manifest_path: Path) -> dict[str, Any]:
+    """The entry of `split` narrowed to one named source's shards."""
+    sources = manifest.get("sources", {}).get(split) if split == "val" else None
+    if not isinstance(sources, dict) or source not in sources:
+        raise LmforgeError(f"{manifest_path} keeps no {split} rows of source {source!r} apart (named sources: "
+                           f"{sorted(sources or {})}); per-source rows exist for the val split of data.sources")
+    files = set(sources[source].get("shards", []))
+    return {"rows": sources[source].get("rows"), "tokens": sources[source].get("tokens"),
+            "shards": [shard for shard in summary["shards"] if shard["file"] in files]}
+
+
 class ShardReader:
     """Random access to the rows of one split, memory-mapped: rows are views, not copies.
 
     `verify="checksum"` hashes every shard against the manifest at open (a full read);
     `verify="size"` only checks sizes, for a quick open of large, trusted shard sets.
     With `tokenizer_path` (and `eos_token`), the manifest must describe that tokenizer: same file,
-    same vocabulary size, same EOS id.
+    same vocabulary size, same EOS id. With `source` (named sources, split "val"), the rows of that
+    source alone (`val_sources` lists them).
     """
 
     def __init__(
@@ -230,6 +252,7 @@ class ShardReader:
         seq_len: int | None = None,
         eos_token: str | None = None,
         verify: Literal["checksum", "size"] = "checksum",
+        source: str | None = None,
     ) -> None:
         self.root = Path(root)
         self.split = split
@@ -259,6 +282,8 @@ class ShardReader:
         problem = _split_problem(summary)
         if problem:
             raise LmforgeError(f"{manifest_path}: split {split!r} {problem}; rerun `dvc repro -f tokenize`")
+        if source is not None:
+            summary = _source_summary(self.manifest, summary, split, source, manifest_path)
         for shard in summary["shards"]:
             self._blocks.extend(self._open_shard(shard, verify))
         rows = sum(len(block) for block in self._blocks)
