@@ -105,10 +105,18 @@ def test_without_lm_eval_the_harness_says_how_to_install_it_and_the_step_finishe
     with caplog.at_level("WARNING", logger="lmforge.evaluate"):
         results = harness.run(load_params(), finetuned=None)
     assert "pip install --upgrade pip && pip install 'lmforge[eval]'" in caplog.text
-    assert results == json.loads((root / "reports/harness.json").read_text())
+    assert json.loads((root / "reports/harness.json").read_text()) == {}  # a DVC metric: no words
     assert "pip install" in results["skipped"] and harness.metrics(results) == {}
     assert "Not run: lm-eval is not installed" in "\n".join(harness_section(results))
     assert (root / "reports/harness/cloze.jsonl").stat().st_size > 0  # the stage's outputs all there
+
+
+def test_the_shipped_task_yamls_are_the_ones_dvc_tracks():
+    from conftest import REPO
+    from lmforge.core import paths
+
+    assert harness.TASKS_DIR.resolve() == (REPO / paths.HARNESS_TASKS).resolve()
+    assert sorted(p.stem for p in harness.TASKS_DIR.glob("*.yaml")) == sorted(SHIPPED)
 
 
 def test_scores_are_named_by_task_and_metric():

@@ -30,6 +30,8 @@ from lmforge.evaluate.shipped_tasks import TASK_FILES, held_out_documents, write
 log = logging.getLogger("lmforge.evaluate")
 
 INSTALL = "pip install --upgrade pip && pip install 'lmforge[eval]'"
+# The shipped tasks' YAMLs beside this code (paths.HARNESS_TASKS from the repository root, for dvc.yaml).
+TASKS_DIR = Path(__file__).with_name("tasks")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 SHOWN_ON_FAILURE = 40  # lines of the harness's captured output printed when it fails
 
@@ -44,9 +46,10 @@ def lm_eval_missing() -> str | None:
 
 
 def run(params: Params, finetuned: Any) -> dict[str, Any]:
-    """reports/harness.json: {model: {task: {metric: value, "samples": n}}} for the pretrained model
-    and an SFT model (a classifier is no causal LM), or {"skipped": why}. The shipped tasks' data is
-    written to reports/harness/ first, always, so the stage's outputs do not depend on lm-eval."""
+    """{model: {task: {metric: value, "samples": n}}} for the pretrained model and an SFT model (a
+    classifier is no causal LM), written to reports/harness.json; or {"skipped": why} (the file: {}).
+    The shipped tasks' data is written to reports/harness/ first, always: the stage's outputs do
+    not depend on lm-eval."""
     harness = params.evaluate.harness
     built = write_task_data(held_out_documents(paths.CLEAN, params.data.val_fraction), paths.HARNESS_DATA)
     empty = [task for task in harness.tasks if built.get(task) == 0]
@@ -65,7 +68,7 @@ def run(params: Params, finetuned: Any) -> dict[str, Any]:
                 started = time.perf_counter()
                 results[name] = score(model_dir, eos_token, tasks, harness)
                 log.info("harness, %s model: %s (%.1f s)", name, summary(results[name]), time.perf_counter() - started)
-    write_json(paths.HARNESS, results)
+    write_json(paths.HARNESS, {} if why else results)  # a DVC metric: numbers only (why: in the log and report)
     return results
 
 
@@ -102,7 +105,7 @@ def score(model_dir: Path, eos_token: str, tasks: list[str], harness: HarnessPar
         model = HFLM(pretrained=str(model_dir), tokenizer=tokenizer, device="cpu", dtype="float32",
                      batch_size=harness.batch_size)
         # Indexing the harness's own hundreds of tasks takes seconds: only when one of them is asked.
-        manager = TaskManager(include_path=str(paths.HARNESS_TASKS), include_defaults=not shipped_only)
+        manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=not shipped_only)
         unknown = [task for task in tasks if task not in manager.all_tasks]
         if unknown:
             raise LmforgeError(f"evaluate.harness.tasks: unknown harness task(s) {unknown}: name lmforge's "
