@@ -111,6 +111,19 @@ def test_without_lm_eval_the_harness_says_how_to_install_it_and_the_step_finishe
     assert (root / "reports/harness/cloze.jsonl").stat().st_size > 0  # the stage's outputs all there
 
 
+def test_no_harness_tasks_turn_the_harness_off_quietly(tiny_repo, tmp_path, monkeypatch, caplog):
+    from conftest import copy_repo
+
+    monkeypatch.chdir(copy_repo(tiny_repo, tmp_path / "repo"))
+    params = load_params()
+    evaluate = params.evaluate
+    off = params.model_copy(update={"evaluate": evaluate.model_copy(
+        update={"harness": evaluate.harness.model_copy(update={"tasks": []})})})
+    with caplog.at_level("WARNING", logger="lmforge.evaluate"):
+        assert harness.run(off, finetuned=None) == {"skipped": "evaluate.harness.tasks is empty"}
+    assert caplog.text == ""
+
+
 def test_the_shipped_task_yamls_are_the_ones_dvc_tracks():
     from conftest import REPO
     from lmforge.core import paths

@@ -52,13 +52,15 @@ def run(params: Params, finetuned: Any) -> dict[str, Any]:
     not depend on lm-eval."""
     harness = params.evaluate.harness
     built = write_task_data(held_out_documents(paths.CLEAN, params.data.val_fraction), paths.HARNESS_DATA)
+    # A corpus of short documents can give a shipped task no question: it is left out, the rest scored.
     empty = [task for task in harness.tasks if built.get(task) == 0]
-    if empty:  # a corpus of short documents gives a task no question: say so, score the rest
-        log.info("harness: %s left out: %s has too few long held-out documents", ", ".join(empty), paths.CLEAN)
     tasks = [task for task in harness.tasks if task not in empty]
-    why = "evaluate.harness.tasks is empty" if not tasks else lm_eval_missing()
+    if empty:
+        log.info("harness: %s left out: %s has too few long held-out documents", ", ".join(empty), paths.CLEAN)
+    why = lm_eval_missing() if tasks else "evaluate.harness.tasks is empty" if not harness.tasks else \
+        f"{paths.CLEAN} has too few long held-out documents for {', '.join(empty)}"
     if why:
-        if tasks:
+        if harness.tasks:
             log.warning("%s", why)
         results: dict[str, Any] = {"skipped": why}
     else:
