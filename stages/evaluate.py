@@ -4,6 +4,7 @@ Language model: loss and perplexity of the pretrained (and an SFT) model on the 
 beside the unigram baseline. Classification: accuracy, macro-F1, per-class figures and a
 confusion matrix beside majority-class and bag-of-words baselines on the same test split.
 SFT: test loss, exact match, token F1, ROUGE-L and generated responses beside the reference.
+lm-evaluation-harness: the exported models on standard or lmforge's held-out tasks (reports/harness.json).
 The fine-tuned model's registered version gets the `candidate` alias and the figures as tags.
 """
 
@@ -18,7 +19,7 @@ from lmforge.core import paths
 from lmforge.core.io import atomic_path, write_json
 from lmforge.core.params import load_params
 from lmforge.core.stage import run_stage
-from lmforge.evaluate import evaluation
+from lmforge.evaluate import evaluation, harness
 from lmforge.evaluate.report import render_report_md
 from lmforge.finetune.inference import load_finetuned
 from lmforge.model.export import load_pretrained
@@ -31,7 +32,8 @@ log = logging.getLogger("stages.evaluate")
 
 def main() -> None:
     params = load_params()
-    inputs = [paths.PRETRAINED, paths.FINETUNED, paths.SHARDS, Path(params.finetune.test_file)]
+    inputs = [paths.PRETRAINED, paths.PRETRAINED_HF, paths.FINETUNED, paths.SHARDS, paths.CLEAN,
+              Path(params.finetune.test_file)]
     with stage_run("evaluate", {"evaluate": params.evaluate, "generate": params.generate}, inputs=inputs,
                    scored=params) as run:
         shutil.rmtree(paths.FIGURES, ignore_errors=True)  # no figure of another task's run may linger
@@ -45,6 +47,7 @@ def main() -> None:
         else:
             sft, sft_examples = evaluation.evaluate_sft(params, finetuned)
         samples = evaluation.pretrained_samples(params, pretrained)
+        benchmarks = harness.run(params, finetuned)  # lm-evaluation-harness -> reports/harness.json
         write_json(paths.REPORTS / "samples.json", {"sampling": params.generate.model_dump(), "samples": samples})
         metrics = evaluation.headline(lm, classify, baselines, sft)
         write_json(paths.REPORTS / "metrics.json", metrics)
@@ -53,14 +56,14 @@ def main() -> None:
         warning = evaluation.warn_if_no_better_than_majority(run, classify, baselines)
         report = render_report_md(
             lm=lm, classification=classify, baselines=baselines, sft=sft, sft_examples=sft_examples, warning=warning,
-            samples=samples, sampling=params.generate.model_dump(), images=images,
+            samples=samples, sampling=params.generate.model_dump(), images=images, harness=benchmarks,
             provenance=evaluation.provenance(params, git_commit(Path.cwd()), run.run_id, version),
             system=f"fine-tuned lmforge ({finetuned.meta.get('method')})", mixture=evaluation.training_mixture(lm),
         )
         with atomic_path(paths.REPORTS / "report.md") as tmp:
             tmp.write_text(report, encoding="utf-8")
-        run.log_metrics(metrics)
-        for name in ("metrics.json", "samples.json"):
+        run.log_metrics(metrics | harness.metrics(benchmarks))
+        for name in ("metrics.json", "samples.json", "harness.json"):
             run.log_artifact(paths.REPORTS / name, "reports")
         run.log_markdown(paths.REPORTS / "report.md", "reports")  # its figures shown in MLflow's viewer
         for path in sorted(paths.FIGURES.glob("*")):

@@ -88,7 +88,7 @@ TINY_PARAMS = {
         "train_file": "data/labeled/train.jsonl", "test_file": "data/labeled/test.jsonl", "max_length": 32,
         "max_steps": 4, "micro_batch_size": 8, "warmup_steps": 1, "eval_every": 2, "eval_batches": 2,
     },
-    "evaluate": {"lm_max_rows": 16, "sft_max_examples": 8, "sft_max_new_tokens": 4},
+    "evaluate": {"lm_max_rows": 16, "sft_max_examples": 8, "sft_max_new_tokens": 4, "harness": {"limit": 16}},
     "runtime": {"pretrain": {"checkpoint_every": 3, "progress": False}, "finetune": {"checkpoint_every": 2, "progress": False}},
 }
 TOPICS = {

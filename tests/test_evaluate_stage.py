@@ -65,3 +65,6 @@ def test_sft_task_reports_text_metrics_and_perplexity(tiny_repo, tmp_path):
     assert not (root / "reports/figures/confusion_matrix.png").exists()
     examples = json.loads((root / "reports/figures/sft_examples.json").read_text())
     assert examples[0]["reference"].startswith("Return the")
+    harness = json.loads((root / "reports/harness.json").read_text())
+    assert set(harness) == {"pretrained", "sft"}  # the SFT model is a causal LM: the harness scores it too
+    assert harness["sft"]["lmforge_continuation"]["samples"] == 16

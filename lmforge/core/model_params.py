@@ -217,6 +217,21 @@ class GenerateParams(Section):
         return value
 
 
+class HarnessParams(Section):
+    """`evaluate.harness`: EleutherAI's lm-evaluation-harness on the exported Hugging Face models
+    (models/pretrain_hf; an SFT model too) -> reports/harness.json. Needs `pip install 'lmforge[eval]'`;
+    without it evaluate says so and finishes."""
+
+    tasks: list[str] = Field(["lmforge_cloze", "lmforge_continuation"],
+                             description="harness task names: the shipped offline tasks built from held-out documents "
+                                         "(lmforge/evaluate/tasks/), or any installed task whose data loads, e.g. "
+                                         "hellaswag; []: no harness")
+    limit: int | None = Field(200, gt=0, description="examples scored per task (the first ones); null: all")
+    num_fewshot: int = Field(0, ge=0, description="solved examples put before each question")
+    # Padding differs with the batch, which moves a score in its last digits: a result knob.
+    batch_size: int = Field(16, gt=0, description="requests per forward pass")
+
+
 class EvaluateParams(Section):
     """`evaluate` (stage evaluate -> reports/): how much held-out data each figure uses."""
 
@@ -224,6 +239,7 @@ class EvaluateParams(Section):
     sft_max_examples: int = Field(200, gt=0, description="test pairs generated (greedy) for the SFT figures")
     sft_max_new_tokens: int = Field(32, gt=0, description="tokens generated per SFT answer")
     report_examples: int = Field(10, ge=0, description="generated SFT responses shown in report.md")
+    harness: HarnessParams = Field(HarnessParams(), description="standard benchmarks on the exported models")
 
 
 class EvaluateRuntime(Section):

@@ -37,6 +37,9 @@ FINETUNE_REPORTS = Path("reports/finetune")
 REPORTS = Path("reports")
 PROMOTION = REPORTS / "promotion.json"  # the promote stage's numbers (a DVC metric)
 PROMOTION_DECISION = REPORTS / "promotion_decision.json"  # its words: metric, reason, hashes, lineage
+HARNESS = REPORTS / "harness.json"  # lm-evaluation-harness scores per model and task (a DVC metric)
+HARNESS_DATA = REPORTS / "harness"  # the shipped harness tasks' data, built from held-out documents
+HARNESS_TASKS = Path("lmforge/evaluate/tasks")  # the shipped harness tasks' YAMLs (an evaluate dep)
 FIGURES = REPORTS / "figures"  # task-dependent files: one DVC output whatever the task
 PLOTS = REPORTS / "plots"  # `make plots`: dvc.yaml's plots as images (not a DVC output)
 

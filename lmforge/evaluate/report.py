@@ -139,6 +139,7 @@ def render_report_md(
     title: str = "lmforge evaluation",
     warning: str | None = None,
     mixture: dict[str, dict[str, Any]] | None = None,
+    harness: dict[str, Any] | None = None,
 ) -> str:
     """The human-readable report: a section per argument given, skipped when it is None.
 
@@ -153,6 +154,7 @@ def render_report_md(
         warning: a line shown first (a model no better than its majority baseline);
         mixture: named sources -> {"weight", "share", "tokens", "documents", "epochs", "val_loss"}, the
         train split's realised mixture beside the asked weights.
+        harness: reports/harness.json ({model: {task: {metric: value}}} or {"skipped": why}).
     """
     images = dict(images or {})
     parts = [f"# {title}"] + ([f"> **Warning:** {md_cell(warning)}"] if warning else [])
@@ -194,6 +196,8 @@ def render_report_md(
                   md_table(["#", "prompt", "generated", "reference", "token F1"],
                            [[i + 1, e.get("prompt", ""), e["response"], e["reference"], fixed(token_f1(e["response"], e["reference"]))]
                             for i, e in enumerate(sft_examples)])]
+    if harness:
+        parts += harness_section(harness)
     if samples:
         parts.append("## Samples")
         shown = {key: value for key, value in (sampling or {}).items() if key != "prompts"}  # each sample's below
@@ -204,3 +208,17 @@ def render_report_md(
     if images:
         parts += ["## Figures", *(f"![{caption}]({path})" for caption, path in images.items())]
     return "\n\n".join(parts) + "\n"
+
+
+def harness_section(harness: dict[str, Any]) -> list[str]:
+    """report.md's lm-evaluation-harness section: a row per model, task and metric, or why none."""
+    parts = ["## lm-evaluation-harness"]
+    if "skipped" in harness:
+        return parts + [f"Not run: {md_cell(harness['skipped'])}."]
+    rows = [[model, task, metric, fixed(value, 4), figures.get("samples")]
+            for model, tasks in harness.items() for task, figures in tasks.items()
+            for metric, value in figures.items() if metric != "samples"]
+    return parts + ["Each task's first `evaluate.harness.limit` examples, `num_fewshot` solved ones before each "
+                    "(params.yaml). lmforge's own tasks are built from held-out documents: `lmforge_cloze` their "
+                    "last word, `lmforge_continuation` their ending among four (chance 0.25).",
+                    md_table(["model", "task", "metric", "value", "examples"], rows)]
