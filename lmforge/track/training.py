@@ -21,7 +21,7 @@ from torch import nn
 from lmforge.train.curves import CurveLog
 from lmforge.train.report import Registration, TrainingReport, write_reports
 from lmforge.train.distributed import DistInfo, barrier, destroy
-from lmforge.train.resume import claim_run_dir, remember_run_id
+from lmforge.train.resume import check_shared, claim_run_dir, remember_run_id
 from lmforge.core.digests import content_hash
 from lmforge.track.lineage import DATA_LINEAGE, dataset_source, dvc_remote_url, git_commit, input_hashes
 from lmforge.core.params import load_params
@@ -54,6 +54,8 @@ def training_run(stage: str, info: DistInfo, checkpoints: Path, fingerprint: dic
     MLflow run on rank 0; every rank enters, and leaves with the process group destroyed."""
     resume_run_id = claim_run_dir(checkpoints, fingerprint, resume) if info.is_main else None
     barrier()
+    if os.environ.get("LOCAL_WORLD_SIZE", str(info.world_size)) != str(info.world_size):  # several nodes
+        check_shared(checkpoints)
     curve = CurveLog(checkpoints / "curve.jsonl")
     opened = (stage_run(stage, sections, inputs, resume_run_id=resume_run_id, system_metrics=True) if info.is_main
               else contextlib.nullcontext())
