@@ -80,7 +80,6 @@ def _runtime():
 def plan(ns: argparse.Namespace, environ: dict[str, str]) -> Nodes | None:
     """Where this launcher sits: None for one node (today's path), else its Nodes. Raises LmforgeError."""
     from lmforge.core.errors import LmforgeError
-
     from lmforge.core.params import DEFAULT_PARAMS_PATH
 
     runtime = _runtime() if ns.nproc is None or (ns.nnodes is None and Path(DEFAULT_PARAMS_PATH).is_file()) else None
