@@ -17,8 +17,9 @@ from lmforge.core.redact import redact
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
     """Run a stage's main; an LmforgeError becomes one clear line and exit status 2 (a bad param or
-    input: never worth a retry), a full disk or a RunInterrupted one line and status 1. A stage's own process (its main
-    defined in `__main__`, as `python -m stages.<name>` runs it) then ends without Python's teardown."""
+    input: never worth a retry), a full disk or a RunInterrupted (a lost peer) one line and status 1.
+    A stage's own process (its main defined in `__main__`, as `python -m stages.<name>` runs it) then
+    ends without Python's teardown."""
     timings.stage_started()
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(message)s")
     for noisy in ("alembic", "mlflow", "urllib3", "httpx", "filelock", "distributed"):
