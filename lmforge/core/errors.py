@@ -15,6 +15,11 @@ class LmforgeError(Exception):
     """An error the user can fix (bad params, bad input files, stale outputs)."""
 
 
+class RunInterrupted(Exception):
+    """The stage stopped for a reason outside its params and inputs (a process of a distributed run
+    died): printed as one line like LmforgeError, but exit status 1, so a retry is worth it."""
+
+
 # How libraries word a full disk when they do not pass the OSError on (torch, SQLite).
 _DISK_FULL = re.compile(r"no space left on device|database or disk is full|ENOSPC", re.IGNORECASE)
 # An absolute path of two parts or more, not the "/O" of "I/O".

@@ -114,6 +114,12 @@ class PretrainRuntime(TrainingRuntime):
 
     nproc: int = Field(1, ge=1, description="processes (GPUs) on this machine; > 1 runs the stage under "
                                             "torch.distributed.run (FSDP2)")
+    # How many machines, not what they compute: ranks are the same processes at any nnodes x nproc,
+    # so this sits beside nproc, outside the DVC params (lmforge.train.launch reads both).
+    nnodes: int = Field(1, ge=1, description="machines; > 1: this one is the head, the others join it "
+                                             "(LMFORGE_RDZV_ENDPOINT=HOST:PORT; docs/guides/scaling-out.md)")
+    join_timeout_s: int = Field(600, ge=1, description="nnodes > 1: seconds the head waits for every node "
+                                                       "to join (and a node for the head) before it fails")
     activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward "
                                                               "(less memory, more compute)")
     compile: bool = Field(False, description="torch.compile each block")

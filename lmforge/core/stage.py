@@ -10,15 +10,16 @@ import threading
 from collections.abc import Callable
 
 from lmforge.core import timings
-from lmforge.core.errors import LmforgeError, disk_full
+from lmforge.core.errors import LmforgeError, RunInterrupted, disk_full
 from lmforge.core.section import write_trace
 from lmforge.core.redact import redact
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
     """Run a stage's main; an LmforgeError becomes one clear line and exit status 2 (a bad param or
-    input: never worth a retry), a full disk one line and status 1. A stage's own process (its main
-    defined in `__main__`, as `python -m stages.<name>` runs it) then ends without Python's teardown."""
+    input: never worth a retry), a full disk or a RunInterrupted (a lost peer) one line and status 1.
+    A stage's own process (its main defined in `__main__`, as `python -m stages.<name>` runs it) then
+    ends without Python's teardown."""
     timings.stage_started()
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(message)s")
     for noisy in ("alembic", "mlflow", "urllib3", "httpx", "filelock", "distributed"):
@@ -29,6 +30,9 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     except LmforgeError as exc:
         print(redact(f"[{name}] error: {exc}"), file=sys.stderr)
         status = 2
+    except RunInterrupted as exc:
+        print(redact(f"[{name}] stopped: {exc}"), file=sys.stderr)
+        status = 1
     except Exception as exc:
         where = disk_full(exc)
         if where is None:

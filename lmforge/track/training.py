@@ -21,8 +21,9 @@ from torch import nn
 from lmforge.train.curves import CurveLog
 from lmforge.train.report import Registration, TrainingReport, write_reports
 from lmforge.train.distributed import DistInfo, barrier, destroy
-from lmforge.train.resume import claim_run_dir, remember_run_id
+from lmforge.train.resume import check_shared, claim_run_dir, remember_run_id
 from lmforge.core.digests import content_hash
+from lmforge.core.errors import RunInterrupted
 from lmforge.track.lineage import DATA_LINEAGE, dataset_source, dvc_remote_url, git_commit, input_hashes
 from lmforge.core.params import load_params
 from lmforge.core.paths import WEIGHTS_TAG  # re-exported: the stages import it from here
@@ -54,14 +55,35 @@ def training_run(stage: str, info: DistInfo, checkpoints: Path, fingerprint: dic
     MLflow run on rank 0; every rank enters, and leaves with the process group destroyed."""
     resume_run_id = claim_run_dir(checkpoints, fingerprint, resume) if info.is_main else None
     barrier()
+    if os.environ.get("LOCAL_WORLD_SIZE", str(info.world_size)) != str(info.world_size):  # several nodes
+        check_shared(checkpoints)
     curve = CurveLog(checkpoints / "curve.jsonl")
     opened = (stage_run(stage, sections, inputs, resume_run_id=resume_run_id, system_metrics=True) if info.is_main
               else contextlib.nullcontext())
     with opened as run:
         if run is not None and run.run_id is not None:
             remember_run_id(checkpoints, run.run_id)
-        yield TrainingRun(info, run, curve, dict(renames or {}))
+        try:
+            yield TrainingRun(info, run, curve, dict(renames or {}))
+        except Exception as exc:
+            lost = lost_peers(exc, info)
+            if lost is None:
+                raise
+            raise RunInterrupted(lost) from None  # the MLflow run ends FAILED on the way out
     destroy()
+
+
+def lost_peers(exc: BaseException, info: DistInfo) -> str | None:
+    """What to say when a collective failed because another process of the run is gone (killed, its
+    node down: gloo's "Connection closed/reset by peer", torch's DistError), else None."""
+    import torch.distributed as dist
+
+    if info.world_size < 2 or not (isinstance(exc, dist.DistError) or "gloo/transport" in str(exc)):
+        return None
+    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    cause = cause.split("] ", 1)[-1].split(" This is typically", 1)[0].rstrip(".")  # gloo's source and advice
+    return (f"rank {info.rank} of {info.world_size} lost the run's other processes ({cause}): a process or a node "
+            "died. Start the stage again on every node; it resumes from its last checkpoint")
 
 
 def finish(run: StageRun, step: int, report: TrainingReport, registration: Registration) -> str | None:

@@ -98,3 +98,24 @@ def check_still_claimed(marker: Path | None, step: int) -> None:
             "checkpoints and curve are gone, so this run stops here. Rerun the stage to start from step 0 "
             f"(remove what is left first: rm -rf {marker.parent})"
         )
+
+
+def check_shared(root: Path) -> None:
+    """With several nodes, stop on every rank, before any training, unless each sees the run.json
+    rank 0 just wrote in `root`: a checkpoint is the shards of every rank in one directory (DCP), so
+    `root` must be one directory for all (a shared file system, or a link to one, on every node)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    nonce = [run_record(root).get("nonce") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(nonce, src=0)
+    seen: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, run_record(root).get("nonce") == nonce[0])
+    blind = [rank for rank, ok in enumerate(seen) if not ok]
+    if blind:
+        raise LmforgeError(
+            f"{root} is not the same directory on every node: rank(s) {blind} do not see the {MARKER} rank 0 "
+            f"wrote there. A checkpoint holds every rank's shards in one directory, so with several nodes put the "
+            f"checkout on a shared file system, or link {root} to one shared directory on every node"
+        )
