@@ -77,12 +77,13 @@ def main() -> None:
     torch.manual_seed(0)
     config = tiny_config()
     model = Transformer(config).to(info.device)
-    if args.compile:
-        apply_compile(model)
     if info.distributed and not args.no_fsdp:
         low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
         parallelize(model, info, param_dtype=low if args.device == "cuda" else torch.float32,
-                    reduce_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.reduce_precision])
+                    reduce_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.reduce_precision],
+                    compile=args.compile)
+    elif args.compile:
+        apply_compile(model)
     metrics_file = args.out / "metrics.jsonl"
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -107,6 +107,14 @@ class PretrainParams(TrainingKnobs):
 
     document_mask: bool = Field(False, description="attention within each packed document only; rotary positions "
                                                    "restart per document")
+    # Layout knobs that change the numbers a run computes (the order of sums; bf16 rounding of
+    # gradients), so DVC params; nproc (how many processes) stays a run-time knob.
+    tensor_parallel: int = Field(1, ge=1, description="tensor-parallel degree N: each block's projections split "
+                                                      "over N processes (heads/N each), FSDP2 over the other "
+                                                      "nproc/N; N divides nproc, n_heads and n_kv_heads")
+    reduce_precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype gradients are reduce-scattered in across processes: `bf16` sends half the "
+                            "bytes; master weights and the optimizer stay fp32")
 
 
 class PretrainRuntime(TrainingRuntime):

@@ -175,17 +175,24 @@ def apply_fsdp(
     return model
 
 
-def parallelize(model: nn.Module, info: DistInfo, param_dtype: torch.dtype = torch.float32,
-                reduce_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Lay `model` out on `info.mesh`: tensor parallelism over "tp" (when > 1), then FSDP2 over
-    "dp_shard", as torchtitan's parallelize does (after activation checkpointing and compile)."""
+def parallelize(model: nn.Module, info: DistInfo, *, param_dtype: torch.dtype = torch.float32,
+                reduce_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
+                compile: bool = False) -> nn.Module:
+    """Lay `model` out on `info.mesh` in torchtitan's order: tensor parallelism over "tp" (when > 1),
+    activation checkpointing, compile, then FSDP2 over "dp_shard" (under a process group)."""
     if info.tensor_parallel > 1:
         config = model.config  # type: ignore[attr-defined]
         check_tensor_parallel(info.tensor_parallel, world_size=info.world_size, n_heads=config.n_heads,
                               n_kv_heads=config.kv_heads)
         apply_tp(model, info.mesh["tp"])
-    mesh = info.mesh["dp_shard"] if info.mesh is not None else None
-    return apply_fsdp(model, param_dtype=param_dtype, reduce_dtype=reduce_dtype, mesh=mesh)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    if info.distributed:
+        mesh = info.mesh["dp_shard"] if info.mesh is not None else None
+        apply_fsdp(model, param_dtype=param_dtype, reduce_dtype=reduce_dtype, mesh=mesh)
+    return model
 
 
 def clip_grad_norm_(parameters: Any, max_norm: float) -> torch.Tensor:
