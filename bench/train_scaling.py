@@ -1,10 +1,13 @@
 """Benchmark of the parallel layouts (not a test): FSDP vs TP vs FSDP x TP at 1, 2 and 4 CPU processes
-(gloo), and fp32 vs bf16 gradient reduction, on the default model shape (preset "small": 4 layers,
+(gloo), fp32 vs bf16 gradient reduction, and activation checkpointing (none, full, selective) in one
+process, on the default model shape (preset "small": 4 layers,
 4 heads, dim 256), vocab 8192, seq_len 256, the same global batch of 8 rows and seed everywhere.
 
 Per layout: tokens/s (median step past the warm-up, all processes together), peak RSS per process
 (the largest rank's VmHWM), the loss after the last step and its difference from one process, and
 the bytes each step sends per process (lmforge.train.communication.step_bytes, from the shapes).
+Activation memory: the growth of the process's RSS over one forward of one micro-batch (before its
+backward), measured once before training (large tensors are mmapped, so RSS follows them).
 The data: rows following next = (3 * prev + 1) % vocab with 10% noise (learnable, no files needed).
 
     python bench/train_speed.py --scaling                          # every layout, 12 steps
@@ -27,17 +30,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULT_TAG = "BENCH_RESULT "
 GLOBAL_ROWS = 8
-# name: (processes, tensor_parallel, reduce_precision)
+# name: (processes, tensor_parallel, reduce_precision, activation checkpointing)
 LAYOUTS = {
-    "one": (1, 1, "fp32"),
-    "fsdp2": (2, 1, "fp32"),
-    "fsdp2-bf16": (2, 1, "bf16"),
-    "tp2": (2, 2, "fp32"),
-    "fsdp4": (4, 1, "fp32"),
-    "fsdp4-bf16": (4, 1, "bf16"),
-    "fsdp2xtp2": (4, 2, "fp32"),
-    "tp4": (4, 4, "fp32"),
+    "one": (1, 1, "fp32", "none"),
+    "one-ac-full": (1, 1, "fp32", "full"),
+    "one-ac-selective": (1, 1, "fp32", "selective"),
+    "fsdp2": (2, 1, "fp32", "none"),
+    "fsdp2-bf16": (2, 1, "bf16", "none"),
+    "tp2": (2, 2, "fp32", "none"),
+    "fsdp4": (4, 1, "fp32", "none"),
+    "fsdp4-bf16": (4, 1, "bf16", "none"),
+    "fsdp2xtp2": (4, 2, "fp32", "none"),
+    "tp4": (4, 4, "fp32", "none"),
 }
+
+
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def worker(args) -> None:
@@ -67,13 +76,21 @@ def worker(args) -> None:
     torch.manual_seed(1337)
     model = Transformer(config)
     reduce_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.reduce]
-    parallelize(model, info, reduce_dtype=reduce_dtype)
+    parallelize(model, info, reduce_dtype=reduce_dtype, activation_checkpointing=args.ac)
     micro = 4 if info.dp_size <= 2 else GLOBAL_ROWS // info.dp_size
     accum = GLOBAL_ROWS // (micro * info.dp_size)
     cfg = TrainerParams(max_steps=args.steps, micro_batch_size=micro, grad_accum_steps=accum, lr=2e-3, min_lr=2e-4,
                         warmup_steps=2, precision="fp32", eval_every=0, checkpoint_every=0, resume="never",
                         progress=False, seed=1337)
     stamps, losses = [], []
+    # One forward's activations (what backward keeps), before training: no weights change here.
+    batch = torch.as_tensor(rows[:micro])
+    before = _rss_mb()
+    _, loss = model(batch[:, :-1], batch[:, 1:])
+    activation_mb = _rss_mb() - before
+    loss.backward()
+    del loss
+    model.zero_grad(set_to_none=True)
 
     def on_metrics(step: int, metrics: dict) -> None:
         stamps.append(time.perf_counter())
@@ -97,14 +114,14 @@ def worker(args) -> None:
             "tokens_per_s": GLOBAL_ROWS * args.seq_len / statistics.median(step_s[args.warmup:]),
             "peak_rss_mb_per_process": max(peaks), "losses": losses, "final_loss": losses[-1],
             "micro_batch_size": micro, "grad_accum_steps": accum, "bytes_per_step": step_bytes(config, layout).as_dict(),
-            "params": config.num_params(),
+            "params": config.num_params(), "activation_mb": activation_mb,
         }), flush=True)
     destroy()
 
 
 def run_layout(name: str, args) -> dict:
-    nproc, tp, reduce = LAYOUTS[name]
-    child = [str(Path(__file__).resolve()), "--worker", "--tp", str(tp), "--reduce", reduce,
+    nproc, tp, reduce, ac = LAYOUTS[name]
+    child = [str(Path(__file__).resolve()), "--worker", "--tp", str(tp), "--reduce", reduce, "--ac", ac,
              "--steps", str(args.steps), "--warmup", str(args.warmup), "--vocab", str(args.vocab),
              "--seq-len", str(args.seq_len)]
     cmd = [sys.executable, *child] if nproc == 1 else [
@@ -115,7 +132,7 @@ def run_layout(name: str, args) -> dict:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or RESULT_TAG not in proc.stdout:
         raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return {"processes": nproc, "tensor_parallel": tp, "reduce_precision": reduce,
+    return {"processes": nproc, "tensor_parallel": tp, "reduce_precision": reduce, "activation_checkpointing": ac,
             **json.loads(proc.stdout.rsplit(RESULT_TAG, 1)[1].splitlines()[0])}
 
 
@@ -137,14 +154,15 @@ def main(args) -> None:
         row["max_rel_loss_diff_vs_one"] = max(abs(a - b) / abs(b) for a, b in zip(row["losses"], ref))
     print(f"\nParallel layouts, CPU (gloo), preset small, vocab {args.vocab}, seq {args.seq_len}, global batch "
           f"{GLOBAL_ROWS} rows, fp32 compute; {args.steps} steps ({args.warmup} warm-up untimed)\n")
-    print("| layout | processes | TP | reduce | tokens/s | peak RSS MB / process | loss after "
+    print("| layout | processes | TP | reduce | AC | tokens/s | peak RSS MB / process | forward activations MB | loss after "
           f"{args.steps} steps | max rel. loss diff vs 1 process | all-gather B/step | reduce-scatter B/step "
           "| TP all-reduce B/step | total B/step |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
         b = r["bytes_per_step"]
         print(f"| {name} | {r['processes']} | {r['tensor_parallel']} | {r['reduce_precision']} | "
-              f"{r['tokens_per_s']:,.0f} | {r['peak_rss_mb_per_process']:.0f} | {r['final_loss']:.5f} | "
+              f"{r['activation_checkpointing']} | {r['tokens_per_s']:,.0f} | {r['peak_rss_mb_per_process']:.0f} | "
+              f"{r['activation_mb']:.0f} | {r['final_loss']:.5f} | "
               f"{r['max_rel_loss_diff_vs_one']:.1e} | {b['all_gather']:,} | {b['reduce_scatter']:,} | "
               f"{b['tp_all_reduce']:,} | {b['total']:,} |")
     out = args.out or REPO / "bench" / "results" / "train_scaling.json"
@@ -170,6 +188,7 @@ if __name__ == "__main__":
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--reduce", default="fp32")
+    parser.add_argument("--ac", default="none")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path)

@@ -183,10 +183,11 @@ def test_without_torchrun_there_is_one_rank_and_no_process_group(monkeypatch):
         apply_fsdp(Transformer(tiny_config()))
 
 
-def test_activation_checkpointing_keeps_names_loss_and_gradients():
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_names_loss_and_gradients(mode):
     torch.manual_seed(0)
     plain = Transformer(tiny_config())
-    wrapped = apply_activation_checkpointing(copy.deepcopy(plain))
+    wrapped = apply_activation_checkpointing(copy.deepcopy(plain), mode)
     x = torch.randint(0, 64, (2, 16))
     _, loss_a = plain(x, x)
     _, loss_b = wrapped(x, x)
@@ -198,3 +199,35 @@ def test_activation_checkpointing_keeps_names_loss_and_gradients():
     from lmforge.train.export import full_state_dict
 
     assert set(full_state_dict(wrapped)) == set(plain.state_dict())
+
+
+def test_selective_checkpointing_keeps_the_matmuls_and_recomputes_only_the_rest():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from lmforge.train.distributed import _keep_matmuls
+
+    torch.manual_seed(0)
+    decisions: list[tuple[str, bool]] = []
+
+    def recording(ctx, op, *args, **kwargs):
+        policy = _keep_matmuls(ctx, op, *args, **kwargs)
+        if not ctx.is_recompute:
+            decisions.append((str(op), policy == CheckpointPolicy.MUST_SAVE))
+        return policy
+
+    import lmforge.train.distributed as distributed
+
+    original, distributed._keep_matmuls = distributed._keep_matmuls, recording
+    try:
+        model = apply_activation_checkpointing(Transformer(tiny_config()), "selective")
+        x = torch.randint(0, 64, (2, 16))
+        _, loss = model(x, x)
+        loss.backward()
+    finally:
+        distributed._keep_matmuls = original
+    saved = {op for op, kept in decisions if kept}
+    recomputed = {op for op, kept in decisions if not kept}
+    assert "aten.mm.default" in saved and any("scaled_dot_product" in op for op in saved)
+    assert "aten.mm.default" not in recomputed and any("mul" in op for op in recomputed)
+    with pytest.raises(LmforgeError, match="not one of none, full, selective"):
+        apply_activation_checkpointing(model, "some")

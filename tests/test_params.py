@@ -168,3 +168,9 @@ def test_tensor_parallel_must_divide_the_processes_and_the_heads(raw, named):
     with pytest.raises(LmforgeError, match=f"tensor_parallel .* does not divide {named}"):
         parse_params(raw)
     assert parse_params({"pretrain": {"tensor_parallel": 2}, "runtime": {"pretrain": {"nproc": 4}}})
+
+
+@pytest.mark.parametrize("value, mode", [(True, "full"), (False, "none"), ("selective", "selective")])
+def test_activation_checkpointing_reads_its_modes_and_the_old_booleans(value, mode):
+    params = parse_params({"runtime": {"pretrain": {"activation_checkpointing": value}}})
+    assert params.runtime.pretrain.activation_checkpointing == mode

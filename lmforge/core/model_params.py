@@ -122,8 +122,15 @@ class PretrainRuntime(TrainingRuntime):
 
     nproc: int = Field(1, ge=1, description="processes (GPUs) on this machine; > 1 runs the stage under "
                                             "torch.distributed.run (FSDP2)")
-    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward "
-                                                              "(less memory, more compute)")
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="`none` | `full`: recompute each block's activations in backward (least memory, most "
+                            "compute) | `selective`: keep matmul and attention outputs, recompute the rest")
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _ac_from_bool(cls, value: Any) -> Any:
+        # Before `selective` existed this was a bool: true (full) and false (none) still read.
+        return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
     compile: bool = Field(False, description="torch.compile each block")
     loss_chunk_tokens: int = Field(0, ge=0, description="> 0: cross-entropy this many tokens at a time, never the "
                                                         "whole logits tensor (big vocabularies)")

@@ -176,17 +176,17 @@ def apply_fsdp(
 
 
 def parallelize(model: nn.Module, info: DistInfo, *, param_dtype: torch.dtype = torch.float32,
-                reduce_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
+                reduce_dtype: torch.dtype = torch.float32, activation_checkpointing: str = "none",
                 compile: bool = False) -> nn.Module:
     """Lay `model` out on `info.mesh` in torchtitan's order: tensor parallelism over "tp" (when > 1),
-    activation checkpointing, compile, then FSDP2 over "dp_shard" (under a process group)."""
+    activation checkpointing (`none` | `full` | `selective`), compile, then FSDP2 over "dp_shard"
+    (under a process group)."""
     if info.tensor_parallel > 1:
         config = model.config  # type: ignore[attr-defined]
         check_tensor_parallel(info.tensor_parallel, world_size=info.world_size, n_heads=config.n_heads,
                               n_kv_heads=config.kv_heads)
         apply_tp(model, info.mesh["tp"])
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
+    apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         apply_compile(model)
     if info.distributed:
@@ -219,17 +219,51 @@ def clip_grad_norm_(parameters: Any, max_norm: float) -> torch.Tensor:
     return total
 
 
-def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute each block's activations in backward instead of storing them (full AC per block).
+# Selective activation checkpointing keeps these ops' outputs and recomputes the rest (norms,
+# activations, rotary, elementwise): torchtitan's op-level policy, here keeping every matmul's
+# output (the expensive recomputation) and attention's.
+SAVED_OPS = frozenset(
+    op for op in (
+        getattr(torch.ops.aten, "mm", None), getattr(torch.ops.aten, "bmm", None),
+        getattr(torch.ops.aten, "addmm", None),
+        getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None),
+        getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None),
+        getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None),
+        getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None),
+    ) if op is not None
+)
+AC_MODES = ("none", "full", "selective")
+
+
+def _keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    saved = op in SAVED_OPS or getattr(op, "overloadpacket", None) in SAVED_OPS
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> nn.Module:
+    """Recompute block activations in backward instead of storing them: `full` recomputes each
+    whole block, `selective` keeps the outputs of its matmuls and attention and recomputes only the
+    cheap ops between them (less memory saved, less compute spent); `none` leaves the model as is.
 
     Apply before `apply_compile` and `apply_fsdp`, as torchtitan does. State-dict names gain a
     `_checkpoint_wrapped_module` segment; lmforge.train.checkpoint and lmforge.model.export strip it.
     """
+    if mode not in AC_MODES:
+        raise LmforgeError(f"activation checkpointing {mode!r} is not one of {', '.join(AC_MODES)}")
+    if mode == "none":
+        return model
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    extra: dict[str, Any] = {}
+    if mode == "selective":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        extra = {"context_fn": lambda: create_selective_checkpoint_contexts(_keep_matmuls)}
     layers = model.layers  # type: ignore[attr-defined]
     for i, block in enumerate(layers):
-        layers[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+        layers[i] = checkpoint_wrapper(block, preserve_rng_state=True, **extra)
     return model
 
 
