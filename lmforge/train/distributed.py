@@ -6,6 +6,7 @@ The model module knows nothing of these; this module is the only place that touc
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -138,6 +139,9 @@ def apply_tp(model: nn.Module, tp_mesh: Any) -> nn.Module:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    # Gathering a 2-D (FSDP x TP) weight whole (export, DCP) takes two all-gathers, and DTensor says
+    # so on every rank, every run, as a performance hint: the user can act on nothing there.
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     for block in model.layers:  # type: ignore[attr-defined]
         parallelize_module(block, tp_mesh, {name: styles[style]() for name, style in TP_PLAN.items()})
     return model
