@@ -40,6 +40,12 @@ On a GPU (bench/train_speed_cuda.py: GPT-2 124M shape, bf16, compile, against na
     python bench/train_speed.py --device cuda --nanogpt /tmp/nanogpt --batch-size 16 --steps 20
     # results: bench/results/train_speed_cuda.json
 
+The parallel layouts on CPU processes (gloo): FSDP vs TP vs FSDP x TP at 1, 2 and 4 processes, fp32
+vs bf16 gradient reduction, with the loss after N steps and the bytes each step sends
+(bench/train_scaling.py; results: bench/results/train_scaling.json):
+
+    python bench/train_speed.py --scaling --steps 12 --warmup 2
+
 The peak memory of the loss at vocab 50,304, plain against chunked (any device):
 
     python bench/train_speed.py --loss-memory --device cpu --batch-size 4 --loss-chunk 1024
@@ -63,6 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+import train_scaling  # noqa: E402
 import train_speed_cuda as cuda_bench  # noqa: E402
 
 DEFAULT_METHODS = ("ours", "nanogpt", "ours-compile")
@@ -263,11 +270,15 @@ def main() -> None:
     parser.add_argument("--worker", nargs="?", const="cpu", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     cuda_bench.add_arguments(parser)
+    train_scaling.add_arguments(parser)
     args = parser.parse_args()
 
     if args.worker:
         result = worker_ours(args) if args.worker == "cpu" else cuda_bench.worker(args)
         print(RESULT_TAG + json.dumps(result), flush=True)
+        return
+    if args.scaling:  # FSDP vs TP vs FSDP x TP, fp32 vs bf16 reduce: bench/train_scaling.py
+        train_scaling.main(args)
         return
     if args.loss_memory or args.device == "cuda":
         suffix = "_loss_memory" if args.loss_memory else "_cuda"

@@ -2,7 +2,8 @@
 models/pretrain (safetensors), models/pretrain_hf (LlamaForCausalLM) and reports/pretrain.
 
 One process: `python -m stages.pretrain`. Many: `torchrun --nproc_per_node=N -m stages.pretrain`
-(FSDP2 per block; rank 0 alone logs to MLflow and writes reports).
+(FSDP2 per block, tensor parallelism when pretrain.tensor_parallel > 1; rank 0 alone logs to MLflow
+and writes reports).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ log = logging.getLogger("stages.pretrain")
 
 def main() -> None:
     params = load_params()
-    info = init_distributed()
+    info = init_distributed(tensor_parallel=params.pretrain.tensor_parallel)
     torch.manual_seed(params.pretrain.seed)
     eos = params.tokenizer.eos_token
     train = ShardReader(paths.SHARDS, "train", tokenizer_path=paths.TOKENIZER, eos_token=eos)
@@ -45,7 +46,8 @@ def main() -> None:
             return
         plain, _ = load_pretrained(paths.PRETRAINED)
         records = tr.curve.read(up_to_step=result.step)
-        summary = pretraining.summarize(result, records, train, config, info)
+        comm = pretraining.step_bytes(params, info, config, train.seq_len)
+        summary = pretraining.summarize(result, records, train, config, info, comm)
 
         report = pretraining.report(params.model.preset, result, records, summary, config)
         finish(tr.run, result.step, report, pretraining.registration(plain, result, config, train.eos_id))

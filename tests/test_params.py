@@ -156,3 +156,21 @@ def test_a_flow_checks_params_yaml_before_dvc_reads_it(tmp_path):
                             timeout=60)
     assert result.stdout.startswith(f"{path} ") and "aliases" in result.stdout, result.stdout + result.stderr
     assert path.read_text() == BILLION_LAUGHS
+
+
+@pytest.mark.parametrize("raw, named", [
+    ({"pretrain": {"tensor_parallel": 2}}, "runtime.pretrain.nproc 1"),
+    ({"pretrain": {"tensor_parallel": 3}, "runtime": {"pretrain": {"nproc": 3}}}, "n_heads 4"),
+    ({"pretrain": {"tensor_parallel": 4}, "runtime": {"pretrain": {"nproc": 4}},
+      "model": {"preset": "1b", "n_kv_heads": 2}}, "n_kv_heads 2"),
+])
+def test_tensor_parallel_must_divide_the_processes_and_the_heads(raw, named):
+    with pytest.raises(LmforgeError, match=f"tensor_parallel .* does not divide {named}"):
+        parse_params(raw)
+    assert parse_params({"pretrain": {"tensor_parallel": 2}, "runtime": {"pretrain": {"nproc": 4}}})
+
+
+@pytest.mark.parametrize("value, mode", [(True, "full"), (False, "none"), ("selective", "selective")])
+def test_activation_checkpointing_reads_its_modes_and_the_old_booleans(value, mode):
+    params = parse_params({"runtime": {"pretrain": {"activation_checkpointing": value}}})
+    assert params.runtime.pretrain.activation_checkpointing == mode

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -103,6 +104,26 @@ def test_two_ranks_under_torchrun_log_one_run_then_resume_at_one_rank(trained_re
     steps = [m.step for m in _client(root).get_metric_history(first.info.run_id, "pretrain/train_loss")]
     assert sorted(set(steps)) == list(range(1, 7))
     assert json.loads((root / "reports/pretrain/stats.json").read_text())["world_size"] == 1
+
+
+def test_tensor_parallel_stage_follows_the_one_process_run_and_logs_the_bytes_per_step(trained_ready, tiny_repo):
+    root = trained_ready
+    _params(root, pretrain={"tensor_parallel": 2}, runtime={"pretrain": {"nproc": 2}})
+    result = run(["python", "-m", "lmforge.train.launch", "stages.pretrain"], root, OMP_NUM_THREADS="1")
+    assert "torch/distributed" not in result.stderr  # no library hints on the user's terminal
+    stats = json.loads((root / "reports/pretrain/stats.json").read_text())
+    alone = json.loads((tiny_repo / "reports/pretrain/stats.json").read_text())  # the same params, 1 process
+    assert (stats["world_size"], stats["tensor_parallel"]) == (2, 2)
+    assert stats["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-5)
+    # One data-parallel rank: FSDP sends nothing; TP all-reduces activations.
+    assert stats["comm_bytes_reduce_scatter"] == 0 and stats["comm_bytes_tp_all_reduce"] > 0
+    (tp_run,) = _runs(root, "pretrain")
+    assert tp_run.data.metrics["pretrain/comm_bytes_total"] == stats["comm_bytes_total"]
+    assert tp_run.data.tags["lmforge.tensor_parallel"] == "2"
+    # models/pretrain holds full tensors whatever the layout: the one-process shapes.
+    ours, _ = load_pretrained(root / "models/pretrain")
+    theirs, _ = load_pretrained(tiny_repo / "models/pretrain")
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
 
 
 def test_changed_max_steps_starts_a_fresh_run_not_a_continuation(trained_repo):

@@ -114,6 +114,22 @@ def test_ranks_read_disjoint_rows_and_see_every_row_once_per_epoch():
     assert sorted(sampler.rows(n, n)) == list(range(n))
 
 
+def test_the_ranks_of_a_tensor_parallel_group_read_the_same_rows_and_groups_disjoint_ones():
+    from lmforge.train.distributed import DistInfo
+
+    cfg = TrainerParams(max_steps=2, micro_batch_size=4, grad_accum_steps=2, warmup_steps=0, progress=False)
+    rows = {}
+    for rank in range(4):  # FSDP 2 x TP 2: ranks 0-1 form TP group 0, ranks 2-3 group 1
+        info = DistInfo(rank=rank, world_size=4, local_rank=rank, device=torch.device("cpu"), is_main=rank == 0,
+                        tensor_parallel=2)
+        trainer = Trainer(Transformer(tiny_config()), cfg, PackedRows(SyntheticRows(64, 1)), dist_info=info)
+        assert trainer.rows_per_step == 4 * 2 * 2  # micro x accum x data-parallel groups
+        rows[rank] = [b["inputs"].tolist() for b in trainer.host_micro_batches(0)]
+    assert rows[0] == rows[1] and rows[2] == rows[3]
+    shared = {tuple(r) for b in rows[0] for r in b} & {tuple(r) for b in rows[2] for r in b}
+    assert not shared
+
+
 def test_lr_warms_up_then_decays_to_min_lr():
     cfg = TrainerParams(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100)
     assert lr_at(0, cfg, 100) == pytest.approx(0.1)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.train.export import full_state_dict, save_pretrained  # noqa: E402
 from lmforge.model.decoder import ModelConfig, Transformer  # noqa: E402
-from lmforge.train.distributed import apply_compile, apply_fsdp, destroy, init_distributed  # noqa: E402
+from lmforge.train.distributed import apply_compile, destroy, init_distributed, parallelize  # noqa: E402
 from lmforge.core.params import TrainerParams  # noqa: E402
 from lmforge.train.batches import PackedRows  # noqa: E402
 from lmforge.train.trainer import Trainer  # noqa: E402
@@ -66,20 +66,24 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--async-checkpoint", action="store_true")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (FSDP over the rest)")
+    ap.add_argument("--reduce-precision", default="fp32", choices=["fp32", "bf16"])
     args = ap.parse_args()
 
     torch.set_num_threads(1)
     # CUDA: some kernels (SDPA backward) have no deterministic variant; they warn instead of failing.
     torch.use_deterministic_algorithms(True, warn_only=args.device == "cuda")
-    info = init_distributed(device=args.device)
+    info = init_distributed(device=args.device, tensor_parallel=args.tp)
     torch.manual_seed(0)
     config = tiny_config()
     model = Transformer(config).to(info.device)
-    if args.compile:
-        apply_compile(model)
     if info.distributed and not args.no_fsdp:
         low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
-        apply_fsdp(model, param_dtype=low if args.device == "cuda" else torch.float32)
+        parallelize(model, info, param_dtype=low if args.device == "cuda" else torch.float32,
+                    reduce_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.reduce_precision],
+                    compile=args.compile)
+    elif args.compile:
+        apply_compile(model)
     metrics_file = args.out / "metrics.jsonl"
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -107,6 +107,14 @@ class PretrainParams(TrainingKnobs):
 
     document_mask: bool = Field(False, description="attention within each packed document only; rotary positions "
                                                    "restart per document")
+    # Layout knobs that change the numbers a run computes (the order of sums; bf16 rounding of
+    # gradients), so DVC params; nproc (how many processes) stays a run-time knob.
+    tensor_parallel: int = Field(1, ge=1, description="tensor-parallel degree N: each block's projections split "
+                                                      "over N processes (heads/N each), FSDP2 over the other "
+                                                      "nproc/N; N divides nproc, n_heads and n_kv_heads")
+    reduce_precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype gradients are reduce-scattered in across processes: `bf16` sends half the "
+                            "bytes; master weights and the optimizer stay fp32")
 
 
 class PretrainRuntime(TrainingRuntime):
@@ -120,8 +128,15 @@ class PretrainRuntime(TrainingRuntime):
                                              "(LMFORGE_RDZV_ENDPOINT=HOST:PORT; docs/guides/scaling-out.md)")
     join_timeout_s: int = Field(600, ge=1, description="nnodes > 1: seconds the head waits for every node "
                                                        "to join (and a node for the head) before it fails")
-    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward "
-                                                              "(less memory, more compute)")
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="`none` | `full`: recompute each block's activations in backward (least memory, most "
+                            "compute) | `selective`: keep matmul and attention outputs, recompute the rest")
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _ac_from_bool(cls, value: Any) -> Any:
+        # Before `selective` existed this was a bool: true (full) and false (none) still read.
+        return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
     compile: bool = Field(False, description="torch.compile each block")
     loss_chunk_tokens: int = Field(0, ge=0, description="> 0: cross-entropy this many tokens at a time, never the "
                                                         "whole logits tensor (big vocabularies)")

@@ -22,6 +22,7 @@ from lmforge.core.data_params import (  # noqa: F401  (re-exported: `from lmforg
     TokenizerParams,
 )
 from lmforge.core.errors import LmforgeError
+from lmforge.core.presets import PRESETS
 from lmforge.core.timings import phase
 from lmforge.core.model_params import (  # noqa: F401  (re-exported)
     CLASSIFY_METRICS, LOWER_IS_BETTER, SFT_METRICS, EvaluateParams, EvaluateRuntime, FinetuneParams, GenerateParams,
@@ -83,6 +84,7 @@ class Params(BaseModel):
             if new_tokens >= context:
                 raise ValueError(f"{key} {new_tokens} leaves no room for a prompt in the model's context "
                                  f"(tokenizer.seq_len {context}): lower it below {context}")
+        self._tensor_parallel_divides()
         limit = context + (1 if self.finetune.task == "sft" else 0)  # sft rows hold inputs + 1 shifted target
         if self.finetune.max_length > limit:
             raise ValueError(f"finetune.max_length {self.finetune.max_length} exceeds what the model reads "
@@ -107,6 +109,21 @@ class Params(BaseModel):
         if unknown:
             raise ValueError(f"mix.weights names {unknown}, which data.sources does not list (it has {names})")
         return self
+
+    def _tensor_parallel_divides(self) -> None:
+        """pretrain.tensor_parallel N splits the heads and the processes N ways: checked at load,
+        before any work (lmforge.train.distributed checks the world size torchrun gives again)."""
+        n = self.pretrain.tensor_parallel
+        if n == 1:
+            return
+        preset = PRESETS[self.model.preset]
+        n_heads = self.model.n_heads or preset["n_heads"]
+        counts = {"runtime.pretrain.nproc": self.runtime.pretrain.nproc, "n_heads": n_heads,
+                  "n_kv_heads": self.model.n_kv_heads or preset.get("n_kv_heads") or n_heads}
+        for key, count in counts.items():
+            if count % n:
+                raise ValueError(f"pretrain.tensor_parallel {n} does not divide {key} {count} (model preset "
+                                 f"{self.model.preset!r}): pick a tensor_parallel that divides nproc and the heads")
 
 
 def _section_keys(model: type[BaseModel], prefix: str = "") -> dict[type[BaseModel], str]:

@@ -190,14 +190,17 @@ class Attention(nn.Module):
         cache: KVCache | None = None, start_pos: int = 0, mask: DocumentMask | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        # -1 heads, not n_heads: under tensor parallelism (applied from outside) each rank's
+        # projections hold only its share of the heads (n_heads / N), as torchtitan's view does.
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)
         if self.n_kv != self.n_heads:
-            # Query head i reads kv head i // n_rep, as HF's repeat_kv does.
+            # Query head i reads kv head i // n_rep, as HF's repeat_kv does (the same ratio for a
+            # tensor-parallel rank's local heads, whose kv heads are the matching slice).
             n_rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
         if mask is not None:

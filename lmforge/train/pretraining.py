@@ -1,6 +1,7 @@
 """Pretraining the decoder on the token shards: the model as the params and the shards shape it
-(activation checkpointing, compile, FSDP2 over many processes), the trainer over packed rows, the
-fingerprint a resumed checkpoint must match, and the report stages/pretrain.py writes and logs.
+(tensor parallelism, activation checkpointing, compile, FSDP2 over many processes), the trainer over
+packed rows, the fingerprint a resumed checkpoint must match, the bytes a step communicates, and the
+report stages/pretrain.py writes and logs.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from lmforge.data.tokens.shards import ShardReader
 from lmforge.model.decoder import ModelConfig, Transformer, build_config
 from lmforge.model.loss import lm_loss
 from lmforge.train.batches import DocumentCollate, PackedRows, lm_collate
+from lmforge.train.communication import DTYPE_BYTES, Layout, StepBytes
+from lmforge.train.communication import step_bytes as communication_bytes
 from lmforge.train.curves import unigram_entropy
-from lmforge.train.distributed import DistInfo, apply_activation_checkpointing, apply_compile, apply_fsdp
+from lmforge.train.distributed import DistInfo, parallelize
 from lmforge.train.report import Registration, TrainingReport
 from lmforge.train.resume import result_knobs
 from lmforge.train.throughput import peak_flops
@@ -27,6 +30,8 @@ from lmforge.train.trainer import Trainer, TrainResult
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The figures `dvc metrics show` and `dvc exp show` put side by side (metrics.json); stats.json
 # keeps the rest (the model's size, the world size, the loss against the unigram entropy).
+# Bytes one optimizer step sends per process (MLflow metrics of the run, stats.json).
+COMM_METRICS = tuple(f"comm_bytes_{key}" for key in ("all_gather", "reduce_scatter", "tp_all_reduce", "total"))
 COMPARED = ("steps", "train_loss", "val_loss", "val_perplexity", "unigram_entropy", "tokens_per_s", "tokens_seen")
 
 
@@ -42,18 +47,16 @@ def run_fingerprint(params: Params, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def build_decoder(params: Params, train: ShardReader, info: DistInfo) -> tuple[Transformer, ModelConfig]:
     """The preset's decoder sized to the shards' vocabulary and rows, on this process's device,
-    wrapped as the knobs ask (FSDP2 per block when there are many processes)."""
+    laid out as the knobs ask (tensor parallelism, then FSDP2 per block when there are many processes)."""
     config = build_config(
         params.model.preset, vocab_size=train.vocab_size, max_seq_len=train.seq_len, **params.model.overrides()
     )
     model = Transformer(config).to(info.device)
-    if params.runtime.pretrain.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if params.runtime.pretrain.compile:
-        apply_compile(model)
-    if info.distributed:
-        compute_dtype = PRECISION_DTYPES[params.pretrain.precision]
-        apply_fsdp(model, param_dtype=compute_dtype if info.device.type == "cuda" else torch.float32)
+    compute_dtype = PRECISION_DTYPES[params.pretrain.precision]
+    parallelize(model, info, param_dtype=compute_dtype if info.device.type == "cuda" else torch.float32,
+                reduce_dtype=PRECISION_DTYPES[params.pretrain.reduce_precision],
+                activation_checkpointing=params.runtime.pretrain.activation_checkpointing,
+                compile=params.runtime.pretrain.compile)
     return model, config
 
 
@@ -68,10 +71,23 @@ def build_trainer(model: Transformer, params: Params, train: ShardReader, val: S
                    async_checkpoint=runtime.async_checkpoint)
 
 
+def step_bytes(params: Params, info: DistInfo, config: ModelConfig, seq_len: int) -> StepBytes:
+    """What one optimizer step sends per process at this layout (lmforge.train.communication)."""
+    knobs = params.pretrain
+    on_gpu = info.device.type == "cuda"  # CPU runs gather fp32 weights and compute in fp32 (build_decoder)
+    layout = Layout(dp=info.dp_size if info.distributed else 1, tp=info.tensor_parallel,
+                    micro_batch_size=knobs.micro_batch_size, seq_len=seq_len, grad_accum_steps=knobs.grad_accum_steps,
+                    param_bytes=DTYPE_BYTES[knobs.precision] if on_gpu else 4,
+                    reduce_bytes=DTYPE_BYTES[knobs.reduce_precision],
+                    activation_bytes=DTYPE_BYTES[knobs.precision] if on_gpu else 4)
+    return communication_bytes(config, layout)
+
+
 def summarize(result: TrainResult, records: list[dict[str, Any]], train: ShardReader, config: ModelConfig,
-              info: DistInfo) -> dict[str, Any]:
+              info: DistInfo, comm: StepBytes | None = None) -> dict[str, Any]:
     """stats.json: the run's figures beside the unigram entropy of the train shards (the loss a
-    model that ignores context reaches), throughput past the first fifth of the steps (warm-up)."""
+    model that ignores context reaches), throughput past the first fifth of the steps (warm-up),
+    and `comm`, the bytes each step sends per process (step_bytes)."""
     baseline = unigram_entropy(train.blocks(), train.vocab_size)
     speeds = [r["tokens_per_s"] for r in records[len(records) // 5:] if "tokens_per_s" in r]
     mfus = [r["mfu"] for r in records[len(records) // 5:] if r.get("mfu") is not None]
@@ -89,6 +105,8 @@ def summarize(result: TrainResult, records: list[dict[str, Any]], train: ShardRe
         "tokens_seen": result.tokens_seen,
         "parameters": config.num_params(),
         "world_size": info.world_size,
+        "tensor_parallel": info.tensor_parallel,
+        **{f"comm_bytes_{key}": value for key, value in (comm.as_dict() if comm else {}).items()},
     }
 
 
@@ -105,8 +123,8 @@ def report(preset: str, result: TrainResult, records: list[dict[str, Any]], summ
         reports=reports, records=records, summary=summary, compared=COMPARED,
         columns=["step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "val_ppl"],
         title="pretrain", baseline=summary["unigram_entropy"],
-        final=("val_perplexity", "unigram_entropy", "val_loss_vs_unigram", "tokens_per_s"),
-        tagged=("steps", "tokens_seen", "parameters", "world_size"), description=description,
+        final=("val_perplexity", "unigram_entropy", "val_loss_vs_unigram", "tokens_per_s", *COMM_METRICS),
+        tagged=("steps", "tokens_seen", "parameters", "world_size", "tensor_parallel"), description=description,
         artifacts={"reports": [reports / name for name in ("stats.json", "loss.png", "curve.csv")],
                    "model_config": [paths.PRETRAINED / "config.json"]},
     )

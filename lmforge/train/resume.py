@@ -24,9 +24,11 @@ from lmforge.core.params import flatten
 log = logging.getLogger(__name__)
 MARKER = "run.json"
 # How a run executes (checkpoints, progress, processes, compile...) is in params.yaml's `runtime:`
-# (lmforge.core.params.RuntimeParams), outside the stage's section. Of the section, only the test
-# file changes nothing a training run computes (finetune reads it to check its labels).
-NOT_COMPUTED_FROM = frozenset({"test_file"})
+# (lmforge.core.params.RuntimeParams), outside the stage's section. Of the section, the test file
+# changes nothing a training run computes (finetune reads it to check its labels), and
+# tensor_parallel is a layout like runtime.pretrain.nproc (it moves only the rounding of sums): a
+# checkpoint written at one loads at another (DCP reshards), so changing it resumes the run.
+NOT_COMPUTED_FROM = frozenset({"test_file", "tensor_parallel"})
 
 
 def result_knobs(section: BaseModel) -> dict[str, Any]:

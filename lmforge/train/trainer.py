@@ -27,7 +27,7 @@ from lmforge.train.checkpoint import CheckpointManager
 from lmforge.train.early_stopping import EarlyStopping
 from lmforge.core.errors import LmforgeError
 from lmforge.model.loss import lm_loss
-from lmforge.train.distributed import DistInfo, init_distributed
+from lmforge.train.distributed import DistInfo, clip_grad_norm_, init_distributed
 from lmforge.core.params import TrainerParams
 from lmforge.train.resume import MARKER as RUN_MARKER, check_still_claimed, run_record
 from lmforge.train.optim import build_optimizer, build_scaler, build_scheduler
@@ -84,8 +84,9 @@ class Trainer:
         self.early_stopping = early_stopping
         self._check_setup(checkpoint_dir)
         self.seq_len = tokens_per_row(data, model)
-        self.rows_per_step = config.micro_batch_size * config.grad_accum_steps * self.dist.world_size
-        check_step_fits(len(self.train_data), config, self.dist.world_size)
+        # The processes of one tensor-parallel group read the same rows: data splits over dp_size.
+        self.rows_per_step = config.micro_batch_size * config.grad_accum_steps * self.dist.dp_size
+        check_step_fits(len(self.train_data), config, self.dist.dp_size)
         self.total_steps = config.max_steps
         if config.max_tokens is not None:
             self.total_steps = min(self.total_steps, math.ceil(config.max_tokens / (self.rows_per_step * self.seq_len)))
@@ -135,7 +136,7 @@ class Trainer:
 
     def host_micro_batches(self, position: int) -> list[Batch]:
         """This rank's micro-batches (in host memory) of the optimizer step that starts at stream `position`."""
-        b, w, r = self.cfg.micro_batch_size, self.dist.world_size, self.dist.rank
+        b, w, r = self.cfg.micro_batch_size, self.dist.dp_size, self.dist.dp_rank
         out = []
         for m in range(self.cfg.grad_accum_steps):
             ids = self.sampler.rows(position + (m * w + r) * b, b)
@@ -150,7 +151,7 @@ class Trainer:
     def val_micro_batches(self) -> Iterator[Batch]:
         """A fixed slice of the val rows (the first eval_batches global batches), disjoint across ranks."""
         assert self.val_data is not None
-        b, w, r = self.cfg.micro_batch_size, self.dist.world_size, self.dist.rank
+        b, w, r = self.cfg.micro_batch_size, self.dist.dp_size, self.dist.dp_rank
         n_batches = min(self.cfg.eval_batches, len(self.val_data) // (b * w))
         if n_batches == 0 and len(self.val_data) >= w:
             # Fewer val rows than one batch (a small fine-tuning split): one smaller batch per rank.
@@ -173,8 +174,8 @@ class Trainer:
 
     def _all_reduce_sum(self, values: list[float | torch.Tensor]) -> list[float]:
         t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in values])
-        if self.dist.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if self.dist.distributed:  # over data-parallel ranks: a TP group's ranks hold the same sums
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dist.dp_group)
         return t.tolist()
 
     def compute_gradients(self, micro_batches: Sequence[Batch] | Iterator[Batch]) -> tuple[float, float]:
@@ -182,7 +183,7 @@ class Trainer:
         micro-batch on every rank; returns (mean loss, tokens counted over all ranks).
 
         Each micro-step backpropagates its summed loss / a fixed size hint (to keep fp16 in range);
-        afterwards the grads are rescaled by hint * world_size / total tokens, which is exact even
+        afterwards the grads are rescaled by hint * dp_size / total tokens, which is exact even
         when the token counts of micro-batches differ (fine-tuning with ignored targets).
         """
         self.optimizer.zero_grad(set_to_none=True)
@@ -210,8 +211,8 @@ class Trainer:
             raise LmforgeError("an optimizer step had no target tokens: every target is ignored (-100)")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        # FSDP averages grads over ranks; undo that and divide by the global token count instead.
-        factor = hint * self.dist.world_size / tokens_all
+        # FSDP averages grads over data-parallel ranks; undo that and divide by the global token count instead.
+        factor = hint * self.dist.dp_size / tokens_all
         if factor != 1.0:
             for p in self.model.parameters():
                 if p.grad is not None:
@@ -221,9 +222,7 @@ class Trainer:
     def optimizer_step(self) -> float:
         """Clip, step the optimizer and the LR schedule; returns the pre-clip grad norm."""
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
-            norm = norm.full_tensor()
+        norm = clip_grad_norm_(self.model.parameters(), max_norm)  # DTensors on several meshes under TP
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
