@@ -1,9 +1,10 @@
 """DVC stage `evaluate`: how good the models are, against what baseline -> reports/.
 
 Language model: loss and perplexity of the pretrained (and an SFT) model on the val shards,
-beside the unigram baseline. Classification: accuracy, macro-F1, per-class figures and a
-confusion matrix beside majority-class and bag-of-words baselines on the same test split.
-SFT: test loss, exact match, token F1, ROUGE-L and generated responses beside the reference.
+beside the unigram baseline and pretraining's first step. Classification: accuracy, macro-F1,
+per-class figures and a confusion matrix beside the same recipe from scratch, bag-of-words and
+majority-class baselines on the same test split. SFT: test loss, exact match, token F1, ROUGE-L and
+generated responses beside the reference and the same recipe from scratch.
 The fine-tuned model's registered version gets the `candidate` alias and the figures as tags.
 """
 
@@ -44,15 +45,17 @@ def main() -> None:
             classify, baselines = evaluation.evaluate_classify(params, finetuned)
         else:
             sft, sft_examples = evaluation.evaluate_sft(params, finetuned)
+        gain = evaluation.evaluate_gain(params, finetuned, classify or sft, baselines)  # same recipe, from scratch
         samples = evaluation.pretrained_samples(params, pretrained)
         write_json(paths.REPORTS / "samples.json", {"sampling": params.generate.model_dump(), "samples": samples})
-        metrics = evaluation.headline(lm, classify, baselines, sft)
+        metrics = evaluation.headline(lm, classify, baselines, sft, gain)
         write_json(paths.REPORTS / "metrics.json", metrics)
         images = evaluation.images()
         version = tag_candidate(run, metrics)
         warning = evaluation.warn_if_no_better_than_majority(run, classify, baselines)
         report = render_report_md(
             lm=lm, classification=classify, baselines=baselines, sft=sft, sft_examples=sft_examples, warning=warning,
+            pretraining=gain,
             samples=samples, sampling=params.generate.model_dump(), images=images,
             provenance=evaluation.provenance(params, git_commit(Path.cwd()), run.run_id, version),
             system=f"fine-tuned lmforge ({finetuned.meta.get('method')})",
