@@ -122,17 +122,28 @@ def test_the_scratch_backbone_is_the_pretrained_architecture_initialised_as_a_lo
     assert not torch.equal(scratch.embed.weight, weights["embed.weight"])
 
 
-def test_label_efficiency_at_tiny_sizes_writes_its_table_and_plot(tiny_repo, tmp_path):
+def test_label_efficiency_at_tiny_sizes_writes_its_table_and_plot(tiny_repo, tmp_path, monkeypatch):
+    # In this process, the evaluate stage's calls alone: its wiring is the tests' above (report.md, metrics).
+    from lmforge.core.params import load_params
+    from lmforge.evaluate import evaluation
+    from lmforge.evaluate.report import render_report_md
+    from lmforge.finetune.inference import load_finetuned
+
     root = copy_repo(tiny_repo, tmp_path / "repo")
     write_params(root, evaluate={"label_efficiency": True, "label_efficiency_sizes": [16, 10_000]})
-    run(["python", "-m", "stages.evaluate"], root)
-    metrics = json.loads((root / "reports/metrics.json").read_text())
+    monkeypatch.chdir(root)
+    params, metrics = load_params(), json.loads((root / "reports/metrics.json").read_text())
+    finetuned = load_finetuned("models/finetune")
+    report, baselines = evaluation.evaluate_classify(params, finetuned)
+    measured = evaluation.evaluate_gain(params, finetuned, report, baselines)
+    assert measured.gain == metrics["pretraining_gain"]  # the stage's scratch run, rerun: the same figures
     rows = list(csv.DictReader((root / "reports/figures/label_efficiency.csv").open()))
     assert [row["train_examples"] for row in rows[:-1]] == ["16"]  # 10,000 is more than all: the last row
     assert float(rows[-1]["pretrained_accuracy"]) == metrics["accuracy"]
     assert float(rows[-1]["scratch_accuracy"]) == metrics["baselines"]["scratch_accuracy"]
     assert all(0 <= float(row[f"{system}_accuracy"]) <= 1 for row in rows for system in ("pretrained", "scratch"))
     assert (root / "reports/figures/label_efficiency.png").read_bytes().startswith(b"\x89PNG")
-    section = (root / "reports/report.md").read_text().split("## Label efficiency")[1]
+    section = render_report_md(classification=report, baselines=baselines, pretraining=measured,
+                               images=evaluation.images()).split("## Label efficiency")[1]
     assert "| 16 |" in section and f"| all ({rows[-1]['train_examples']}) |" in section
     assert "![label efficiency](figures/label_efficiency.png)" in section
