@@ -390,3 +390,14 @@ def test_label_efficiency_is_a_table_a_csv_and_a_plot(tmp_path):
     assert "| 64 | 0.500 / 0.400 | 0.250 / 0.200 | – |" in section
     assert "| all (2,201) | 0.750 / 0.700 | 0.700 / 0.600 | 0.875 / 0.850 |" in section
     assert "![label efficiency](figures/le.png)" in section and "## Figures" not in md
+
+
+def test_the_scratch_run_takes_the_rows_per_step_finetune_took_over_many_processes():
+    from lmforge.core.params import Params
+    from lmforge.evaluate.gain import one_process_recipe
+
+    params = Params()
+    assert one_process_recipe(params, 1) is params
+    four = one_process_recipe(params, 4).finetune
+    assert (four.grad_accum_steps, four.eval_batches) == (4 * params.finetune.grad_accum_steps, 4 * params.finetune.eval_batches)
+    assert four.micro_batch_size == params.finetune.micro_batch_size and params.finetune.grad_accum_steps == 1

@@ -5,6 +5,7 @@ scored on the test set as evaluate scores the fine-tuned one. One process, no ch
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.core import paths
 from lmforge.core.params import LOWER_IS_BETTER, Params
 from lmforge.data.tokens.tokenizer import load_tokenizer
 from lmforge.evaluate.metrics import bag_of_words_baseline, model_scores, score_classifier, score_sft
@@ -56,6 +58,22 @@ def subset(n_rows: int, size: int, seed: int) -> list[int]:
     return sorted(order[:size].tolist())
 
 
+def one_process_recipe(params: Params, world_size: int) -> Params:
+    """`params` whose one process takes the steps finetune took over `world_size` processes: the same
+    rows per step (micro-steps x world_size) and the same validation rows (eval_batches x world_size)."""
+    fp = params.finetune
+    if world_size == 1:
+        return params
+    return params.model_copy(update={"finetune": fp.model_copy(update={
+        "grad_accum_steps": fp.grad_accum_steps * world_size, "eval_batches": fp.eval_batches * world_size})})
+
+
+def finetune_world_size() -> int:
+    """How many processes the finetune stage ran on (reports/finetune/stats.json; 1 when unknown)."""
+    stats = paths.FINETUNE_REPORTS / "stats.json"
+    return int(json.loads(stats.read_text(encoding="utf-8")).get("world_size") or 1) if stats.is_file() else 1
+
+
 def fine_tune(params: Params, from_scratch: bool, rows: list[int] | None = None) -> FinetunedModel:
     """The finetune stage's training, step for step (same seed, head initialisation, data order,
     trainer, early stopping), from models/pretrain's weights or from random ones, on every training
@@ -73,7 +91,7 @@ def fine_tune(params: Params, from_scratch: bool, rows: list[int] | None = None)
                           load_tokenizer(setup.tokenizer_path))
 
 
-def test_rows(params: Params) -> list[dict[str, Any]]:
+def scored_rows(params: Params) -> list[dict[str, Any]]:
     """The test examples evaluate scores (SFT: the first sft_max_examples)."""
     ft = params.finetune
     rows = read_examples(Path(ft.test_file), ft, ft.task)
@@ -123,7 +141,8 @@ def measure(params: Params, pretrained: dict[str, Any], bag_of_words: dict[str, 
     `pretrained`: the fine-tuned model's test report; `bag_of_words`: the headline's baseline (classify)."""
     if not params.evaluate.scratch_baseline:
         return None
-    task, test = params.finetune.task, test_rows(params)
+    task, test = params.finetune.task, scored_rows(params)
+    params = one_process_recipe(params, finetune_world_size())
     log.info("scratch baseline: fine-tuning the same recipe from randomly initialised weights (%d steps)",
              params.finetune.max_steps)
     scratch = score(params, fine_tune(params, from_scratch=True), test)

@@ -245,8 +245,9 @@ def _label_efficiency(rows: list[dict[str, Any]] | None, task: str, image: str |
               *(cell(row.get(name)) for name in systems)] for i, row in enumerate(rows)]
     return ["## Label efficiency",
             f"The same recipe on the first *n* of a seeded shuffle of the training examples (nested subsets), "
-            f"each scored on the same test split: {FIGURE_NAMES[first]} / {FIGURE_NAMES[second]}. "
-            "Bag of words at *all* fits every row of the training file, as in the headline.",
+            f"each scored on the same test split: {FIGURE_NAMES[first]} / {FIGURE_NAMES[second]}."
+            + (" Bag of words at *all* fits every row of the training file, as in the headline." if task == "classify"
+               else ""),
             md_table(["training examples", *(LABEL_EFFICIENCY_SYSTEMS[name] for name in systems)], table)] \
         + ([f"![label efficiency]({image})"] if image else [])
 
