@@ -45,9 +45,14 @@ _UNIGRAM_PRETRAIN = (("unigram", "unigram_entropy"),)
 # pretrain (reports/pretrain/metrics.json) and finetune (reports/finetune/metrics.json) write.
 HEADLINE = (
     Figure("test accuracy", "evaluate", "accuracy",
-           (("majority class", "baselines.majority_accuracy"), ("bag of words", "baselines.bag_of_words_accuracy"))),
+           (("majority class", "baselines.majority_accuracy"), ("bag of words", "baselines.bag_of_words_accuracy"),
+            ("from scratch", "baselines.scratch_accuracy"))),
     Figure("test macro F1", "evaluate", "macro_f1",
-           (("majority class", "baselines.majority_macro_f1"), ("bag of words", "baselines.bag_of_words_macro_f1"))),
+           (("majority class", "baselines.majority_macro_f1"), ("bag of words", "baselines.bag_of_words_macro_f1"),
+            ("from scratch", "baselines.scratch_macro_f1"))),
+    # the fine-tuned model minus the same recipe from random weights (evaluate.scratch_baseline)
+    Figure("pretraining gain (test accuracy)", "evaluate", "pretraining_gain.accuracy"),
+    Figure("pretraining gain (test macro F1)", "evaluate", "pretraining_gain.macro_f1"),
     Figure("SFT exact match", "evaluate", "sft_exact_match"),
     Figure("SFT token F1", "evaluate", "sft_token_f1"),
     Figure("SFT ROUGE-L", "evaluate", "sft_rouge_l"),

@@ -267,13 +267,14 @@ def test_report_md_skips_sections_not_given():
     assert "Classification" not in md and "SFT" not in md and "Samples" not in md
 
 
-def test_report_md_leads_with_its_provenance_and_names_the_system():
+def test_report_md_leads_with_the_headline_table_then_its_provenance_and_names_the_system():
     md = render_report_md(provenance={"git commit": "abc123", "model": "`lmforge-finetune` version 3"},
                           classification={"n": 2, "accuracy": 1.0, "macro_f1": 1.0, "weighted_f1": 1.0, "per_class": {}},
                           system="fine-tuned lmforge (lora)")
     lines = md.splitlines()
-    assert lines[0] == "# lmforge evaluation" and lines[2].startswith("| provenance |")
-    assert "| git commit | abc123 |" in md and "| fine-tuned lmforge (lora) | 1.000 |" in md
+    assert lines[0] == "# lmforge evaluation" and lines[2] == "## Headline" and lines[8].startswith("| fine-tuned lmforge (lora) | 1.000 |")
+    assert lines[10].startswith("| provenance |") and "| git commit | abc123 |" in md
+    assert render_report_md(provenance={"git commit": "abc123"}).splitlines()[2].startswith("| provenance |")
 
 
 def test_report_tables_give_one_format_per_column_kind():
@@ -312,3 +313,91 @@ def test_evaluate_tags_logs_and_returns_the_warning_only_for_a_model_no_better_t
     assert warn_if_no_better_than_majority(run, None, None) is None  # an SFT run
     warning = warn_if_no_better_than_majority(run, weak, baselines)
     assert run.tags == {WARNING_TAG: warning} and warning in caplog.text
+
+
+# --- what pretraining bought ---------------------------------------------------------------------
+
+
+def _report(accuracy: float, macro_f1: float) -> dict:
+    return {"n": 4, "accuracy": accuracy, "macro_f1": macro_f1, "weighted_f1": macro_f1, "per_class": {}}
+
+
+def test_pretraining_gain_is_pretrained_minus_scratch_and_a_lower_loss_counts_as_a_gain():
+    from lmforge.evaluate.gain import pretraining_gain
+
+    assert pretraining_gain("classify", _report(0.771, 0.769), _report(0.777, 0.786)) == {
+        "accuracy": 0.771 - 0.777, "macro_f1": 0.769 - 0.786}
+    sft = pretraining_gain("sft", {"n": 2, "exact_match": 0.5, "token_f1": 0.6, "rouge_l": 0.7, "loss": 2.0},
+                           {"n": 2, "exact_match": 0.25, "token_f1": 0.6, "rouge_l": 0.5, "loss": 3.0})
+    assert sft == {"sft_exact_match": 0.25, "sft_token_f1": 0.0, "sft_rouge_l": 0.7 - 0.5, "sft_loss": 1.0}
+
+
+def test_label_efficiency_subsets_are_seeded_and_nested():
+    from lmforge.evaluate.gain import subset
+
+    small, large = subset(100, 10, seed=7), subset(100, 40, seed=7)
+    assert len(small) == 10 and len(set(large)) == 40 and set(small) <= set(large)
+    assert small == subset(100, 10, seed=7) != subset(100, 10, seed=8)
+
+
+def test_the_report_splits_pretrainings_drop_in_loss_at_the_unigram_entropy():
+    from lmforge.evaluate.report import FIRST_STEP, beyond_word_frequencies
+
+    lm = {"pretrained": {"loss": 5.0}, "unigram baseline": {"loss": 6.68}, FIRST_STEP: {"loss": 9.0}}
+    text = beyond_word_frequencies(lm)
+    assert "from 9.000 to 5.000" in text and "account for 2.320" in text and "**1.680 nats/token (42%)**" in text
+    assert "no more than word frequencies" in beyond_word_frequencies(lm | {"pretrained": {"loss": 6.9}})
+    assert beyond_word_frequencies({k: v for k, v in lm.items() if k != FIRST_STEP}) is None
+    md = render_report_md(lm=lm)
+    assert f"| {FIRST_STEP} | 9.000 |" in md and text in md
+
+
+def test_the_headline_table_leads_with_the_model_then_the_same_recipe_from_scratch_then_the_baselines():
+    from types import SimpleNamespace
+
+    from lmforge.evaluate.report import SCRATCH
+
+    pretraining = SimpleNamespace(scratch=_report(0.5, 0.4), gain={"accuracy": 0.25, "macro_f1": -0.1},
+                                  label_efficiency=[])
+    md = render_report_md(classification=_report(0.75, 0.3), system="fine-tuned lmforge (full)",
+                          baselines={"bag of words": _report(0.9, 0.9), "majority class": _report(0.25, 0.1)},
+                          provenance={"git commit": "abc"}, pretraining=pretraining)
+    rows = [line.split(" | ")[0].lstrip("| ") for line in md.split("## Headline")[1].split("| provenance |")[0].splitlines()
+            if line.startswith("| ") and not line.startswith(("| system", "| ---"))]
+    assert rows == ["fine-tuned lmforge (full)", SCRATCH, "bag of words", "majority class"]
+    assert "accuracy +0.250, macro F1 -0.100" in md
+    assert SCRATCH not in render_report_md(classification=_report(0.75, 0.3))  # the baseline off: no row
+
+
+def test_label_efficiency_is_a_table_a_csv_and_a_plot(tmp_path):
+    from types import SimpleNamespace
+
+    from lmforge.evaluate.report import plot_label_efficiency, write_label_efficiency_csv
+
+    rows = [{"train_examples": 64, "pretrained": _report(0.5, 0.4), "scratch": _report(0.25, 0.2), "bag of words": None},
+            {"train_examples": 2201, "pretrained": _report(0.75, 0.7), "scratch": _report(0.7, 0.6),
+             "bag of words": _report(0.875, 0.85)}]
+    write_label_efficiency_csv(tmp_path / "le.csv", rows, "classify")
+    table = list(csv.DictReader((tmp_path / "le.csv").open()))
+    assert [r["train_examples"] for r in table] == ["64", "2201"]
+    assert table[0]["pretrained_accuracy"] == "0.5" and table[0]["bag_of_words_accuracy"] == "nan"
+    assert table[1]["scratch_macro_f1"] == "0.6"
+    plot_label_efficiency(tmp_path / "le.png", rows, "classify")
+    assert (tmp_path / "le.png").read_bytes().startswith(b"\x89PNG")
+    md = render_report_md(classification=_report(0.75, 0.7), images={"label_efficiency": "figures/le.png"},
+                          pretraining=SimpleNamespace(scratch=_report(0.7, 0.6), gain={}, label_efficiency=rows))
+    section = md.split("## Label efficiency")[1]
+    assert "| 64 | 0.500 / 0.400 | 0.250 / 0.200 | – |" in section
+    assert "| all (2,201) | 0.750 / 0.700 | 0.700 / 0.600 | 0.875 / 0.850 |" in section
+    assert "![label efficiency](figures/le.png)" in section and "## Figures" not in md
+
+
+def test_the_scratch_run_takes_the_rows_per_step_finetune_took_over_many_processes():
+    from lmforge.core.params import Params
+    from lmforge.evaluate.gain import one_process_recipe
+
+    params = Params()
+    assert one_process_recipe(params, 1) is params
+    four = one_process_recipe(params, 4).finetune
+    assert (four.grad_accum_steps, four.eval_batches) == (4 * params.finetune.grad_accum_steps, 4 * params.finetune.eval_batches)
+    assert four.micro_batch_size == params.finetune.micro_batch_size and params.finetune.grad_accum_steps == 1

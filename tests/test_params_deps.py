@@ -21,8 +21,6 @@ UNTRACKED = ("runtime", "engine")
 # Keys a stage reads only on a branch the tiny pipeline (task classify, method full, no champion yet)
 # does not take: declared, but absent from its trace. Each with the branch that reads it.
 OTHER_BRANCHES = {
-    ("evaluate", "finetune.prompt_field"): "finetune.task sft",
-    ("evaluate", "finetune.response_field"): "finetune.task sft",
     ("promote", "evaluate.sft_max_examples"): "finetune.task sft",
     ("promote", "evaluate.sft_max_new_tokens"): "finetune.task sft",
     ("promote", "generate.seed"): "finetune.task sft",

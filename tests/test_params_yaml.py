@@ -45,7 +45,7 @@ def _other_value(value: object) -> str:
     if isinstance(value, str):
         return "'<|x|>'" if "|" in value else "'\\t'" if not value.isprintable() else f"{value}x"
     if isinstance(value, list):
-        return "[" + ",".join(["changed", *(f"'{item}'" for item in value[1:])]) + "]"
+        return "[" + ",".join(["changed", *(f"'{item}'" if isinstance(item, str) else str(item) for item in value[1:])]) + "]"
     return "{" + ",".join(f"{k}:{0.25 if i == 0 else v}" for i, (k, v) in enumerate(value.items())) + "}"
 
 

@@ -254,13 +254,42 @@ class HarnessParams(Section):
 
 
 class EvaluateParams(Section):
-    """`evaluate` (stage evaluate -> reports/): how much held-out data each figure uses."""
+    """`evaluate` (stage evaluate -> reports/): how much held-out data each figure uses, and what pretraining
+    bought: the finetune recipe rerun from random weights (and on fewer labels), scored on the same test set."""
 
+    scratch_baseline: bool = Field(
+        True, description="also fine-tune the same recipe (finetune.*) from randomly initialised weights and score it: "
+                          "pretraining_gain in metrics.json; costs one more fine-tune (~105 s on the default run)")
+    label_efficiency: bool = Field(
+        False, description="compare the pretrained and the from-scratch fine-tunes and the bag of words at each of "
+                           "label_efficiency_sizes training examples (and at all); two fine-tunes per size, each "
+                           "as long as the headline's (needs scratch_baseline)")
+    label_efficiency_sizes: list[int] = Field([64, 256, 1024], min_length=1, description="the training-set sizes")
     lm_max_rows: int | None = Field(512, gt=0, description="val rows for the perplexities; null: all")
     sft_max_examples: int = Field(200, gt=0, description="test pairs generated (greedy) for the SFT figures")
     sft_max_new_tokens: int = Field(32, gt=0, description="tokens generated per SFT answer")
     report_examples: int = Field(10, ge=0, description="generated SFT responses shown in report.md")
     harness: HarnessParams = Field(HarnessParams(), description="standard benchmarks on the exported models")
+    quantize: Literal["int8_weight_only", "int8_dynamic"] = Field(
+        "int8_weight_only", description="the pretrained model quantized to models/pretrain_int8 and scored beside it: "
+                                        "`int8_weight_only` | `int8_dynamic` (int8 activations too)")
+    int8_max_perplexity_increase: float = Field(0.02, ge=0, description="relative perplexity rise of the int8 "
+                                                                       "model the report flags above (0.02: 2 %)")
+
+    @field_validator("label_efficiency_sizes")
+    @classmethod
+    def _sizes_are_counts(cls, value: list[int]) -> list[int]:
+        if any(size <= 0 for size in value):
+            raise ValueError(f"every size must be a positive number of training examples (got {value})")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _label_efficiency_needs_the_scratch_baseline(self) -> EvaluateParams:
+        # Its "all" row is the headline's two fine-tunes: without the scratch one it has no column to compare.
+        if self.label_efficiency and not self.scratch_baseline:
+            raise ValueError("evaluate.label_efficiency compares against the from-scratch fine-tune: set "
+                             "evaluate.scratch_baseline to true, or label_efficiency to false")
+        return self
 
 
 class EvaluateRuntime(Section):

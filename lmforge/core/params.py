@@ -89,6 +89,11 @@ class Params(BaseModel):
         if self.finetune.max_length > limit:
             raise ValueError(f"finetune.max_length {self.finetune.max_length} exceeds what the model reads "
                              f"({limit} tokens for {self.finetune.task}, from tokenizer.seq_len): lower it")
+        step = self.finetune.micro_batch_size * self.finetune.grad_accum_steps
+        sizes = self.evaluate.label_efficiency_sizes
+        if self.evaluate.label_efficiency and sizes[0] < step:
+            raise ValueError(f"evaluate.label_efficiency_sizes {sizes[0]} is fewer examples than one fine-tuning step "
+                             f"takes ({step}: finetune.micro_batch_size x grad_accum_steps): raise it to {step} or more")
         return self
 
     @model_validator(mode="after")

@@ -35,10 +35,10 @@ EVALUATE_METRICS = (paths.REPORTS / "metrics.json").as_posix()
 HEADLINE = (("accuracy", "accuracy"), ("macro_f1", "macro_f1"), ("sft_token_f1", "sft_token_f1"),
             ("sft_rouge_l", "sft_rouge_l"), ("val_loss", "val_loss"))
 # ... and what they are measured against, shown when the table still fits the width.
-BASELINES = (("majority", "baselines.majority_accuracy"), ("bag_of_words", "baselines.bag_of_words_accuracy"),
-             ("unigram", "baselines.unigram_entropy"))
-BASELINES_NOTE = ("majority, bag_of_words: those baselines' test accuracy; unigram: the val_loss of "
-                  "predicting each token's frequency")
+BASELINES = (("scratch", "baselines.scratch_accuracy"), ("majority", "baselines.majority_accuracy"),
+             ("bag_of_words", "baselines.bag_of_words_accuracy"), ("unigram", "baselines.unigram_entropy"))
+BASELINES_NOTE = ("scratch: the same fine-tune from random weights (evaluate.scratch_baseline), majority, "
+                  "bag_of_words: their test accuracy; unigram: the val_loss of predicting each token's frequency")
 GAP = "  "
 MIN_PARAMS_WIDTH = 24  # narrower than this, the baseline columns give way to the params
 

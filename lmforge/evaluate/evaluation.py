@@ -1,6 +1,7 @@
-"""What the evaluate stage measures: the language models' loss beside the unigram floor, the
-fine-tuned model on its task's test set beside baselines (classify) or references (sft), samples of
-the pretrained model, metrics.json's headline and report.md's provenance table.
+"""What the evaluate stage measures: the language models' loss beside the unigram floor and the loss
+pretraining started from, the fine-tuned model on its task's test set beside the same recipe from
+scratch and baselines (classify) or references (sft), samples of the pretrained model, metrics.json's
+headline and report.md's provenance table.
 """
 
 from __future__ import annotations
@@ -19,16 +20,21 @@ from lmforge.evaluate.metrics import (
     bag_of_words_baseline, language_model_loss, majority_baseline, model_scores, score_classifier, score_sft,
 )
 from lmforge.train.validation import perplexity
-from lmforge.evaluate.report import plot_confusion_matrix, write_confusion_json, write_per_class_csv
+from lmforge.evaluate.report import (
+    FIRST_STEP, PRETRAINED, UNIGRAM, plot_confusion_matrix, plot_label_efficiency, write_confusion_json,
+    write_label_efficiency_csv, write_per_class_csv,
+)
 from lmforge.finetune.examples import check_labels, read_examples
 from lmforge.model.decoder import Transformer
 from lmforge.model.generate import sample_prompts
-from lmforge.train.curves import unigram_entropy
+from lmforge.train.curves import first_train_loss, unigram_entropy
 from lmforge.train.resume import run_record
 
 log = logging.getLogger("lmforge.evaluate")
 # The language-model table's row of the pretrained model on one named source's val rows.
 SOURCE_ROW = "pretrained, val of source "
+
+BAG_OF_WORDS = "bag of words (tf-idf + logistic regression)"
 
 
 def evaluate_lm(params: Params, pretrained: Transformer, finetuned: Any) -> dict[str, dict[str, Any]]:
@@ -37,7 +43,7 @@ def evaluate_lm(params: Params, pretrained: Transformer, finetuned: Any) -> dict
     train = ShardReader(paths.SHARDS, "train", verify="size")
     cfg = params.evaluate
     batch = params.runtime.evaluate.lm_micro_batch_size
-    results = {"pretrained": language_model_loss(pretrained, val, batch, cfg.lm_max_rows)}
+    results = {PRETRAINED: language_model_loss(pretrained, val, batch, cfg.lm_max_rows)}
     if finetuned is not None and finetuned.task == "sft":
         results["fine-tuned (SFT)"] = language_model_loss(finetuned.model, val, batch, cfg.lm_max_rows)
     for name in val_sources(paths.SHARDS):  # named sources: each one's val rows apart, the same model
@@ -45,7 +51,10 @@ def evaluate_lm(params: Params, pretrained: Transformer, finetuned: Any) -> dict
         if len(rows):  # a source too small for one val row has no loss of its own
             results[SOURCE_ROW + name] = language_model_loss(pretrained, rows, batch, cfg.lm_max_rows)
     entropy = unigram_entropy(train.blocks(), train.vocab_size)
-    results["unigram baseline"] = {"loss": entropy, "perplexity": perplexity(entropy), "tokens": train.num_tokens}
+    results[UNIGRAM] = {"loss": entropy, "perplexity": perplexity(entropy), "tokens": train.num_tokens}
+    first = first_train_loss(paths.PRETRAIN_REPORTS / "curve.csv")  # pretrain's record: nothing retrained
+    if first is not None:
+        results[FIRST_STEP] = {"loss": first, "perplexity": perplexity(first), "tokens": None}
     return results
 
 
@@ -59,6 +68,12 @@ def training_mixture(lm: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
             for name, figures in sources["mixture"].items()}
 
 
+def test_texts(params: Params) -> tuple[list[str], list[str]]:
+    """The classify test set's texts and labels, in file order."""
+    test = read_examples(Path(params.finetune.test_file), params.finetune, "classify")
+    return [r["text"] for r in test], [r["label"] for r in test]
+
+
 def evaluate_classify(params: Params, finetuned: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     ft = params.finetune
     train = read_examples(Path(ft.train_file), ft, "classify")
@@ -67,16 +82,32 @@ def evaluate_classify(params: Params, finetuned: Any) -> tuple[dict[str, Any], d
     check_labels(test, finetuned.labels, "label", ft.test_file)
     report = score_classifier(finetuned, texts, truth)
     train_texts, train_labels = [r["text"] for r in train], [r["label"] for r in train]
-    baselines = {
-        "majority class": majority_baseline(train_labels, truth, finetuned.labels),
-        "bag of words (tf-idf + logistic regression)": bag_of_words_baseline(
+    baselines = {  # the headline table's order: the strong baseline first, then the floor
+        BAG_OF_WORDS: bag_of_words_baseline(
             train_texts, train_labels, texts, truth, seed=params.finetune.seed, labels=finetuned.labels
         ),
+        "majority class": majority_baseline(train_labels, truth, finetuned.labels),
     }
     plot_confusion_matrix(paths.FIGURES / "confusion_matrix.png", report["confusion"], "fine-tuned classifier")
     write_confusion_json(paths.FIGURES / "confusion_matrix.json", report)
     write_per_class_csv(paths.FIGURES / "per_class.csv", report)
     return report, baselines
+
+
+def evaluate_gain(params: Params, finetuned: Any, report: dict[str, Any],
+                  baselines: dict[str, Any] | None) -> Any:
+    """What pretraining bought (lmforge.evaluate.gain.PretrainingGain), None when
+    evaluate.scratch_baseline is off; label efficiency's table as figures/label_efficiency.{csv,png}."""
+    if not params.evaluate.scratch_baseline:
+        return None
+    from lmforge.evaluate import gain  # here: it imports the trainer, which evaluate needs only for this
+
+    measured = gain.measure(params, report, (baselines or {}).get(BAG_OF_WORDS), finetuned.labels or None)
+    if measured.label_efficiency:
+        task = params.finetune.task
+        write_label_efficiency_csv(paths.FIGURES / "label_efficiency.csv", measured.label_efficiency, task)
+        plot_label_efficiency(paths.FIGURES / "label_efficiency.png", measured.label_efficiency, task)
+    return measured
 
 
 def evaluate_sft(params: Params, finetuned: Any) -> tuple[dict[str, Any], list[dict[str, str]]]:
@@ -110,26 +141,33 @@ def warn_if_no_better_than_majority(run: Any, classify: dict[str, Any] | None,
 
 
 def headline(lm: dict[str, Any], classify: dict[str, Any] | None, baselines: dict[str, Any] | None,
-             sft: dict[str, Any] | None) -> dict[str, Any]:
-    """metrics.json: the model's own figures at top level, the baselines under `baselines`."""
+             sft: dict[str, Any] | None, gain: Any = None) -> dict[str, Any]:
+    """metrics.json: the model's own figures at top level, the baselines under `baselines` (the
+    same recipe from scratch as `scratch_<figure>`), what pretraining bought under `pretraining_gain`."""
     metrics: dict[str, Any] = {
-        "val_loss": lm["pretrained"]["loss"],
-        "perplexity": lm["pretrained"]["perplexity"],
+        "val_loss": lm[PRETRAINED]["loss"],
+        "perplexity": lm[PRETRAINED]["perplexity"],
     }
     by_source = {name.removeprefix(SOURCE_ROW): r["loss"] for name, r in lm.items() if name.startswith(SOURCE_ROW)}
     if by_source:  # named sources only: the one pool's metrics.json stays as it was
         metrics["val_loss_by_source"] = by_source
-    base: dict[str, Any] = {"unigram_entropy": lm["unigram baseline"]["loss"]}
+    base: dict[str, Any] = {"unigram_entropy": lm[UNIGRAM]["loss"]}
+    if FIRST_STEP in lm:
+        base["first_step_loss"] = lm[FIRST_STEP]["loss"]
     if classify is not None:
         metrics |= model_scores("classify", classify)
         base["majority_accuracy"] = baselines["majority class"]["accuracy"]
         base["majority_macro_f1"] = baselines["majority class"]["macro_f1"]
-        bow = baselines["bag of words (tf-idf + logistic regression)"]
+        bow = baselines[BAG_OF_WORDS]
         base["bag_of_words_accuracy"], base["bag_of_words_macro_f1"] = bow["accuracy"], bow["macro_f1"]
     if sft is not None:
         metrics |= model_scores("sft", sft)
         if "fine-tuned (SFT)" in lm:
             metrics["sft_val_perplexity"] = lm["fine-tuned (SFT)"]["perplexity"]
+    if gain is not None:
+        task = "classify" if classify is not None else "sft"
+        base |= {f"scratch_{key}": value for key, value in model_scores(task, gain.scratch).items()}
+        metrics["pretraining_gain"] = dict(gain.gain)
     return metrics | {"baselines": base}
 
 
@@ -164,6 +202,8 @@ def images() -> dict[str, str]:
     found = {}
     if (paths.FIGURES / "confusion_matrix.png").is_file():
         found["confusion_matrix"] = "figures/confusion_matrix.png"
+    if (paths.FIGURES / "label_efficiency.png").is_file():
+        found["label_efficiency"] = "figures/label_efficiency.png"
     if (paths.PRETRAIN_REPORTS / "loss.png").is_file():
         found["pretraining loss"] = "pretrain/loss.png"
     if (paths.FINETUNE_REPORTS / "loss.png").is_file():
@@ -177,6 +217,23 @@ def description(metrics: dict[str, Any], version: str | None, test_file: str) ->
     quality = (f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} (majority "
                f"{base['majority_accuracy']:.3f}, bag of words {base['bag_of_words_accuracy']:.3f})"
                if "accuracy" in metrics else ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("sft_")))
+    gain = metrics.get("pretraining_gain")
+    if gain:
+        quality += "; pretraining gain over the same recipe from scratch: " + ", ".join(
+            f"{key} {value:+.3f}" for key, value in gain.items())
     return (f"Evaluate `{paths.FINETUNED_MODEL}` version {version} (given the alias `{paths.CANDIDATE_ALIAS}`) on "
             f"{test_file}: {quality}. Pretrained LM: val loss {metrics['val_loss']:.3f} "
             f"vs unigram {base['unigram_entropy']:.3f}. Full report: reports/report.md.")
+
+
+def log_reports(run: Any, images: dict[str, str]) -> None:
+    """evaluate's files to its MLflow run: the reports, report.md with its figures shown, the figures,
+    and the loss plots the report links."""
+    for name in ("metrics.json", "samples.json", "harness.json", "quantization.json"):
+        run.log_artifact(paths.REPORTS / name, "reports")
+    run.log_markdown(paths.REPORTS / "report.md", "reports")  # its figures shown in MLflow's viewer
+    for path in sorted(paths.FIGURES.glob("*")):
+        run.log_artifact(path, "reports/figures")
+    for caption, stage in (("pretraining loss", "pretrain"), ("fine-tuning loss", "finetune")):
+        if caption in images:  # beside the figures: the report's paths are relative to reports/
+            run.log_artifact(paths.REPORTS / stage / "loss.png", f"reports/{stage}")

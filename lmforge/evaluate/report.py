@@ -1,5 +1,6 @@
-"""The evaluate stage's files: the confusion matrix (PNG and JSON), per-class CSV, and report.md (what
-produced the figures, the models beside their baselines, examples and samples), all written atomically.
+"""The evaluate stage's files: the confusion matrix (PNG and JSON), per-class CSV, label efficiency (CSV
+and PNG), and report.md (the models beside the same recipe from scratch and their baselines, what produced
+the figures, examples and samples), all written atomically.
 """
 
 from __future__ import annotations
@@ -78,6 +79,56 @@ def write_confusion_json(path: str | Path, report: dict[str, Any]) -> None:
         tmp.write_text(strict_json(records, path, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+# The figures of the label-efficiency table and plot (the first is plotted), per task: keys of a
+# classification_report or an SFT report.
+LABEL_EFFICIENCY_FIGURES = {"classify": ("accuracy", "macro_f1"), "sft": ("rouge_l", "token_f1", "exact_match", "loss")}
+LABEL_EFFICIENCY_SYSTEMS = {"pretrained": "fine-tuned from pretrained", "scratch": "same recipe from scratch",
+                            "bag of words": "bag of words"}
+
+
+def write_label_efficiency_csv(path: str | Path, rows: Sequence[dict[str, Any]], task: str) -> None:
+    """train_examples, then <system>_<figure> for each system and figure: one row per training-set
+    size (the last: all), for `dvc plots` (nan where a system has no figure, e.g. no bag of words for SFT)."""
+    figures = LABEL_EFFICIENCY_FIGURES[task]
+    systems = [name for name in LABEL_EFFICIENCY_SYSTEMS if task == "classify" or name != "bag of words"]
+    header = ["train_examples"] + [f"{name.replace(' ', '_')}_{figure}" for name in systems for figure in figures]
+    write_csv(path, header, [[row["train_examples"], *(_figure(row.get(name), figure) for name in systems
+                                                       for figure in figures)] for row in rows])
+
+
+def _figure(report: dict[str, Any] | None, key: str) -> float:
+    value = (report or {}).get(key)
+    return math.nan if value is None else float(value)
+
+
+def plot_label_efficiency(path: str | Path, rows: Sequence[dict[str, Any]], task: str) -> None:
+    """PNG: the first of the task's figures against the training-set size (log scale), one line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = LABEL_EFFICIENCY_FIGURES[task][0]
+    sizes = [row["train_examples"] for row in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for name, label in LABEL_EFFICIENCY_SYSTEMS.items():
+        values = [_figure(row.get(name), figure) for row in rows]
+        if any(math.isfinite(v) for v in values):
+            ax.plot(sizes, values, "o-", label=label, markersize=4)
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [human(n) for n in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("training examples (the last: all)")
+    ax.set_ylabel(f"test {figure.replace('_', ' ')}")
+    ax.set_title("label efficiency: what pretraining buys at each training-set size")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 # --- report.md ---------------------------------------------------------------------------------
 
 
@@ -124,6 +175,83 @@ def _fenced(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
+# The language-modelling table's rows the report explains: evaluate_lm names them.
+PRETRAINED, UNIGRAM = "pretrained", "unigram baseline"
+# The loss pretraining started from: its curve's first train loss (the initial weights, on one training
+# batch), the top of the drop that the unigram entropy splits in two.
+FIRST_STEP = "pretraining's first step (initial weights, one train batch)"
+SCRATCH = "same recipe from scratch (random initial weights)"
+SFT_FIGURES = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": "ROUGE-L", "loss": "loss (nats/token)"}
+FIGURE_NAMES = {"accuracy": "accuracy", "macro_f1": "macro F1", **SFT_FIGURES,
+                **{f"sft_{key}": name for key, name in SFT_FIGURES.items()}}
+
+
+def beyond_word_frequencies(lm: dict[str, dict[str, Any]]) -> str | None:
+    """A sentence splitting pretraining's drop in loss (first step -> pretrained) at the unigram
+    entropy: what word frequencies alone give, and what is learning beyond them; None without the rows."""
+    try:
+        first, unigram, final = (float(lm[name]["loss"]) for name in (FIRST_STEP, UNIGRAM, PRETRAINED))
+    except (KeyError, TypeError, ValueError):
+        return None
+    drop = first - final
+    if not all(math.isfinite(v) for v in (first, unigram, final)) or drop <= 0:
+        return None
+    if final >= unigram:
+        return (f"Pretraining took the loss from {first:.3f} to {final:.3f} nats/token, not below the unigram "
+                f"entropy {unigram:.3f}: it learned no more than word frequencies.")
+    beyond = unigram - final
+    return (f"Pretraining took the loss from {first:.3f} to {final:.3f} nats/token. Word frequencies alone (the "
+            f"unigram entropy, {unigram:.3f}) account for {first - unigram:.3f} of that drop; the other "
+            f"**{beyond:.3f} nats/token ({beyond / drop:.0%})** is learning beyond word frequencies (context).")
+
+
+def _gain_line(gain: dict[str, float] | None) -> list[str]:
+    if not gain:
+        return []
+    figures = ", ".join(f"{FIGURE_NAMES.get(key, key)} {value:+.3f}" for key, value in gain.items())
+    return [f"**What pretraining bought** (the fine-tuned model against the same recipe from scratch; "
+            f"positive: better with pretraining): {figures}."]
+
+
+def _headline(classification: dict[str, Any] | None, baselines: dict[str, dict[str, Any]] | None,
+              sft: dict[str, Any] | None, pretraining: Any, system: str) -> list[str]:
+    """The table the report leads with: the fine-tuned model, the same recipe from scratch, the baselines."""
+    scratch = getattr(pretraining, "scratch", None)
+    gain = _gain_line(getattr(pretraining, "gain", None))
+    if classification:
+        systems = {system: classification, **({SCRATCH: scratch} if scratch else {}), **(baselines or {})}
+        return ["## Headline", f"Test split: {classification['n']} examples.",
+                md_table(["system", "accuracy", "macro F1", "weighted F1"],
+                         [[name, *(fixed(r.get(key)) for key in ("accuracy", "macro_f1", "weighted_f1"))]
+                          for name, r in systems.items()]), *gain]
+    if sft:
+        systems = {system: sft, **({SCRATCH: scratch} if scratch else {})}
+        return ["## Headline", f"Test split: {sft.get('n')} examples, greedy generation.",
+                md_table(["system", *SFT_FIGURES.values()],
+                         [[name, *(fixed(r.get(key)) for key in SFT_FIGURES)] for name, r in systems.items()]), *gain]
+    return []
+
+
+def _label_efficiency(rows: list[dict[str, Any]] | None, task: str, image: str | None) -> list[str]:
+    if not rows:
+        return []
+    first, second = LABEL_EFFICIENCY_FIGURES[task][:2]
+    systems = [name for name in LABEL_EFFICIENCY_SYSTEMS if task == "classify" or name != "bag of words"]
+
+    def cell(report: dict[str, Any] | None) -> str:
+        return "–" if not report else f"{fixed(report.get(first))} / {fixed(report.get(second))}"
+
+    table = [[f"all ({human(row['train_examples'])})" if i == len(rows) - 1 else row["train_examples"],
+              *(cell(row.get(name)) for name in systems)] for i, row in enumerate(rows)]
+    return ["## Label efficiency",
+            f"The same recipe on the first *n* of a seeded shuffle of the training examples (nested subsets), "
+            f"each scored on the same test split: {FIGURE_NAMES[first]} / {FIGURE_NAMES[second]}."
+            + (" Bag of words at *all* fits every row of the training file, as in the headline." if task == "classify"
+               else ""),
+            md_table(["training examples", *(LABEL_EFFICIENCY_SYSTEMS[name] for name in systems)], table)] \
+        + ([f"![label efficiency]({image})"] if image else [])
+
+
 def render_report_md(
     *,
     lm: dict[str, dict[str, Any]] | None = None,
@@ -140,31 +268,40 @@ def render_report_md(
     warning: str | None = None,
     mixture: dict[str, dict[str, Any]] | None = None,
     harness: dict[str, Any] | None = None,
+    quantized: dict[str, Any] | None = None,
+    pretraining: Any = None,
 ) -> str:
     """The human-readable report: a section per argument given, skipped when it is None.
 
     lm: name -> {"loss", "perplexity", "tokens"} (e.g. "pretrained", "fine-tuned (SFT)",
-        "unigram baseline"); classification: a `classification_report`; baselines:
+        "unigram baseline", FIRST_STEP); classification: a `classification_report`; baselines:
         name -> {"accuracy", "macro_f1", ...}, tabled beside the model; sft: an `sft_report`;
         sft_examples: [{"prompt", "response", "reference"}]; samples: [{"prompt", "text"}]
         generated with `sampling` params; images: caption -> path relative to the report
-        ("confusion_matrix" is placed in the classification section, the rest under Figures);
-        provenance: what produced the figures (commit, runs, model version, method), tabled first;
+        ("confusion_matrix" and "label_efficiency" are placed in their sections, the rest under Figures);
+        provenance: what produced the figures (commit, runs, model version, method);
         system: the fine-tuned model's name in the tables (e.g. "fine-tuned lmforge (full)");
         warning: a line shown first (a model no better than its majority baseline);
         mixture: named sources -> {"weight", "share", "tokens", "documents", "epochs", "val_loss"}, the
         train split's realised mixture beside the asked weights.
         harness: reports/harness.json ({model: {task: {metric: value}}} or {"skipped": why}).
+        quantized: reports/quantization.json (lmforge.evaluate.quantized), the int8 trade as a table.
+        pretraining: what pretraining bought (lmforge.evaluate.gain.PretrainingGain: `scratch`, the same
+        recipe from scratch's report, tabled beside the model; `gain`; `label_efficiency`'s rows).
+    The report leads with the headline table (the model, the same recipe from scratch, the baselines),
+    then the provenance.
     """
     images = dict(images or {})
     parts = [f"# {title}"] + ([f"> **Warning:** {md_cell(warning)}"] if warning else [])
+    parts += _headline(classification, baselines, sft, pretraining, system)
     if provenance:
         parts += [md_table(["provenance", ""], [[key, value] for key, value in provenance.items()])]
     if lm:
+        explained = beyond_word_frequencies(lm)
         parts += ["## Language modelling", "Mean next-token cross-entropy on held-out rows (lower is better).",
                   md_table(["model", "loss (nats/token)", "perplexity", "tokens"],
                            [[name, fixed(r.get("loss")), fixed(r.get("perplexity"), 1), r.get("tokens")]
-                            for name, r in lm.items()])]
+                            for name, r in lm.items()])] + ([explained] if explained else [])
     if mixture:
         parts += ["## Training mixture", "Share of train tokens each source asked for (mix.weights) and got; "
                   "epochs above 1: the source was repeated, below 1: subsampled. Val loss: the pretrained model "
@@ -174,11 +311,7 @@ def render_report_md(
                              fixed(r["epochs"], 2), fixed(r.get("val_loss")) if r.get("val_loss") is not None
                              else "no val row"] for name, r in mixture.items()])]
     if classification:
-        systems = {system: classification, **(baselines or {})}
-        parts += ["## Classification", f"Test split: {classification['n']} examples.",
-                  md_table(["system", "accuracy", "macro F1", "weighted F1"],
-                           [[name, *(fixed(r.get(key)) for key in ("accuracy", "macro_f1", "weighted_f1"))]
-                            for name, r in systems.items()])]
+        parts += ["## Classification"]
         if classification.get("invalid_predictions"):
             parts.append(f"{classification['invalid_predictions']} predictions were not a known label (counted as wrong).")
         parts += ["### Per class",
@@ -187,10 +320,13 @@ def render_report_md(
                             for label, r in classification["per_class"].items()])]
         if "confusion_matrix" in images:
             parts.append(f"![confusion matrix]({images.pop('confusion_matrix')})")
+    parts += _label_efficiency(getattr(pretraining, "label_efficiency", None), "classify" if classification else "sft",
+                               images.pop("label_efficiency", None))
     if sft:
-        parts += ["## Instruction following (SFT)",
-                  md_table(["examples", "exact match", "token F1", "ROUGE-L"],
-                           [[sft.get("n"), *(fixed(sft.get(key)) for key in ("exact_match", "token_f1", "rouge_l"))]])]
+        parts.append("## Instruction following (SFT)")
+        if classification:  # the headline is the classifier's: the SFT figures here
+            parts.append(md_table(["examples", *list(SFT_FIGURES.values())[:3]],
+                                  [[sft.get("n"), *(fixed(sft.get(key)) for key in list(SFT_FIGURES)[:3])]]))
     if sft_examples:
         parts += ["### Generated responses beside the reference",
                   md_table(["#", "prompt", "generated", "reference", "token F1"],
@@ -198,6 +334,10 @@ def render_report_md(
                             for i, e in enumerate(sft_examples)])]
     if harness:
         parts += harness_section(harness)
+    if quantized:
+        from lmforge.evaluate.quantized import markdown
+
+        parts.append(markdown(quantized))
     if samples:
         parts.append("## Samples")
         shown = {key: value for key, value in (sampling or {}).items() if key != "prompts"}  # each sample's below

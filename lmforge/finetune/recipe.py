@@ -62,8 +62,8 @@ def check_tokenizer(tokenizer_path: Path) -> None:
         )
 
 
-def load_examples(fp: FinetuneParams, tokenizer: Any, eos_id: int) -> dict[str, Any]:
-    """Read, check, split and encode train_file (and check test_file's fields and labels)."""
+def train_val_rows(fp: FinetuneParams) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """train_file's rows split into the ones trained on and the validation ones, in file order."""
     rows = read_examples(fp.train_file, fp)
     if not rows:
         raise LmforgeError(f"{fp.train_file} has no rows: point finetune.train_file at labeled data")
@@ -74,6 +74,12 @@ def load_examples(fp: FinetuneParams, tokenizer: Any, eos_id: int) -> dict[str, 
             f"{fp.train_file}: the val_fraction {fp.val_fraction} split of its {len(rows)} rows leaves "
             f"{len(train_rows)} train and {len(val_rows)} val rows: add rows or change finetune.val_fraction"
         )
+    return train_rows, val_rows
+
+
+def load_examples(fp: FinetuneParams, tokenizer: Any, eos_id: int) -> dict[str, Any]:
+    """Read, check, split and encode train_file (and check test_file's fields and labels)."""
+    train_rows, val_rows = train_val_rows(fp)
     test_rows = read_examples(fp.test_file, fp) if fp.test_file is not None else []
     out: dict[str, Any] = {"n_train": len(train_rows), "n_val": len(val_rows), "labels": None}
     if fp.task == "classify":
@@ -96,11 +102,12 @@ def load_examples(fp: FinetuneParams, tokenizer: Any, eos_id: int) -> dict[str, 
     return out
 
 
-def prepare(params: Params) -> Setup:
+def prepare(params: Params, from_scratch: bool = False) -> Setup:
     """models/pretrain with its tokenizer (checked against data/tokenizer and the model's vocabulary)
-    and train_file's examples encoded for the task, within what the model reads."""
+    and train_file's examples encoded for the task, within what the model reads. `from_scratch`:
+    models/pretrain's architecture with randomly initialised weights (evaluate's baseline)."""
     fp = params.finetune
-    backbone, config = load_pretrained(paths.PRETRAINED)
+    backbone, config = load_pretrained(paths.PRETRAINED, random_init=from_scratch)
     tokenizer_path = paths.PRETRAINED / "tokenizer.json"
     check_tokenizer(tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
@@ -140,8 +147,10 @@ def build_model_to_train(fp: FinetuneParams, setup: Setup, info: DistInfo) -> tu
     return model, counts
 
 
-def build_trainer(model: nn.Module, params: Params, setup: Setup, info: DistInfo, on_metrics: Any) -> Trainer:
-    """The one trainer over padded examples with the task's objective and early stopping."""
+def build_trainer(model: nn.Module, params: Params, setup: Setup, info: DistInfo, on_metrics: Any,
+                  checkpoint_dir: Path | None = paths.FINETUNE_CHECKPOINTS) -> Trainer:
+    """The one trainer over padded examples with the task's objective and early stopping;
+    `checkpoint_dir` None: no checkpoints, nothing resumed (evaluate's runs in memory)."""
     fp, data = params.finetune, setup.data
     weights = None
     if fp.task == "classify" and fp.class_weights:
@@ -150,19 +159,24 @@ def build_trainer(model: nn.Module, params: Params, setup: Setup, info: DistInfo
     return Trainer(
         model, params.trainer("finetune"), Examples(data["train"], data["val"], spec.collate, fp.max_length),
         dist_info=info,
-        checkpoint_dir=paths.FINETUNE_CHECKPOINTS, loss_fn=spec.loss_fn, eval_fn=spec.eval_fn,
+        checkpoint_dir=checkpoint_dir, loss_fn=spec.loss_fn, eval_fn=spec.eval_fn,
         on_metrics=on_metrics, flops_per_token=setup.config.flops_per_token(fp.max_length),
         early_stopping=EarlyStopping(fp.early_stopping_metric, fp.early_stopping_mode, fp.patience),
     )
 
 
+def model_meta(params: Params, setup: Setup) -> dict[str, Any]:
+    """What inference needs beside the weights (lmforge.finetune.inference.FinetunedModel's `meta`)."""
+    fp = params.finetune
+    return {"task": fp.task, "method": fp.method, "labels": setup.data["labels"], "pooling": fp.pooling,
+            "max_length": fp.max_length, "prompt_separator": fp.prompt_separator,
+            "eos_token": params.tokenizer.eos_token, "pad_token": setup.pad_token}
+
+
 def export(model: nn.Module, params: Params, setup: Setup, info: DistInfo) -> None:
     """models/finetune: the plain (LoRA: merged) weights, the task's metadata and the tokenizer, and
     LoRA's adapters alone (peft's format) in adapter/; collective under FSDP."""
-    fp = params.finetune
-    meta = {"task": fp.task, "method": fp.method, "labels": setup.data["labels"], "pooling": fp.pooling,
-            "max_length": fp.max_length, "prompt_separator": fp.prompt_separator,
-            "eos_token": params.tokenizer.eos_token, "pad_token": setup.pad_token}
+    meta = model_meta(params, setup)
     model_dir = paths.FINETUNED
     with tempfile.TemporaryDirectory(prefix=".adapter.", dir=model_dir.parent if model_dir.parent.exists() else None) as tmp:
         adapter = None

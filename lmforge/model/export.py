@@ -70,16 +70,23 @@ def write_pretrained(sd: dict[str, torch.Tensor], config: ModelConfig, out_dir: 
     return write_atomically(Path(out_dir), fill)
 
 
-def load_pretrained(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, ModelConfig]:
-    """Rebuild the model from save_pretrained's output (safetensors only, no pickles)."""
+def load_pretrained(model_dir: str | Path, device: str | torch.device = "cpu",
+                    random_init: bool = False) -> tuple[Transformer, ModelConfig]:
+    """Rebuild the model from save_pretrained's output (safetensors only, no pickles).
+
+    `random_init`: the same architecture with fresh weights, the weights file not read (evaluate's
+    from-scratch baseline). It draws from torch's generator exactly as a load does, so what is
+    initialised after it (a classification head) gets the same values either way."""
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
-    for name in (WEIGHTS, CONFIG):
+    for name in (CONFIG,) if random_init else (WEIGHTS, CONFIG):
         if not (model_dir / name).is_file():
             raise LmforgeError(f"{model_dir / name} is missing: point at a directory written by save_pretrained")
     config = ModelConfig.from_dict(json.loads((model_dir / CONFIG).read_text()))
     model = Transformer(config)
+    if random_init:
+        return model.to(device), config
     try:
         sd = load_file(str(model_dir / WEIGHTS), device=str(device))
     except Exception as exc:

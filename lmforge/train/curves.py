@@ -5,6 +5,7 @@ curve (persisted beside the checkpoints so a resumed run keeps its history), CSV
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from collections.abc import Iterable
@@ -27,6 +28,23 @@ def unigram_entropy(rows: Iterable[np.ndarray], vocab_size: int) -> float:
         return float("nan")
     p = counts[counts > 0] / total
     return float(-(p * np.log(p)).sum())
+
+
+def first_train_loss(curve_csv: str | Path) -> float | None:
+    """The first finite train_loss of a curve.csv (write_curve_csv's): the loss of the initial
+    weights, on the first step's batch; None when the file or the column is missing."""
+    path = Path(curve_csv)
+    if not path.is_file():
+        return None
+    with path.open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            try:
+                value = float(row.get("train_loss") or "nan")
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                return value
+    return None
 
 
 class CurveLog:
