@@ -87,7 +87,8 @@ def test_plots_have_readable_titles_and_axis_labels(shown):
 def test_dvc_metrics_are_the_figures_compared_across_experiments(tiny_repo):
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], tiny_repo).stdout)[""]["data"]
     assert set(shown) == {"data/clean/metrics.json", "data/tokenizer/metrics.json", "reports/pretrain/metrics.json",
-                          "reports/finetune/metrics.json", "reports/metrics.json", "reports/promotion.json"}
+                          "reports/finetune/metrics.json", "reports/metrics.json", "reports/promotion.json",
+                          "reports/harness.json"}
     assert set(shown["data/clean/metrics.json"]["data"]) == {"documents_in", "documents_out", "kept_byte_fraction"}
     assert set(shown["data/tokenizer/metrics.json"]["data"]) == {"train.tokens", "bytes_per_token"}
     clean = json.loads((tiny_repo / "data/clean/stats.json").read_text())

@@ -101,21 +101,3 @@ def speeds(result: dict[str, Any]) -> dict[str, float]:
     """Generation tokens/s of both models, for MLflow (a figure of this run's machine)."""
     full, small = result["rows"]
     return {"generation_tokens_per_s.fp32": full["tokens_per_s"], "generation_tokens_per_s.int8": small["tokens_per_s"]}
-
-
-def markdown(result: dict[str, Any]) -> str:
-    """report.md's section: the trade as one table, and a flag when int8 lost more than allowed."""
-    lines = [f"## int8 quantization ({result['mode']})", "",
-             "Linear layers of the blocks in int8 (torchao); embeddings, norms and head in fp32. Same val rows, "
-             "same test set; generation speed is greedy decoding on this machine's CPU.", "",
-             "| model | weights | val loss | perplexity | test accuracy | generation tokens/s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for row in result["rows"]:
-        accuracy = f"{row['accuracy']:.4f}" if row.get("accuracy") is not None else "–"
-        lines.append(f"| {row['model']} | {row['bytes'] / 1e6:.2f} MB | {row['val_loss']:.4f} | {row['perplexity']:.2f} "
-                     f"| {accuracy} | {row['tokens_per_s']:.0f} |")
-    increase, allowed = result["perplexity_increase"], result["max_perplexity_increase"]
-    lines += ["", f"Perplexity {increase:+.2%} against fp32 (allowed: {allowed:.2%})."
-              + (" **Flagged: int8 loses more than `evaluate.int8_max_perplexity_increase` allows.**"
-                 if result["flagged"] else "")]
-    return "\n".join(lines) + "\n"

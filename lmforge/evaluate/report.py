@@ -335,9 +335,7 @@ def render_report_md(
     if harness:
         parts += harness_section(harness)
     if quantized:
-        from lmforge.evaluate.quantized import markdown
-
-        parts.append(markdown(quantized))
+        parts.append(quantized_section(quantized))
     if samples:
         parts.append("## Samples")
         shown = {key: value for key, value in (sampling or {}).items() if key != "prompts"}  # each sample's below
@@ -362,3 +360,21 @@ def harness_section(harness: dict[str, Any]) -> list[str]:
                     "(params.yaml). lmforge's own tasks are built from held-out documents: `lmforge_cloze` their "
                     "last word, `lmforge_continuation` their ending among four (chance 0.25).",
                     md_table(["model", "task", "metric", "value", "examples"], rows)]
+
+
+def quantized_section(result: dict[str, Any]) -> str:
+    """report.md's section: the trade as one table, and a flag when int8 lost more than allowed."""
+    lines = [f"## int8 quantization ({result['mode']})", "",
+             "Linear layers of the blocks in int8 (torchao); embeddings, norms and head in fp32. Same val rows, "
+             "same test set; generation speed is greedy decoding on this machine's CPU.", "",
+             "| model | weights | val loss | perplexity | test accuracy | generation tokens/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in result["rows"]:
+        accuracy = f"{row['accuracy']:.4f}" if row.get("accuracy") is not None else "–"
+        lines.append(f"| {row['model']} | {row['bytes'] / 1e6:.2f} MB | {row['val_loss']:.4f} | {row['perplexity']:.2f} "
+                     f"| {accuracy} | {row['tokens_per_s']:.0f} |")
+    increase, allowed = result["perplexity_increase"], result["max_perplexity_increase"]
+    lines += ["", f"Perplexity {increase:+.2%} against fp32 (allowed: {allowed:.2%})."
+              + (" **Flagged: int8 loses more than `evaluate.int8_max_perplexity_increase` allows.**"
+                 if result["flagged"] else "")]
+    return "\n".join(lines) + "\n"
