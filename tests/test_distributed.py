@@ -231,3 +231,18 @@ def test_selective_checkpointing_keeps_the_matmuls_and_recomputes_only_the_rest(
     assert "aten.mm.default" not in recomputed and any("mul" in op for op in recomputed)
     with pytest.raises(LmforgeError, match="not one of none, full, selective"):
         apply_activation_checkpointing(model, "some")
+
+
+def test_clip_grad_norm_on_one_process_clips_exactly_as_torchs():
+    from lmforge.train.distributed import clip_grad_norm_
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(20, 10)) for _ in range(3)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn_like(a) * 3
+        b.grad = a.grad.clone()
+    norm = clip_grad_norm_(iter(ours), 1.0)  # a generator, as model.parameters() is
+    assert torch.equal(norm, torch.nn.utils.clip_grad_norm_(theirs, 1.0)) and norm > 1
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+    assert torch.linalg.vector_norm(torch.stack([a.grad.norm() for a in ours])) < 1.0001

@@ -203,9 +203,9 @@ def clip_grad_norm_(parameters: Any, max_norm: float) -> torch.Tensor:
     """torch's clip_grad_norm_ for gradients that live on different meshes (under FSDP x TP the
     blocks' are 2-D DTensors, the replicated embeddings' and norms' 1-D): each mesh's norm is
     computed and gathered apart, then combined. Returns the pre-clip total norm (a plain tensor)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+    with_grads = [p for p in parameters if p.grad is not None]
     by_mesh: dict[Any, list[torch.Tensor]] = {}
-    for g in grads:
+    for g in (p.grad for p in with_grads):
         by_mesh.setdefault(getattr(g, "device_mesh", None), []).append(g)
     norms = []
     for group in by_mesh.values():
@@ -219,7 +219,7 @@ def clip_grad_norm_(parameters: Any, max_norm: float) -> torch.Tensor:
         from torch.distributed.tensor.experimental import implicit_replication
 
         with implicit_replication():  # the plain coefficient scales DTensor gradients
-            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+            torch.nn.utils.clip_grads_with_norm_(with_grads, max_norm, total)  # parameters: it scales their .grad
     return total
 
 
