@@ -213,7 +213,7 @@ def test_the_parent_run_links_every_stage_and_carries_the_headline_and_key_param
     # cached ones to the first flow's.
     reran = {r.data.tags["lmforge.stage"]: r.info.run_id for r in by_id.values()
              if r.data.tags.get("mlflow.parentRunId") == override.info.run_id}
-    assert sorted(reran) == ["clean", "finetune_data", "promote", "tokenize"]
+    assert sorted(reran) == ["clean", "evaluate", "finetune_data", "promote", "tokenize"]
     assert {name: override.data.tags[f"stage.{name}.run_id"] for name in ALL} == {**made, **reran}
     assert override.data.params["clean.min_words"] == "1"
 
@@ -222,10 +222,11 @@ def test_override_reruns_the_stage_and_downstream_and_is_a_dvc_experiment(runs):
     override = runs["override"]
     assert override["state"].is_completed(), override["error"]
     # No document has fewer than 3 words: clean keeps the same documents (its stats.json, with its
-    # seconds, changes), tokenize reruns and writes the same shards, so DVC itself skips pretrain on.
+    # seconds, changes), tokenize reruns and writes the same shards, so DVC itself skips pretrain and
+    # finetune; evaluate reads data/clean (its harness tasks' held-out documents): it reruns.
     assert _statuses(override) == {
         "ingest": SKIPPED, "clean": "ran", "tokenize": "ran", "pretrain": SKIPPED,
-        "finetune_data": "ran", "finetune": SKIPPED, "evaluate": SKIPPED, "promote": "ran",
+        "finetune_data": "ran", "finetune": SKIPPED, "evaluate": "ran", "promote": "ran",
     }
     assert runs["lock_before"]["clean"]["params"]["params.yaml"]["clean"]["min_words"] == 1
     experiment = override["result"]["experiment"]

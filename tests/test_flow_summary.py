@@ -74,7 +74,8 @@ def test_numbers_read_as_numbers_without_an_exponent():
     assert "2,248,890" in markdown and "123,456,789" in markdown and "2.24889e+06" not in markdown
     assert [human(v) for v in (7968, 2248890.3, 1234.5, 999.95, 30.3312, 0.812345, 6.0, 0.0, -3.14159)] == [
         "7,968", "2,248,890", "1,234", "1000", "30.33", "0.8123", "6", "0", "-3.142"]
-    assert human(1e-5) == "1.000e-05" and human(float("inf")) == "inf"  # beyond ordinary magnitudes
+    assert human(1e-5) == "0.000010" and human(-3.815e-06) == "-0.0000038"  # small, still without an exponent
+    assert human(1e-9) == "1.000e-09" and human(float("inf")) == "inf"  # beyond ordinary magnitudes
 
 
 def test_each_stage_s_figures_are_collapsed_in_one_raw_html_block():
