@@ -134,3 +134,13 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[A
             writer = csv.writer(handle)
             for row in itertools.chain([header], rows):
                 writer.writerow([spreadsheet_safe(value) for value in row])
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """A matplotlib figure to `path` as a PNG, laid out tight, written atomically; the figure closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.core.io import atomic_path, strict_json, write_csv
+from lmforge.core.io import atomic_path, save_figure, strict_json, write_csv
 from lmforge.core.numbers import human
 from lmforge.evaluate.metrics import token_f1
 
@@ -50,10 +50,7 @@ def plot_confusion_matrix(path: str | Path, confusion: dict[str, Any], title: st
             for j in range(len(labels)):
                 color = "white" if shares[i, j] > 0.5 else "black"
                 ax.text(j, i, str(counts[i, j]), ha="center", va="center", color=color, fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_per_class_csv(path: str | Path, report: dict[str, Any]) -> None:
@@ -123,10 +120,7 @@ def plot_label_efficiency(path: str | Path, rows: Sequence[dict[str, Any]], task
     ax.set_title("label efficiency: what pretraining buys at each training-set size")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --- report.md ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.core.io import atomic_path, write_csv
+from lmforge.core.io import save_figure, write_csv
 
 
 def unigram_entropy(rows: Iterable[np.ndarray], vocab_size: int) -> float:
@@ -107,7 +107,4 @@ def plot_loss(path: str | Path, records: list[dict[str, Any]], baseline: float |
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
