@@ -203,23 +203,24 @@ def clip_grad_norm_(parameters: Any, max_norm: float) -> torch.Tensor:
     """torch's clip_grad_norm_ for gradients that live on different meshes (under FSDP x TP the
     blocks' are 2-D DTensors, the replicated embeddings' and norms' 1-D): each mesh's norm is
     computed and gathered apart, then combined. Returns the pre-clip total norm (a plain tensor)."""
-    with_grads = [p for p in parameters if p.grad is not None]
-    by_mesh: dict[Any, list[torch.Tensor]] = {}
-    for g in (p.grad for p in with_grads):
-        by_mesh.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    by_mesh: dict[Any, list[nn.Parameter]] = {}
+    for p in parameters:
+        if p.grad is not None:
+            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    if not by_mesh:
+        return torch.zeros(())
     norms = []
     for group in by_mesh.values():
-        norm = torch.nn.utils.get_total_norm(group, 2.0)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
         norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     # One mesh (no TP): that norm itself, bit for bit what torch's clip_grad_norm_ gives.
     total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), 2.0)
-    if not norms:
-        return torch.zeros(())
     if max_norm != float("inf"):
         from torch.distributed.tensor.experimental import implicit_replication
 
         with implicit_replication():  # the plain coefficient scales DTensor gradients
-            torch.nn.utils.clip_grads_with_norm_(with_grads, max_norm, total)  # parameters: it scales their .grad
+            for group in by_mesh.values():  # one mesh at a time: a foreach op cannot mix meshes
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)  # parameters: it scales their .grad
     return total
 
 
