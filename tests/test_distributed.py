@@ -50,6 +50,16 @@ def _losses(path: Path) -> dict[int, float]:
     return {row["step"]: row["train_loss"] for row in map(json.loads, path.read_text().splitlines())}
 
 
+def _follows(reference: Path, out: Path, tolerance: float) -> tuple[dict[int, float], dict[int, float]]:
+    """The one-process losses and `out`'s, after checking `out` logged steps 1..12, each within
+    `tolerance` (relative) of the one-process loss at the same step."""
+    ref, got = _losses(reference / "metrics.jsonl"), _losses(out / "metrics.jsonl")
+    assert sorted(got) == list(range(1, 13))
+    for step, loss in got.items():
+        assert loss == pytest.approx(ref[step], rel=tolerance), step
+    return ref, got
+
+
 def _torchrun(nproc: int, out: Path, *args: str) -> None:
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
           str(HELPER), str(out), "--steps", "12", *args])
@@ -106,10 +116,7 @@ def test_tensor_parallel_two_ranks_follow_one_process_resume_and_load_at_tp_one(
     tp = tmp_path / "tp2"
     # Both ranks of one TP group read the same 4 rows x 2 micro-steps: the one-process batch.
     _torchrun(2, tp, "--micro", "4", "--accum", "2", "--tp", "2")
-    ref, got = _losses(one_process / "metrics.jsonl"), _losses(tp / "metrics.jsonl")
-    assert sorted(got) == list(range(1, 13))
-    for step, loss in got.items():
-        assert loss == pytest.approx(ref[step], rel=TP_TOLERANCE), step
+    _, got = _follows(one_process, tp, TP_TOLERANCE)
 
     # Export gathers full tensors: the same names and shapes as one process writes, the same weights.
     exported, plain = load_file(str(tp / "model" / "model.safetensors")), load_file(
@@ -142,10 +149,7 @@ def test_fsdp_two_by_tensor_parallel_two_follows_one_process(tmp_path, one_proce
     out = tmp_path / "fsdp2xtp2"
     # 4 processes: 2 data-parallel groups x 2 TP ranks, each group 4 rows per step: global batch 8.
     _torchrun(4, out, "--micro", "4", "--accum", "1", "--tp", "2", "--ckpt-every", "12")
-    ref, got = _losses(one_process / "metrics.jsonl"), _losses(out / "metrics.jsonl")
-    assert sorted(got) == list(range(1, 13))
-    for step, loss in got.items():
-        assert loss == pytest.approx(ref[step], rel=TP_TOLERANCE), step
+    _follows(one_process, out, TP_TOLERANCE)
     state = json.loads((out / "checkpoints" / "step_00000012" / "trainer_state.json").read_text())
     assert (state["rows_per_step"], state["world_size"]) == (8, 4)
 
@@ -157,10 +161,7 @@ BF16_REDUCE_TOLERANCE = 1e-3
 def test_bf16_gradient_reduction_stays_near_the_fp32_curve(tmp_path, one_process):
     out = tmp_path / "bf16"
     _torchrun(2, out, "--micro", "4", "--accum", "1", "--reduce-precision", "bf16", "--ckpt-every", "12")
-    ref, got = _losses(one_process / "metrics.jsonl"), _losses(out / "metrics.jsonl")
-    assert sorted(got) == list(range(1, 13))
-    for step, loss in got.items():
-        assert loss == pytest.approx(ref[step], rel=BF16_REDUCE_TOLERANCE), step
+    ref, got = _follows(one_process, out, BF16_REDUCE_TOLERANCE)
     # The gradients really went over in bf16: the curve is not the fp32 one bit for bit.
     assert any(got[step] != ref[step] for step in got)
 
