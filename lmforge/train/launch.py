@@ -201,12 +201,16 @@ def main(argv: list[str] | None = None) -> None:
     except LmforgeError as exc:
         print(f"[launch] error: {exc}", file=sys.stderr)
         sys.exit(2)
-    if nodes is not None:
-        sys.exit(run_nodes(ns.module, nodes, ns.args))
-    if ns.nproc == 1:
+    if nodes is None and ns.nproc == 1:
         sys.argv = [ns.module, *ns.args]
         runpy.run_module(ns.module, run_name="__main__", alter_sys=True)
         return
+    if (nodes.nproc if nodes is not None else ns.nproc) > 1:
+        # torchrun gives each of several processes one OpenMP thread when none is set, with a banner on
+        # the terminal saying so: the same choice made here, without the banner (a value set is kept).
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if nodes is not None:
+        sys.exit(run_nodes(ns.module, nodes, ns.args))
     cmd = command(ns.module, ns.nproc, ns.args)
     sys.stdout.flush()
     sys.stderr.flush()
