@@ -144,3 +144,9 @@ def test_scores_are_named_by_task_and_metric():
         "harness/lmforge_cloze/acc": 0.5, "harness/lmforge_cloze/perplexity": 12.5,
         "harness/lmforge_cloze/samples": 16, "harness/gsm8k/exact_match_strict-match": 0.25,
         "harness_sft/gsm8k/exact_match_strict-match": 0.25}
+
+
+def test_the_log_line_writes_numbers_without_an_exponent():
+    line = harness.summary({"lmforge_cloze": {"perplexity": 13674.2, "acc": 0.0, "samples": 16},
+                            "lmforge_continuation": {"acc": 0.29, "acc_norm": 0.355}})
+    assert line == "lmforge_cloze perplexity 13,674, acc 0; lmforge_continuation acc 0.29, acc_norm 0.355"

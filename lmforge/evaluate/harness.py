@@ -24,6 +24,7 @@ from lmforge.core import paths
 from lmforge.core.errors import LmforgeError
 from lmforge.core.io import write_json
 from lmforge.core.model_params import HarnessParams
+from lmforge.core.numbers import human
 from lmforge.core.params import Params
 from lmforge.evaluate.shipped_tasks import TASK_FILES, held_out_documents, write_task_data
 
@@ -155,8 +156,8 @@ def metrics(results: dict[str, Any]) -> dict[str, float]:
 
 
 def summary(scores: dict[str, dict[str, float]]) -> str:
-    """`task metric 0.123, ...` for a log line."""
-    return "; ".join(f"{task} " + ", ".join(f"{m} {v:.4g}" for m, v in figures.items() if m != "samples")
+    """`task metric 0.123, ...` for a log line (numbers as lmforge.core.numbers.human writes them: 13,674)."""
+    return "; ".join(f"{task} " + ", ".join(f"{m} {human(v)}" for m, v in figures.items() if m != "samples")
                      for task, figures in scores.items())
 
 
