@@ -1,7 +1,7 @@
 """Behavior under torchrun: two FSDP2 ranks over gloo train like one process, and their checkpoint
 resumes at world size 1; tensor parallelism (TP 2, FSDP 2 x TP 2) follows the one-process curve, its
-checkpoints resume and load at TP 1; bf16 gradient reduction stays near the fp32 curve; plus the
-single-process defaults of lmforge.train.distributed."""
+checkpoints load at TP 1, and a TP run killed with SIGKILL resumes on its own curve, bitwise; bf16
+gradient reduction stays near the fp32 curve; plus the single-process defaults of lmforge.train.distributed."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import copy
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -60,9 +63,27 @@ def _follows(reference: Path, out: Path, tolerance: float) -> tuple[dict[int, fl
     return ref, got
 
 
+def _torchrun_args(nproc: int, out: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(HELPER), str(out), "--steps", "12", *args]
+
+
 def _torchrun(nproc: int, out: Path, *args: str) -> None:
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-          str(HELPER), str(out), "--steps", "12", *args])
+    _run(_torchrun_args(nproc, out, *args))
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every rank it started, by PID, as when the machine dies."""
+    try:
+        members = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        members = []
+    for member in members:
+        try:
+            member.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    process.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -110,16 +131,24 @@ def test_two_fsdp_ranks_train_checkpoint_and_resume_at_world_size_one(tmp_path, 
 # Measured (torch 2.13 CPU, gloo): TP 2 and FSDP 2 x TP 2 differ from one process by at most 6e-8
 # relative in the loss over 12 steps (1.4e-7 absolute in the exported weights).
 TP_TOLERANCE = 1e-6
+# Both ranks of one TP group read the same 4 rows x 2 micro-steps: the one-process batch.
+TP_TWO = ("--micro", "4", "--accum", "2", "--tp", "2")
 
 
-def test_tensor_parallel_two_ranks_follow_one_process_resume_and_load_at_tp_one(tmp_path, one_process):
-    tp = tmp_path / "tp2"
-    # Both ranks of one TP group read the same 4 rows x 2 micro-steps: the one-process batch.
-    _torchrun(2, tp, "--micro", "4", "--accum", "2", "--tp", "2")
-    _, got = _follows(one_process, tp, TP_TOLERANCE)
+@pytest.fixture(scope="module")
+def tp_two(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted TP 2 run (2 processes) of 12 steps, checkpoints at steps 4, 8 and 12 (kept: 8, 12).
+    Tests read it, never write into it."""
+    out = tmp_path_factory.mktemp("tp2")
+    _torchrun(2, out, *TP_TWO)
+    return out
+
+
+def test_tensor_parallel_two_ranks_follow_one_process_and_load_at_tp_one(tp_two, one_process):
+    _follows(one_process, tp_two, TP_TOLERANCE)
 
     # Export gathers full tensors: the same names and shapes as one process writes, the same weights.
-    exported, plain = load_file(str(tp / "model" / "model.safetensors")), load_file(
+    exported, plain = load_file(str(tp_two / "model" / "model.safetensors")), load_file(
         str(one_process / "model" / "model.safetensors"))
     assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in plain.items()}
     for name, tensor in exported.items():
@@ -128,21 +157,41 @@ def test_tensor_parallel_two_ranks_follow_one_process_resume_and_load_at_tp_one(
     # The TP 2 checkpoint loads at TP 1 (one plain process): DCP reshards to the full tensors.
     model = Transformer(tiny_config())
     cfg = TrainerParams(max_steps=12, micro_batch_size=4, grad_accum_steps=2, progress=False)
-    trainer = Trainer(model, cfg, PackedRows(SyntheticRows(256, 1)), checkpoint_dir=tp / "checkpoints")
-    latest = tp / "checkpoints" / "step_00000012"
+    trainer = Trainer(model, cfg, PackedRows(SyntheticRows(256, 1)), checkpoint_dir=tp_two / "checkpoints")
+    latest = tp_two / "checkpoints" / "step_00000012"
     assert trainer.maybe_resume() == latest and trainer.data_position == 96
     state = model.state_dict()
     for name, tensor in exported.items():
         assert torch.equal(state[name], tensor), name
     assert all(float(s["step"]) == 12 for s in trainer.optimizer.state.values())
 
-    # Under TP, a run resumed from the step-8 checkpoint continues the same curve.
-    shutil.rmtree(latest)
-    _torchrun(2, tp, "--micro", "4", "--accum", "2", "--tp", "2")
-    resumed = [json.loads(line) for line in (tp / "metrics.jsonl").read_text().splitlines()[12:]]
-    assert [row["step"] for row in resumed] == [9, 10, 11, 12]
-    for row in resumed:
-        assert row["train_loss"] == got[row["step"]], row["step"]  # bitwise: same layout, same sums
+
+def test_tensor_parallel_run_killed_mid_run_resumes_on_the_uninterrupted_curve_bitwise(tmp_path, tp_two):
+    out, log = tmp_path / "killed", tmp_path / "killed.log"
+    checkpoints = out / "checkpoints"
+    # A pause after each step (rank 0; rank 1 waits at the next collective) leaves the kill >= 2 s
+    # after the first checkpoint (step 4) to land before the run ends.
+    with log.open("w") as sink:
+        victim = subprocess.Popen(_torchrun_args(2, out, *TP_TWO, "--delay", "0.3"), cwd=REPO, env=_env(),
+                                  stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(checkpoints.glob("step_*[0-9]")):  # committed (renamed) checkpoints, not a .tmp
+            assert victim.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.01)
+    finally:
+        _kill_tree(victim)
+    saved = max(int(p.name.split("_")[1]) for p in checkpoints.glob("step_*[0-9]"))
+    assert saved < 12 and not (out / "result.json").exists(), "the run finished before it was killed"
+    killed_lines = len((out / "metrics.jsonl").read_text().splitlines())
+
+    # The same command again, at the same layout: it resumes from the newest checkpoint, not step 0.
+    _torchrun(2, out, *TP_TWO)
+    resumed = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()[killed_lines:]]
+    assert resumed == list(range(saved + 1, 13))
+    # Bitwise: same layout, same reduction order, RNG and data position restored on both ranks.
+    assert _losses(out / "metrics.jsonl") == _losses(tp_two / "metrics.jsonl")
 
 
 def test_fsdp_two_by_tensor_parallel_two_follows_one_process(tmp_path, one_process):
