@@ -36,7 +36,7 @@ QUANTIZATION = "quantization.json"
 
 
 @contextmanager
-def _quiet_import() -> Iterator[None]:
+def quiet_import() -> Iterator[None]:
     """torchao logs, at import, a warning per GPU kernel library it cannot load (none can on a CPU
     build) and torch one about an Enum it registers: nothing a user can act on, so not on their terminal."""
     loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
@@ -54,7 +54,7 @@ def _config(mode: str) -> Any:
     if mode not in MODES:
         raise LmforgeError(f"unknown quantization mode {mode!r}: one of {', '.join(MODES)}")
     try:
-        with _quiet_import():
+        with quiet_import():
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
     except ImportError as exc:
         raise LmforgeError(f"int8 quantization needs torchao ({exc}): `pip install torchao`") from None
