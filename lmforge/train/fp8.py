@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lmforge.core.errors import LmforgeError
+from lmforge.core.quiet import quiet_import
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,6 @@ def float8_config(recipe: str, *, fsdp: bool, emulate: bool = False) -> Any:
     CPU tests run the same path; never set by the stage."""
     if recipe not in RECIPES:
         raise LmforgeError(f"pretrain.fp8_recipe {recipe!r} is not one of {', '.join(RECIPES)}")
-    from lmforge.model.quantize import quiet_import
-
     try:
         with quiet_import():
             from torchao.float8 import Float8LinearConfig
