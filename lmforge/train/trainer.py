@@ -126,8 +126,7 @@ class Trainer:
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.cfg.precision == "fp32":
             return contextlib.nullcontext()
-        # fp8: the float8 layers (lmforge.train.fp8, applied to the model) cast their own matmuls;
-        # everything else computes in bf16, as torchao's and torchtitan's recipes do.
+        # fp8: the float8 layers (lmforge.train.fp8) cast their own matmuls; the rest computes in bf16.
         dtype = torch.float16 if self.cfg.precision == "fp16" else torch.bfloat16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
