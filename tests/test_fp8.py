@@ -105,6 +105,8 @@ def test_projections_with_a_dim_not_a_multiple_of_16_are_skipped_and_named():
     selection = fp8.select(model)
     assert selection.skipped == ("layers.0.attn.k_proj", "layers.0.attn.v_proj")
     assert len(selection.converted) == 5 and not set(selection.converted) & set(selection.skipped)
+    assert fp8.describe(selection) == ("fp8: 5 linear layers in float8; 2 left in bf16 (a dimension not a multiple "
+                                       "of 16): layers.0.attn.k_proj, layers.0.attn.v_proj")
 
 
 @pytest.mark.parametrize("recipe", fp8.RECIPES)

@@ -11,7 +11,6 @@ embeddings share its weight). Master weights and the optimizer stay fp32.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +19,6 @@ from torch import nn
 
 from lmforge.core.errors import LmforgeError
 from lmforge.core.quiet import quiet_import
-
-log = logging.getLogger(__name__)
 
 # Float8 tensor-core matmuls (torch._scaled_mm) exist from Ada (sm_89: L4, RTX 4090) and Hopper (H100) on.
 MIN_CAPABILITY = (8, 9)
@@ -116,10 +113,16 @@ def convert(model: nn.Module, recipe: str, *, fsdp: bool, emulate: bool = False)
         import torch._inductor.config
 
         torch._inductor.config.emulate_precision_casts = True
-    if selection.skipped:
-        log.info("fp8: %d linear layers in float8; %d left in bf16 (a dim not a multiple of %d): %s",
-                 len(selection.converted), len(selection.skipped), DIM_MULTIPLE, ", ".join(selection.skipped))
     return selection
+
+
+def describe(selection: Selection) -> str:
+    """One log line: how many layers compute in float8 and which stayed in bf16."""
+    line = f"fp8: {len(selection.converted)} linear layers in float8"
+    if selection.skipped:
+        line += (f"; {len(selection.skipped)} left in bf16 (a dimension not a multiple of {DIM_MULTIPLE}): "
+                 f"{', '.join(selection.skipped)}")
+    return line
 
 
 def after_optimizer_step(model: nn.Module) -> None:

@@ -7,6 +7,7 @@ report stages/pretrain.py writes and logs.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any
 
@@ -29,6 +30,7 @@ from lmforge.train.resume import result_knobs
 from lmforge.train.throughput import peak_flops
 from lmforge.train.trainer import Trainer, TrainResult
 
+log = logging.getLogger(__name__)
 # fp8: the float8 layers cast their own matmuls; FSDP2 gathers the other weights in bf16.
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 # The figures `dvc metrics show` and `dvc exp show` put side by side (metrics.json); stats.json
@@ -57,7 +59,9 @@ def build_decoder(params: Params, train: ShardReader, info: DistInfo) -> tuple[T
     )
     model = Transformer(config).to(info.device)
     if params.pretrain.precision == "fp8":  # before the wrappers, as torchtitan converts (lmforge.train.fp8)
-        fp8.convert(model, params.pretrain.fp8_recipe, fsdp=info.distributed)
+        selection = fp8.convert(model, params.pretrain.fp8_recipe, fsdp=info.distributed)
+        if info.is_main:
+            log.info(fp8.describe(selection))
     compute_dtype = PRECISION_DTYPES[params.pretrain.precision]
     parallelize(model, info, param_dtype=compute_dtype if info.device.type == "cuda" else torch.float32,
                 reduce_dtype=PRECISION_DTYPES[params.pretrain.reduce_precision],
