@@ -186,3 +186,21 @@ def test_fp8_under_fsdp_gathers_float8_weights_and_follows_one_process(tmp_path)
     assert [two[step] for step in sorted(two)] == pytest.approx([one[step] for step in sorted(two)], rel=1e-4)
     assert sorted(p.name for p in (tmp_path / "two/checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
     assert (tmp_path / "two/model/model.safetensors").is_file()
+
+
+def test_the_pretrain_stage_builds_its_decoder_with_float8_layers_when_precision_is_fp8(tmp_path):
+    """lmforge.train.pretraining.build_decoder, the stage's model, converts before any wrapper."""
+    from types import SimpleNamespace
+
+    from torchao.float8.float8_linear import Float8Linear
+
+    from lmforge.train.distributed import init_distributed
+    from lmforge.train.pretraining import build_decoder
+
+    params = _load(tmp_path, {"model": {"preset": "tiny", "dim": 32}, "pretrain": {"precision": "fp8"}})
+    model, config = build_decoder(params, SimpleNamespace(vocab_size=320, seq_len=32), init_distributed(device="cpu"))
+    swapped = [fqn for fqn, module in model.named_modules() if isinstance(module, Float8Linear)]
+    assert swapped == [f"layers.{i}.{name}" for i in range(config.n_layers) for name in PROJECTIONS]
+    plain = build_decoder(_load(tmp_path, {"model": {"preset": "tiny", "dim": 32}}),
+                          SimpleNamespace(vocab_size=320, seq_len=32), init_distributed(device="cpu"))[0]
+    assert not any(isinstance(module, Float8Linear) for module in plain.modules())
