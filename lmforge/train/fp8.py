@@ -108,8 +108,8 @@ def convert(model: nn.Module, recipe: str, *, fsdp: bool, emulate: bool = False)
     chosen = frozenset(selection.converted)
     convert_to_float8_training(model, module_filter_fn=lambda _module, fqn: fqn in chosen, config=config)
     if recipe == "rowwise":
-        # torchtitan's workaround for pytorch/pytorch#150859: inductor otherwise fuses rowwise's
-        # casts with a rounding eager mode does not do, and the compiled loss drifts from eager's.
+        # What torchtitan sets for rowwise, its short-term workaround for pytorch/pytorch#150859
+        # (inductor's handling of precision casts under compile); a process-wide inductor setting.
         import torch._inductor.config
 
         torch._inductor.config.emulate_precision_casts = True
