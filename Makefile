@@ -71,7 +71,8 @@ test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The CUDA tests (tests/gpu/: bf16 + compile, fp16, torchrun FSDP2 over NCCL, kill and resume,
-# export, LoRA). They skip where torch sees no GPU; keep a CUDA build: `make test-gpu TORCH=torch`.
+# export, LoRA; fp8 on compute capability >= 8.9). They skip where torch sees no GPU; keep a CUDA
+# build: `make test-gpu TORCH=torch`.
 test-gpu: setup
 	$(BIN)/python -m pytest -q -rs tests/gpu
 

@@ -40,6 +40,11 @@ On a GPU (bench/train_speed_cuda.py: GPT-2 124M shape, bf16, compile, against na
     python bench/train_speed.py --device cuda --nanogpt /tmp/nanogpt --batch-size 16 --steps 20
     # results: bench/results/train_speed_cuda.json
 
+FP8 against bf16 (pretrain.precision fp8, torchao float8, tensorwise and rowwise; compute capability
+>= 8.9: H100, L4, RTX 4090; the default CUDA methods include both, skipped with a line elsewhere):
+
+    python bench/train_speed.py --device cuda --methods ours,ours-fp8,ours-fp8-rowwise --batch-size 16 --steps 20
+
 The parallel layouts on CPU processes (gloo): FSDP vs TP vs FSDP x TP at 1, 2 and 4 processes, fp32
 vs bf16 gradient reduction, with the loss after N steps and the bytes each step sends
 (bench/train_scaling.py; results: bench/results/train_scaling.json):

@@ -7,6 +7,10 @@ heads, dim 768, seq 1024, vocab 50,304), bf16 autocast, torch.compile, one GPU:
   nanogpt         nanoGPT's own train.py, --compile=True --dtype=bfloat16, same batch and accumulation
   ours-ckpt-sync  ours with a checkpoint every --ckpt-every steps, written in line
   ours-ckpt-async the same with runtime.pretrain.async_checkpoint (staged CPU copy, background write)
+  ours-fp8        ours with pretrain.precision fp8 (lmforge.train.fp8: torchao float8 for the blocks'
+                  projections, tensorwise scaling, bf16 autocast for the rest); GPUs of compute
+                  capability >= 8.9 only, skipped with a line elsewhere
+  ours-fp8-rowwise the same with pretrain.fp8_recipe rowwise
 
 Both read the same train.bin (uint16 ids, drawn once from a seeded uniform distribution over the
 vocabulary: speed does not depend on the text); nanoGPT samples random windows of it, ours packed
@@ -38,7 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULT_TAG = "BENCH_RESULT "
 GPT2 = {"n_layers": 12, "n_heads": 12, "dim": 768, "seq_len": 1024, "vocab_size": 50304}
-CUDA_METHODS = ("ours", "nanogpt", "ours-ckpt-sync", "ours-ckpt-async")
+CUDA_METHODS = ("ours", "nanogpt", "ours-ckpt-sync", "ours-ckpt-async", "ours-fp8", "ours-fp8-rowwise")
+FP8_METHODS = {"ours-fp8": "tensorwise", "ours-fp8-rowwise": "rowwise"}
 
 
 def _rss_mib() -> float:
@@ -94,11 +99,17 @@ def worker_ours(args: argparse.Namespace) -> dict:
     info = init_distributed(device="cuda")
     config = build_config("124m", vocab_size=GPT2["vocab_size"], max_seq_len=GPT2["seq_len"])
     model = Transformer(config).to(info.device)
+    recipe = FP8_METHODS.get(args.method)
+    if recipe is not None:  # before compile, as lmforge.train.pretraining.build_decoder does
+        from lmforge.train import fp8
+
+        fp8.convert(model, recipe, fsdp=False)
     apply_compile(model)
     checkpointing = args.method.startswith("ours-ckpt")
     total = args.warmup + args.steps
     cfg = TrainerParams(
-        max_steps=total, micro_batch_size=args.batch_size, grad_accum_steps=args.accum, precision="bf16",
+        max_steps=total, micro_batch_size=args.batch_size, grad_accum_steps=args.accum,
+        precision="fp8" if recipe is not None else "bf16",
         eval_every=0, checkpoint_every=args.ckpt_every if checkpointing else 0, keep_checkpoints=1,
         resume="never", progress=False, warmup_steps=2,
     )
@@ -269,6 +280,12 @@ def main_cuda(args: argparse.Namespace) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no GPU here (install a CUDA build of torch, or run on a GPU host)")
     methods = args.method_list
+    from lmforge.train import fp8
+
+    no_fp8 = fp8.refusal("pretrain.precision", torch.cuda.get_device_capability())
+    if no_fp8 and set(methods) & set(FP8_METHODS):
+        print(f"skipping {', '.join(m for m in methods if m in FP8_METHODS)}: {no_fp8}", flush=True)
+        methods = [m for m in methods if m not in FP8_METHODS]
     if "nanogpt" in methods and (args.nanogpt is None or not (Path(args.nanogpt) / "train.py").is_file()):
         raise SystemExit(f"{args.nanogpt}/train.py not found: check out karpathy/nanoGPT there")
     results: dict[str, list[dict]] = {m: [] for m in methods}
@@ -295,6 +312,10 @@ def main_cuda(args: argparse.Namespace) -> dict:
         spike = f"{row['checkpoint_step_spike_ms']:.0f}" if "checkpoint_step_spike_ms" in row else "-"
         print(f"| {m} | {row['tokens_per_s']:,.0f} | {ratio} | {fmt('mfu_ours_formula')} | "
               f"{fmt('mfu_nanogpt_formula')} | {row['peak_mem_mib']:,.0f} | {spike} |")
+    for m in FP8_METHODS:
+        if m in rows and "ours" in rows:
+            print(f"\n{m}: {rows[m]['tokens_per_s'] / rows['ours']['tokens_per_s']:.2f}x the tokens/s of bf16 (ours), "
+                  f"final loss {rows[m]['final_loss']:.3f} against {rows['ours']['final_loss']:.3f}")
     return {"device": device, "rows": rows, "raw": results}
 
 

@@ -27,6 +27,7 @@ log = logging.getLogger("stages.pretrain")
 
 def main() -> None:
     params = load_params()
+    pretraining.check_precision(params)  # fp8 needs a GPU that has it: said before any work
     info = init_distributed(tensor_parallel=params.pretrain.tensor_parallel)
     torch.manual_seed(params.pretrain.seed)
     eos = params.tokenizer.eos_token

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lmforge.train.export import full_state_dict, save_pretrained  # noqa: E402
 from lmforge.model.decoder import ModelConfig, Transformer  # noqa: E402
 from lmforge.train.distributed import apply_compile, destroy, init_distributed, parallelize  # noqa: E402
+from lmforge.train import fp8  # noqa: E402
 from lmforge.core.params import TrainerParams  # noqa: E402
 from lmforge.train.batches import PackedRows  # noqa: E402
 from lmforge.train.trainer import Trainer  # noqa: E402
@@ -68,6 +69,8 @@ def main() -> None:
     ap.add_argument("--async-checkpoint", action="store_true")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (FSDP over the rest)")
     ap.add_argument("--reduce-precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"],
+                    help="--precision fp8: the scaling (CPU: torchao's emulated float8 matmuls)")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -77,8 +80,11 @@ def main() -> None:
     torch.manual_seed(0)
     config = tiny_config()
     model = Transformer(config).to(info.device)
-    if info.distributed and not args.no_fsdp:
-        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
+    fsdp = info.distributed and not args.no_fsdp
+    if args.precision == "fp8":  # before the wrappers, as lmforge.train.pretraining.build_decoder does
+        fp8.convert(model, args.fp8_recipe, fsdp=fsdp, emulate=args.device == "cpu")
+    if fsdp:
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}.get(args.precision, torch.float32)
         parallelize(model, info, param_dtype=low if args.device == "cuda" else torch.float32,
                     reduce_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.reduce_precision],
                     compile=args.compile)

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ import torch
 from torch import nn
 
 from lmforge.core.errors import LmforgeError
+from lmforge.core.quiet import quiet_import
 from lmforge.model.decoder import ModelConfig, Transformer
 from lmforge.model.export import write_atomically
 from lmforge.model.files import CONFIG, TOKENIZER
@@ -35,26 +33,11 @@ WEIGHTS_INT8 = "model_int8.pt"
 QUANTIZATION = "quantization.json"
 
 
-@contextmanager
-def _quiet_import() -> Iterator[None]:
-    """torchao logs, at import, a warning per GPU kernel library it cannot load (none can on a CPU
-    build) and torch one about an Enum it registers: nothing a user can act on, so not on their terminal."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def _config(mode: str) -> Any:
     if mode not in MODES:
         raise LmforgeError(f"unknown quantization mode {mode!r}: one of {', '.join(MODES)}")
     try:
-        with _quiet_import():
+        with quiet_import():
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
     except ImportError as exc:
         raise LmforgeError(f"int8 quantization needs torchao ({exc}): `pip install torchao`") from None

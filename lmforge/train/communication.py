@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 
 from lmforge.model.decoder import ModelConfig
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# fp8: what FSDP2 gathers of the weights that are not float8 (bf16); Layout.projection_bytes the rest.
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class Layout:
     seq_len: int = 1
     grad_accum_steps: int = 1
     param_bytes: int = 4  # the all-gathered weights (FSDP's param_dtype)
+    # The blocks' projections when they are gathered in another dtype (fp8 tensorwise: float8, 1
+    # byte); None: param_bytes.
+    projection_bytes: int | None = None
     reduce_bytes: int = 4  # the reduce-scattered gradients (FSDP's reduce_dtype: pretrain.reduce_precision)
     activation_bytes: int = 4  # the activations TP all-reduces (the autocast dtype)
     reshard_after_forward: bool = True
@@ -48,11 +52,16 @@ def unit_elements(config: ModelConfig, tp: int) -> tuple[list[int], int]:
     """Elements each process holds, before FSDP, of each block and of the root (embeddings, final
     norm, head): a block's projections are split tp ways (lmforge.train.distributed.TP_PLAN), its
     norms and the root are replicated."""
-    d, kv = config.dim, config.kv_heads * config.head_dim
-    projections = 2 * d * d + 2 * d * kv + 3 * d * config.ffn_hidden
-    block = projections // tp + 2 * d
+    d = config.dim
+    block = projection_elements(config, tp) + 2 * d
     root = config.vocab_size * d * (1 if config.tie_embeddings else 2) + d
     return [block] * config.n_layers, root
+
+
+def projection_elements(config: ModelConfig, tp: int) -> int:
+    """Elements of one block's projections (q, k, v, o, gate, up, down) each process holds before FSDP."""
+    d, kv = config.dim, config.kv_heads * config.head_dim
+    return (2 * d * d + 2 * d * kv + 3 * d * config.ffn_hidden) // tp
 
 
 def step_bytes(config: ModelConfig, layout: Layout) -> StepBytes:
@@ -65,10 +74,14 @@ def step_bytes(config: ModelConfig, layout: Layout) -> StepBytes:
     share = (layout.dp - 1) / layout.dp
     regathered = sum(blocks[:-1]) if layout.reshard_after_forward else 0
     gathered = layout.grad_accum_steps * (sum(blocks) + root + regathered)
+    block_gathers = layout.grad_accum_steps * (len(blocks) + (len(blocks) - 1 if layout.reshard_after_forward else 0))
+    projection_bytes = layout.param_bytes if layout.projection_bytes is None else layout.projection_bytes
+    gathered_bytes = gathered * layout.param_bytes - (
+        block_gathers * projection_elements(config, layout.tp) * (layout.param_bytes - projection_bytes))
     activations = layout.micro_batch_size * layout.seq_len * config.dim
     tp_share = 2 * (layout.tp - 1) / layout.tp
     return StepBytes(
-        all_gather=round(share * gathered * layout.param_bytes),
+        all_gather=round(share * gathered_bytes),
         reduce_scatter=round(share * (sum(blocks) + root) * layout.reduce_bytes),
         tp_all_reduce=round(tp_share * layout.grad_accum_steps * config.n_layers * 7 * activations
                             * layout.activation_bytes),

@@ -7,6 +7,8 @@ report stages/pretrain.py writes and logs.
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,7 @@ from lmforge.model.loss import lm_loss
 from lmforge.train.batches import DocumentCollate, PackedRows, lm_collate
 from lmforge.train.communication import DTYPE_BYTES, Layout, StepBytes
 from lmforge.train.communication import step_bytes as communication_bytes
+from lmforge.train import fp8
 from lmforge.train.curves import unigram_entropy
 from lmforge.train.distributed import DistInfo, parallelize
 from lmforge.train.report import Registration, TrainingReport
@@ -27,7 +30,9 @@ from lmforge.train.resume import result_knobs
 from lmforge.train.throughput import peak_flops
 from lmforge.train.trainer import Trainer, TrainResult
 
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger(__name__)
+# fp8: the float8 layers cast their own matmuls; FSDP2 gathers the other weights in bf16.
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 # The figures `dvc metrics show` and `dvc exp show` put side by side (metrics.json); stats.json
 # keeps the rest (the model's size, the world size, the loss against the unigram entropy).
 # Bytes one optimizer step sends per process (MLflow metrics of the run, stats.json).
@@ -47,17 +52,29 @@ def run_fingerprint(params: Params, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def build_decoder(params: Params, train: ShardReader, info: DistInfo) -> tuple[Transformer, ModelConfig]:
     """The preset's decoder sized to the shards' vocabulary and rows, on this process's device,
-    laid out as the knobs ask (tensor parallelism, then FSDP2 per block when there are many processes)."""
+    laid out as the knobs ask (float8 layers for fp8, tensor parallelism, then FSDP2 per block when
+    there are many processes)."""
     config = build_config(
         params.model.preset, vocab_size=train.vocab_size, max_seq_len=train.seq_len, **params.model.overrides()
     )
     model = Transformer(config).to(info.device)
+    if params.pretrain.precision == "fp8":  # before the wrappers, as torchtitan converts (lmforge.train.fp8)
+        selection = fp8.convert(model, params.pretrain.fp8_recipe, fsdp=info.distributed)
+        if info.is_main:
+            log.info(fp8.describe(selection))
     compute_dtype = PRECISION_DTYPES[params.pretrain.precision]
     parallelize(model, info, param_dtype=compute_dtype if info.device.type == "cuda" else torch.float32,
                 reduce_dtype=PRECISION_DTYPES[params.pretrain.reduce_precision],
                 activation_checkpointing=params.runtime.pretrain.activation_checkpointing,
                 compile=params.runtime.pretrain.compile)
     return model, config
+
+
+def check_precision(params: Params) -> None:
+    """Before any work (the rendezvous included): fp8 needs a GPU that computes in float8 (each
+    process checks the GPU torchrun gives it)."""
+    if params.pretrain.precision == "fp8":
+        fp8.check_supported("pretrain.precision", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def build_trainer(model: Transformer, params: Params, train: ShardReader, val: ShardReader, info: DistInfo,
@@ -78,6 +95,9 @@ def step_bytes(params: Params, info: DistInfo, config: ModelConfig, seq_len: int
     layout = Layout(dp=info.dp_size if info.distributed else 1, tp=info.tensor_parallel,
                     micro_batch_size=knobs.micro_batch_size, seq_len=seq_len, grad_accum_steps=knobs.grad_accum_steps,
                     param_bytes=DTYPE_BYTES[knobs.precision] if on_gpu else 4,
+                    # fp8 tensorwise under FSDP2 gathers the blocks' float8 projections in float8
+                    projection_bytes=1 if on_gpu and fp8.float8_all_gather(knobs.precision, knobs.fp8_recipe,
+                                                                            info.distributed) else None,
                     reduce_bytes=DTYPE_BYTES[knobs.reduce_precision],
                     activation_bytes=DTYPE_BYTES[knobs.precision] if on_gpu else 4)
     return communication_bytes(config, layout)

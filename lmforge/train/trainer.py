@@ -28,6 +28,7 @@ from lmforge.train.early_stopping import EarlyStopping
 from lmforge.core.errors import LmforgeError
 from lmforge.model.loss import lm_loss
 from lmforge.train.distributed import DistInfo, clip_grad_norm_, init_distributed
+from lmforge.train import fp8
 from lmforge.core.params import TrainerParams
 from lmforge.train.resume import MARKER as RUN_MARKER, check_still_claimed, run_record
 from lmforge.train.optim import build_optimizer, build_scaler, build_scheduler
@@ -125,7 +126,8 @@ class Trainer:
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.cfg.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        # fp8: the float8 layers (lmforge.train.fp8) cast their own matmuls; the rest computes in bf16.
+        dtype = torch.float16 if self.cfg.precision == "fp16" else torch.bfloat16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     # --- data ----------------------------------------------------------------------------------
@@ -228,6 +230,8 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.cfg.precision == "fp8":
+            fp8.after_optimizer_step(self.model)  # the new weights' float8 scales, in one all-reduce
         self.scheduler.step()
         return float(norm)
 
