@@ -78,11 +78,13 @@ test-gpu: setup
 
 # The MLflow UI on the store the stages use (MLFLOW_TRACKING_URI, else the embedded sqlite:///mlflow.db);
 # open the runs table it prints (not the Traces page). A tracking server serves its own UI.
+# (MLflow's GenAI job workers off: seven processes lmforge's runs never use; set the variable to keep them.)
 ui: setup
 	@uri="$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"; runs="#/experiments/1/runs?workflowType=machine_learning"; \
 	case "$$uri" in http://*|https://*) echo "MLFLOW_TRACKING_URI is a server: open $${uri%/}/$$runs"; exit 0;; esac; \
 	echo "MLflow runs ($$uri): http://127.0.0.1:5000/$$runs"; \
-	exec $(BIN)/mlflow ui --backend-store-uri "$$uri" --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
+		exec $(BIN)/mlflow ui --backend-store-uri "$$uri" --host 127.0.0.1 --port 5000
 
 # The Prefect server the flow reports to (then `export PREFECT_API_URL=http://127.0.0.1:4200/api`).
 prefect-server: setup

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import boto3
 import httpx
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -129,6 +130,10 @@ def test_up_starts_every_service_on_loopback_and_env_exports_them(deployed):
     assert env["AWS_SECRET_ACCESS_KEY"] not in deployed["up"] + status.stdout  # only `env` prints it
     config = (deployed["workspace"] / ".dvc" / "config.local").read_text()
     assert env["LMFORGE_DVC_REMOTE_URL"] in config and env["AWS_ENDPOINT_URL"] in config
+    # The MLflow server alone: none of MLflow's GenAI job workers (huey consumers) beside it.
+    server = psutil.Process(load_local_stack().read_state(deployed["home"])["services"]["mlflow"]["pid"])
+    commands = [" ".join(child.cmdline()) for child in server.children(recursive=True)]
+    assert commands and not [c for c in commands if "huey" in c], commands
 
 
 @pytest.mark.stack
