@@ -2,7 +2,8 @@
 server (prefect_test_harness), a real `mlflow server` on loopback (no mocks).
 
 The pipeline runs once (module fixture) and then again: all cached, an override, a failing stage;
-the tests read what those runs left in MLflow, Prefect and the repository."""
+the tests read what those runs left in MLflow, Prefect and the repository. Evaluate runs light
+(conftest.light_params): no test here reads the harness or the from-scratch fine-tune."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from lmforge.core.params import DataParams
 from lmforge.track.runs import stage_run
 from lmforge.track.store import LOGGING_FAILED_MARKER, check_tracking_server
 
-from conftest import make_repo, tool_env
+from conftest import light_params, make_repo, tool_env
 
 ALL = ["ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate", "promote"]
 QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -123,7 +124,7 @@ def _run(root: Path, **kwargs) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, prefect_server, env_mlflow):
     """The tiny pipeline: from scratch, again (all cached), with an override, with a failing one."""
-    root = make_repo(tmp_path_factory.mktemp("flow_repo"))
+    root = make_repo(tmp_path_factory.mktemp("flow_repo"), light_params())
     first = _run(root)
     second = _run(root)
     override = _run(root, overrides=["clean.min_words=1"])
