@@ -487,7 +487,10 @@ def test_a_training_run_logs_system_metrics(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    client, sampled = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"), {"system/cpu_utilization_percentage",
+                                                                         "system/system_memory_usage_megabytes"}
     with stage_run("pretrain", {}, inputs=[], root=tmp_path, system_metrics=True) as handle:
-        time.sleep(2.5)
-    metrics = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(handle.run_id).data.metrics
-    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+        deadline = time.monotonic() + 60  # open until the first samples are in the store, not a fixed while
+        while not sampled <= set(client.get_run(handle.run_id).data.metrics) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert sampled <= set(client.get_run(handle.run_id).data.metrics)
