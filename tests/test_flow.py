@@ -54,7 +54,7 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120.0) ->
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
@@ -69,8 +69,9 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    """A real `mlflow server` on a free loopback port, with its own sqlite store."""
+def mlflow_started(tmp_path_factory):
+    """A real `mlflow server` on a free loopback port, with its own sqlite store, started but maybe
+    not answering yet: (process, URI). Tests ask for mlflow_uri."""
     home = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     process = subprocess.Popen(
@@ -79,16 +80,24 @@ def mlflow_uri(tmp_path_factory):
         cwd=home, env=tool_env(**QUIET), stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    uri = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(f"{uri}/health", process)
-        yield uri
+        yield process, f"http://127.0.0.1:{port}"
     finally:
         stop(process)
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
+def mlflow_uri(mlflow_started):
+    """The module's `mlflow server`, answering."""
+    process, uri = mlflow_started
+    wait_healthy(f"{uri}/health", process)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def prefect_server(mlflow_started):
+    # After mlflow_started: the MLflow server boots while the harness starts Prefect's (each takes
+    # seconds to tens of seconds on 2 cores), not one after the other. Ask for it before mlflow_uri.
     with prefect_test_harness(server_startup_timeout=180):
         yield
 
