@@ -122,6 +122,18 @@ def tiny_params(**sections: dict) -> dict:
     return merged(merged(repo, TINY_PARAMS), sections)
 
 
+# Evaluate without the lm-eval harness and the from-scratch fine-tune: ~9 s of the ~15 s evaluate takes
+# on the tiny pipeline. For the full-pipeline runs of tests that read neither (nor pretraining_gain,
+# the scratch baselines, reports/harness.json): the session's tiny_repo keeps both on (TINY_PARAMS),
+# and tests/test_evaluate_stage.py and tests/test_harness.py check them there.
+LIGHT_EVALUATE = {"scratch_baseline": False, "harness": {"tasks": []}}
+
+
+def light_params(**sections: dict) -> dict:
+    """tiny_params(**sections) with evaluate's harness and from-scratch fine-tune off (LIGHT_EVALUATE)."""
+    return tiny_params(**merged({"evaluate": LIGHT_EVALUATE}, sections))
+
+
 def write_params(root: Path, **sections: dict) -> None:
     """The tiny params (with `sections` merged in), in the form the repository's params.yaml has."""
     (root / "params.yaml").write_text(params_yaml(tiny_params(**sections)), encoding="utf-8")

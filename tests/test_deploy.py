@@ -27,7 +27,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, make_repo, run, tool_env
+from conftest import REPO, light_params, make_repo, run, tool_env
 from flows.errors import PipelineError
 from flows.pipeline import _stage_env, pipeline
 from flows.remote import checkout, publish
@@ -65,7 +65,7 @@ def wait_for_flow_run(api: str, flow_run_id: str, timeout: float) -> dict:
         run = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10).json()
         if run.get("state") and run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return run
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError(f"flow run {flow_run_id} not finished after {timeout:.0f} s")
 
 
@@ -74,12 +74,13 @@ def deployed(tmp_path_factory):
     """The stack up, the deployment registered from a developer's checkout whose origin is a bare
     repository, one run triggered and finished by the worker."""
     base = tmp_path_factory.mktemp("deploy")
-    home, workspace = base / "stack", make_repo(base / "workspace")
+    home, workspace = base / "stack", make_repo(base / "workspace", light_params())  # no test reads harness/scratch
     origin = base / "origin.git"
     subprocess.run(["git", "clone", "-q", "--bare", str(workspace), str(origin)], check=True)
     started = time.perf_counter()
     try:
-        up = stack("up", home, workspace)
+        # The worker asks the pool for runs every second, not Prefect's default 10 s: the run starts sooner.
+        up = stack("up", home, workspace, PREFECT_WORKER_QUERY_SECONDS="1")
         assert up.returncode == 0, up.stdout + up.stderr
         env = exports(stack("env", home, workspace).stdout)
         user = tool_env(**env)

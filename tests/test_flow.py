@@ -2,7 +2,8 @@
 server (prefect_test_harness), a real `mlflow server` on loopback (no mocks).
 
 The pipeline runs once (module fixture) and then again: all cached, an override, a failing stage;
-the tests read what those runs left in MLflow, Prefect and the repository."""
+the tests read what those runs left in MLflow, Prefect and the repository. Evaluate runs light
+(conftest.light_params): no test here reads the harness or the from-scratch fine-tune."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from lmforge.core.params import DataParams
 from lmforge.track.runs import stage_run
 from lmforge.track.store import LOGGING_FAILED_MARKER, check_tracking_server
 
-from conftest import make_repo, tool_env
+from conftest import light_params, make_repo, tool_env
 
 ALL = ["ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate", "promote"]
 QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -53,7 +54,7 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120.0) ->
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
@@ -68,8 +69,9 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    """A real `mlflow server` on a free loopback port, with its own sqlite store."""
+def mlflow_started(tmp_path_factory):
+    """A real `mlflow server` on a free loopback port, with its own sqlite store, started but maybe
+    not answering yet: (process, URI). Tests ask for mlflow_uri."""
     home = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     process = subprocess.Popen(
@@ -78,16 +80,24 @@ def mlflow_uri(tmp_path_factory):
         cwd=home, env=tool_env(**QUIET), stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    uri = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(f"{uri}/health", process)
-        yield uri
+        yield process, f"http://127.0.0.1:{port}"
     finally:
         stop(process)
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
+def mlflow_uri(mlflow_started):
+    """The module's `mlflow server`, answering."""
+    process, uri = mlflow_started
+    wait_healthy(f"{uri}/health", process)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def prefect_server(mlflow_started):
+    # After mlflow_started: the MLflow server boots while the harness starts Prefect's (each takes
+    # seconds to tens of seconds on 2 cores), not one after the other. Ask for it before mlflow_uri.
     with prefect_test_harness(server_startup_timeout=180):
         yield
 
@@ -123,7 +133,7 @@ def _run(root: Path, **kwargs) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, prefect_server, env_mlflow):
     """The tiny pipeline: from scratch, again (all cached), with an override, with a failing one."""
-    root = make_repo(tmp_path_factory.mktemp("flow_repo"))
+    root = make_repo(tmp_path_factory.mktemp("flow_repo"), light_params())
     first = _run(root)
     second = _run(root)
     override = _run(root, overrides=["clean.min_words=1"])

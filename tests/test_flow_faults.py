@@ -31,7 +31,7 @@ from flows.summary import SUMMARY_KEY
 from lmforge.core.redact import MASK
 
 from conftest import REPO, run, tiny_params, tool_env
-from test_flow import QUIET, _run, free_port, mlflow_uri, prefect_server  # noqa: F401 - shared fixtures
+from test_flow import QUIET, _run, free_port, mlflow_started, mlflow_uri, prefect_server  # noqa: F401 - shared fixtures
 
 SECRET = "s3cr3t-Pa55"
 FAKE_STAGE = """\
@@ -79,8 +79,9 @@ def fake_repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def flow_env(fake_repo, mlflow_uri, prefect_server, monkeypatch):  # noqa: F811 - the shared fixtures
-    """The tiny repo, quiet, logging to the shared MLflow server, retries without their delays."""
+def flow_env(fake_repo, prefect_server, mlflow_uri, monkeypatch):  # noqa: F811 - the shared fixtures
+    """The tiny repo, quiet, logging to the shared MLflow server, retries without their delays. The
+    Prefect server is asked for before mlflow_uri: both servers then boot at once (test_flow)."""
     for key, value in QUIET.items():
         monkeypatch.setenv(key, value)
     for key in ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",

@@ -24,7 +24,7 @@ from lmforge.track.promotion import (
     rollback,
 )
 
-from conftest import REPO, make_texts, run, tool_env, write_params
+from conftest import LIGHT_EVALUATE, REPO, make_texts, run, tool_env, write_params
 
 NAME = paths.FINETUNED_MODEL
 KNOBS = {"task": "classify"}
@@ -424,6 +424,9 @@ def test_no_new_data_reruns_only_promote_and_new_documents_rerun_from_ingest_and
     unchanged = run(["dvc", "repro"], root).stdout
     assert re.findall(r"Running stage '(\w+)'", unchanged) == ["promote"]  # always_changed: it reads the registry
     assert _versions(root) == before  # no new model version
+    # Evaluate reruns light (LIGHT_EVALUATE): promote decides on macro_f1 alone. Only evaluate depends
+    # on those two keys, and the new documents rerun it anyway.
+    write_params(root, evaluate=LIGHT_EVALUATE)
     corpus = root / paths.CORPUS
     for i, text in enumerate(make_texts(40, seed=7)):
         (corpus / f"new{i:03d}.txt").write_text(text, encoding="utf-8")
@@ -484,7 +487,10 @@ def test_a_training_run_logs_system_metrics(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    client, sampled = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"), {"system/cpu_utilization_percentage",
+                                                                         "system/system_memory_usage_megabytes"}
     with stage_run("pretrain", {}, inputs=[], root=tmp_path, system_metrics=True) as handle:
-        time.sleep(2.5)
-    metrics = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(handle.run_id).data.metrics
-    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+        deadline = time.monotonic() + 60  # open until the first samples are in the store, not a fixed while
+        while not sampled <= set(client.get_run(handle.run_id).data.metrics) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert sampled <= set(client.get_run(handle.run_id).data.metrics)

@@ -17,7 +17,7 @@ from lmforge.core import paths
 from lmforge.core.digests import content_hash
 from lmforge.track.promotion import DECISION_TAG, aliases
 
-from conftest import run, write_params
+from conftest import LIGHT_EVALUATE, run, write_params
 
 INPUT_TAG = "lmforge.input."
 CHANGED = {"finetune": {"method": "frozen"}}  # the tiny params train all weights: finetune and after rerun
@@ -47,12 +47,13 @@ def _lock_outs(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def rerun(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Rerun:
-    """A private copy of `tiny_repo` where finetune's params changed and `dvc repro` ran again."""
+    """A private copy of `tiny_repo` where finetune's params changed and `dvc repro` ran again (evaluate
+    without its harness and from-scratch fine-tune, which no test here reads)."""
     root = tmp_path_factory.mktemp("rerun") / "repo"
     shutil.copytree(tiny_repo, root, symlinks=True)
     before_ids = {r.info.run_id for r in _runs(root)}
     before = _lock_outs(root)
-    write_params(root, **CHANGED)
+    write_params(root, **CHANGED, evaluate=LIGHT_EVALUATE)  # evaluate reruns light: no test reads harness/scratch
     run(["dvc", "repro"], root)
     runs = [r for r in _runs(root) if r.info.run_id not in before_ids]
     tagged = {key[len(INPUT_TAG):] for r in runs for key in r.data.tags if key.startswith(INPUT_TAG)}
