@@ -162,9 +162,11 @@ def last_line(record: dict) -> str:
 
 
 def stop(records: list[dict]) -> None:
-    """SIGTERM to each service's process group at once, SIGKILL to those left after STOP_GRACE_S."""
+    """SIGTERM to each service's process group at once, again to those left after a second (Prefect's
+    worker turns the first into a SIGINT for itself and waits out its own shutdown: the second one
+    ends it; uvicorn takes it as "quit now"), SIGKILL to those left after STOP_GRACE_S."""
     records = [r for r in records if not foreign(r)]
-    for signum, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
+    for signum, grace in ((signal.SIGTERM, 1.0), (signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
         for record in records:
             try:
                 os.killpg(record["pid"], signum)

@@ -77,8 +77,9 @@ def mlflow_started(tmp_path_factory):
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{home}/m.db", "--artifacts-destination", (home / "art").as_uri()],
-        cwd=home, env=tool_env(**QUIET), stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True,
+        # as the team stack's: without MLflow's GenAI job workers (seven processes importing MLflow)
+        cwd=home, env=tool_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **QUIET), stdout=open(home / "server.log", "w"),
+        stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         yield process, f"http://127.0.0.1:{port}"
