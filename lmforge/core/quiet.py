@@ -3,9 +3,13 @@ evaluation, lmforge.model.quantize; fp8 training, lmforge.train.fp8), in one pla
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
+
+from lmforge.core.errors import LmforgeError
 
 
 @contextmanager
@@ -21,3 +25,13 @@ def quiet_import() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+def torchao_module(name: str, needed_for: str) -> Any:
+    """The torchao module `name` (e.g. "torchao.float8"), imported quietly; without torchao, one
+    LmforgeError saying what `needed_for` needs and how to install it."""
+    try:
+        with quiet_import():
+            return importlib.import_module(name)
+    except ImportError as exc:
+        raise LmforgeError(f"{needed_for} needs torchao ({exc}): `pip install torchao`") from None

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lmforge.core.errors import LmforgeError
-from lmforge.core.quiet import quiet_import
+from lmforge.core.quiet import torchao_module
 from lmforge.model.decoder import ModelConfig, Transformer
 from lmforge.model.export import write_atomically
 from lmforge.model.files import CONFIG, TOKENIZER
@@ -36,12 +36,9 @@ QUANTIZATION = "quantization.json"
 def _config(mode: str) -> Any:
     if mode not in MODES:
         raise LmforgeError(f"unknown quantization mode {mode!r}: one of {', '.join(MODES)}")
-    try:
-        with quiet_import():
-            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
-    except ImportError as exc:
-        raise LmforgeError(f"int8 quantization needs torchao ({exc}): `pip install torchao`") from None
-    return Int8WeightOnlyConfig() if mode == "int8_weight_only" else Int8DynamicActivationInt8WeightConfig()
+    quantization = torchao_module("torchao.quantization", "int8 quantization")
+    return (quantization.Int8WeightOnlyConfig() if mode == "int8_weight_only"
+            else quantization.Int8DynamicActivationInt8WeightConfig())
 
 
 def _in_blocks(module: nn.Module, fqn: str) -> bool:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lmforge.core.errors import LmforgeError
-from lmforge.core.quiet import quiet_import
+from lmforge.core.quiet import torchao_module
 
 # Float8 tensor-core matmuls (torch._scaled_mm) exist from Ada (sm_89: L4, RTX 4090) and Hopper (H100) on.
 MIN_CAPABILITY = (8, 9)
@@ -87,12 +87,7 @@ def float8_config(recipe: str, *, fsdp: bool, emulate: bool = False) -> Any:
     CPU tests run the same path; never set by the stage."""
     if recipe not in RECIPES:
         raise LmforgeError(f"pretrain.fp8_recipe {recipe!r} is not one of {', '.join(RECIPES)}")
-    try:
-        with quiet_import():
-            from torchao.float8 import Float8LinearConfig
-    except ImportError as exc:
-        raise LmforgeError(f"pretrain.precision fp8 needs torchao ({exc}): `pip install torchao`") from None
-    config = Float8LinearConfig.from_recipe_name(recipe)
+    config = torchao_module("torchao.float8", "pretrain.precision fp8").Float8LinearConfig.from_recipe_name(recipe)
     return dataclasses.replace(config, enable_fsdp_float8_all_gather=float8_all_gather("fp8", recipe, fsdp),
                                emulate=emulate)
 
