@@ -62,6 +62,16 @@ def test_the_first_table_is_the_headline_of_the_model_against_its_baselines():
     assert markdown.index("| figure |") < markdown.index("| stage | result | seconds |") < markdown.index("<details>")
 
 
+def test_the_same_recipe_from_scratch_sits_among_the_baselines_and_the_gain_has_its_rows():
+    evaluate = {**CLASSIFY["evaluate"], "baselines.scratch_accuracy": 0.7988, "baselines.scratch_macro_f1": 0.6784,
+                "pretraining_gain.accuracy": 0.01354, "pretraining_gain.macro_f1": 0.0216}
+    headline = _tables(_markdown({**CLASSIFY, "evaluate": evaluate}))[0]
+    assert "from scratch 0.7988" in _row(headline, "test accuracy")[2]
+    assert "from scratch 0.6784" in _row(headline, "test macro F1")[2]
+    assert _row(headline, "pretraining gain (test accuracy)")[1:] == ["**0.01354**", "—", "evaluate"]
+    assert _row(headline, "pretraining gain (test macro F1)")[1] == "**0.0216**"
+
+
 def test_the_stage_table_follows_with_ran_or_cache_hit_and_seconds():
     stages = _tables(_markdown(CLASSIFY))[1]
     assert stages[0] == "| stage | result | seconds |"
