@@ -58,3 +58,13 @@ def test_a_stage_prints_its_breakdown_on_request_and_logs_it_to_its_run(tmp_path
     logged = {k.removeprefix("ingest/timings/").removesuffix("_s"): v for k, v in latest.data.metrics.items()
               if k.startswith("ingest/timings/")}
     assert {"startup", "params", "tracking", "work"} <= set(logged) and all(v >= 0 for v in logged.values())
+
+
+def test_only_rank_zero_prints_the_breakdown(monkeypatch):
+    monkeypatch.setenv(timings.TIMINGS_ENV, "1")
+    monkeypatch.setenv("RANK", "1")
+    assert not timings.wanted()
+    monkeypatch.setenv("RANK", "0")
+    assert timings.wanted()
+    monkeypatch.delenv("RANK")
+    assert timings.wanted()

@@ -86,8 +86,9 @@ def breakdown() -> dict[str, float]:
 
 
 def wanted() -> bool:
-    """Whether the stage prints its breakdown (LMFORGE_TIMINGS set to anything but 0/empty)."""
-    return os.environ.get(TIMINGS_ENV, "") not in ("", "0")
+    """Whether the stage prints its breakdown (LMFORGE_TIMINGS set to anything but 0/empty): on rank 0
+    only when torchrun runs several processes (the others' lines would repeat it)."""
+    return os.environ.get(TIMINGS_ENV, "") not in ("", "0") and os.environ.get("RANK", "0") == "0"
 
 
 def line(stage: str) -> str:
