@@ -72,12 +72,11 @@ def step_bytes(config: ModelConfig, layout: Layout) -> StepBytes:
     root gathered). Gradients are reduce-scattered once, on the last micro-step."""
     blocks, root = unit_elements(config, layout.tp)
     share = (layout.dp - 1) / layout.dp
-    regathered = sum(blocks[:-1]) if layout.reshard_after_forward else 0
-    gathered = layout.grad_accum_steps * (sum(blocks) + root + regathered)
-    block_gathers = layout.grad_accum_steps * (len(blocks) + (len(blocks) - 1 if layout.reshard_after_forward else 0))
+    projections = projection_elements(config, layout.tp)
     projection_bytes = layout.param_bytes if layout.projection_bytes is None else layout.projection_bytes
-    gathered_bytes = gathered * layout.param_bytes - (
-        block_gathers * projection_elements(config, layout.tp) * (layout.param_bytes - projection_bytes))
+    block_bytes = [(block - projections) * layout.param_bytes + projections * projection_bytes for block in blocks]
+    regathered = sum(block_bytes[:-1]) if layout.reshard_after_forward else 0
+    gathered_bytes = layout.grad_accum_steps * (sum(block_bytes) + root * layout.param_bytes + regathered)
     activations = layout.micro_batch_size * layout.seq_len * config.dim
     tp_share = 2 * (layout.tp - 1) / layout.tp
     return StepBytes(
