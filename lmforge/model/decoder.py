@@ -333,6 +333,12 @@ class Transformer(nn.Module):
 # --- the fine-tuning architectures: a classification head on the decoder, or the decoder itself ---
 
 
+def block_linear(module: nn.Module, fqn: str) -> bool:
+    """A linear layer of a transformer block (the projections low precision applies to, never the head or
+    the embeddings): `layers.N...` in a decoder, `backbone.layers.N...` in a classifier."""
+    return isinstance(module, nn.Linear) and (fqn.startswith("layers.") or ".layers." in fqn)
+
+
 def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
     """(B, T, D) hidden states of right-padded rows -> (B, D)."""
     if pooling == "last":

@@ -24,7 +24,7 @@ from torch import nn
 
 from lmforge.core.errors import LmforgeError
 from lmforge.core.quiet import torchao_module
-from lmforge.model.decoder import ModelConfig, Transformer
+from lmforge.model.decoder import ModelConfig, Transformer, block_linear
 from lmforge.model.export import write_atomically
 from lmforge.model.files import CONFIG, TOKENIZER
 
@@ -41,18 +41,13 @@ def _config(mode: str) -> Any:
             else quantization.Int8DynamicActivationInt8WeightConfig())
 
 
-def _in_blocks(module: nn.Module, fqn: str) -> bool:
-    """A linear layer of a block: `layers.N...` in a decoder, `backbone.layers.N...` in a classifier."""
-    return isinstance(module, nn.Linear) and (fqn.startswith("layers.") or ".layers." in fqn)
-
-
 def quantize(model: nn.Module, mode: str) -> nn.Module:
     """A quantized copy of `model` (eval mode, on the CPU); `model` itself is left as it was."""
     config = _config(mode)  # imports torchao quietly first
     from torchao.quantization import quantize_
 
     quantized = copy.deepcopy(model).cpu().eval()
-    quantize_(quantized, config, filter_fn=_in_blocks)
+    quantize_(quantized, config, filter_fn=block_linear)
     return quantized
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from lmforge.core.errors import LmforgeError
 from lmforge.core.quiet import torchao_module
+from lmforge.model.decoder import block_linear
 
 # Float8 tensor-core matmuls (torch._scaled_mm) exist from Ada (sm_89: L4, RTX 4090) and Hopper (H100) on.
 MIN_CAPABILITY = (8, 9)
@@ -58,16 +59,11 @@ class Selection:
     skipped: tuple[str, ...]
 
 
-def in_blocks(fqn: str) -> bool:
-    """A module of a transformer block: `layers.N....` (wrappers' segments, if any, come after)."""
-    return fqn.startswith("layers.")
-
-
 def select(model: nn.Module) -> Selection:
     """The blocks' Linear layers whose dims are multiples of DIM_MULTIPLE; never the head or the embeddings."""
     converted, skipped = [], []
     for fqn, module in model.named_modules():
-        if not (isinstance(module, nn.Linear) and in_blocks(fqn)):
+        if not block_linear(module, fqn):
             continue
         out_features, in_features = module.weight.shape
         fits = out_features % DIM_MULTIPLE == 0 and in_features % DIM_MULTIPLE == 0
