@@ -20,41 +20,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-import yaml
-
-
-def with_overrides(raw: dict[str, Any], sets: list[str]) -> dict[str, Any]:
-    """`raw` params with each `section.key=value` applied (the value read as YAML, as `dvc exp run -S`)."""
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"-S {item!r}: expected section.key=value")
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return raw
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-S", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="a params.yaml override, as dvc exp run -S")
+                        help="a params.yaml override, as dvc exp run -S takes it")
     parser.add_argument("--scratch", action="store_true", help="fine-tune from randomly initialised weights")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
 
-    from lmforge.core.params import parse_params, read_params_yaml
+    from flows.dvc_repo import apply_param_overrides
+    from flows.errors import PipelineError
+    from lmforge.core.params import load_params
     from lmforge.evaluate.gain import fine_tune, score, scored_rows
     from lmforge.evaluate.metrics import model_scores
     from lmforge.finetune import recipe
 
-    params = parse_params(with_overrides(read_params_yaml(args.params), args.sets), str(args.params))
+    # The overrides as `dvc exp run -S` writes them (DVC's own editor, then validated), into a copy:
+    # the workspace's params.yaml stays as it is.
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "params.yaml"
+        shutil.copyfile(args.params, copy)
+        try:
+            apply_param_overrides(args.sets, copy)
+        except PipelineError as exc:  # a malformed or unknown override: one line naming it
+            raise SystemExit(str(exc)) from None
+        params = load_params(copy)
     task = params.finetune.task
     started = time.perf_counter()
     model = fine_tune(params, from_scratch=args.scratch)
