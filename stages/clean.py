@@ -18,7 +18,7 @@ from lmforge.track.runs import stage_run
 
 def main() -> None:
     params = load_params()
-    with stage_run("clean", {"clean": params.clean}, inputs=[paths.RAW]) as run:
+    with stage_run("clean", {"clean": params.clean}, inputs=[paths.RAW], deferred=True) as run:
         # Stats and samples are written even when nothing survives, so the user can see why.
         stats = run_data_job(CleanJob(params.clean, paths.RAW, paths.CLEAN, staging_dir(STAGE)), params.engine,
                              hash_outputs=not run.failed)  # the output tags' md5s

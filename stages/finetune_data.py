@@ -41,7 +41,7 @@ def check_buildable(built: dict[str, int], task: str, train_file: str, test_file
 def main() -> None:
     params = load_params()
     tasks, val_fraction, ft = params.tasks, params.data.val_fraction, params.finetune
-    with stage_run("finetune_data", {"tasks": tasks}, inputs=[paths.CLEAN]) as run:
+    with stage_run("finetune_data", {"tasks": tasks}, inputs=[paths.CLEAN], deferred=True) as run:
         # The built-in tasks need only a few columns of a few MB: read them whole.
         docs = [doc for batch in iter_dataset_batches(paths.CLEAN, 10_000, "clean") for doc in batch]
         train, test, labels = classify_examples(docs, val_fraction, tasks.classify_top_k, tasks.classify_max_per_class, tasks.seed)

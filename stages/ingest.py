@@ -24,7 +24,7 @@ def main() -> None:
     # Lineage: the local files read (source files or sources); the built-in corpus is the Python version's.
     globs = data.files if data.source == "files" else [glob for source in data.sources for glob in source.files]
     inputs = [path for path in resolve_files(globs) if not is_url(path)]
-    with stage_run("ingest", {"data": data, "engine": params.engine}, inputs=inputs) as run:
+    with stage_run("ingest", {"data": data, "engine": params.engine}, inputs=inputs, deferred=True) as run:
         stats = run_data_job(IngestJob(data, paths.RAW, staging_dir(STAGE)), params.engine,
                              hash_outputs=not run.failed)  # the output tags' md5s
         # A few comparable figures as metrics; every count and each partition's seconds are in the stats artifact.

@@ -24,7 +24,8 @@ from lmforge.core.paths import WEIGHTS_TAG
 from lmforge.core.stage import run_stage
 from lmforge.model.files import WEIGHTS
 from lmforge.track.promotion import Decision, promote, undecided
-from lmforge.track.runs import stage_run, tracking_guard
+from lmforge.track.run_handle import tracking_guard
+from lmforge.track.runs import stage_run
 from lmforge.track.scoring import evaluated_score, score_version, scoring_knobs
 from lmforge.track.store import tracking_uri
 

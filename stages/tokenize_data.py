@@ -23,7 +23,7 @@ def main() -> None:
     params = load_params()
     tok_params, weights = params.tokenizer, params.mix.weights
     with stage_run("tokenize", {"tokenizer": tok_params, "mix": params.mix, "data": params.data,
-                                "engine": params.engine}, inputs=[paths.CLEAN]) as run:
+                                "engine": params.engine}, inputs=[paths.CLEAN], deferred=True) as run:
         job = TokenizeJob(tok_params, params.data.val_fraction, paths.CLEAN, paths.SHARDS, paths.TOKENIZER.parent,
                           staging_dir(STAGE), weights)
         stats = run_data_job(job, params.engine, hash_outputs=not run.failed)  # the output tags' md5s

@@ -26,6 +26,7 @@ from filelock import FileLock  # noqa: E402
 
 from lmforge import quiet_env  # noqa: E402
 from lmforge.core.params_yaml import params_yaml  # noqa: E402
+from lmforge.track.deferred import wait_for_journals  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = (
@@ -65,6 +66,9 @@ def tool_env(**extra: str) -> dict[str, str]:
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, env=tool_env(**extra_env), capture_output=True, text=True)
+    # The data stages' runs reach MLflow through the workspace's tracking agent: what a test reads
+    # next is what a reader after the command sees (the flow and the logged stages wait the same way).
+    wait_for_journals(Path(cwd))
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -230,7 +234,7 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # What the data stages (ingest, clean, tokenize) leave out of a tiny pipeline's workspace.
 NOT_DATA = {"mlflow.db", "mlruns", "checkpoints", "models", "reports", "dvc.lock", "data/finetune",
-            ".dvc/cache", ".dvc/tmp"}
+            ".dvc/cache", ".dvc/tmp", ".lmforge"}
 
 
 def _data_only(root: Path) -> Callable[[str, list[str]], set[str]]:

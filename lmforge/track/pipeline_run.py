@@ -11,7 +11,9 @@ from pathlib import Path
 
 from lmforge.core.redact import redact
 from lmforge.track.lineage import git_commit, recorded_hashes, stage_outputs
-from lmforge.track.runs import OUTPUT_TAG, guarded
+from lmforge.track.deferred import wait_for_journals
+from lmforge.track.run_handle import guarded
+from lmforge.track.runs import OUTPUT_TAG
 from lmforge.track.store import LOGGING_FAILED_MARKER, ensure_experiment, process_tags, store_label, tracking_uri
 
 
@@ -54,7 +56,9 @@ class PipelineRun:
     def producing_runs(self, stages: list[str]) -> dict[str, str | None]:
         """stage -> the id of the newest FINISHED run of that stage whose output tags equal the md5s
         dvc.lock records for the stage's outputs (it made the files in the workspace, in this flow
-        or an earlier one); None when no run did (never recorded, or made with tracking down)."""
+        or an earlier one); None when no run did (never recorded, or made with tracking down).
+        The data stages' runs the tracking agent has yet to write are waited for first."""
+        wait_for_journals(self.root, tracking_uri(self.root))
         with self._noted("finding the stages' runs"):
             from mlflow.tracking import MlflowClient
 

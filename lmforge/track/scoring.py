@@ -17,7 +17,7 @@ from lmforge.core.params import Params
 from lmforge.core.paths import WEIGHTS_TAG
 from lmforge.model.files import WEIGHTS
 from lmforge.track.promotion import checked_score, exported_files
-from lmforge.track.runs import StageRun
+from lmforge.track.run_handle import StageRun
 
 
 def tag_candidate(run: StageRun, metrics: dict[str, Any]) -> str | None:

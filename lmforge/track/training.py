@@ -27,7 +27,8 @@ from lmforge.core.errors import RunInterrupted
 from lmforge.track.lineage import DATA_LINEAGE, dataset_source, dvc_remote_url, git_commit, input_hashes
 from lmforge.core.params import load_params
 from lmforge.core.paths import WEIGHTS_TAG  # re-exported: the stages import it from here
-from lmforge.track.runs import FLOW_RUN_ENV, PARENT_RUN_ENV, StageRun, stage_run
+from lmforge.track.run_handle import StageRun
+from lmforge.track.runs import FLOW_RUN_ENV, PARENT_RUN_ENV, stage_run
 
 
 @dataclass
