@@ -173,8 +173,9 @@ def _deferred(stage: str, params: Mapping[str, BaseModel | Mapping[str, Any]], h
     finally:
         run.log_metrics({f"timings/{phase_name}_s": seconds for phase_name, seconds in breakdown().items()})
         try:
-            write_journal(run, opened, status)
-            start_agent(root, run.directory)
+            with phase("tracking"):
+                write_journal(run, opened, status)
+                start_agent(root, run.directory)
         except OSError as exc:  # no journal: as a store that fails, one warning and the stage's work stands
             report_logging_failure(exc, root)
 
