@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -105,7 +105,7 @@ def stage_run(
     if handle.run_id is None:
         yield handle
         return
-    with _ended(handle, root):
+    with _ended(handle, root, _end_run(handle, root)):
         yield handle
 
 
@@ -158,26 +158,17 @@ def _deferred(stage: str, params: Mapping[str, BaseModel | Mapping[str, Any]], h
         yield StageRun(None, stage)
         return
     logger.info("MLflow run %s: written by the workspace's tracking agent as the stage ends", name)
-    status = "FINISHED"
-    try:
-        yield run
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except BaseException:
-        status = "FAILED"
-        raise
-    else:
-        with phase("hashing"):
-            run.set_tags({f"{OUTPUT_TAG}{path}": md5 for path, md5 in output_hashes(root, stage).items()})
-    finally:
-        run.log_metrics({f"timings/{phase_name}_s": seconds for phase_name, seconds in breakdown().items()})
+
+    def leave_journal(status: str) -> None:
         try:
             with phase("tracking"):
                 write_journal(run, opened, status)
                 start_agent(root, run.directory)
         except OSError as exc:  # no journal: as a store that fails, one warning and the stage's work stands
             report_logging_failure(exc, root)
+
+    with _ended(run, root, leave_journal):
+        yield run
 
 
 def run_tags(stage: str, root: Path, hashes: Mapping[str, str]) -> dict[str, str]:
@@ -234,12 +225,9 @@ def _start_run(name: str, tags: dict[str, str], logged: Mapping[str, str], resum
 
 
 @contextmanager
-def _ended(handle: StageRun, root: Path) -> Iterator[None]:
-    """End the run as the stage ends (FINISHED, FAILED, KILLED); a finished one is first tagged with
-    what it made, as dvc.lock will record it (no output depends on this tag)."""
-    import mlflow
-
-    errors = tracking_errors()
+def _ended(handle: StageRun | DeferredRun, root: Path, close: Callable[[str], None]) -> Iterator[None]:
+    """End the run as the stage ends, `close(status)` with FINISHED, FAILED or KILLED; a finished one
+    is first tagged with what it made, as dvc.lock will record it (no output depends on this tag)."""
     status = "FINISHED"
     try:
         yield
@@ -254,10 +242,19 @@ def _ended(handle: StageRun, root: Path) -> Iterator[None]:
             with phase("hashing"):
                 outputs = output_hashes(root, handle.stage)
             handle.set_tags({f"{OUTPUT_TAG}{path}": md5 for path, md5 in outputs.items()})
-    finally:
-        try:  # where the seconds went, up to here (lmforge.core.timings): `work` beside the fixed costs
-            handle.log_metrics({f"timings/{name}_s": seconds for name, seconds in breakdown().items()})
+    finally:  # where the seconds went, up to here (lmforge.core.timings): `work` beside the fixed costs
+        handle.log_metrics({f"timings/{name}_s": seconds for name, seconds in breakdown().items()})
+        close(status)
+
+
+def _end_run(handle: StageRun, root: Path) -> Callable[[str], None]:
+    """How a run logged in this process ends: MLflow's end_run (a failure warned once)."""
+    def close(status: str) -> None:
+        import mlflow
+
+        try:
             mlflow.end_run(status)
-        except errors as exc:
+        except tracking_errors() as exc:
             if not handle.failed:
                 report_logging_failure(exc, root)
+    return close
