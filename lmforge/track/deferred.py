@@ -66,7 +66,7 @@ class DeferredRun:
 
     def __init__(self, stage: str, directory: Path) -> None:
         self.stage, self.directory = stage, directory
-        self.run_id: str | None = None  # known once the agent has created the run
+        self.run_id: str | None = None  # the agent creates the run, after the stage has ended
         self.failed = False
         self.calls: list[dict[str, Any]] = []
         self.files: list[tuple[Path, str]] = []  # (workspace file, its name in the journal's snapshot)
