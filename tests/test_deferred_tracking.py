@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import tool_env
 from lmforge.core.io import write_json
-from lmforge.track import runs
+from lmforge.track import deferred, runs
 from lmforge.track.deferred import JOURNALS, journal_dir, pending, store_key, wait_for_journals
 from lmforge.track.runs import stage_run
 from lmforge.track.store import tracking_uri
@@ -77,7 +77,7 @@ def test_a_journal_no_agent_wrote_is_written_before_the_next_logged_run(tmp_path
     assert json.loads(journal.read_text())["status"] == "FINISHED"
     assert not (tmp_path / "mlflow.db").exists()
 
-    monkeypatch.undo()  # the agent is started again, by the stage below
+    monkeypatch.setattr(runs, "start_agent", deferred.start_agent)  # agents start again, from the stage below
     with stage_run("promote", {"promote": {}}, inputs=[], root=tmp_path):
         pass
     (ingest,), (promote,) = _runs(tmp_path, "ingest"), _runs(tmp_path, "promote")

@@ -61,7 +61,7 @@ def test_hf_export_from_the_stage_matches_our_logits(tiny_repo):
         torch.testing.assert_close(theirs(idx).logits, ours.eval()(idx), atol=1e-4, rtol=1e-4)
 
 
-def test_mlflow_run_has_the_loss_at_every_step_and_a_registered_model(tiny_repo):
+def test_mlflow_run_has_the_loss_at_every_step_and_a_registered_model(tiny_repo, monkeypatch):
     (run_,) = _runs(tiny_repo, "pretrain")
     client = _client(tiny_repo)
     history = client.get_metric_history(run_.info.run_id, "pretrain/train_loss")
@@ -72,6 +72,9 @@ def test_mlflow_run_has_the_loss_at_every_step_and_a_registered_model(tiny_repo)
     assert run_.data.params["pretrain.max_steps"] == "6"
     versions = client.search_model_versions("name='lmforge-pretrain'")
     assert len(versions) == 1 and versions[0].run_id == run_.info.run_id
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI: through monkeypatch, so that the variable does
+    # not outlive this test in the worker process (later tests would read this store as their own)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tiny_repo}/mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{tiny_repo}/mlflow.db")
     logged = mlflow.pytorch.load_model("models:/lmforge-pretrain/1")
     ours, _ = load_pretrained(tiny_repo / "models/pretrain")
