@@ -34,29 +34,30 @@ def replay(journal: Path, root: Path) -> bool:
     snapshots = journal.with_suffix(".files")
     try:
         experiment_id = ensure_experiment(root)
-        created = MlflowClient(tracking_uri(root)).create_run(
-            experiment_id, start_time=record["start_time_ms"], run_name=record["name"],
-            tags=resolve_tags(record["tags"]))  # user, source type, git branch: as a run started in the stage
+        client = MlflowClient(tracking_uri(root))
+        run_id = client.create_run(experiment_id, start_time=record["start_time_ms"], run_name=record["name"],
+                                   tags=resolve_tags(record["tags"])).info.run_id  # user, source type, git branch
+        handle = StageRun(run_id, record["stage"], experiment_id)
+        with mlflow.start_run(run_id=run_id):  # StageRun's fluent calls log into it
+            for call in record["calls"]:
+                args, kwargs = call["args"], call["kwargs"]
+                if call["method"] == "log_artifact":
+                    args = [str(snapshots / args[0])]
+                if call["method"] == "log_metrics":  # when the stage logged them
+                    kwargs = {**kwargs, "timestamp_ms": call["time_ms"]}
+                getattr(handle, call["method"])(*args, **kwargs)
+        # the stage's own end and status, not the moment this agent got to it
+        client.set_terminated(run_id, record["status"], end_time=record["end_time_ms"])
     except tracking_errors() as exc:
-        print(f"{journal.name}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        _say(journal, f"{type(exc).__name__}: {exc}")
         return False
-    run_id = created.info.run_id
-    handle = StageRun(run_id, record["stage"], experiment_id)
-    with mlflow.start_run(run_id=run_id):  # StageRun's fluent calls log into it
-        for call in record["calls"]:
-            args, kwargs = call["args"], call["kwargs"]
-            if call["method"] == "log_artifact":
-                args = [str(snapshots / args[0])]
-            if call["method"] == "log_metrics":  # when the stage logged them
-                kwargs = {**kwargs, "timestamp_ms": call["time_ms"]}
-            getattr(handle, call["method"])(*args, **kwargs)
-    try:  # the stage's own end and status, not the moment this agent got to it
-        MlflowClient(tracking_uri(root)).set_terminated(run_id, record["status"], end_time=record["end_time_ms"])
-    except tracking_errors() as exc:
-        print(f"{journal.name}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        return False
-    print(f"{journal.name}: MLflow run {run_id} ({record['name']}, {record['status']})", file=sys.stderr, flush=True)
+    _say(journal, f"MLflow run {run_id} ({record['name']}, {record['status']})")
     return not handle.failed
+
+
+def _say(journal: Path, message: str) -> None:
+    """One line of agent.log about `journal`."""
+    print(f"{journal.name}: {message}", file=sys.stderr, flush=True)
 
 
 def drain(directory: Path, root: Path) -> None:
@@ -73,7 +74,7 @@ def drain(directory: Path, root: Path) -> None:
         try:
             written = replay(journal, root)
         except Exception as exc:  # a damaged journal: set it aside, go on with the others
-            print(f"{journal.name}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            _say(journal, f"{type(exc).__name__}: {exc}")
             written = False
         if written:
             shutil.rmtree(journal.with_suffix(".files"), ignore_errors=True)

@@ -72,13 +72,13 @@ class DeferredRun:
         self.files: list[tuple[Path, str]] = []  # (workspace file, its name in the journal's snapshot)
 
     def _record(self, method: str, *args: Any, **kwargs: Any) -> None:
-        self.calls.append({"method": method, "args": list(args), "kwargs": kwargs, "time_ms": _now_ms()})
+        self.calls.append({"method": method, "args": list(args), "kwargs": kwargs, "time_ms": now_ms()})
 
     def log_params(self, params: Mapping[str, str]) -> None:
         self._record("log_params", dict(params))
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        self._record("log_metrics", json.loads(json.dumps(metrics, default=str)), step=step)
+        self._record("log_metrics", _plain(metrics), step=step)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._record("set_tags", {key: str(value) for key, value in tags.items() if value is not None})
@@ -87,10 +87,10 @@ class DeferredRun:
         self._record("describe", text)
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
-        self._record("log_dict", json.loads(json.dumps(data, default=str)), name)
+        self._record("log_dict", _plain(data), name)
 
     def log_table(self, rows: list[Mapping[str, Any]], name: str) -> None:
-        self._record("log_table", json.loads(json.dumps(rows, default=str)), name)
+        self._record("log_table", _plain(rows), name)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Recorded with a snapshot of the file as it is now, taken when the journal is written."""
@@ -113,7 +113,7 @@ def write_journal(run: DeferredRun, opened: Mapping[str, Any], status: str) -> P
         except OSError:
             shutil.copy2(source, target)
     journal = run.directory / f"{stem}.json"
-    record = {"version": JOURNAL_VERSION, **opened, "calls": run.calls, "status": status, "end_time_ms": _now_ms()}
+    record = {"version": JOURNAL_VERSION, **opened, "calls": run.calls, "status": status, "end_time_ms": now_ms()}
     with atomic_path(journal) as tmp:  # NaN allowed: a metric may be one, as MLflow takes it
         tmp.write_text(json.dumps(record), encoding="utf-8")
     return journal
@@ -171,5 +171,11 @@ def wait_for_journals(root: Path, uri: str | None = None, timeout: float = WAIT_
         time.sleep(0.05)
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
+    """Now, in MLflow's unit: milliseconds since the epoch."""
     return int(time.time() * 1000)
+
+
+def _plain(data: Any) -> Any:
+    """`data` as the journal will hold it (JSON types; anything else as its str)."""
+    return json.loads(json.dumps(data, default=str))

@@ -4,14 +4,13 @@ guarded like a stage's run (lmforge.track.runs).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from lmforge.core.redact import redact
 from lmforge.track.lineage import git_commit, recorded_hashes, stage_outputs
-from lmforge.track.deferred import wait_for_journals
+from lmforge.track.deferred import now_ms, wait_for_journals
 from lmforge.track.run_handle import guarded
 from lmforge.track.runs import OUTPUT_TAG
 from lmforge.track.store import LOGGING_FAILED_MARKER, ensure_experiment, process_tags, store_label, tracking_uri
@@ -84,7 +83,7 @@ class PipelineRun:
             from mlflow.entities import Metric, Param, RunTag
             from mlflow.tracking import MlflowClient
 
-            now = int(time.time() * 1000)
+            now = now_ms()
             MlflowClient(tracking_uri(self.root)).log_batch(
                 self.run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
                 params=[Param(key, value) for key, value in params.items()],

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lmforge.track.deferred import DeferredRun, journal_dir, start_agent, wait_for_journals, write_journal
+from lmforge.track.deferred import DeferredRun, journal_dir, now_ms, start_agent, wait_for_journals, write_journal
 from lmforge.track.lineage import git_commit, input_hashes, output_hashes
 from lmforge.core.params import flatten
 from lmforge.core.timings import breakdown, phase
@@ -151,7 +150,7 @@ def _deferred(stage: str, params: Mapping[str, BaseModel | Mapping[str, Any]], h
             name, tags, logged = _described(stage, params, hashes, root, None)
             run = DeferredRun(stage, journal_dir(root, uri))
             tags["mlflow.source.name"] = sys.argv[0]  # the stage's entry point, as MLflow names it, not the agent's
-            opened = {"stage": stage, "name": name, "tags": tags, "uri": uri, "start_time_ms": int(time.time() * 1000)}
+            opened = {"stage": stage, "name": name, "tags": tags, "uri": uri, "start_time_ms": now_ms()}
             run.log_params(logged)
             run.log_dict({"stage": stage, "inputs": hashes}, "lineage.json")
     if problem:
