@@ -219,13 +219,16 @@ def test_a_manifest_vocab_beyond_the_tokenizer_is_blamed_on_the_manifest_not_the
 def test_checkpoints_linked_to_another_disk_survive_every_change_of_params(trained_ready, tmp_path):
     root = trained_ready
     disk = tmp_path / "big-disk"
-    (disk / "pretrain").mkdir(parents=True)
+    # An earlier run's checkpoints on the disk, and the ones it had moved aside before (each marker a
+    # fingerprint of its own): this run's new fingerprint moves the first aside, over the second.
+    for name, lr in (("pretrain", 0.02), ("pretrain.stale", 0.01)):
+        (disk / name / "step_00000002").mkdir(parents=True)
+        (disk / name / "run.json").write_text(json.dumps({"fingerprint": {"pretrain": {"lr": lr}}}))
     (root / "checkpoints").mkdir(exist_ok=True)
     (root / "checkpoints/pretrain").symlink_to(disk / "pretrain", target_is_directory=True)
-    for lr in (0.01, 0.02, 0.03):  # each one a new fingerprint: the previous checkpoints move aside
-        _params(root, pretrain={**TINY_PARAMS["pretrain"], "max_steps": 2, "eval_every": 0, "lr": lr})
-        result = run(["python", "-m", "stages.pretrain"], root, check=False)
-        assert result.returncode == 0, result.stderr
+    _params(root, pretrain={**TINY_PARAMS["pretrain"], "max_steps": 2, "eval_every": 0, "lr": 0.03})
+    result = run(["python", "-m", "stages.pretrain"], root, check=False)
+    assert result.returncode == 0, result.stderr
     assert (root / "checkpoints/pretrain").is_symlink()
     assert json.loads((disk / "pretrain/run.json").read_text())["fingerprint"]["pretrain"]["lr"] == 0.03
     assert json.loads((disk / "pretrain.stale/run.json").read_text())["fingerprint"]["pretrain"]["lr"] == 0.02

@@ -29,6 +29,9 @@ class Rerun(NamedTuple):
     outs: dict[str, str]  # path -> md5 of every output in dvc.lock after the rerun
     before: dict[str, str]  # the same before it
     on_disk: dict[str, str]  # path -> content_hash after the rerun, for every input the runs tagged
+    versions: tuple[list[int], list[int]]  # the registered fine-tuned model's versions before and after it
+    promotion: dict  # reports/promotion.json after it
+    champion: str  # the champion alias after it
 
 
 def _client(root: Path) -> MlflowClient:
@@ -38,6 +41,10 @@ def _client(root: Path) -> MlflowClient:
 def _runs(root: Path) -> list:
     client = _client(root)
     return client.search_runs([client.get_experiment_by_name("lmforge").experiment_id], max_results=1000)
+
+
+def _versions(root: Path) -> list[int]:
+    return sorted(int(v.version) for v in _client(root).search_model_versions(f"name = '{paths.FINETUNED_MODEL}'"))
 
 
 def _lock_outs(root: Path) -> dict[str, str]:
@@ -52,12 +59,23 @@ def rerun(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Rerun:
     root = tmp_path_factory.mktemp("rerun") / "repo"
     shutil.copytree(tiny_repo, root, symlinks=True)
     before_ids = {r.info.run_id for r in _runs(root)}
-    before = _lock_outs(root)
+    before, versions = _lock_outs(root), _versions(root)
     write_params(root, **CHANGED, evaluate=LIGHT_EVALUATE)  # evaluate reruns light: no test reads harness/scratch
     run(["dvc", "repro"], root)
     runs = [r for r in _runs(root) if r.info.run_id not in before_ids]
     tagged = {key[len(INPUT_TAG):] for r in runs for key in r.data.tags if key.startswith(INPUT_TAG)}
-    return Rerun(root, runs, _lock_outs(root), before, {path: content_hash(root / path) for path in tagged})
+    return Rerun(root, runs, _lock_outs(root), before, {path: content_hash(root / path) for path in tagged},
+                 (versions, _versions(root)), json.loads((root / paths.PROMOTION).read_text(encoding="utf-8")),
+                 aliases(_client(root), paths.FINETUNED_MODEL)[paths.CHAMPION_ALIAS])
+
+
+def test_a_retrained_model_is_registered_and_decided_against_the_champion(rerun):
+    before, after = rerun.versions
+    assert after == before + [before[-1] + 1]  # one new version: the retrained model
+    numbers = rerun.promotion
+    assert numbers["decided"] == 1 and numbers["champion_version"] == before[-1]
+    assert numbers["challenger_version"] == after[-1]
+    assert rerun.champion == str(numbers["challenger_version"] if numbers["promoted"] else numbers["champion_version"])
 
 
 def test_runs_after_an_upstream_rerun_name_the_inputs_they_read(rerun):
