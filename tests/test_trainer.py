@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import os
@@ -52,6 +53,20 @@ def test_validation_and_evaluate_report_the_same_loss_and_perplexity_even_past_e
     assert val["val_loss"] > 50
     assert val["val_loss"] == pytest.approx(scored["loss"], rel=1e-6)
     assert val["val_ppl"] == pytest.approx(scored["perplexity"], rel=1e-5)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("stream", "drawn"), [(_Terminal, True), (io.StringIO, False)], ids=["terminal", "log"])
+def test_the_progress_bar_is_drawn_on_a_terminal_and_never_into_a_log(monkeypatch, stream, drawn):
+    """A bar redrawn into a pipe or file (`dvc repro > log`, a Prefect worker) is a log full of CR frames."""
+    err = stream()
+    monkeypatch.setattr(sys, "stderr", err)
+    make_trainer(progress=True).fit()
+    assert ("train: 100%" in err.getvalue()) is drawn and ("\r" in err.getvalue()) is drawn
 
 
 def test_one_optimizer_step_reduces_the_loss_on_a_fixed_batch():

@@ -94,7 +94,7 @@ class TrainingRuntime(Section):
     keep_checkpoints: int = Field(2, gt=0, description="checkpoints kept on disk (the newest)")
     resume: Literal["auto", "never"] = Field(
         "auto", description="`auto`: continue from the last checkpoint of the same run | `never`: start fresh")
-    progress: bool = Field(True, description="show a progress bar")
+    progress: bool = Field(True, description="show a progress bar (on a terminal only: a log gets the evaluation lines)")
 
 
 class TrainerParams(TrainingKnobs, TrainingRuntime):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -369,10 +370,8 @@ class Trainer:
         peak, device_name = peak_flops(self.device)
         if peak is None and self.device.type == "cuda" and self.dist.is_main:  # a CPU's is never known: no warning
             log.warning("MFU not reported: no peak FLOP/s known for %r (add it to throughput.PEAK_FLOPS)", device_name)
-        bar = tqdm(
-            total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and self.dist.is_main),
-            desc="train", dynamic_ncols=True,
-        )
+        shown = self.cfg.progress and self.dist.is_main and sys.stderr.isatty()  # a bar's redraws in a log are noise
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not shown, desc="train", dynamic_ncols=True)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         prefetcher = Prefetcher(self.host_micro_batches, pin=self.device.type == "cuda") if self.prefetch else None
