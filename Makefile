@@ -65,10 +65,11 @@ repro:
 	@if [ -n "$$($(BIN)/dvc remote list)" ]; then $(BIN)/dvc repro; \
 	else PYTHONUNBUFFERED=1 $(BIN)/dvc repro | { grep --line-buffered -v '^Use `dvc push`' || true; }; fi
 
-# Two test processes, each file's tests on one of them (module fixtures are built once): the
-# suite waits on subprocesses and servers about half the time, so this halves its wall time.
+# Two test processes (the cores), each file's tests on one of them (module fixtures are built once),
+# files handed out in collection order, which tests/conftest.py starts with the longest
+# (LONGEST_FIRST), so no long file runs alone at the end.
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # The CUDA tests (tests/gpu/: bf16 + compile, fp16, torchrun FSDP2 over NCCL, kill and resume,
 # export, LoRA; fp8 on compute capability >= 8.9). They skip where torch sees no GPU; keep a CUDA

@@ -52,6 +52,20 @@ def make_texts(n_docs: int, seed: int = 0, words_per_doc: tuple[int, int] = (20,
     return texts
 
 
+# The files that take longest (minutes of real processes and servers; `--durations` shows them),
+# longest first. `make test` hands each xdist worker one file at a time in collection order
+# (--no-loadscope-reorder), so these start at once and short files fill the end, not one long file
+# running alone. The first builds the session's tiny pipeline while the second, which needs none, runs.
+LONGEST_FIRST = ("test_pretrain_stage.py", "test_deploy.py", "test_flow.py", "test_distributed.py",
+                 "test_flow_faults.py", "test_data_engine.py", "test_faults.py", "test_promote.py",
+                 "test_docs.py", "test_launch_nodes.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def tool_env(**extra: str) -> dict[str, str]:
     """The environment stage subprocesses see: venv first on PATH, quiet, no outside store, none
     of the team stack's variables but those the test passes in `extra` or set itself (the shell's
