@@ -125,14 +125,14 @@ def _apply_override(item: str, params_path: Path) -> None:
 
     key, sep, _ = item.partition("=")
     if not sep or not key.strip() or key.strip().startswith(("+", "~")):
-        raise PipelineError(f"override {item!r} is not of the form key=value (e.g. tokenizer.vocab_size=4096)")
+        raise PipelineError(f"override {item!r} is not of the form key=value (e.g. tokenizer.vocab_size=8192)")
     try:
         apply_overrides(params_path, [f"++{item.strip()}"])
     except InvalidArgumentError as exc:  # DVC's wrapper of hydra's parse and composition errors
         why = str(exc.__cause__ or exc).splitlines()[0]
         raise PipelineError(
             f"override {item!r} is malformed ({why}): write it as `dvc exp run -S` takes it, e.g. "
-            f"tokenizer.vocab_size=4096, data.files=[a.txt,b.txt], or a quoted string key='a: b'"
+            f"tokenizer.vocab_size=8192, data.files=[a.txt,b.txt], or a quoted string key='a: b'"
         ) from None
     except DvcException as exc:  # params.yaml itself: not YAML, not readable
         raise PipelineError(f"override {item!r} could not be applied: {exc}") from None

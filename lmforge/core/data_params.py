@@ -186,7 +186,7 @@ class CleanParams(Section):
 class TokenizerParams(Section):
     """`tokenizer` (stage tokenize -> data/tokenizer/, data/shards/): the byte-level BPE and how its ids are packed."""
 
-    vocab_size: int = Field(8192, ge=300, le=2**32, description="BPE vocabulary size, special tokens included "
+    vocab_size: int = Field(4096, ge=300, le=2**32, description="BPE vocabulary size, special tokens included "
                                                                 "(shard ids are uint32 at most)")
     seq_len: int = Field(256, ge=8, le=MAX_SEQ_LEN, description="tokens the model reads at once; each shard row "
                                                                 "holds seq_len + 1 ids (inputs and shifted targets)")

@@ -50,7 +50,7 @@ class Params(BaseModel):
     This file is generated from the typed params, their defaults and descriptions
     (`python -m lmforge.core.params_yaml > params.yaml`): change a default or a comment in
     lmforge/core/data_params.py or model_params.py, then regenerate. An empty value is null.
-    Experiment from the command line: dvc exp run -S tokenizer.vocab_size=4096"""
+    Experiment from the command line: dvc exp run -S tokenizer.vocab_size=8192"""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
