@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 
 from conftest import make_repo, tiny_params, tool_env  # noqa: E402
-from train_speed import NANOGPT_WRAPPER, SHAPE, write_nanogpt_data  # noqa: E402
+from train_speed import NANOGPT_WRAPPER, SHAPE, nanogpt_argv, write_nanogpt_data  # noqa: E402
 
 SEQ_LEN, BATCH, STEPS = 256, 8, 3
 PARAMS = {
@@ -52,9 +52,8 @@ TIMINGS_LINE = re.compile(r"\[pretrain\] timings: (.*)")
 
 
 def _env() -> dict[str, str]:
-    env = tool_env(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", LMFORGE_TIMINGS="1")
-    env.pop("MLFLOW_TRACKING_URI", None)  # the workspace's local store
-    return env
+    """Two threads, the stage's breakdown printed, the workspace's local store (tool_env passes no MLFLOW_*)."""
+    return tool_env(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", LMFORGE_TIMINGS="1")
 
 
 def _first_step_ours(root: Path) -> dict:
@@ -77,16 +76,10 @@ def _first_step_ours(root: Path) -> dict:
 
 
 def _first_step_nanogpt(nanogpt: Path, data_dir: Path, out_dir: Path) -> dict:
-    overrides = {
-        "device": "cpu", "compile": False, "dtype": "float32", "n_layer": SHAPE["n_layers"], "n_head": SHAPE["n_heads"],
-        "n_embd": SHAPE["dim"], "block_size": SEQ_LEN, "batch_size": BATCH, "gradient_accumulation_steps": 1,
-        "max_iters": STEPS - 1, "eval_interval": 10**9, "eval_iters": 1, "log_interval": 1, "bias": False,
-        "dropout": 0.0, "wandb_log": False, "always_save_checkpoint": False, "init_from": "scratch",
-        "dataset": str(data_dir), "out_dir": str(out_dir),
-    }
+    argv = nanogpt_argv(STEPS, SEQ_LEN, BATCH, data_dir, out_dir, compile_=False)
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-u", "-c", NANOGPT_WRAPPER, *[f"--{k}={v}" for k, v in overrides.items()]],
-                               cwd=nanogpt, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, "-u", "-c", NANOGPT_WRAPPER, *argv], cwd=nanogpt, env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first, lines = None, []
     for line in process.stdout:
         lines.append(line)

@@ -164,19 +164,24 @@ print('%s' + json.dumps({'params': params, 'params_nanogpt_count': m.get_num_par
 ITER_LINE = re.compile(r"^iter (\d+): loss ([0-9.naninf]+), time ([0-9.]+)ms", re.M)
 
 
-def run_nanogpt(args: argparse.Namespace, data_dir: Path, out_dir: Path, compile_: bool) -> dict:
-    total = args.warmup + args.steps
+def nanogpt_argv(steps: int, seq_len: int, batch_size: int, data_dir: Path, out_dir: Path, compile_: bool) -> list[str]:
+    """nanoGPT train.py's command-line overrides for `steps` iterations at SHAPE on CPU, fp32."""
     overrides = {
         "device": "cpu", "compile": compile_, "dtype": "float32",
         "n_layer": SHAPE["n_layers"], "n_head": SHAPE["n_heads"], "n_embd": SHAPE["dim"],
-        "block_size": args.seq_len, "batch_size": args.batch_size, "gradient_accumulation_steps": 1,
+        "block_size": seq_len, "batch_size": batch_size, "gradient_accumulation_steps": 1,
         # It runs iterations 0..max_iters inclusive; the eval at iter 0 (1 batch of train and val) is
         # the only one and falls into a warm-up iteration; nothing is ever saved.
-        "max_iters": total - 1, "eval_interval": 10**9, "eval_iters": 1, "log_interval": 1,
+        "max_iters": steps - 1, "eval_interval": 10**9, "eval_iters": 1, "log_interval": 1,
         "bias": False, "dropout": 0.0, "wandb_log": False, "always_save_checkpoint": False,
         "init_from": "scratch", "dataset": str(data_dir), "out_dir": str(out_dir),
     }
-    argv = [f"--{k}={v}" for k, v in overrides.items()]
+    return [f"--{k}={v}" for k, v in overrides.items()]
+
+
+def run_nanogpt(args: argparse.Namespace, data_dir: Path, out_dir: Path, compile_: bool) -> dict:
+    total = args.warmup + args.steps
+    argv = nanogpt_argv(total, args.seq_len, args.batch_size, data_dir, out_dir, compile_)
     proc = subprocess.run(
         [sys.executable, "-c", NANOGPT_WRAPPER, *argv], cwd=args.nanogpt, env=_child_env(args),
         capture_output=True, text=True,

@@ -25,6 +25,7 @@ import yaml  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
 from lmforge import quiet_env  # noqa: E402
+from lmforge.core import paths  # noqa: E402
 from lmforge.core.params_yaml import params_yaml  # noqa: E402
 from lmforge.track.deferred import wait_for_journals  # noqa: E402
 
@@ -86,6 +87,14 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **extra_env: str) -> subp
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def registered_versions(root: Path, name: str = paths.FINETUNED_MODEL) -> list[int]:
+    """The versions of registered model `name` in `root`'s local MLflow store, in order."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    return sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
 
 
 # Where tiny_repo's stages recorded the params they read (git- and DVC-ignored).

@@ -24,7 +24,7 @@ from lmforge.track.promotion import (
     rollback,
 )
 
-from conftest import REPO, run, tool_env, write_params
+from conftest import REPO, registered_versions, run, tool_env, write_params
 
 NAME = paths.FINETUNED_MODEL
 KNOBS = {"task": "classify"}
@@ -295,11 +295,6 @@ def _copy(tiny_repo: Path, tmp_path: Path) -> Path:
     return root
 
 
-def _versions(root: Path) -> list[int]:
-    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    return sorted(int(v.version) for v in client.search_model_versions(f"name = '{NAME}'"))
-
-
 def test_the_pipeline_makes_its_first_model_champion_with_its_lineage(tiny_repo):
     numbers = json.loads((tiny_repo / paths.PROMOTION).read_text())
     assert numbers["decided"] == 1 and numbers["promoted"] == 1
@@ -421,10 +416,10 @@ def test_a_bad_decision_metric_is_one_error_line_and_the_registry_is_untouched(c
 def test_an_unchanged_pipeline_reruns_only_promote_and_registers_nothing(tiny_repo, tmp_path):
     """(A retrained model decided against the champion: tests/test_upstream_rerun.py.)"""
     root = _copy(tiny_repo, tmp_path)
-    before = _versions(root)
+    before = registered_versions(root)
     unchanged = run(["dvc", "repro"], root).stdout
     assert re.findall(r"Running stage '(\w+)'", unchanged) == ["promote"]  # always_changed: it reads the registry
-    assert _versions(root) == before  # no new model version
+    assert registered_versions(root) == before  # no new model version
     assert json.loads((root / paths.PROMOTION).read_text())["decided"] == 1
 
 

@@ -17,7 +17,7 @@ from lmforge.core import paths
 from lmforge.core.digests import content_hash
 from lmforge.track.promotion import DECISION_TAG, aliases
 
-from conftest import LIGHT_EVALUATE, run, write_params
+from conftest import LIGHT_EVALUATE, registered_versions, run, write_params
 
 INPUT_TAG = "lmforge.input."
 CHANGED = {"finetune": {"method": "frozen"}}  # the tiny params train all weights: finetune and after rerun
@@ -43,10 +43,6 @@ def _runs(root: Path) -> list:
     return client.search_runs([client.get_experiment_by_name("lmforge").experiment_id], max_results=1000)
 
 
-def _versions(root: Path) -> list[int]:
-    return sorted(int(v.version) for v in _client(root).search_model_versions(f"name = '{paths.FINETUNED_MODEL}'"))
-
-
 def _lock_outs(root: Path) -> dict[str, str]:
     lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))
     return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
@@ -59,13 +55,13 @@ def rerun(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Rerun:
     root = tmp_path_factory.mktemp("rerun") / "repo"
     shutil.copytree(tiny_repo, root, symlinks=True)
     before_ids = {r.info.run_id for r in _runs(root)}
-    before, versions = _lock_outs(root), _versions(root)
+    before, versions = _lock_outs(root), registered_versions(root)
     write_params(root, **CHANGED, evaluate=LIGHT_EVALUATE)  # evaluate reruns light: no test reads harness/scratch
     run(["dvc", "repro"], root)
     runs = [r for r in _runs(root) if r.info.run_id not in before_ids]
     tagged = {key[len(INPUT_TAG):] for r in runs for key in r.data.tags if key.startswith(INPUT_TAG)}
     return Rerun(root, runs, _lock_outs(root), before, {path: content_hash(root / path) for path in tagged},
-                 (versions, _versions(root)), json.loads((root / paths.PROMOTION).read_text(encoding="utf-8")),
+                 (versions, registered_versions(root)), json.loads((root / paths.PROMOTION).read_text(encoding="utf-8")),
                  aliases(_client(root), paths.FINETUNED_MODEL)[paths.CHAMPION_ALIAS])
 
 
