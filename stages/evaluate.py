@@ -62,7 +62,7 @@ def main() -> None:
             lm=lm, classification=classify, baselines=baselines, sft=sft, sft_examples=sft_examples, warning=warning,
             pretraining=gain, harness=benchmarks, quantized=int8,
             samples=samples, sampling=params.generate.model_dump(), images=images,
-            provenance=evaluation.provenance(params, git_commit(Path.cwd()), run.run_id, version),
+            provenance=evaluation.provenance(params, git_commit(Path.cwd()), run, version),
             system=f"fine-tuned lmforge ({finetuned.meta.get('method')})", mixture=evaluation.training_mixture(lm),
         )
         with atomic_path(paths.REPORTS / "report.md") as tmp:

@@ -15,7 +15,6 @@ from lmforge.core import paths
 from lmforge.core.params import load_params
 from lmforge.core.stage import run_stage
 from lmforge.finetune import recipe
-from lmforge.finetune.inference import load_finetuned
 from lmforge.train.distributed import init_distributed
 from lmforge.track.training import finish, training_run
 
@@ -44,9 +43,8 @@ def main() -> None:
             return
         records = tr.curve.read(up_to_step=result.step)
         summary = recipe.summarize(fp, result, records, counts, setup, info)
-        exported = load_finetuned(paths.FINETUNED).model
         finish(tr.run, result.step, recipe.report(fp, result, records, summary),
-               recipe.registration(fp, exported, setup.data["labels"], setup.config, summary))
+               recipe.registration(fp, setup.data["labels"], setup.config, summary))
         log.info("%s/%s: best %s %.4f at step %s of %d (%s of %s params trained)", fp.task, fp.method,
                  fp.early_stopping_metric, (result.best_metrics.get(fp.early_stopping_metric) or float("nan")),
                  result.best_step, result.step, *(f"{n:,}" for n in counts))

@@ -16,7 +16,6 @@ from lmforge.core import paths
 from lmforge.core.params import load_params
 from lmforge.core.stage import run_stage
 from lmforge.data.tokens.shards import ShardReader
-from lmforge.model.export import load_pretrained
 from lmforge.train import pretraining
 from lmforge.train.distributed import init_distributed
 from lmforge.train.export import export_hf_llama, save_pretrained
@@ -45,13 +44,12 @@ def main() -> None:
         export_hf_llama(model, config, paths.PRETRAINED_HF, tokenizer_path=paths.TOKENIZER, eos_id=train.eos_id)
         if tr.run is None:  # not rank 0
             return
-        plain, _ = load_pretrained(paths.PRETRAINED)
         records = tr.curve.read(up_to_step=result.step)
         comm = pretraining.step_bytes(params, info, config, train.seq_len)
         summary = pretraining.summarize(result, records, train, config, info, comm)
 
         report = pretraining.report(params.model.preset, result, records, summary, config)
-        finish(tr.run, result.step, report, pretraining.registration(plain, result, config, train.eos_id))
+        finish(tr.run, result.step, report, pretraining.registration(result, config, train.eos_id))
         log.info("val loss %.3f (unigram entropy %.3f)", result.val_loss or float("nan"), summary["unigram_entropy"])
 
 

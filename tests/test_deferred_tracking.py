@@ -2,7 +2,9 @@
 (lmforge.track.deferred, lmforge.track.agent): the stage process never imports MLflow, the run
 that lands is the one the stage would have logged itself (params, metrics, tags, artifacts, status,
 its own start and end), a journal no agent wrote is written by the next reader, one MLflow refuses
-is set aside with the reason, and each store's journals go only to that store."""
+is set aside with the reason, and each store's journals go only to that store. A training stage's
+run is written live (lmforge.track.live): a stage that dies leaves it KILLED, and its resume logs
+into the same run. (That a training stage never imports MLflow: test_pretrain_stage.)"""
 
 from __future__ import annotations
 
@@ -125,3 +127,40 @@ def test_each_store_gets_only_its_own_journals(tmp_path, monkeypatch):
     assert wait_for_journals(tmp_path, tracking_uri(tmp_path), timeout=30) == []
     assert time.monotonic() - started < 5 and foreign.exists() and not _runs(tmp_path, "ingest")
 
+
+
+LIVE_STAGE = """
+import os, sys
+from pathlib import Path
+from lmforge.track.runs import stage_run
+
+first, last, end = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+with stage_run("pretrain", {"pretrain": {"lr": 0.001}}, inputs=[], root=Path.cwd(), live_key="key-1") as run:
+    for step in range(first, last + 1):
+        run.log_metrics({"train_loss": 1.0 / step}, step=step)
+    if end == "die":
+        os._exit(9)  # a kill -9: no last line
+"""
+
+
+def test_a_live_run_whose_stage_died_is_killed_and_its_resume_logs_into_the_same_run(tmp_path):
+    def stage(first: int, last: int, end: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", LIVE_STAGE, str(first), str(last), end], cwd=tmp_path,
+                              env=tool_env(), capture_output=True, text=True)
+
+    assert stage(1, 3, "die").returncode == 9
+    assert wait_for_journals(tmp_path, tracking_uri(tmp_path)) == []
+    (killed,) = _runs(tmp_path, "pretrain")
+    assert killed.info.status == "KILLED" and killed.data.tags["lmforge.run_key"] == "key-1"
+
+    resumed = stage(4, 6, "finish")
+    assert resumed.returncode == 0, resumed.stderr
+    assert wait_for_journals(tmp_path, tracking_uri(tmp_path)) == []
+    (finished,) = _runs(tmp_path, "pretrain")
+    assert finished.info.run_id == killed.info.run_id and finished.info.status == "FINISHED"
+    history = MlflowClient(tracking_uri(tmp_path)).get_metric_history(finished.info.run_id, "pretrain/train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+    directory = journal_dir(tmp_path, tracking_uri(tmp_path))
+    assert sorted(p.name for p in directory.iterdir()) == ["agent.lock", "agent.log"]
+    log = (directory / "agent.log").read_text()
+    assert f"MLflow run {killed.info.run_id} (pretrain, KILLED)" in log and "(pretrain, FINISHED)" in log

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lmforge import TELEMETRY_OFF
-from lmforge.track.run_handle import run_link
+from lmforge.track.ui import run_link
 
 from conftest import REPO, REPRO_OUTPUT, copy_repo, tool_env
 

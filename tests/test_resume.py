@@ -2,13 +2,13 @@ import pytest
 
 from lmforge.core.errors import LmforgeError
 from lmforge.core.params import FinetuneParams, PretrainParams, PretrainRuntime
-from lmforge.train.resume import claim_run_dir, remember_run_id, result_knobs
+from lmforge.train.resume import claim_run_dir, remember_run_key, result_knobs
 
 
-def test_same_fingerprint_keeps_checkpoints_and_returns_the_mlflow_run(tmp_path):
+def test_same_fingerprint_keeps_checkpoints_and_returns_the_runs_tracking_key(tmp_path):
     root = tmp_path / "ckpt"
     assert claim_run_dir(root, {"a": 1}, "auto") is None
-    remember_run_id(root, "run-1")
+    remember_run_key(root, "run-1")
     (root / "step_00000002").mkdir()
     assert claim_run_dir(root, {"a": 1}, "auto") == "run-1"
     assert (root / "step_00000002").is_dir()
@@ -26,7 +26,7 @@ def test_changed_fingerprint_moves_checkpoints_aside(tmp_path, caplog):
 def test_resume_never_starts_fresh(tmp_path):
     root = tmp_path / "ckpt"
     claim_run_dir(root, {"a": 1}, "auto")
-    remember_run_id(root, "run-1")
+    remember_run_key(root, "run-1")
     assert claim_run_dir(root, {"a": 1}, "never") is None
 
 

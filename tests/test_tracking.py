@@ -125,7 +125,7 @@ def test_a_logged_model_skips_mlflows_requirements_check_and_loads_as_before(tmp
     from mlflow.utils import requirements_utils
 
     from lmforge.track.model_env import model_requirements
-    from lmforge.track.training import model_signature
+    from lmforge.track.registration import model_signature
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
     checked: list[str] = []

@@ -171,10 +171,11 @@ def headline(lm: dict[str, Any], classify: dict[str, Any] | None, baselines: dic
     return metrics | {"baselines": base}
 
 
-def provenance(params: Params, commit: str, run_id: str | None, version: str | None) -> dict[str, Any]:
+def provenance(params: Params, commit: str, run: Any, version: str | None) -> dict[str, Any]:
     """What produced these figures: code, runs, model version, recipe (report.md's first table)."""
     def run_of(checkpoints: Path) -> str:
-        return run_record(checkpoints).get("mlflow_run_id") or "not tracked"
+        key = run_record(checkpoints).get("tracking_key")
+        return (run.find_keyed_run(key) if key else None) or "not tracked"
 
     finetune = json.loads((paths.FINETUNE_REPORTS / "metrics.json").read_text()) \
         if (paths.FINETUNE_REPORTS / "metrics.json").is_file() else {}
@@ -192,7 +193,7 @@ def provenance(params: Params, commit: str, run_id: str | None, version: str | N
                  f"`{paths.CANDIDATE_ALIAS}`; promote's decision and the aliases after it (`champion`, "
                  f"`challenger`): `{paths.PROMOTION_DECISION}` and the promote run" if version
                  else "not registered (tracking down)",
-        "evaluate run": f"`{run_id}`" if run_id else "not tracked",
+        "evaluate run": f"`{run.run_id}`" if run.run_id else "not tracked",
         "test data": f"`{params.finetune.test_file}`",
     }
 

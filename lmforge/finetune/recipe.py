@@ -245,7 +245,7 @@ def loss_label(task: str) -> str:
     return "cross-entropy (nats/example)" if task == "classify" else "cross-entropy (nats/token)"
 
 
-def registration(fp: FinetuneParams, model: nn.Module, labels: list[str] | None, config: ModelConfig,
+def registration(fp: FinetuneParams, labels: list[str] | None, config: ModelConfig,
                  summary: dict[str, Any]) -> Registration:
     """models/finetune's card in the registry: a classifier (ids + lengths -> logits) or an SFT model."""
     ids = np.zeros((2, 8), dtype=np.int64)  # batch 2: a batch of 1 would export as fixed
@@ -253,14 +253,14 @@ def registration(fp: FinetuneParams, model: nn.Module, labels: list[str] | None,
         labels = labels or []
         signature = ({"input_ids": ("int64", (-1, -1)), "lengths": ("int64", (-1,))},
                      {"logits": ("float32", (-1, len(labels)))})
-        example: Any = (ids, np.array([8, 5], dtype=np.int64))
+        example: tuple[Any, ...] = (ids, np.array([8, 5], dtype=np.int64))
         what = f"a {len(labels)}-way classifier ({', '.join(labels)}): token ids + lengths -> logits"
     else:
         signature = ({"input_ids": ("int64", (-1, -1))}, {"logits": ("float32", (-1, -1, config.vocab_size))})
-        example = ids
+        example = (ids,)
         what = "an SFT language model: prompt + separator -> response"
     return Registration(
-        model=model, name=paths.FINETUNED_MODEL, weights=paths.FINETUNED / "model.safetensors",
+        loader="finetuned", name=paths.FINETUNED_MODEL, weights=paths.FINETUNED / "model.safetensors",
         description=f"lmforge's fine-tuned model ({fp.method}): {what}. Load it with "
                     "lmforge.finetune.inference.load_finetuned on the DVC output, or mlflow.pytorch.load_model.",
         figures={key: summary[key] for key in QUALITY if summary.get(key) is not None},

@@ -1,7 +1,8 @@
-"""`python -m lmforge.track.agent DIR`: write the journals deferred stage runs leave in DIR to MLflow
-(lmforge.track.deferred), oldest first, through the same StageRun calls a stage makes in its own
-process; then wait for more and end after IDLE_S without any. One agent per DIR (a file lock, taken
-before anything else), so the MLflow import is paid once for a burst of stages, not once per stage.
+"""`python -m lmforge.track.agent DIR`: write the journals stages leave in DIR to MLflow, oldest first,
+through the same StageRun calls a stage makes in its own process: a data stage's whole journal
+(lmforge.track.deferred), a training stage's line by line while it trains (lmforge.track.live); then
+wait for more and end after IDLE_S without any. One agent per DIR (a file lock, taken before anything
+else), so the MLflow import is paid once for a burst of stages, not once per stage.
 
 A journal written is deleted with its snapshots. One that MLflow refused (the store went down since
 the stage probed it) is kept as `<name>.failed` beside the agent's log, `agent.log`, which says why.
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.track.deferred import agent_lock, pending
+from lmforge.track.live import LIVE_SUFFIX, RUN_KEY_TAG, read_lines, writer_alive
 
 IDLE_S = 10.0
+POLL_S = 0.05
 
 
 def replay(journal: Path, root: Path) -> bool:
@@ -40,12 +43,7 @@ def replay(journal: Path, root: Path) -> bool:
         handle = StageRun(run_id, record["stage"], experiment_id)
         with mlflow.start_run(run_id=run_id):  # StageRun's fluent calls log into it
             for call in record["calls"]:
-                args, kwargs = call["args"], call["kwargs"]
-                if call["method"] == "log_artifact":
-                    args = [str(snapshots / args[0])]
-                if call["method"] == "log_metrics":  # when the stage logged them
-                    kwargs = {**kwargs, "timestamp_ms": call["time_ms"]}
-                getattr(handle, call["method"])(*args, **kwargs)
+                _call(handle, call, snapshots)
         # the stage's own end and status, not the moment this agent got to it
         client.set_terminated(run_id, record["status"], end_time=record["end_time_ms"])
     except tracking_errors() as exc:
@@ -53,6 +51,78 @@ def replay(journal: Path, root: Path) -> bool:
         return False
     _say(journal, f"MLflow run {run_id} ({record['name']}, {record['status']})")
     return not handle.failed
+
+
+def follow(journal: Path, root: Path) -> bool:
+    """Write a live journal's run as the stage writes it, until its last line, or until its stage is
+    gone without one (then the run ends KILLED): True when every call went through."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from lmforge.core.io import write_json
+    from lmforge.track.run_handle import StageRun
+    from lmforge.track.runs import start_run
+    from lmforge.track.store import ensure_experiment, find_run, tracking_errors
+
+    with open(journal, "rb") as opened:
+        first = opened.readline()
+    header, offset = json.loads(first), len(first)
+    snapshots = journal.with_suffix(".files")
+    try:
+        experiment_id = ensure_experiment(root)
+        # the run this key names, when a killed stage started it: a resume logs into the same run
+        resumed = find_run(experiment_id, {RUN_KEY_TAG: header["key"]}) or header["key"]
+        active = start_run(header["name"], {**header["tags"], RUN_KEY_TAG: header["key"]}, header["params"],
+                           resumed, header["system_metrics"], root)
+    except tracking_errors() as exc:
+        _say(journal, f"{type(exc).__name__}: {exc}")
+        return False
+    if active is None:  # start_run said why, in agent.log
+        return False
+    status, end_ms, ended = "KILLED", None, True
+    try:
+        handle = StageRun(active.info.run_id, header["stage"], active.info.experiment_id)
+        write_json(journal.with_suffix(".run"), {"run_id": handle.run_id, "experiment_id": handle.experiment_id,
+                                                 "name": header["name"]})
+        handle.log_params(header["params"])
+        while True:
+            calls, offset = read_lines(journal, offset)
+            for call in calls:
+                if "end" in call:
+                    status, end_ms = call["end"], call["end_time_ms"]
+                else:
+                    _call(handle, call, snapshots)
+            if end_ms is not None:
+                break
+            if not calls:
+                if not writer_alive(journal) and not read_lines(journal, offset)[0]:
+                    break  # the stage died without its last line: KILLED
+                time.sleep(POLL_S)
+    finally:  # ends the run, and the system-metrics sampler with it, however this ends
+        try:
+            mlflow.end_run(status)
+            if end_ms is not None:  # the stage's own end, not the moment this agent got to it
+                MlflowClient().set_terminated(handle.run_id, status, end_time=end_ms)
+        except tracking_errors() as exc:
+            _say(journal, f"{type(exc).__name__}: {exc}")
+            ended = False
+    _say(journal, f"MLflow run {handle.run_id} ({header['name']}, {status})")
+    return ended and not handle.failed
+
+
+def _call(handle: Any, call: dict[str, Any], snapshots: Path) -> None:
+    """One recorded StageRun call, made on `handle`: files read from the journal's snapshots."""
+    method, args, kwargs = call["method"], call["args"], call["kwargs"]
+    if method in ("log_artifact", "register_model"):
+        args = [str(snapshots / args[0]), *args[1:]]
+    if method == "log_metrics":  # when the stage logged them
+        kwargs = {**kwargs, "timestamp_ms": call["time_ms"]}
+    if method == "register_model":
+        from lmforge.track.registration import register_exported
+
+        register_exported(handle, Path(args[0]), args[1])
+        return
+    getattr(handle, method)(*args, **kwargs)
 
 
 def _say(journal: Path, message: str) -> None:
@@ -72,12 +142,13 @@ def drain(directory: Path, root: Path) -> None:
             continue
         journal = journals[0]
         try:
-            written = replay(journal, root)
+            written = follow(journal, root) if journal.suffix == LIVE_SUFFIX else replay(journal, root)
         except Exception as exc:  # a damaged journal: set it aside, go on with the others
             _say(journal, f"{type(exc).__name__}: {exc}")
             written = False
         if written:
             shutil.rmtree(journal.with_suffix(".files"), ignore_errors=True)
+            journal.with_suffix(".run").unlink(missing_ok=True)
             journal.unlink(missing_ok=True)
         else:
             journal.rename(journal.with_suffix(".failed"))

@@ -8,10 +8,13 @@ in memory; the journal (its calls, params, tags, times and status, and a snapsho
 a rerun may replace the file before the agent reads it) is written atomically when the stage ends,
 whatever way it ends but a kill -9.
 
+A training stage's run is journaled the same way, but line by line while it trains, so the agent
+writes it live (lmforge.track.live).
+
 Order and visibility: the agent replays journals oldest first, one at a time. A stage that logs in
-its own process (pretrain, finetune, evaluate, promote: they need answers from MLflow) first waits
-for the journals still pending (`wait_for_journals`), and so does the flow before it reads runs, so
-whatever reads MLflow after a data stage sees that stage's run.
+its own process (evaluate, promote: they need answers from MLflow) first waits for the journals
+still pending (`wait_for_journals`), and so does the flow before it reads runs, so whatever reads
+MLflow after a stage sees that stage's run and the model it registered.
 
 Journals live in `.lmforge/tracking/<store key>/` (git-ignored): the key digests the tracking URI and
 the environment MLflow reads (MLFLOW_*, AWS_*), so an agent only ever writes to the store, with the
@@ -56,8 +59,11 @@ def journal_dir(root: Path, uri: str) -> Path:
 
 
 def pending(directory: Path) -> list[Path]:
-    """The journals not yet written to MLflow, oldest first (names start with the time they were left)."""
-    return sorted(directory.glob("*.json")) if directory.is_dir() else []
+    """The journals not yet written to MLflow, oldest first (names start with the time they were
+    left): those of data stages (`.json`) and of training stages, written while they train (`.live`)."""
+    if not directory.is_dir():
+        return []
+    return sorted(path for path in directory.iterdir() if path.suffix in (".json", ".live"))
 
 
 class DeferredRun:
@@ -91,6 +97,9 @@ class DeferredRun:
 
     def log_table(self, rows: list[Mapping[str, Any]], name: str) -> None:
         self._record("log_table", _plain(rows), name)
+
+    def log_datasets(self, datasets: Mapping[str, tuple[str, str]], context: str) -> None:
+        self._record("log_datasets", {name: list(pair) for name, pair in datasets.items()}, context)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Recorded with a snapshot of the file as it is now, taken when the journal is written."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -16,22 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.core.params import flatten
-from lmforge.core.redact import redact
 from lmforge.track.model_env import model_requirements, no_requirements_check
 from lmforge.track.store import report_logging_failure, tracking_errors, tracking_uri
-from lmforge.track.ui import ui_link, with_artifact_images
+from lmforge.track.ui import with_artifact_images
 
 logger = logging.getLogger(__name__)
-
-
-def run_link(experiment_id: str, run_id: str) -> str:
-    """Where to see a stage's run: its page on the server, or on the local store once served."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    link = ui_link(uri, experiment_id, run_id)
-    if uri.startswith(("http://", "https://")):
-        return link
-    # `make ui` serves MLFLOW_TRACKING_URI too: name the store it will open, not always the default
-    return f"{link} (`make ui` first: mlflow ui --backend-store-uri {redact(uri or 'sqlite:///mlflow.db')})"
 
 
 def guarded(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -196,6 +184,14 @@ class StageRun:
         from mlflow.tracking import MlflowClient
 
         MlflowClient().set_registered_model_alias(name, alias, version)
+
+    @guarded
+    def find_keyed_run(self, key: str) -> str | None:
+        """The id of the newest run a training stage keyed `key` (lmforge.track.live), or None."""
+        from lmforge.track.live import RUN_KEY_TAG
+        from lmforge.track.store import find_run
+
+        return find_run(str(self.experiment_id), {RUN_KEY_TAG: key}) if self.experiment_id else None
 
     @guarded
     def find_model_version(self, name: str, tag: str, value: str) -> str | None:

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from lmforge.track.deferred import DeferredRun, journal_dir, now_ms, start_agent, wait_for_journals, write_journal
+from lmforge.track.live import LiveRun
 from lmforge.track.lineage import git_commit, input_hashes, output_hashes
 from lmforge.core.params import flatten
 from lmforge.core.timings import breakdown, phase
@@ -34,8 +35,8 @@ from lmforge.track.store import (
     tracking_uri,
     use_http_client_defaults,
 )
-from lmforge.track.run_handle import StageRun, run_link
-from lmforge.track.ui import DVC_EXP_NAME, changed_params, model_params, run_name
+from lmforge.track.run_handle import StageRun
+from lmforge.track.ui import DVC_EXP_NAME, changed_params, model_params, run_link, run_name
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +64,10 @@ def stage_run(
     params: Mapping[str, BaseModel | Mapping[str, Any]],
     inputs: list[str | Path],
     root: Path | None = None,
-    resume_run_id: str | None = None,
     system_metrics: bool = False,
     scored: BaseModel | None = None,
     deferred: bool = False,
+    live_key: str | None = None,
 ) -> Iterator[StageRun | DeferredRun]:
     """Open the MLflow run of one stage (experiment `lmforge`), named by the stage and what differs
     (lmforge.track.ui.run_name: `finetune · method=frozen`, the params changed since the baseline
@@ -78,21 +79,22 @@ def stage_run(
     `system_metrics`: MLflow samples CPU, memory (and GPU, with nvidia-ml-py) into the run while it
     is open (psutil; the training stages ask for it, on rank 0 only since only rank 0 opens a run).
 
-    `resume_run_id`: continue that run (a training stage resumed after a kill logs into the
-    run it started, so its curve is one line in the UI) when it exists in this store.
     The store is probed first; when it cannot take a run, one warning names it and the stage's
     work goes on exactly as with tracking up (every StageRun call then does nothing).
 
     `deferred`: record the run and leave it to the workspace's tracking agent as the stage ends
     (lmforge.track.deferred: no MLflow import in this process), for a stage that needs no answer
-    from MLflow. Otherwise the runs deferred stages left are written first, so they come before this one.
+    from MLflow. `live_key`: the same, but the agent writes the run while the stage runs, into the
+    run that key names when a killed stage started it (lmforge.track.live: the training stages;
+    a resumed stage logs into the run it started, so its curve is one line in the UI).
+    Otherwise the runs the agent has still to write are written first, so they come before this one.
     """
     root = (root or Path.cwd()).resolve()
     use_http_client_defaults()
     with phase("hashing"):
         hashes = input_hashes(inputs, root)
-    if deferred:
-        with _deferred(stage, params, hashes, root) as run:
+    if deferred or live_key is not None:
+        with _journaled(stage, params, hashes, root, live_key, system_metrics) as run:
             yield run
         return
     with phase("tracking"):
@@ -100,7 +102,7 @@ def stage_run(
         if left:
             logger.warning("MLflow has not yet written %d earlier stage runs (%s): see %s", len(left),
                            ", ".join(path.name for path in left), left[0].parent / "agent.log")
-        handle = _opened(stage, params, hashes, root, resume_run_id, system_metrics, scored)
+        handle = _opened(stage, params, hashes, root, system_metrics, scored)
     if handle.run_id is None:
         yield handle
         return
@@ -109,14 +111,14 @@ def stage_run(
 
 
 def _opened(stage: str, params: Mapping[str, BaseModel | Mapping[str, Any]], hashes: dict[str, str], root: Path,
-            resume_run_id: str | None, system_metrics: bool, scored: BaseModel | None) -> StageRun:
+            system_metrics: bool, scored: BaseModel | None) -> StageRun:
     """The stage's run, started with its params and lineage; one that logs nothing when the store is down."""
     problem = probe_store(root)
     if problem:
         report_logging_failure(problem, root)
         return StageRun(None, stage)
     name, tags, logged = _described(stage, params, hashes, root, scored)
-    run = _start_run(name, tags, logged, resume_run_id, system_metrics, root)
+    run = start_run(name, tags, logged, None, system_metrics, root)
     if run is None:
         return StageRun(None, stage)
     handle = StageRun(run.info.run_id, stage, run.info.experiment_id)
@@ -137,10 +139,12 @@ def _described(stage: str, params: Mapping[str, BaseModel | Mapping[str, Any]], 
 
 
 @contextmanager
-def _deferred(stage: str, params: Mapping[str, BaseModel | Mapping[str, Any]], hashes: dict[str, str],
-              root: Path) -> Iterator[StageRun | DeferredRun]:
-    """A run recorded in this process and written to MLflow by the tracking agent once the stage ends
-    (its status as stage_run's: FINISHED, FAILED, KILLED), after the probe a logged run makes."""
+def _journaled(stage: str, params: Mapping[str, BaseModel | Mapping[str, Any]], hashes: dict[str, str], root: Path,
+               live_key: str | None, system_metrics: bool) -> Iterator[StageRun | DeferredRun]:
+    """A run recorded in this process and written to MLflow by the tracking agent, after the probe a
+    logged run makes: once the stage ends (a data stage), or live (`live_key`: a training stage).
+    Its status as stage_run's: FINISHED, FAILED, KILLED."""
+    run: DeferredRun | None = None
     with phase("tracking"):
         problem = probe_store(root)
         if problem:
@@ -148,25 +152,37 @@ def _deferred(stage: str, params: Mapping[str, BaseModel | Mapping[str, Any]], h
         else:
             uri = tracking_uri(root)
             name, tags, logged = _described(stage, params, hashes, root, None)
-            run = DeferredRun(stage, journal_dir(root, uri))
             tags["mlflow.source.name"] = sys.argv[0]  # the stage's entry point, as MLflow names it, not the agent's
             opened = {"stage": stage, "name": name, "tags": tags, "uri": uri, "start_time_ms": now_ms()}
-            run.log_params(logged)
-            run.log_dict({"stage": stage, "inputs": hashes}, "lineage.json")
-    if problem:
+            try:
+                if live_key is None:
+                    run = DeferredRun(stage, journal_dir(root, uri))
+                    run.log_params(logged)
+                else:
+                    run = LiveRun(stage, journal_dir(root, uri), {**opened, "params": logged, "key": live_key,
+                                                                  "system_metrics": system_metrics})
+                    start_agent(root, run.directory)
+                run.log_dict({"stage": stage, "inputs": hashes}, "lineage.json")
+            except OSError as exc:  # no journal: as a store that fails, one warning and the stage's work stands
+                report_logging_failure(exc, root)
+    if run is None:
         yield StageRun(None, stage)
         return
-    logger.info("MLflow run %s: written by the workspace's tracking agent as the stage ends", name)
+    logger.info("MLflow run %s: written by the workspace's tracking agent %s", name,
+                "as the stage ends" if live_key is None else "while the stage runs")
 
-    def leave_journal(status: str) -> None:
+    def close(status: str) -> None:
         try:
             with phase("tracking"):
-                write_journal(run, opened, status)
-                start_agent(root, run.directory)
-        except OSError as exc:  # no journal: as a store that fails, one warning and the stage's work stands
+                if isinstance(run, LiveRun):
+                    run.end(status)
+                else:
+                    write_journal(run, opened, status)
+                    start_agent(root, run.directory)
+        except OSError as exc:
             report_logging_failure(exc, root)
 
-    with _ended(run, root, leave_journal):
+    with _ended(run, root, close):
         yield run
 
 
@@ -198,8 +214,8 @@ def logged_params(params: Mapping[str, BaseModel | Mapping[str, Any]]) -> dict[s
     return {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flat_params.items()}
 
 
-def _start_run(name: str, tags: dict[str, str], logged: Mapping[str, str], resume_run_id: str | None,
-               system_metrics: bool, root: Path) -> Any:
+def start_run(name: str, tags: dict[str, str], logged: Mapping[str, str], resume_run_id: str | None,
+              system_metrics: bool, root: Path) -> Any:
     """The active MLflow run named `name`: `resume_run_id` continued when it exists with the same
     params, else a new run (linked to it); runs a gone process left RUNNING marked KILLED first.
     None, after one warning, when the store does not answer."""

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,12 @@ def mark_orphans_killed(client: Any, experiment_id: str) -> list[str]:
             client.set_terminated(run.info.run_id, "KILLED")
             orphans.append(run.info.run_id)
     return orphans
+
+
+def find_run(experiment_id: str, tags: Mapping[str, str]) -> str | None:
+    """The newest run of the experiment carrying every one of `tags`, or None."""
+    from mlflow.tracking import MlflowClient
+
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    found = MlflowClient().search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0].info.run_id if found else None

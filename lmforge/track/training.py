@@ -1,7 +1,10 @@
 """The skeleton both training stages share: claim the checkpoint directory, open the MLflow run on
-rank 0 (continuing the run a resumed checkpoint belongs to), keep the per-step curve beside the
-checkpoints, then report, log, tag and register the exported model (finish), tear the process group
-down. Each stage says only what differs.
+rank 0 (continuing the run a resumed checkpoint belongs to: its key is kept in the checkpoints'
+run.json), keep the per-step curve beside the checkpoints, then report, log, tag and register the
+exported model (finish), tear the process group down. Each stage says only what differs.
+
+The run is written by the workspace's tracking agent while the stage trains (lmforge.track.live):
+no MLflow in the training process, and the model is registered by the agent from the exported files.
 """
 
 from __future__ import annotations
@@ -16,27 +19,26 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from torch import nn
 
 from lmforge.train.curves import CurveLog
 from lmforge.train.report import Registration, TrainingReport, write_reports
 from lmforge.train.distributed import DistInfo, barrier, destroy
-from lmforge.train.resume import check_shared, claim_run_dir, remember_run_id
-from lmforge.core.digests import content_hash
+from lmforge.train.resume import check_shared, claim_run_dir, remember_run_key
 from lmforge.core.errors import RunInterrupted
 from lmforge.track.lineage import DATA_LINEAGE, dataset_source, dvc_remote_url, git_commit, input_hashes
 from lmforge.core.params import load_params
-from lmforge.core.paths import WEIGHTS_TAG  # re-exported: the stages import it from here
+from lmforge.track.live import LiveRun, new_key
 from lmforge.track.run_handle import StageRun
 from lmforge.track.runs import FLOW_RUN_ENV, PARENT_RUN_ENV, stage_run
 
 
 @dataclass
 class TrainingRun:
-    """What a training stage holds while it trains: `run` is the MLflow run on rank 0, None elsewhere."""
+    """What a training stage holds while it trains: `run` is the MLflow run on rank 0 (a StageRun that
+    logs nothing when tracking is down), None elsewhere."""
 
     info: DistInfo
-    run: StageRun | None
+    run: LiveRun | StageRun | None
     curve: CurveLog
     renames: Mapping[str, str | None] = field(default_factory=dict)  # None: not recorded
 
@@ -54,16 +56,17 @@ def training_run(stage: str, info: DistInfo, checkpoints: Path, fingerprint: dic
                  renames: Mapping[str, str | None] | None = None) -> Iterator[TrainingRun]:
     """Keep `checkpoints` for this same run (fingerprint) or start it fresh, then open the stage's
     MLflow run on rank 0; every rank enters, and leaves with the process group destroyed."""
-    resume_run_id = claim_run_dir(checkpoints, fingerprint, resume) if info.is_main else None
+    key = None
+    if info.is_main:  # the run a resumed checkpoint belongs to, or a new one
+        key = claim_run_dir(checkpoints, fingerprint, resume) or new_key()
+        remember_run_key(checkpoints, key)
     barrier()
     if os.environ.get("LOCAL_WORLD_SIZE", str(info.world_size)) != str(info.world_size):  # several nodes
         check_shared(checkpoints)
     curve = CurveLog(checkpoints / "curve.jsonl")
-    opened = (stage_run(stage, sections, inputs, resume_run_id=resume_run_id, system_metrics=True) if info.is_main
+    opened = (stage_run(stage, sections, inputs, system_metrics=True, live_key=key) if info.is_main
               else contextlib.nullcontext())
     with opened as run:
-        if run is not None and run.run_id is not None:
-            remember_run_id(checkpoints, run.run_id)
         try:
             yield TrainingRun(info, run, curve, dict(renames or {}))
         except Exception as exc:
@@ -87,10 +90,14 @@ def lost_peers(exc: BaseException, info: DistInfo) -> str | None:
             "died. Start the stage again on every node; it resumes from its last checkpoint")
 
 
-def finish(run: StageRun, step: int, report: TrainingReport, registration: Registration) -> str | None:
+def finish(run: LiveRun | StageRun, step: int, report: TrainingReport, registration: Registration) -> None:
     """The training stages' ending on rank 0: the reports written, the final figures, tags,
-    description and artifacts on the run, the model registered; the version (None: tracking down)."""
+    description and artifacts on the run, and the exported model handed to the agent to register
+    (lmforge.track.registration: a version described, tagged with its weights' md5, its figures and
+    its lineage). Nothing but the reports when tracking is down."""
     write_reports(report)
+    if not isinstance(run, LiveRun):
+        return
     summary = report.summary
     # The losses are already in the per-step history; the rest lands at the final step.
     run.log_metrics({key: summary[key] for key in report.final if summary.get(key) is not None}, step=step)
@@ -100,41 +107,12 @@ def finish(run: StageRun, step: int, report: TrainingReport, registration: Regis
         for path in files:
             run.log_artifact(path, folder)
     r = registration
-    return register(run, r.model, r.name, r.weights, description=r.description, figures=r.figures,
-                    signature=model_signature(*r.signature), input_example=r.input_example, datasets=r.datasets)
-
-
-def model_signature(inputs: dict[str, tuple[str, tuple[int, ...]]], outputs: dict[str, tuple[str, tuple[int, ...]]]) -> Any:
-    """An MLflow signature from {name: (numpy dtype, shape)} of the tensors in and out (-1: any size)."""
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    def schema(tensors: dict[str, tuple[str, tuple[int, ...]]]) -> Schema:
-        return Schema([TensorSpec(np.dtype(dtype), shape, name) for name, (dtype, shape) in tensors.items()])
-
-    return ModelSignature(inputs=schema(inputs), outputs=schema(outputs))
-
-
-def register(run: StageRun, model: nn.Module, name: str, weights: Path, *, description: str,
-             figures: Mapping[str, float | None], signature: Any = None, input_example: Any = None,
-             datasets: Mapping[str, Path] | None = None) -> str | None:
-    """A new registered version of `model` named `name`, described, tagged with the md5 of `weights`
-    (how evaluate finds it), its own `figures` and its lineage (record_lineage; `datasets`: the
-    stage's own data inputs by name); None when tracking is down. The exported directory's files
-    travel with it (`extra_files/`), so promote can re-score it from the files it wrote."""
-    exported = [path for path in sorted(weights.parent.iterdir()) if path.is_file()]
-    version = run.log_torch_model(model, name, signature=signature, input_example=input_example,
-                                  description=description, extra_files=exported)
-    if version is None:
-        return None
-    shown = {key: value for key, value in figures.items() if value is not None}
-    run.tag_model_version(name, str(version), {WEIGHTS_TAG: content_hash(weights), "lmforge.run_id": str(run.run_id),
-                                               **{f"{run.stage}.{k}": f"{v:.6g}" for k, v in shown.items()}})
-    run.describe_model_version(name, str(version), f"From the `{run.stage}` run {run.run_id}: " +
-                               ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-    run.tag_model_version(name, str(version), record_lineage(run, Path.cwd(), datasets or {}))
-    return str(version)
+    lineage = record_lineage(run, Path.cwd(), r.datasets or {})
+    run.register_model(r.weights.parent, {
+        "loader": r.loader, "name": r.name, "weights": r.weights.name, "description": r.description,
+        "figures": {key: value for key, value in r.figures.items() if value is not None},
+        "signature": r.signature, "input_example": [[array.dtype.name, array.tolist()] for array in r.input_example],
+        "tags": lineage})
 
 
 def lineage_tags(root: Path, data: Mapping[str, str], sources: Mapping[str, str], params: Mapping[str, Any]) -> dict[str, str]:
@@ -152,7 +130,7 @@ def lineage_tags(root: Path, data: Mapping[str, str], sources: Mapping[str, str]
     return tags
 
 
-def record_lineage(run: StageRun, root: Path, datasets: Mapping[str, Path]) -> dict[str, str]:
+def record_lineage(run: LiveRun, root: Path, datasets: Mapping[str, Path]) -> dict[str, str]:
     """Log what the model was made from on its run (every stage's params as lineage/params.json; the
     data as MLflow input datasets, source the DVC remote's object, digest the DVC hash) and return
     the version's lineage tags. `datasets`: the stage's own inputs beyond the data stages' outputs."""

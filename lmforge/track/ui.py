@@ -1,5 +1,5 @@
 """How lmforge's runs read in MLflow's UI: the one builder of every link into it (always the runs
-view, never the GenAI one), the URL of a run's artifact that a rendered markdown page can show, run
+view, never the GenAI one; `run_link`: the line a stage prints), the URL of a run's artifact that a rendered markdown page can show, run
 names that tell runs apart, and the params that define the model a scoring run scores.
 
 MLflow 3's UI opens an experiment in its GenAI view (traces, judges, playground) unless the URL says
@@ -125,3 +125,13 @@ def model_params(all_params: Mapping[str, Any], changed: Mapping[str, str]) -> d
     keys = [key for key in (*KEY_PARAMS, *changed) if key in flat and not key.startswith("runtime.")]
     return {key: json.dumps(flat[key]) if isinstance(flat[key], (list, dict)) else str(flat[key])
             for key in dict.fromkeys(keys)}
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """Where to see a stage's run: its page on the server, or on the local store once served."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    link = ui_link(uri, experiment_id, run_id)
+    if uri.startswith(("http://", "https://")):
+        return link
+    # `make ui` serves MLFLOW_TRACKING_URI too: name the store it will open, not always the default
+    return f"{link} (`make ui` first: mlflow ui --backend-store-uri {redact(uri or 'sqlite:///mlflow.db')})"

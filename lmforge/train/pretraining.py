@@ -150,13 +150,13 @@ def report(preset: str, result: TrainResult, records: list[dict[str, Any]], summ
     )
 
 
-def registration(model: Transformer, result: TrainResult, config: ModelConfig, eos_id: int) -> Registration:
+def registration(result: TrainResult, config: ModelConfig, eos_id: int) -> Registration:
     """models/pretrain's card in the registry: token ids in, next-token logits out."""
     return Registration(
-        model=model, name=paths.PRETRAINED_MODEL, weights=paths.PRETRAINED / "model.safetensors",
+        loader="pretrained", name=paths.PRETRAINED_MODEL, weights=paths.PRETRAINED / "model.safetensors",
         description="lmforge's pretrained decoder (Llama-style): token ids (batch, time) -> next-token "
                     "logits (batch, time, vocab). Tokenizer: tokenizer.json beside the weights.",
         figures={"val_loss": result.val_loss, "val_perplexity": result.val_ppl},
         signature=({"input_ids": ("int64", (-1, -1))}, {"logits": ("float32", (-1, -1, config.vocab_size))}),
-        input_example=np.full((2, 8), eos_id, dtype=np.int64),  # batch 2: a batch of 1 would export as fixed
+        input_example=(np.full((2, 8), eos_id, dtype=np.int64),),  # batch 2: a batch of 1 would export as fixed
     )

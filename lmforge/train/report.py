@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
 
 from lmforge.core.io import write_json
 from lmforge.train.curves import plot_loss, write_curve_csv
@@ -40,15 +39,16 @@ class TrainingReport:
 
 @dataclass
 class Registration:
-    """The exported model `register` puts in the registry: its name, weights file and card."""
+    """The exported model the tracking agent registers (lmforge.track.registration): how it is read
+    back from its directory (`loader`), its name, weights file and card."""
 
-    model: nn.Module
+    loader: str  # `pretrained` | `finetuned`
     name: str
     weights: Path
     description: str
     figures: Mapping[str, float | None]
     signature: tuple[TensorSpecs, TensorSpecs]  # inputs, outputs: {name: (numpy dtype, shape)}, -1 any size
-    input_example: Any  # numpy arrays, one per signature input: torch.export traces the model on them
+    input_example: tuple[Any, ...]  # numpy arrays, one per signature input: torch.export traces the model on them
     datasets: Mapping[str, Path] | None = None
 
 

@@ -37,15 +37,16 @@ def result_knobs(section: BaseModel) -> dict[str, Any]:
 
 
 def claim_run_dir(root: Path, fingerprint: dict[str, Any], resume: str) -> str | None:
-    """Keep `root`'s checkpoints when they belong to this same run (returning its MLflow run
-    id, to continue logging into it); otherwise move them aside and start fresh. A `root` that is
+    """Keep `root`'s checkpoints when they belong to this same run (returning its tracking key, so
+    its MLflow run goes on: lmforge.track.live); otherwise move them aside and start fresh. A `root` that is
     a symlink (checkpoints kept on a bigger disk) stays one: the work happens in its target."""
     directory = _run_dir(root)
     marker = directory / MARKER
     if directory.exists() and marker.is_file():
         previous = json.loads(marker.read_text())
         if resume == "auto" and previous.get("fingerprint") == fingerprint:
-            return previous.get("mlflow_run_id")
+            # an lmforge before run keys kept the MLflow run id: the agent takes either
+            return previous.get("tracking_key") or previous.get("mlflow_run_id")
         now, before = flatten(fingerprint), flatten(previous.get("fingerprint", {}))
         changed = sorted(key for key in set(now) | set(before) if now.get(key) != before.get(key))
         reason = "resume is 'never'" if resume != "auto" else f"{', '.join(changed)} changed"
@@ -60,7 +61,7 @@ def claim_run_dir(root: Path, fingerprint: dict[str, Any], resume: str) -> str |
         raise LmforgeError(f"{root} holds files without a {MARKER}: move them away or delete the directory")
     directory.mkdir(exist_ok=True)
     # The nonce names this run as the writer of its checkpoints (lmforge.train.checkpoint refuses others).
-    write_json(marker, {"fingerprint": fingerprint, "mlflow_run_id": None, "nonce": secrets.token_hex(16)})
+    write_json(marker, {"fingerprint": fingerprint, "tracking_key": None, "nonce": secrets.token_hex(16)})
     return None
 
 
@@ -81,14 +82,15 @@ def _run_dir(root: Path) -> Path:
 
 
 def run_record(root: Path) -> dict[str, Any]:
-    """What `root`'s run.json says (fingerprint, mlflow_run_id, nonce); {} when `root` is no run directory."""
+    """What `root`'s run.json says (fingerprint, tracking_key, nonce); {} when `root` is no run directory."""
     marker = root / MARKER
     return json.loads(marker.read_text()) if marker.is_file() else {}
 
 
-def remember_run_id(root: Path, run_id: str) -> None:
+def remember_run_key(root: Path, key: str) -> None:
+    """The key of the MLflow run these checkpoints belong to (the agent tags the run with it)."""
     marker = root / MARKER
-    write_json(marker, {**json.loads(marker.read_text()), "mlflow_run_id": run_id})
+    write_json(marker, {**json.loads(marker.read_text()), "tracking_key": key})
 
 
 def check_still_claimed(marker: Path | None, step: int) -> None:
