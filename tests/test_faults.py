@@ -33,7 +33,7 @@ from lmforge.train.batches import PackedRows
 
 from lmforge.train.trainer import Trainer
 
-from conftest import LIGHT_EVALUATE, REPO, run, tiny_params, write_params
+from conftest import LIGHT_EVALUATE, REPO, registered_versions, run, tiny_params, write_params
 from train_helper import SyntheticRows, tiny_config
 
 SECRET = "s3cr3t-pw"
@@ -163,6 +163,8 @@ def test_a_finished_run_resumed_keeps_its_figures(tiny_repo, tmp_path):
         for key in compared:
             assert after[key] == before[key] and after[key] is not None, (stage, key)
         assert "nan" not in result.stderr
+        # the same run (its checkpoints' tracking key) and the same weights: no second version
+        assert registered_versions(root, f"lmforge-{stage}") == [1], stage
 
 
 # ------------------------------------------------------------------- nothing reaches a shell

@@ -48,7 +48,7 @@ class LiveRun(DeferredRun):
 
     def __init__(self, stage: str, directory: Path, opened: Mapping[str, Any]) -> None:
         super().__init__(stage, directory)
-        self.key = str(opened["key"])
+        self.key, self.name = str(opened["key"]), str(opened["name"])
         self.experiment_id: str | None = None
         stem = f"{time.time_ns():020d}-{os.getpid()}-{stage}"
         self.journal = directory / f"{stem}{LIVE_SUFFIX}"
@@ -96,6 +96,10 @@ class LiveRun(DeferredRun):
         self._write({"end": status, "end_time_ms": now_ms()})
         self._handle.close()
         self._handle = None
+        self._announce()
+        if self.run_id is None:  # a short stage: the agent has not opened the run yet
+            logger.info("MLflow run %s: written by the workspace's tracking agent (%s)", self.name,
+                        self.directory / "agent.log")
 
     def _announce(self) -> None:
         """Link to the run in the stage's log once the agent has opened it."""

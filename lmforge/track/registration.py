@@ -41,22 +41,26 @@ def model_signature(inputs: Mapping[str, tuple[str, tuple[int, ...]]],
 def register_exported(run: StageRun, directory: Path, spec: Mapping[str, Any]) -> str | None:
     """A new registered version of the model exported in `directory` (spec: loader, name, weights
     file, description, figures, signature, input_example as [dtype, nested list] per input, lineage
-    tags); None when tracking fails."""
+    tags); None when tracking fails. Once per run and weights: a journal written again (its agent
+    was killed mid-way) or a finished run resumed to the same end registers no second version."""
     import numpy as np
 
+    name, figures = spec["name"], spec["figures"]
+    weights = content_hash(directory / spec["weights"])
+    if (done := run.find_model_version(name, WEIGHTS_TAG, weights, run_id=run.run_id)) is not None:
+        return done
     loaders = _loaders()
     if spec["loader"] not in loaders:
         raise ValueError(f"unknown model loader {spec['loader']!r}: one of {sorted(loaders)}")
     model = loaders[spec["loader"]](directory)
     arrays = [np.array(values, dtype=dtype) for dtype, values in spec["input_example"]]
     example = arrays[0] if len(arrays) == 1 else tuple(arrays)
-    name, figures = spec["name"], spec["figures"]
     exported = [path for path in sorted(directory.iterdir()) if path.is_file()]
     version = run.log_torch_model(model, name, signature=model_signature(*spec["signature"]), input_example=example,
                                   description=spec["description"], extra_files=exported)
     if version is None:
         return None
-    run.tag_model_version(name, version, {WEIGHTS_TAG: content_hash(directory / spec["weights"]),
+    run.tag_model_version(name, version, {WEIGHTS_TAG: weights,
                                           "lmforge.run_id": str(run.run_id),
                                           **{f"{run.stage}.{k}": f"{v:.6g}" for k, v in figures.items()}})
     run.describe_model_version(name, version, f"From the `{run.stage}` run {run.run_id}: " +

@@ -194,12 +194,13 @@ class StageRun:
         return find_run(str(self.experiment_id), {RUN_KEY_TAG: key}) if self.experiment_id else None
 
     @guarded
-    def find_model_version(self, name: str, tag: str, value: str) -> str | None:
-        """The newest registered version of `name` whose tag `tag` is `value` (None: none is)."""
+    def find_model_version(self, name: str, tag: str, value: str, run_id: str | None = None) -> str | None:
+        """The newest registered version of `name` whose tag `tag` is `value` (and registered from
+        the run `run_id`, when given); None: none is."""
         from mlflow.tracking import MlflowClient
 
         versions = MlflowClient().search_model_versions(f"name = '{name}'")
-        matching = [int(v.version) for v in versions if v.tags.get(tag) == value]
+        matching = [int(v.version) for v in versions if v.tags.get(tag) == value and run_id in (None, v.run_id)]
         return str(max(matching)) if matching else None
 
 

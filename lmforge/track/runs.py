@@ -168,8 +168,8 @@ def _journaled(stage: str, params: Mapping[str, BaseModel | Mapping[str, Any]], 
     if run is None:
         yield StageRun(None, stage)
         return
-    logger.info("MLflow run %s: written by the workspace's tracking agent %s", name,
-                "as the stage ends" if live_key is None else "while the stage runs")
+    if not isinstance(run, LiveRun):  # a live run's line is its link, once the agent has opened it
+        logger.info("MLflow run %s: written by the workspace's tracking agent as the stage ends", name)
 
     def close(status: str) -> None:
         try:
