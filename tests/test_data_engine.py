@@ -307,3 +307,26 @@ def test_inputs_on_s3_are_globbed_sliced_and_read_like_local_files(corpus, tmp_p
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_whole_train_split_is_read_where_it_is_as_a_sample_would_hold_it(tmp_path):
+    """At rate 1.0 (a corpus under tokenizer.train_sample_mb) the BPE task reads the clean
+    partitions' train documents itself: the same texts, in the same order, a sample would copy."""
+    import hashlib
+
+    from lmforge.data.tokenize_job import SampleTask, _train_split, part_of, sample_part
+
+    texts = make_texts(60, seed=5)
+    ids = [hashlib.md5(text.encode()).hexdigest() for text in texts]
+    paths = []
+    for i, (chunk_ids, chunk_texts) in enumerate(((ids[:35], texts[:35]), (ids[35:], texts[35:]))):
+        paths.append(tmp_path / f"part-{i:05d}.parquet")
+        pq.write_table(pa.table({"id": chunk_ids, "text": chunk_texts}), paths[-1], row_group_size=7)
+    sampled = []
+    for index, path in enumerate(paths):
+        summary = sample_part(SampleTask(part_of(index, path), 1.0, VAL_FRACTION, 8, str(tmp_path / "staging")))
+        sampled.append((summary, pq.read_table(tmp_path / "staging/sample" / path.name).column("text").to_pylist()))
+    read = {"documents": 0, "bytes": 0}
+    whole = list(_train_split(tuple(str(path) for path in paths), VAL_FRACTION, 8, read))
+    assert whole == [text for _, part in sampled for text in part] and 0 < len(whole) < len(texts)
+    assert read == {key: sum(summary[key] for summary, _ in sampled) for key in ("documents", "bytes")}

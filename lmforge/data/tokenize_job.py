@@ -4,6 +4,9 @@
 The BPE trains on a bounded sample of the train split: the documents whose id hash falls under
 `rate` (tokenizer.train_sample_mb over the train bytes of the corpus), in global order, so the
 sample, hence the tokenizer, do not depend on the number of workers, and its cost not on the corpus.
+When the sample is the whole train split (rate 1.0: a corpus under train_sample_mb), the BPE task
+reads the train documents from the clean partitions itself, in the same order: a sample would be a
+copy of them, written and read back for nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from lmforge.data.job import DataJob, Engine, JobResult
 from lmforge.data.markers import completed, mark_completed, task_key
 from lmforge.data.tokens.mixture import mixture_csv, normalised, realised, source_factors
 from lmforge.data.tokens.pack import count_train_tokens, encode_part, merge_parts, shard_stats
-from lmforge.data.partitions import iter_part_batches
+from lmforge.data.partitions import iter_part_arrow, iter_part_batches
 from lmforge.data.tokens.shards import token_dtype, write_shards_manifest
 from lmforge.data.tokens.tokenizer import load_tokenizer, save_tokenizer, tokenizer_threads, train_tokenizer
 from lmforge.core.digests import file_sha256
@@ -79,11 +82,18 @@ class TokenizeJob(DataJob):
         (parts, rate), params, val_fraction, staging = plan, self.params, self.val_fraction, self.staging.resolve()
         dumped = params.model_dump(mode="json")
         started = time.perf_counter()
-        sample_tasks = [SampleTask(part, rate, val_fraction, params.encode_batch_size, str(staging)) for part in parts]
-        samples = engine.map(sample_part, sample_tasks, desc="tokenize: sample", postfix=throughput_postfix(started))
-        train_task = TrainTask([part.name for part in parts], [sample_key(task) for task in sample_tasks], dumped,
-                               params.encode_batch_size, str(staging))
+        if rate >= 1.0:  # the whole train split: read where it is
+            train_task = TrainTask([], [whole_split_key(part, val_fraction) for part in parts], dumped,
+                                   params.encode_batch_size, str(staging), tuple(part.path for part in parts), val_fraction)
+        else:
+            sample_tasks = [SampleTask(part, rate, val_fraction, params.encode_batch_size, str(staging))
+                            for part in parts]
+            samples = engine.map(sample_part, sample_tasks, desc="tokenize: sample", postfix=throughput_postfix(started))
+            train_task = TrainTask([part.name for part in parts], [sample_key(task) for task in sample_tasks], dumped,
+                                   params.encode_batch_size, str(staging))
         (trained,) = engine.map(train_on_sample, [train_task], desc="tokenize: train BPE")
+        sampled = trained if rate >= 1.0 else {key: sum(sample[key] for sample in samples)
+                                               for key in ("documents", "bytes")}
         started = time.perf_counter()
         workers = engine.workers
         # Idle workers otherwise, or the driver alone (0): let each encoder use every core.
@@ -112,8 +122,8 @@ class TokenizeJob(DataJob):
             "tokenizer_train_seconds": trained["seconds"],
             "train_sample_mb": params.train_sample_mb,
             "sample_rate": rate,
-            "sample_documents": sum(sample["documents"] for sample in samples),
-            "sample_bytes": sum(sample["bytes"] for sample in samples),
+            "sample_documents": sampled["documents"],
+            "sample_bytes": sampled["bytes"],
             **shard_stats(splits, vocab_size, sum(part["bytes_in"] for part in encoded), encode_seconds),
             "partitions": len(parts),
             "workers": workers,
@@ -218,28 +228,50 @@ def sample_part(task: SampleTask) -> dict[str, Any]:
 
 
 class TrainTask(NamedTuple):
-    samples: list[str]  # sample file names in global order
+    samples: list[str]  # sample file names in global order (none: the whole train split of `parts`)
     sample_keys: list[str]
     params: dict[str, Any]  # TokenizerParams as JSON
     batch_size: int
     staging: str
+    parts: tuple[str, ...] = ()  # the clean partitions in global order, when the sample is their whole train split
+    val_fraction: float = 0.0
+
+
+def whole_split_key(part: Part, val_fraction: float) -> str:
+    """What the BPE read of `part` when it read its whole train split (a changed part: retrained)."""
+    return task_key(TOKENIZE_TASK_VERSION, "train-split", part, val_fraction)
 
 
 def train_on_sample(task: TrainTask) -> dict[str, Any]:
-    """The BPE from the samples in order -> <staging>/tokenizer.json; returns its sha256."""
+    """The BPE from the samples in order, or from the partitions' train documents in order ->
+    <staging>/tokenizer.json; returns its sha256 (and, read whole, the documents and bytes)."""
     staging = Path(task.staging)
     output = staging / TOKENIZER
     key = task_key(TOKENIZE_TASK_VERSION, "train", task.sample_keys, task.params)
     if (done := completed(staging, "tokenizer", key, [output])) is not None:
         return done
     started = time.perf_counter()
+    read = {"documents": 0, "bytes": 0}
+    texts = (_train_split(task.parts, task.val_fraction, task.batch_size, read) if task.parts
+             else _sample_texts(staging, task.samples, task.batch_size))
     with tokenizer_threads(spread=True):  # the one task running: every core is the trainer's
-        tokenizer = train_tokenizer(_sample_texts(staging, task.samples, task.batch_size),
-                                    TokenizerParams(**task.params))
+        tokenizer = train_tokenizer(texts, TokenizerParams(**task.params))
     save_tokenizer(tokenizer, output)
-    result = {"sha256": file_sha256(output), "seconds": round(time.perf_counter() - started, 3)}
+    result = {"sha256": file_sha256(output), "seconds": round(time.perf_counter() - started, 3),
+              **(read if task.parts else {})}
     mark_completed(staging, "tokenizer", key, result)
     return result
+
+
+def _train_split(parts: tuple[str, ...], val_fraction: float, batch_size: int, read: dict[str, int]):
+    """The train documents' texts of `parts` in order (sample_part's at rate 1.0), counted into `read`."""
+    for path in parts:
+        for batch in iter_part_arrow(path, batch_size, "clean", columns=["id", "text"]):
+            ids, texts = batch.column("id").to_pylist(), batch.column("text").to_pylist()
+            train = [text for doc_id, text in zip(ids, texts) if split_of(doc_id, val_fraction) == "train"]
+            read["documents"] += len(train)
+            read["bytes"] += sum(len(text.encode("utf-8")) for text in train)
+            yield from train
 
 
 def _sample_texts(staging: Path, names: list[str], batch_size: int):
