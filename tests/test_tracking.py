@@ -98,6 +98,11 @@ def test_every_run_and_registered_model_reads_well_in_the_ui(tiny_repo):
         assert any(key.endswith("val_loss") for key in version.tags)
         logged = client.get_logged_model(version.model_id) if getattr(version, "model_id", None) else None
         assert logged is None or logged.name == name
+    # report.md names the training runs by id: evaluate finds them by the key in their checkpoints' run.json
+    report = (tiny_repo / "reports/report.md").read_text()
+    for stage in ("pretrain", "finetune"):
+        (trained,) = [r for r in runs if r.data.tags["lmforge.stage"] == stage]
+        assert f"MLflow run `{trained.info.run_id}`" in report, stage
 
 
 def test_each_stage_run_is_tagged_with_the_md5s_dvc_lock_records_for_its_outputs(tiny_repo):

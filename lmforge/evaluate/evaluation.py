@@ -174,8 +174,9 @@ def headline(lm: dict[str, Any], classify: dict[str, Any] | None, baselines: dic
 def provenance(params: Params, commit: str, run: Any, version: str | None) -> dict[str, Any]:
     """What produced these figures: code, runs, model version, recipe (report.md's first table)."""
     def run_of(checkpoints: Path) -> str:
-        key = run_record(checkpoints).get("tracking_key")
-        return (run.find_keyed_run(key) if key else None) or "not tracked"
+        record = run_record(checkpoints)  # an lmforge before run keys kept the MLflow run id itself
+        key = record.get("tracking_key")
+        return (run.find_keyed_run(key) if key else None) or record.get("mlflow_run_id") or "not tracked"
 
     finetune = json.loads((paths.FINETUNE_REPORTS / "metrics.json").read_text()) \
         if (paths.FINETUNE_REPORTS / "metrics.json").is_file() else {}

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from lmforge.core.io import write_json
 from lmforge.train.curves import plot_loss, write_curve_csv
 
