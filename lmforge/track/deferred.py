@@ -42,8 +42,10 @@ JOURNALS = Path(".lmforge") / "tracking"
 JOURNAL_VERSION = 1
 # Environment a stage's MLflow calls depend on: its store and that store's credentials.
 STORE_ENV_PREFIXES = ("MLFLOW_", "AWS_")
-# How long the flow or a stage that logs in its own process waits for the agent before going on.
-WAIT_TIMEOUT_S = 120.0
+# How long the flow or a stage that logs in its own process waits for the agent before going on:
+# the last journal may hold a training stage's model to register (loaded, traced for pt2, its files
+# copied to the store), minutes for a large model. An agent that died is restarted, not waited for.
+WAIT_TIMEOUT_S = 600.0
 AGENT_START_S = 10.0
 
 
