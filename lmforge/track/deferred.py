@@ -105,24 +105,41 @@ class DeferredRun:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Recorded with a snapshot of the file as it is now, taken when the journal is written."""
-        snapshot = f"{len(self.files)}/{Path(path).name}"
-        self.files.append((Path(path), snapshot))
-        self._record("log_artifact", snapshot, artifact_path=artifact_path)
+        self._record("log_artifact", self._snapshot(Path(path)), artifact_path=artifact_path)
+
+    def _snapshot(self, path: Path) -> str:
+        """The name `path`'s snapshot has in the journal's files."""
+        name = f"{len(self.files)}/{path.name}"
+        self.files.append((path, name))
+        return name
+
+
+def journal_stem(stage: str) -> str:
+    """A journal's name: the time it was left first, so names sort oldest first."""
+    return f"{time.time_ns():020d}-{os.getpid()}-{stage}"
+
+
+def link_snapshot(source: Path, target: Path) -> None:
+    """`source` (a file, or a directory's files) at `target`: hard links where the filesystem allows
+    (every output is replaced by a rename, never rewritten in place), else copies."""
+    if source.is_dir():
+        for path in sorted(source.iterdir()):
+            if path.is_file():
+                link_snapshot(path, target / path.name)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def write_journal(run: DeferredRun, opened: Mapping[str, Any], status: str) -> Path:
-    """The run's journal, its artifacts' snapshots first (hard links where the filesystem allows:
-    every output is replaced by a rename, never rewritten in place), the journal itself last and
-    atomically, so the agent never reads half of one."""
-    stem = f"{time.time_ns():020d}-{os.getpid()}-{run.stage}"
-    files = run.directory / f"{stem}.files"
+    """The run's journal, its artifacts' snapshots first (link_snapshot), the journal itself last
+    and atomically, so the agent never reads half of one."""
+    stem = journal_stem(run.stage)
     for source, snapshot in run.files:
-        target = files / snapshot
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copy2(source, target)
+        link_snapshot(source, run.directory / f"{stem}.files" / snapshot)
     journal = run.directory / f"{stem}.json"
     record = {"version": JOURNAL_VERSION, **opened, "calls": run.calls, "status": status, "end_time_ms": now_ms()}
     with atomic_path(journal) as tmp:  # NaN allowed: a metric may be one, as MLflow takes it

@@ -23,14 +23,12 @@ import fcntl
 import json
 import logging
 import os
-import shutil
-import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from lmforge.track.deferred import JOURNAL_VERSION, DeferredRun, now_ms
+from lmforge.track.deferred import JOURNAL_VERSION, DeferredRun, journal_stem, link_snapshot, now_ms
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +48,7 @@ class LiveRun(DeferredRun):
         super().__init__(stage, directory)
         self.key, self.name = str(opened["key"]), str(opened["name"])
         self.experiment_id: str | None = None
-        stem = f"{time.time_ns():020d}-{os.getpid()}-{stage}"
-        self.journal = directory / f"{stem}{LIVE_SUFFIX}"
+        self.journal = directory / f"{journal_stem(stage)}{LIVE_SUFFIX}"
         self.snapshots = self.journal.with_suffix(".files")
         self.answer = self.journal.with_suffix(".run")
         directory.mkdir(parents=True, exist_ok=True)
@@ -73,21 +70,16 @@ class LiveRun(DeferredRun):
         self._write({"method": method, "args": list(args), "kwargs": kwargs, "time_ms": now_ms()})
         self._announce()
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        snapshot = f"{len(self.files)}/{Path(path).name}"
-        self.files.append((Path(path), snapshot))
-        _link(Path(path), self.snapshots / snapshot)
-        self._record("log_artifact", snapshot, artifact_path=artifact_path)
+    def _snapshot(self, path: Path) -> str:
+        """Linked now, before the line that names it: the agent may read that line at once."""
+        name = super()._snapshot(path)
+        link_snapshot(path, self.snapshots / name)
+        return name
 
     def register_model(self, directory: Path, spec: Mapping[str, Any]) -> None:
         """Register the model exported in `directory` (lmforge.track.registration.register_exported
         reads `spec`): its files linked now, loaded and registered by the agent."""
-        snapshot = f"{len(self.files)}/{directory.name}"
-        for path in sorted(directory.iterdir()):
-            if path.is_file():
-                _link(path, self.snapshots / snapshot / path.name)
-        self.files.append((directory, snapshot))
-        self._record("register_model", snapshot, dict(spec))
+        self._record("register_model", self._snapshot(directory), dict(spec))
 
     def end(self, status: str) -> None:
         """The journal's last line: how the stage ended. The lock goes with the handle."""
@@ -113,14 +105,6 @@ class LiveRun(DeferredRun):
 
         self.run_id, self.experiment_id = opened["run_id"], opened["experiment_id"]
         logger.info("MLflow run %s: %s", opened["name"], run_link(opened["experiment_id"], opened["run_id"]))
-
-
-def _link(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
 
 
 def writer_alive(journal: Path) -> bool:
