@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,7 +29,7 @@ from lmforge.data.job import DataJob, Engine, JobResult
 from lmforge.data.markers import completed, mark_completed, task_key
 from lmforge.data.tokens.mixture import mixture_csv, normalised, realised, source_factors
 from lmforge.data.tokens.pack import count_train_tokens, encode_part, merge_parts, shard_stats
-from lmforge.data.partitions import iter_part_arrow, iter_part_batches
+from lmforge.data.partitions import iter_part_arrow
 from lmforge.data.tokens.shards import token_dtype, write_shards_manifest
 from lmforge.data.tokens.tokenizer import load_tokenizer, save_tokenizer, tokenizer_threads, train_tokenizer
 from lmforge.core.digests import file_sha256
@@ -82,7 +82,8 @@ class TokenizeJob(DataJob):
         (parts, rate), params, val_fraction, staging = plan, self.params, self.val_fraction, self.staging.resolve()
         dumped = params.model_dump(mode="json")
         started = time.perf_counter()
-        if rate >= 1.0:  # the whole train split: read where it is
+        whole = rate >= 1.0
+        if whole:  # the whole train split: read where it is
             train_task = TrainTask([], [whole_split_key(part, val_fraction) for part in parts], dumped,
                                    params.encode_batch_size, str(staging), tuple(part.path for part in parts), val_fraction)
         else:
@@ -92,8 +93,7 @@ class TokenizeJob(DataJob):
             train_task = TrainTask([part.name for part in parts], [sample_key(task) for task in sample_tasks], dumped,
                                    params.encode_batch_size, str(staging))
         (trained,) = engine.map(train_on_sample, [train_task], desc="tokenize: train BPE")
-        sampled = trained if rate >= 1.0 else {key: sum(sample[key] for sample in samples)
-                                               for key in ("documents", "bytes")}
+        sampled = trained if whole else {key: sum(sample[key] for sample in samples) for key in ("documents", "bytes")}
         started = time.perf_counter()
         workers = engine.workers
         # Idle workers otherwise, or the driver alone (0): let each encoder use every core.
@@ -215,9 +215,7 @@ def sample_part(task: SampleTask) -> dict[str, Any]:
     documents = size = 0
     schema = pa.schema([("text", pa.large_string())])
     with atomic_path(output) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for batch in iter_part_batches(task.part.path, task.batch_size, "clean", columns=["id", "text"]):
-            texts = [doc["text"] for doc in batch
-                     if split_of(doc["id"], task.val_fraction) == "train" and in_sample(doc["id"], task.rate)]
+        for texts in _sampled_batches(task.part.path, task.rate, task.val_fraction, task.batch_size):
             if texts:
                 writer.write_batch(pa.record_batch([pa.array(texts, pa.large_string())], schema=schema))
                 documents += len(texts)
@@ -263,12 +261,18 @@ def train_on_sample(task: TrainTask) -> dict[str, Any]:
     return result
 
 
+def _sampled_batches(path: str, rate: float, val_fraction: float, batch_size: int) -> Iterator[list[str]]:
+    """The texts of a clean partition's train documents in the BPE's sample, batch by batch, in file order."""
+    for batch in iter_part_arrow(path, batch_size, "clean", columns=["id", "text"]):
+        ids, texts = batch.column("id").to_pylist(), batch.column("text").to_pylist()
+        yield [text for doc_id, text in zip(ids, texts)
+               if split_of(doc_id, val_fraction) == "train" and in_sample(doc_id, rate)]
+
+
 def _train_split(parts: tuple[str, ...], val_fraction: float, batch_size: int, read: dict[str, int]):
-    """The train documents' texts of `parts` in order (sample_part's at rate 1.0), counted into `read`."""
+    """The train documents' texts of `parts` in order (the sample at rate 1.0), counted into `read`."""
     for path in parts:
-        for batch in iter_part_arrow(path, batch_size, "clean", columns=["id", "text"]):
-            ids, texts = batch.column("id").to_pylist(), batch.column("text").to_pylist()
-            train = [text for doc_id, text in zip(ids, texts) if split_of(doc_id, val_fraction) == "train"]
+        for train in _sampled_batches(path, 1.0, val_fraction, batch_size):
             read["documents"] += len(train)
             read["bytes"] += sum(len(text.encode("utf-8")) for text in train)
             yield from train
