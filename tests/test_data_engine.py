@@ -21,7 +21,7 @@ import pytest
 
 from lmforge.data.ingest_job import IngestJob, plan_tasks, run_partition
 from lmforge.core import digests
-from lmforge.data import job, tokenize_job
+from lmforge.data import job
 from lmforge.data.job import Engine, run_data_job
 from lmforge.data.markers import MARKERS_DIR
 from lmforge.data.partitions import iter_dataset_batches
@@ -159,27 +159,6 @@ def test_one_partition_runs_in_the_driver_with_the_bytes_of_a_cluster(one_worker
             forgotten.setattr(digests, "file_md5", lambda path: digests.file_digest(path, "md5"))
             read = digests.content_hash(tmp_path / "driver" / output)
         assert digests.content_hash(tmp_path / "driver" / output) == read
-
-
-def test_the_bpe_trains_in_the_driver_while_the_embedded_cluster_starts_with_the_bytes_of_a_running_one(
-        one_worker, corpus, tmp_path, monkeypatch):
-    whole = TOKENIZER.model_copy(update={"train_sample_mb": 64.0})  # the whole train split: the BPE task comes first
-    raw = tmp_path / "raw"
-    run_data_job(IngestJob(corpus, raw, tmp_path / "staging-ingest"), Engine(one_worker))
-
-    def tokenize(out: Path, engine: Engine | EngineParams) -> dict[str, object]:
-        run_data_job(TokenizeJob(whole, VAL_FRACTION, raw, out / "shards", out / "tokenizer", out / "staging"), engine,
-                     hash_outputs=True)
-        return outputs(out)
-
-    running = tokenize(tmp_path / "running", Engine(one_worker))
-    trained_in: list[int] = []
-    train = tokenize_job.train_on_sample
-    monkeypatch.setattr(tokenize_job, "train_on_sample", lambda task: (trained_in.append(os.getpid()), train(task))[1])
-    started = tokenize(tmp_path / "started", EngineParams(workers=2))  # the stage's way: the cluster starts in the job
-    assert started == running and started["tokenizer/stats.json"]["sample_rate"] == 1.0
-    assert trained_in == [os.getpid()]  # in the driver (a worker's append would not reach this list)
-    assert json.loads((tmp_path / "started/tokenizer/stats.json").read_text())["workers"] == 2  # the rest on workers
 
 
 def test_the_bpe_trains_on_a_bounded_sample_chosen_by_id(reference):

@@ -12,11 +12,6 @@ The embedded cluster starts only when it has work to share: more than one partit
 one worker. Otherwise (one partition, or engine.workers: 1) the driver runs the tasks itself, in
 turn, which gives the same bytes without the ~2 s of starting worker processes, importing Dask and
 scheduling; `workers` in the stats is then 0. An engine.address always gets the tasks.
-
-The embedded cluster starts in the background: the job plans and maps meanwhile, and its first map
-of several tasks waits for the workers. A lone task mapped before they are up (tokenize's BPE,
-which reads the whole train split) runs in the driver instead, so the ~1 s of the workers' start is
-spent beside it, not before it.
 """
 
 from __future__ import annotations
@@ -24,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,28 +34,15 @@ STATS = "stats.json"  # every figure of a run, in the job's `reports` directory
 METRICS = "metrics.json"  # the few of them `dvc metrics show` and `dvc exp show` put side by side
 
 
+@dataclass(frozen=True)
 class Engine:
-    """Where a job's tasks run: the workers of a Dask client, or (no client) this process, in turn.
-    `starting`: the client of an embedded cluster still starting (its workers' start runs beside the
-    job's first steps; `client` waits for it)."""
+    """Where a job's tasks run: the workers of a Dask client, or (no client) this process, in turn."""
 
-    def __init__(self, client: Any = None, starting: Future | None = None) -> None:
-        self._client, self._starting = client, starting
-
-    @property
-    def client(self) -> Any:
-        """The Dask client (None: this process does the work), once the cluster is up."""
-        if self._client is None and self._starting is not None:
-            with phase("engine"):  # the part of the workers' start the job waited for
-                self._client = self._starting.result()
-        return self._client
+    client: Any = None
 
     def map(self, function: Callable[[Any], Any], items: list[Any], desc: str,
             postfix: Callable[[list[Any]], dict[str, Any]] | None = None) -> list[Any]:
-        """`function(item)` for every item, results in the order of `items` (lmforge.data.engine.map_tasks).
-        One task while the workers are still starting runs here: it would otherwise wait for them."""
-        if len(items) == 1 and self._starting is not None and not self._starting.done():
-            return run_in_turn(function, items)
+        """`function(item)` for every item, results in the order of `items` (lmforge.data.engine.map_tasks)."""
         if self.client is None:
             return run_in_turn(function, items)
         return map_tasks(self.client, function, items, desc, postfix)
@@ -142,20 +123,12 @@ def _started(engine: EngineParams | Engine, needed: bool) -> Iterator[Engine]:
         yield engine if isinstance(engine, Engine) else Engine()
         return
     with ExitStack() as stack:
-        if engine.address is not None:  # a scheduler that does not answer fails the stage before any task
-            with phase("engine"):
-                running = Engine(stack.enter_context(dask_client(engine)))
-        else:
-            # Started and stopped on one thread (a Client is bound to the context it was entered in);
-            # the stop, queued behind the start, waits for it.
-            starter = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="lmforge-engine"))
-            cluster = ExitStack()
-            running = Engine(starting=starter.submit(cluster.enter_context, dask_client(engine)))
-            stack.callback(lambda: starter.submit(cluster.close).result())
+        with phase("engine"):  # the cluster's start, and below its stop: fixed costs of the stage
+            client = stack.enter_context(dask_client(engine))
         try:
-            yield running
+            yield Engine(client)
         finally:
-            with phase("engine"):  # the rest of a start no task waited for, and the cluster's stop
+            with phase("engine"):
                 stack.close()
 
 
