@@ -1,8 +1,9 @@
 """The tokenize stage end to end against a run_clm-style prep, on the same clean text (not a test).
 
   ours    a fresh `python` process that does what `python -m stages.tokenize_data` does: start the
-          embedded engine, sample the train split (tokenizer.train_sample_mb), train the BPE, encode,
-          pack and write the shards + manifest (lmforge.data.tokenize_job.TokenizeJob);
+          embedded engine (from 3 workers; with fewer, the process runs the tasks itself), sample
+          the train split (tokenizer.train_sample_mb), train the BPE, encode, pack and write the
+          shards + manifest (lmforge.data.tokenize_job.TokenizeJob);
   theirs  a fresh `python` process that reads the same clean Parquet parts, trains the same BPE
           (tokenizers' BpeTrainer with the settings of lmforge/data/tokens/tokenizer.py and params.yaml) on
           the same train split (by document id), then runs `datasets.Dataset.map` (batched, the fast tokenizer) and
@@ -229,7 +230,8 @@ def main() -> None:
     print("| method (fresh process, end to end) | wall s per run | median s | baseline / ours | peak RSS MB (process tree) | BPE trained on |")
     print("| --- | --- | ---: | ---: | ---: | --- |")
     peak = {m: max(r["peak_rss_tree_mb"] for r in runs if r["method"] == m) for m in methods}
-    print(f"| tokenize stage (engine, {sample['workers']} workers) | {', '.join(map(str, walls['ours']))} | "
+    where = f"engine, {sample['workers']} workers" if sample["workers"] else "in its own process: fewer than 3 workers"
+    print(f"| tokenize stage ({where}) | {', '.join(map(str, walls['ours']))} | "
           f"{median['ours']:.2f} | | {peak['ours']} | {sample['sample_bytes'] / 1e6:.1f} MB sample (train_sample_mb "
           f"{sample['train_sample_mb']:g}, rate {sample['sample_rate']:.3g}) |")
     for method, label in (("theirs", "run_clm-style (BPE + `datasets.map` + `group_texts`)"),

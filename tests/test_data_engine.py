@@ -161,6 +161,17 @@ def test_one_partition_runs_in_the_driver_with_the_bytes_of_a_cluster(one_worker
         assert digests.content_hash(tmp_path / "driver" / output) == read
 
 
+def test_tokenize_on_two_workers_runs_in_the_driver_with_the_bytes_of_a_cluster(reference, corpus, tmp_path,
+                                                                               monkeypatch):
+    # Its BPE trainer and encoder use both cores of one process: two workers are not worth their start.
+    started = []
+    start = job.dask_client
+    monkeypatch.setattr(job, "dask_client", lambda params: started.append(params) or start(params))
+    assert outputs(run_data_stages(None, corpus, tmp_path / "out", EngineParams(workers=2))) == reference
+    assert started == [EngineParams(workers=2)]  # ingest's cluster, none for tokenize
+    assert json.loads((tmp_path / "out/tokenizer/stats.json").read_text())["workers"] == 0
+
+
 def test_the_bpe_trains_on_a_bounded_sample_chosen_by_id(reference):
     stats = reference["tokenizer/stats.json"]
     assert 0 < stats["sample_rate"] < 1

@@ -140,17 +140,21 @@ def test_a_failed_job_publishes_nothing_and_keeps_its_staging_to_resume_from(tmp
                                                                         "part-00001.parquet.json"]
 
 
-@pytest.mark.parametrize("params,partitions,cluster", [
-    (EngineParams(), 1, False),  # one partition: nothing to share between workers
-    (EngineParams(workers=4), 1, False),
-    (EngineParams(workers=1), 12, False),  # one worker: the driver runs the tasks as it would
-    (EngineParams(workers=2), 2, True),
-    (EngineParams(address="tcp://10.0.0.5:8786"), 1, True),  # a scheduler given is always used
-    (EngineParams(address="tcp://10.0.0.5:8786", workers=1), 0, True),
+@pytest.mark.parametrize("params,partitions,min_workers,cluster", [
+    (EngineParams(), 1, 2, False),  # one partition: nothing to share between workers
+    (EngineParams(workers=4), 1, 2, False),
+    (EngineParams(workers=1), 12, 2, False),  # one worker: the driver runs the tasks as it would
+    (EngineParams(workers=2), 2, 2, True),
+    (EngineParams(), 2, 2, True),  # null: one per core (2 here)
+    (EngineParams(), 2, 3, False),  # a job whose tasks use every core of one process (tokenize)
+    (EngineParams(workers=3), 2, 3, True),
+    (EngineParams(address="tcp://10.0.0.5:8786"), 1, 2, True),  # a scheduler given is always used
+    (EngineParams(address="tcp://10.0.0.5:8786", workers=1), 0, 3, True),
 ])
-def test_the_embedded_cluster_starts_only_with_partitions_and_workers_to_share(params, partitions, cluster, monkeypatch):
+def test_the_embedded_cluster_starts_only_with_partitions_and_workers_to_share(params, partitions, min_workers,
+                                                                               cluster, monkeypatch):
     monkeypatch.setattr(job_module.os, "cpu_count", lambda: 2)  # engine.workers null: one per core
-    assert cluster_needed(params, partitions) is cluster
+    assert cluster_needed(params, partitions, min_workers) is cluster
 
 
 def _no_cluster(params):

@@ -126,8 +126,8 @@ class EngineParams(Section):
 
     address: str | None = Field(
         None, description="null: an embedded cluster on this machine, started only for more than one partition "
-                    "and more than one worker (else the stage's own process does the work); `tcp://host:8786`: an "
-                    "existing Dask scheduler")
+                    "and more than one worker, 3 for tokenize (else the stage's own process does the work); "
+                    "`tcp://host:8786`: an existing Dask scheduler")
     workers: int | None = Field(None, gt=0, description="embedded cluster: worker processes, one thread each; "
                                                         "null: one per core")
     dashboard: bool = Field(False, description="serve Dask's dashboard and print its link")

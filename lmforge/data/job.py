@@ -8,10 +8,11 @@ and returns a `JobResult`: its stats and the staged files to publish. The driver
 it publishes, writes stats.json, metrics.json and the manifest (last), hashes the output for the
 stage run's tags (on the workers), and clears the staging directory once everything is written.
 
-The embedded cluster starts only when it has work to share: more than one partition and more than
-one worker. Otherwise (one partition, or engine.workers: 1) the driver runs the tasks itself, in
-turn, which gives the same bytes without the ~2 s of starting worker processes, importing Dask and
-scheduling; `workers` in the stats is then 0. An engine.address always gets the tasks.
+The embedded cluster starts only when it has work to share: more than one partition and at least
+the job's `min_workers` workers (2; tokenize's 3). Otherwise (one partition, or engine.workers: 1)
+the driver runs the tasks itself, in turn, which gives the same bytes without the ~2 s of starting
+worker processes, importing Dask and scheduling; `workers` in the stats is then 0. An
+engine.address always gets the tasks.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class DataJob(Protocol):
     reports: Path  # where stats.json (and metrics.json) go
     compared: tuple[str, ...] = ()  # the stats keys metrics.json holds (none: no metrics.json)
     uses_engine: bool = True  # False: the driver does the work (a sequential stream), no engine starts
+    # The fewest workers an embedded cluster is worth starting with; fewer: the driver runs the tasks.
+    min_workers: int = 2
 
     def plan(self) -> Any:
         """The tasks, from the inputs' manifests and sizes, on the driver before the engine starts."""
@@ -90,7 +93,8 @@ def run_data_job(job: DataJob, engine: EngineParams | Engine, hash_outputs: bool
     `engine`: the params of one to start for the job, or one running (a test's, a benchmark's).
     A job that raises leaves its staging directory for the next run to resume from."""
     plan = job.plan()
-    needed = job.uses_engine and not isinstance(engine, Engine) and cluster_needed(engine, job.partitions(plan))
+    needed = (job.uses_engine and not isinstance(engine, Engine)
+              and cluster_needed(engine, job.partitions(plan), job.min_workers))
     with _started(engine, needed) as running:
         result = job.run(plan, running)
         with phase("publish"):
@@ -111,10 +115,10 @@ def on_engine(workers: int) -> str:
     return f"on {workers} workers" if workers else "in the stage's own process"
 
 
-def cluster_needed(params: EngineParams, partitions: int) -> bool:
+def cluster_needed(params: EngineParams, partitions: int, min_workers: int = 2) -> bool:
     """Whether a job of `partitions` partitions runs on a Dask cluster: always at an engine.address;
-    the embedded one only when it has more than one partition for more than one worker."""
-    return params.address is not None or (partitions > 1 and (params.workers or os.cpu_count() or 1) > 1)
+    the embedded one only with more than one partition and at least `min_workers` workers."""
+    return params.address is not None or (partitions > 1 and (params.workers or os.cpu_count() or 1) >= min_workers)
 
 
 @contextmanager

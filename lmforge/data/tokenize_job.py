@@ -63,6 +63,12 @@ class TokenizeJob(DataJob):
     staging: Path
     # mix.weights: named sources mixed in the train split, each source's val apart; empty: one pool.
     weights: Mapping[str, float] = field(default_factory=dict)
+    # The BPE trainer and the encoder use every core of the process they run in, so two workers are
+    # not worth their start: on 2 cores (50 MB, docs/benchmarks.md) the driver took 19.0 s where
+    # the embedded cluster took 21.7 s (~1.1 s to start it, ~3 CPU-s of imports in its workers).
+    # With more workers, processes should encode faster than one process's threads, whose packing is
+    # serial (0.7 s of 2.6 s per 13 MB partition): estimated from that share, not measured (2 cores).
+    min_workers: int = 3
 
     @property
     def compared(self) -> tuple[str, ...]:
