@@ -113,15 +113,15 @@ def follow(journal: Path, root: Path) -> bool:
 def _call(handle: Any, call: dict[str, Any], snapshots: Path) -> None:
     """One recorded StageRun call, made on `handle`: files read from the journal's snapshots."""
     method, args, kwargs = call["method"], call["args"], call["kwargs"]
-    if method in ("log_artifact", "register_model"):
+    if method == "register_model":  # the exported directory's snapshot, loaded and registered here
+        from lmforge.track.registration import register_exported
+
+        register_exported(handle, snapshots / args[0], args[1])
+        return
+    if method == "log_artifact":
         args = [str(snapshots / args[0]), *args[1:]]
     if method == "log_metrics":  # when the stage logged them
         kwargs = {**kwargs, "timestamp_ms": call["time_ms"]}
-    if method == "register_model":
-        from lmforge.track.registration import register_exported
-
-        register_exported(handle, Path(args[0]), args[1])
-        return
     getattr(handle, method)(*args, **kwargs)
 
 
