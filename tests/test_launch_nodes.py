@@ -1,11 +1,13 @@
 """Several nodes from the same stage: launchers on 127.0.0.1 as the nodes of one run (the head through
 `dvc repro`, the others with `--join`), the losses of one node's processes, only the head writing, and
-the one line a node that never comes, or dies, ends the run with."""
+the one line a node that never comes, or dies, ends the run with. The one node's reference run, of two
+processes, is also the stage's multi-process run that one process resumes into the same MLflow run."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from conftest import REPO, TINY_PARAMS, copy_repo, run, tool_env, write_params
 from lmforge.core.errors import LmforgeError
@@ -62,6 +65,13 @@ def finished(process: subprocess.Popen) -> tuple[int, str]:
 
 def nodes_params(root: Path, **runtime: object) -> None:
     write_params(root, runtime={"pretrain": {**TINY_PARAMS["runtime"]["pretrain"], **runtime}})
+
+
+def pretrain_runs(root: Path) -> list:
+    """The pretrain runs in `root`'s local MLflow store."""
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("lmforge")
+    return [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags["lmforge.stage"] == "pretrain"]
 
 
 def losses(root: Path) -> list[float]:
@@ -129,6 +139,19 @@ def test_two_nodes_train_bitwise_as_one_node_of_two_resume_after_one_dies_and_on
     # Global rank 0 is the head's; the other node's first process (its local rank 0) wrote nothing of its own.
     for written in ("models/pretrain", "models/pretrain_hf", "reports/pretrain", "mlflow.db", "mlruns", "dvc.lock"):
         assert not (other / written).exists(), written
+
+    # One node of two processes logged one MLflow run (rank 0 alone). As if both had died after step 14:
+    # one process resumes their sharded checkpoint and finishes that same run (same params).
+    (first,) = pretrain_runs(one_node)
+    assert json.loads((one_node / "reports/pretrain/stats.json").read_text())["world_size"] == 2
+    shutil.rmtree(one_node / "checkpoints/pretrain/step_00000016")
+    assert "at step 14" in run([sys.executable, "-m", "stages.pretrain"], one_node).stderr
+    (again,) = pretrain_runs(one_node)
+    assert again.info.run_id == first.info.run_id
+    steps = {m.step for m in MlflowClient(f"sqlite:///{one_node}/mlflow.db").get_metric_history(
+        first.info.run_id, "pretrain/train_loss")}
+    assert steps == set(range(1, 17))
+    assert json.loads((one_node / "reports/pretrain/stats.json").read_text())["world_size"] == 1
 
 
 def test_a_node_that_never_joins_ends_the_head_within_the_wait_with_one_line(tmp_path):
