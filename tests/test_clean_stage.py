@@ -1,4 +1,4 @@
-"""The clean stage on a real Dask engine: the same bytes on 1 worker and on 2, a worker process
+"""The clean stage on a real Dask engine: the same bytes on 2 workers as in one process, a worker process
 killed mid-task loses and doubles nothing, and a stage killed after some partitions resumes
 from them and ends with what an uninterrupted run writes."""
 
@@ -62,10 +62,9 @@ def serial(raw, tmp_path_factory) -> dict:
     return outputs(root, run_clean(PARAMS, raw, root / "clean", root / "staging"))
 
 
-def test_one_and_two_workers_write_the_same_bytes(raw, serial, tmp_path):
-    one = clean_on_dask(raw, tmp_path / "one", workers=1)
-    two = clean_on_dask(raw, tmp_path / "two", workers=2)
-    assert one == two == serial
+def test_two_workers_write_the_bytes_of_one_process(raw, serial, tmp_path):
+    # Deduplication across partitions on workers that each see some (a 1-worker cluster: tests/test_data_engine.py)
+    assert clean_on_dask(raw, tmp_path / "two", workers=2) == serial
     assert serial["stats"]["steps"]["near_dedup"]["dropped"] >= 1 and serial["stats"]["steps"]["exact_dedup"]["dropped"] >= 2
     assert len(serial["parts"]) == 6
 
