@@ -98,7 +98,10 @@ def _store(kind: str, root: Path, stack: contextlib.ExitStack) -> dict[str, str]
 def test_every_stage_finishes_its_work_when_tracking_is_down(tiny_repo, tmp_path):
     """The whole pipeline with its server gone. Every stage meets the store through stage_run's probe
     alone (a failed probe: no MLflow call after it), so one way of being down covers every stage;
-    each way of being down is one stage's test below."""
+    each way of being down is one stage's test below. Run on one thread with another hash seed than
+    `tiny_repo`'s `dvc repro` (torch's default threads, a random PYTHONHASHSEED): the weights are
+    those bytes all the same (what differs between machines, CPU kernels, or package versions is
+    not here)."""
     root = _copy(tiny_repo, tmp_path / "repo", checkpoints=False)
     # Evaluate without its harness and from-scratch fine-tune (they never meet the store; tiny_repo's
     # run has them): its metrics.json then lacks pretraining_gain alone.
@@ -106,7 +109,8 @@ def test_every_stage_finishes_its_work_when_tracking_is_down(tiny_repo, tmp_path
     light = {"reports/metrics.json": {"pretraining_gain"}}
     with contextlib.ExitStack() as stack:
         env = _store("closed port", root, stack)
-        result = run(["dvc", "repro", "-f"], root, check=False, **env)
+        result = run(["dvc", "repro", "-f"], root, check=False, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                     PYTHONHASHSEED="12345", **env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "Traceback" not in output and SECRET not in output
@@ -121,7 +125,7 @@ def test_every_stage_finishes_its_work_when_tracking_is_down(tiny_repo, tmp_path
             if key in up:
                 assert math.isclose(down[key], up[key], rel_tol=1e-4), (metrics, key)
     assert (root / "reports/report.md").is_file()
-    for model in ("models/pretrain/model.safetensors", "models/finetune/model.safetensors"):  # DVC hashes bytes
+    for model in ("models/pretrain/model.safetensors", "models/finetune/model.safetensors"):  # bitwise reproducible
         assert (root / model).read_bytes() == (tiny_repo / model).read_bytes(), model
 
 
