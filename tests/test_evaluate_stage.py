@@ -10,7 +10,8 @@ import shutil
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import copy_repo, run, write_params
+from conftest import copy_repo, registered_versions, run, write_params
+from lmforge.finetune.inference import load_finetuned
 
 
 def test_metrics_json_has_the_model_figures_and_the_baselines(tiny_repo):
@@ -54,12 +55,24 @@ def test_finetuned_model_is_registered_with_the_candidate_alias_and_its_figures(
     assert "accuracy" in evaluate.data.tags["mlflow.note.content"]
 
 
-def test_sft_task_reports_text_metrics_and_perplexity(tiny_repo, tmp_path):
-    root = tmp_path / "repo"
-    shutil.copytree(tiny_repo, root, ignore=shutil.ignore_patterns("checkpoints"), symlinks=True)
-    write_params(root, finetune={"task": "sft", "train_file": "data/labeled/sft_train.jsonl",
+def test_sft_with_lora_exports_the_merged_model_and_its_adapter_and_reports_text_metrics(tiny_repo, tmp_path):
+    root = copy_repo(tiny_repo, tmp_path / "repo", ignore=shutil.ignore_patterns("checkpoints"))
+    write_params(root, finetune={"task": "sft", "method": "lora", "train_file": "data/labeled/sft_train.jsonl",
                                  "test_file": "data/labeled/sft_test.jsonl"})
     run(["python", "-m", "stages.finetune"], root)
+    # LoRA: the adapters merged into the exported weights, and the adapter beside them
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors"):
+        assert (root / "models/finetune" / name).is_file(), name
+    stats = json.loads((root / "reports/finetune/stats.json").read_text())
+    assert 0 < stats["trainable_params"] < stats["total_params"] / 4
+    assert json.loads((root / "reports/finetune/metrics.json").read_text())["best_val_loss"] > 0
+    assert registered_versions(root) == [*registered_versions(tiny_repo), len(registered_versions(tiny_repo)) + 1]
+    model = load_finetuned(root / "models/finetune")
+    (out,) = model.generate(["def read_1(x)"], max_new_tokens=4)
+    loss, n = model.lm_loss(["def read_1(x)"], ["Return the read."])
+    assert isinstance(out, str) and n > 0 and loss > 0
+    assert not any("lora" in k for k in model.model.state_dict())
     run(["python", "-m", "stages.evaluate"], root)
     metrics = json.loads((root / "reports/metrics.json").read_text())
     for key in ("sft_exact_match", "sft_token_f1", "sft_rouge_l", "sft_loss", "sft_val_perplexity"):

@@ -69,25 +69,6 @@ def test_stage_fine_tunes_a_classifier_exports_it_and_registers_a_version(tiny_r
     assert any(k.startswith("lmforge.input.") and "models/pretrain" in k for k in run_.data.tags)
 
 
-def test_sft_with_lora_exports_the_merged_model_and_the_adapter(repo):
-    _finetune_params(repo, task="sft", method="lora", train_file="data/labeled/sft_train.jsonl",
-                     test_file="data/labeled/sft_test.jsonl", max_steps=3, eval_every=3)
-    run(["python", "-m", "stages.finetune"], repo)
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors"):
-        assert (repo / "models/finetune" / name).is_file(), name
-    metrics = json.loads((repo / "reports/finetune/metrics.json").read_text())
-    stats = json.loads((repo / "reports/finetune/stats.json").read_text())
-    assert 0 < stats["trainable_params"] < stats["total_params"] / 4
-    assert metrics["best_val_loss"] > 0
-    assert [str(v.version) for v in _client(repo).search_model_versions("name = 'lmforge-finetune'")] == ["1"]
-    model = load_finetuned(repo / "models/finetune")
-    (out,) = model.generate(["def read_1(x)"], max_new_tokens=4)
-    loss, n = model.lm_loss(["def read_1(x)"], ["Return the read."])
-    assert isinstance(out, str) and n > 0 and loss > 0
-    assert not any("lora" in k for k in model.model.state_dict())
-
-
 def test_unseen_test_label_stops_the_stage_with_one_line(repo):
     with (repo / "data/labeled/test.jsonl").open("a") as handle:
         handle.write(json.dumps({"id": "new", "text": "a bird sings", "label": "birds"}) + "\n")
