@@ -5,7 +5,6 @@ report always describes what the registry holds. Real DVC and MLflow on a copy o
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,7 +16,7 @@ from lmforge.core import paths
 from lmforge.core.digests import content_hash
 from lmforge.track.promotion import DECISION_TAG, aliases
 
-from conftest import LIGHT_EVALUATE, registered_versions, run, write_params
+from conftest import LIGHT_EVALUATE, copy_repo, registered_versions, run, write_params
 
 INPUT_TAG = "lmforge.input."
 CHANGED = {"finetune": {"method": "frozen"}}  # the tiny params train all weights: finetune and after rerun
@@ -53,7 +52,7 @@ def rerun(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Rerun:
     """A private copy of `tiny_repo` where finetune's params changed and `dvc repro` ran again (evaluate
     without its harness and from-scratch fine-tune, which no test here reads)."""
     root = tmp_path_factory.mktemp("rerun") / "repo"
-    shutil.copytree(tiny_repo, root, symlinks=True)
+    copy_repo(tiny_repo, root)  # its store made its own: MLflow's artifact paths are absolute
     before_ids = {r.info.run_id for r in _runs(root)}
     before, versions = _lock_outs(root), registered_versions(root)
     write_params(root, **CHANGED, evaluate=LIGHT_EVALUATE)  # evaluate reruns light: no test reads harness/scratch
