@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,12 +17,14 @@ from lmforge.finetune.examples import (
 )
 from lmforge.finetune.inference import FinetunedModel, load_finetuned
 from lmforge.finetune.methods import apply_method, count_params, merged_model
+from lmforge.finetune import recipe
 from lmforge.finetune.objectives import task_spec
 from lmforge.model.decoder import IGNORE_INDEX
 from lmforge.train.export import save_finetuned
 from lmforge.model.decoder import build_model
 from lmforge.model.decoder import ModelConfig, Transformer
-from lmforge.core.params import FinetuneParams, LoraParams
+from lmforge.core.params import FinetuneParams, LoraParams, Params
+from lmforge.train.distributed import DistInfo
 from lmforge.train.early_stopping import EarlyStopping
 from lmforge.core.params import TrainerParams
 from lmforge.train.batches import Examples
@@ -89,13 +92,56 @@ def test_classification_head_learns_a_separable_task():
     assert trainer.evaluate()["val_accuracy"] == result.best_metrics["val_accuracy"]  # the best weights are loaded
 
 
-def test_mean_pooling_also_learns():
+@pytest.mark.parametrize("pooling", ["mean", "mean_embed"])
+def test_mean_pooling_also_learns(pooling):
     torch.manual_seed(0)
     tok, rows = word_tokenizer(), toy_rows(256)
-    model = build_model(Transformer(CONFIG), "classify", 2, "mean")
+    model = build_model(Transformer(CONFIG), "classify", 2, pooling)
     trainer = classify_trainer(model, tok, rows, ["animal", "colour"])
     trainer.fit()
     assert trainer.evaluate()["val_accuracy"] >= 0.95
+
+
+def test_mean_embed_reads_the_mean_hidden_state_and_the_mean_input_embedding_at_unit_rms():
+    torch.manual_seed(0)
+    model = build_model(Transformer(CONFIG), "classify", 3, "mean_embed").eval()
+    assert model.head.in_features == 2 * CONFIG.dim
+    ids, lengths = torch.randint(3, CONFIG.vocab_size, (2, 6)), torch.tensor([6, 4])
+    ids[1, 4:] = 0  # padding after the second row's 4 tokens
+    seen = []
+    model.head.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        logits = model(input_ids=ids, lengths=lengths)
+        for row, n in enumerate(lengths.tolist()):
+            hidden = model.backbone.hidden_states(ids[row : row + 1, :n])[0].mean(0)
+            words = model.backbone.embed(ids[row, :n]).mean(0)
+            words = words / words.pow(2).mean().add(CONFIG.norm_eps).sqrt()
+            torch.testing.assert_close(seen[0][row], torch.cat([hidden, words]))
+        other = ids.clone()
+        other[1, 4:] = 7  # what the padding holds changes nothing
+        torch.testing.assert_close(model(input_ids=other, lengths=lengths), logits)
+
+
+def test_label_smoothing_moves_the_classify_target_off_the_label_and_reaches_the_trainer():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    labels = torch.tensor([0, 2])
+    model = lambda input_ids, lengths: logits  # noqa: E731 - the head's output as the loss sees it
+    batch = {"input_ids": None, "lengths": None, "labels": labels}
+    plain, n = task_spec("classify", 0).loss_fn(model, batch)
+    smoothed, _ = task_spec("classify", 0, label_smoothing=0.2).loss_fn(model, batch)
+    log_p = torch.log_softmax(logits, -1)
+    expected = (0.8 * -log_p[[0, 1], labels] + 0.2 * -log_p.mean(-1)).sum()
+    assert int(n) == 2 and smoothed > plain
+    torch.testing.assert_close(smoothed, expected)
+    # finetune.label_smoothing is what the stage's trainer minimizes
+    tok, rows = word_tokenizer(), toy_rows(16)
+    data = {"train": classify_data(tok, rows[:12], ["animal", "colour"]),
+            "val": classify_data(tok, rows[12:], ["animal", "colour"]), "labels": ["animal", "colour"]}
+    setup = recipe.Setup(Transformer(CONFIG), CONFIG, Path("unused"), "<pad>", special_ids(tok)[1], data)
+    params = Params(finetune=FinetuneParams(label_smoothing=0.2, max_length=16, micro_batch_size=4))
+    trainer = recipe.build_trainer(build_model(setup.backbone, "classify", 2, "mean"), params, setup,
+                                   DistInfo(0, 1, 0, torch.device("cpu"), True), on_metrics=None, checkpoint_dir=None)
+    torch.testing.assert_close(trainer.loss_fn(model, batch)[0], expected)
 
 
 def test_frozen_method_trains_only_the_head():

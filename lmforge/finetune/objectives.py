@@ -1,7 +1,7 @@
 """Fine-tuning objectives: what the one trainer minimizes and measures for each task.
 
-`classify`: cross-entropy over the head's logits (optionally class-weighted n / (n_labels * count)),
-accuracy at eval. `sft`: the language-model loss on the response and EOS tokens (examples' targets).
+`classify`: cross-entropy over the head's logits (optionally class-weighted n / (n_labels * count), and
+label-smoothed), accuracy at eval. `sft`: the language-model loss on the response and EOS tokens (examples' targets).
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from lmforge.train.validation import EvalFn, LossFn
 from lmforge.finetune.examples import classify_collate, sft_collate
 
 
-def classify_loss(class_weights: torch.Tensor | None = None) -> LossFn:
-    """(summed CE over the batch's examples, number of examples); weighted: (sum w*CE, sum w)."""
+def classify_loss(class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> LossFn:
+    """(summed CE over the batch's examples, number of examples); weighted: (sum w*CE, sum w).
+    `label_smoothing` e: the target puts 1 - e on the label and e spread over every class."""
 
     def loss_fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(input_ids=batch["input_ids"], lengths=batch["lengths"]).float()
         labels = batch["labels"]
-        losses = F.cross_entropy(logits, labels, reduction="none")
+        losses = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
         if class_weights is None:
             return losses.sum(), torch.tensor(labels.numel(), device=labels.device)
         w = class_weights.to(logits.device)[labels]
@@ -58,9 +59,10 @@ class TaskSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def task_spec(task: str, pad_id: int, class_weights: torch.Tensor | None = None) -> TaskSpec:
+def task_spec(task: str, pad_id: int, class_weights: torch.Tensor | None = None,
+              label_smoothing: float = 0.0) -> TaskSpec:
     if task == "classify":
-        return TaskSpec(classify_collate(pad_id), classify_loss(class_weights), classify_eval)
+        return TaskSpec(classify_collate(pad_id), classify_loss(class_weights, label_smoothing), classify_eval)
     if task == "sft":
         return TaskSpec(sft_collate(pad_id), lm_loss)
     raise LmforgeError(f"finetune.task {task!r} is not one of classify, sft")

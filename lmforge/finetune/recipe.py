@@ -155,7 +155,7 @@ def build_trainer(model: nn.Module, params: Params, setup: Setup, info: DistInfo
     weights = None
     if fp.task == "classify" and fp.class_weights:
         weights = balanced_class_weights([label for _, label in data["train"]], len(data["labels"]))
-    spec = task_spec(fp.task, setup.pad_id, weights)
+    spec = task_spec(fp.task, setup.pad_id, weights, fp.label_smoothing)
     return Trainer(
         model, params.trainer("finetune"), Examples(data["train"], data["val"], spec.collate, fp.max_length),
         dist_info=info,

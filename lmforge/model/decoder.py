@@ -349,15 +349,21 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Ten
     raise LmforgeError(f"pooling {pooling!r} is not one of last, mean")
 
 
+POOLINGS = ("last", "mean", "mean_embed")
+
+
 class SequenceClassifier(nn.Module):
-    """The pretrained decoder (`backbone`) + a linear `head` on its pooled final-norm hidden states."""
+    """The pretrained decoder (`backbone`) + a linear `head` on its pooled final-norm hidden states
+    (`mean_embed`: beside them, the mean of the input token embeddings, scaled to unit RMS like the
+    final norm's output: the words themselves, which the blocks of a small model blur)."""
 
     def __init__(self, backbone: Transformer, n_labels: int, pooling: str = "last") -> None:
         super().__init__()
-        if pooling not in ("last", "mean"):
-            raise LmforgeError(f"pooling {pooling!r} is not one of last, mean")
+        if pooling not in POOLINGS:
+            raise LmforgeError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
         self.backbone = backbone
-        self.head = nn.Linear(backbone.config.dim, n_labels)
+        width = backbone.config.dim * (2 if pooling == "mean_embed" else 1)
+        self.head = nn.Linear(width, n_labels)
         self.pooling = pooling
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
@@ -368,7 +374,11 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone.hidden_states(input_ids)
-        return self.head(pool(hidden, lengths, self.pooling).to(self.head.weight.dtype))
+        if self.pooling != "mean_embed":
+            return self.head(pool(hidden, lengths, self.pooling).to(self.head.weight.dtype))
+        words = pool(self.backbone.embed(input_ids), lengths, "mean")
+        words = words * torch.rsqrt(words.pow(2).mean(-1, keepdim=True) + self.backbone.config.norm_eps)
+        return self.head(torch.cat([pool(hidden, lengths, "mean"), words], -1).to(self.head.weight.dtype))
 
 
 def build_model(backbone: Transformer, task: str, n_labels: int = 0, pooling: str = "last") -> nn.Module:
