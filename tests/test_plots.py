@@ -166,4 +166,6 @@ def test_the_confusion_matrix_image_shows_the_count_in_each_cell(tiny_repo, tmp_
     records = json.loads((tiny_repo / "reports/figures/confusion_matrix.json").read_text())
     labels = sorted({r["actual"] for r in records} | {r["predicted"] for r in records})
     counts = [sum(1 for r in records if (r["actual"], r["predicted"]) == (a, p)) for a in labels for p in labels]
-    assert sorted(cells, key=int) == sorted(map(str, counts), key=int)
+    # A pair no example fell in has no mark (blank, as in DVC's own confusion template): the tiny
+    # classifier may make no error at all.
+    assert sorted(cells, key=int) == sorted((str(n) for n in counts if n), key=int) and cells

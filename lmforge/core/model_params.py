@@ -199,8 +199,9 @@ class FinetuneParams(TrainingKnobs):
     # `mean_embed` with label_smoothing 0.2 by measurement: on the default task 0.858 validation accuracy
     # against `mean`'s 0.838 and `last`'s 0.804 (docs/guides/experiments.md, the recipe sweep).
     pooling: Literal["last", "mean", "mean_embed"] = Field(
-        "mean_embed", description="classify head input: the `mean` over non-pad tokens' hidden states | the `last` non-pad "
-                            "token's | `mean_embed`: the mean, and beside it the mean of the input token embeddings")
+        "mean_embed", description="classify head input: the `mean` over non-pad tokens' hidden states | the `last` "
+                                  "non-pad token's | `mean_embed`: the mean, and beside it the mean of the input token "
+                                  "embeddings")
     class_weights: bool = Field(False, description="weight each class by n / (n_labels * count) in the loss")
     label_smoothing: float = Field(0.2, ge=0.0, lt=1.0, description="classify: the loss's target puts this much "
                                                                      "probability spread over every class")

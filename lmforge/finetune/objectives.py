@@ -1,7 +1,8 @@
 """Fine-tuning objectives: what the one trainer minimizes and measures for each task.
 
 `classify`: cross-entropy over the head's logits (optionally class-weighted n / (n_labels * count), and
-label-smoothed), accuracy at eval. `sft`: the language-model loss on the response and EOS tokens (examples' targets).
+label-smoothed), accuracy at eval. `sft`: the language-model loss on the response and EOS tokens
+(examples' targets).
 """
 
 from __future__ import annotations
