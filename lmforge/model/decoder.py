@@ -114,6 +114,13 @@ def build_config(preset: str, **overrides: Any) -> ModelConfig:
     return replace(PRESETS[preset], **overrides)
 
 
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """`x` scaled to unit root-mean-square over its last dimension, computed in float32 like HF Llama."""
+    dtype = x.dtype
+    x = x.float()
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+
+
 class RMSNorm(nn.Module):
     """Computed in float32 like HF Llama, so exported logits match."""
 
@@ -123,10 +130,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * rms_normalize(x, self.eps)
 
 
 def rotary_tables(config: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,8 +380,7 @@ class SequenceClassifier(nn.Module):
         hidden = self.backbone.hidden_states(input_ids)
         if self.pooling != "mean_embed":
             return self.head(pool(hidden, lengths, self.pooling).to(self.head.weight.dtype))
-        words = pool(self.backbone.embed(input_ids), lengths, "mean")
-        words = words * torch.rsqrt(words.pow(2).mean(-1, keepdim=True) + self.backbone.config.norm_eps)
+        words = rms_normalize(pool(self.backbone.embed(input_ids), lengths, "mean"), self.backbone.config.norm_eps)
         return self.head(torch.cat([pool(hidden, lengths, "mean"), words], -1).to(self.head.weight.dtype))
 
 
