@@ -97,6 +97,15 @@ def registered_versions(root: Path, name: str = paths.FINETUNED_MODEL) -> list[i
     return sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
 
 
+def stage_runs(root: Path, stage: str) -> list:
+    """The MLflow runs of `stage` in `root`'s local store (newest first)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("lmforge")
+    return [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags["lmforge.stage"] == stage]
+
+
 # Where tiny_repo's stages recorded the params they read (git- and DVC-ignored).
 PARAMS_TRACE = ".dvc/tmp/params-trace.jsonl"
 # What tiny_repo's `dvc repro` printed, stdout then stderr (git- and DVC-ignored).

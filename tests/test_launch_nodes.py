@@ -20,7 +20,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY_PARAMS, copy_repo, run, tool_env, write_params
+from conftest import REPO, TINY_PARAMS, copy_repo, run, stage_runs, tool_env, write_params
 from lmforge.core.errors import LmforgeError
 from lmforge.train.curves import CurveLog
 from lmforge.train.launch import ENDPOINT_ENV, Nodes, command, node_args, plan
@@ -65,13 +65,6 @@ def finished(process: subprocess.Popen) -> tuple[int, str]:
 
 def nodes_params(root: Path, **runtime: object) -> None:
     write_params(root, runtime={"pretrain": {**TINY_PARAMS["runtime"]["pretrain"], **runtime}})
-
-
-def pretrain_runs(root: Path) -> list:
-    """The pretrain runs in `root`'s local MLflow store."""
-    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    experiment = client.get_experiment_by_name("lmforge")
-    return [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags["lmforge.stage"] == "pretrain"]
 
 
 def losses(root: Path) -> list[float]:
@@ -142,11 +135,11 @@ def test_two_nodes_train_bitwise_as_one_node_of_two_resume_after_one_dies_and_on
 
     # One node of two processes logged one MLflow run (rank 0 alone). As if both had died after step 14:
     # one process resumes their sharded checkpoint and finishes that same run (same params).
-    (first,) = pretrain_runs(one_node)
+    (first,) = stage_runs(one_node, "pretrain")
     assert json.loads((one_node / "reports/pretrain/stats.json").read_text())["world_size"] == 2
     shutil.rmtree(one_node / "checkpoints/pretrain/step_00000016")
     assert "at step 14" in run([sys.executable, "-m", "stages.pretrain"], one_node).stderr
-    (again,) = pretrain_runs(one_node)
+    (again,) = stage_runs(one_node, "pretrain")
     assert again.info.run_id == first.info.run_id
     steps = {m.step for m in MlflowClient(f"sqlite:///{one_node}/mlflow.db").get_metric_history(
         first.info.run_id, "pretrain/train_loss")}

@@ -18,17 +18,11 @@ from mlflow.tracking import MlflowClient
 
 from lmforge.model.export import load_pretrained
 
-from conftest import TINY_PARAMS, run, tool_env, write_params
+from conftest import TINY_PARAMS, run, stage_runs, tool_env, write_params
 
 
 def _client(root: Path) -> MlflowClient:
     return MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
-
-
-def _runs(root: Path, name: str):
-    client = _client(root)
-    experiment = client.get_experiment_by_name("lmforge")
-    return [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags["lmforge.stage"] == name]
 
 
 def _params(root: Path, **sections) -> None:
@@ -62,7 +56,7 @@ def test_hf_export_from_the_stage_matches_our_logits(tiny_repo):
 
 
 def test_mlflow_run_has_the_loss_at_every_step_and_a_registered_model(tiny_repo, monkeypatch):
-    (run_,) = _runs(tiny_repo, "pretrain")
+    (run_,) = stage_runs(tiny_repo, "pretrain")
     client = _client(tiny_repo)
     history = client.get_metric_history(run_.info.run_id, "pretrain/train_loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
@@ -105,7 +99,7 @@ def test_tensor_parallel_stage_follows_the_one_process_run_and_logs_the_bytes_pe
     assert stats["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-5)
     # One data-parallel rank: FSDP sends nothing; TP all-reduces activations.
     assert stats["comm_bytes_reduce_scatter"] == 0 and stats["comm_bytes_tp_all_reduce"] > 0
-    (tp_run,) = _runs(root, "pretrain")
+    (tp_run,) = stage_runs(root, "pretrain")
     assert tp_run.data.metrics["pretrain/comm_bytes_total"] == stats["comm_bytes_total"]
     assert tp_run.data.tags["lmforge.tensor_parallel"] == "2"
     # models/pretrain holds full tensors whatever the layout: the one-process shapes.
@@ -136,7 +130,7 @@ def test_killed_stage_resumes_from_its_checkpoint_in_the_same_run(trained_ready)
     assert "torch" in imported and not {"mlflow", "sqlalchemy", "alembic"} & imported
     curve = (root / "reports/pretrain/curve.csv").read_text().splitlines()[1:]
     assert [int(line.split(",")[0]) for line in curve] == list(range(1, 17))
-    (only,) = _runs(root, "pretrain")
+    (only,) = stage_runs(root, "pretrain")
     steps = {m.step for m in _client(root).get_metric_history(only.info.run_id, "pretrain/train_loss")}
     assert steps == set(range(1, 17))
 
@@ -206,4 +200,4 @@ def test_changed_params_start_a_fresh_run_beside_checkpoints_linked_to_another_d
     assert json.loads((disk / "pretrain.stale/run.json").read_text())["fingerprint"] == trained
     assert json.loads((disk / "pretrain/run.json").read_text())["fingerprint"]["pretrain"]["max_steps"] == 8
     assert (disk / "pretrain/step_00000008").is_dir()
-    assert len(_runs(root, "pretrain")) == 2
+    assert len(stage_runs(root, "pretrain")) == 2
