@@ -4,6 +4,7 @@ the number of xdist workers; every fixture that needs its outputs copies them fr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -175,6 +176,15 @@ def write_params(root: Path, **sections: dict) -> None:
     (root / "params.yaml").write_text(params_yaml(tiny_params(**sections)), encoding="utf-8")
 
 
+def _copy_bytecode(source: Path, target: Path) -> None:
+    """`source`'s compiled module (`make test` compiles the project first) beside its copy: the stages
+    a test starts import the copy, and where PYTHONDONTWRITEBYTECODE is set each would compile it
+    again. Still valid there: copy2 keeps the source's mtime, which the bytecode records."""
+    if source.suffix == ".py" and (compiled := Path(importlib.util.cache_from_source(str(source)))).is_file():
+        (target.parent / "__pycache__").mkdir(exist_ok=True)
+        shutil.copy2(compiled, target.parent / "__pycache__" / compiled.name)
+
+
 def make_repo(root: Path, params: dict | None = None, n_docs: int = 200) -> Path:
     """A copy of this repository's files (tracked and untracked, not ignored) with a tiny
     corpus and tiny params, committed to a fresh git repo so `dvc exp run` works too."""
@@ -188,6 +198,7 @@ def make_repo(root: Path, params: dict | None = None, n_docs: int = 200) -> Path
             target = root / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+            _copy_bytecode(source, target)
     (root / "dvc.lock").unlink(missing_ok=True)
     corpus = root / "data" / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)

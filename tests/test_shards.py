@@ -13,13 +13,14 @@ from lmforge.data.documents import make_document, split_of
 from lmforge.data.documents import DocumentWriter
 from lmforge.data.tokens.pack import Packer
 from lmforge.data.sequential import encode_to_shards
-from lmforge.data.tokens.shards import ShardReader, token_dtype
+from lmforge.data.tokens.shards import ShardReader, rows_view, token_dtype
 from lmforge.data.tokens.tokenizer import save_tokenizer, train_tokenizer
 from lmforge.core.digests import file_sha256
 from lmforge.core.errors import LmforgeError
 from lmforge.core.params import TokenizerParams
 
 from conftest import make_texts
+from test_lazy_imports import imported_after
 
 PARAMS = TokenizerParams(vocab_size=400, seq_len=16, shard_rows=8, encode_batch_size=32)
 VAL_FRACTION = 0.2
@@ -86,6 +87,25 @@ def test_reader_rows_are_zero_copy_views_of_the_memory_map(built):
     assert len(reader) > PARAMS.shard_rows  # spans several shards
     with pytest.raises(IndexError):
         reader[len(reader)]
+
+
+def test_rows_view_reads_sliced_columns_and_refuses_nulls():
+    ids = pa.array(np.arange(40, dtype=np.uint16))
+    column = pa.FixedSizeListArray.from_arrays(ids, 4)
+    for part in (column, column.slice(3, 5), column.slice(9, 1), column.slice(0, 0)):
+        expected = np.array(part.to_pylist(), dtype=np.uint16).reshape(-1, 4)
+        assert np.array_equal(rows_view(part, np.dtype(np.uint16)), expected)
+    with pytest.raises(ValueError, match="null"):
+        rows_view(pa.FixedSizeListArray.from_arrays(pa.array([1, None, 3, 4], pa.uint16()), 2), np.dtype(np.uint16))
+
+
+def test_reading_shards_imports_neither_pandas_nor_pyarrow_compute(built):
+    """A third of a second of every training process, for a view of the file it already has."""
+    root, *_ = built
+    loaded = imported_after(f"import sys\nfrom lmforge.data.tokens.shards import ShardReader\n"
+                            f"assert len(ShardReader({str(root / 'shards')!r}, 'train')) > 0\n"
+                            "assert 'pyarrow.compute' not in sys.modules, 'pyarrow.compute imported'")
+    assert "pandas" not in loaded
 
 
 def test_shards_read_back_with_pyarrow_and_datasets(built):
