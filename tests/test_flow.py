@@ -34,6 +34,7 @@ from lmforge.track.store import LOGGING_FAILED_MARKER, check_tracking_server
 from conftest import light_params, make_repo, tool_env
 
 ALL = ["ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate", "promote"]
+OVERRIDE_BATCH = 20  # tokenizer.encode_batch_size (TINY_PARAMS: 50): tokenize reruns, writing the same bytes
 QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
          "DVC_NO_ANALYTICS": "1"}
 
@@ -137,7 +138,7 @@ def runs(tmp_path_factory, prefect_server, env_mlflow):
     root = make_repo(tmp_path_factory.mktemp("flow_repo"), light_params())
     first = _run(root)
     second = _run(root)
-    override = _run(root, overrides=["clean.min_words=1"])
+    override = _run(root, overrides=[f"tokenizer.encode_batch_size={OVERRIDE_BATCH}"])
     lock_before = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     failing = _run(root, overrides=["clean.min_words=100000"])
     lock_after = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
@@ -220,26 +221,26 @@ def test_the_parent_run_links_every_stage_and_carries_the_headline_and_key_param
         assert {"pretrain/val_loss", "pretrain/unigram_entropy", "tokenize/train.tokens",
                 "clean/documents_out"} <= set(parent.data.metrics)
         assert parent.data.params["model.preset"] == "tiny" and parent.data.params["finetune.task"] == "classify"
-    # The override reran clean and what DVC found changed after it: those link to its own runs, the
-    # cached ones to the first flow's.
+    # The override reran tokenize (and promote, which always runs): those link to its own runs, the
+    # ones DVC found unchanged to the first flow's.
     reran = {r.data.tags["lmforge.stage"]: r.info.run_id for r in by_id.values()
              if r.data.tags.get("mlflow.parentRunId") == override.info.run_id}
-    assert sorted(reran) == ["clean", "evaluate", "finetune_data", "promote", "tokenize"]
+    assert sorted(reran) == ["promote", "tokenize"]
     assert {name: override.data.tags[f"stage.{name}.run_id"] for name in ALL} == {**made, **reran}
-    assert override.data.params["clean.min_words"] == "1"
+    assert override.data.params["tokenizer.encode_batch_size"] == str(OVERRIDE_BATCH)
 
 
 def test_override_reruns_the_stage_and_downstream_and_is_a_dvc_experiment(runs):
     override = runs["override"]
     assert override["state"].is_completed(), override["error"]
-    # No document has fewer than 3 words: clean keeps the same documents (its stats.json, with its
-    # seconds, changes), tokenize reruns and writes the same shards, so DVC itself skips pretrain and
-    # finetune; evaluate reads data/clean (its harness tasks' held-out documents): it reruns.
+    # Documents per encoder call change no byte of the tokenizer or the shards: tokenize reruns (its
+    # params changed), and DVC itself skips every stage after it, which `dvc status` could not know
+    # before tokenize ran; promote always runs.
     assert _statuses(override) == {
-        "ingest": SKIPPED, "clean": "ran", "tokenize": "ran", "pretrain": SKIPPED,
-        "finetune_data": "ran", "finetune": SKIPPED, "evaluate": "ran", "promote": "ran",
+        "ingest": SKIPPED, "clean": SKIPPED, "tokenize": "ran", "pretrain": SKIPPED,
+        "finetune_data": SKIPPED, "finetune": SKIPPED, "evaluate": SKIPPED, "promote": "ran",
     }
-    assert runs["lock_before"]["clean"]["params"]["params.yaml"]["clean"]["min_words"] == 1
+    assert runs["lock_before"]["tokenize"]["params"]["params.yaml"]["tokenizer"]["encode_batch_size"] == OVERRIDE_BATCH
     experiment = override["result"]["experiment"]
     assert experiment
     listed = subprocess.run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], cwd=runs["root"],
