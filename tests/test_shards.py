@@ -143,6 +143,26 @@ def test_truncated_shard_is_detected_by_size(built, tmp_path):
         ShardReader(shards, "val", verify="size")
 
 
+def test_a_shard_of_ids_wider_than_the_manifests_dtype_is_refused_naming_it(built, tmp_path):
+    """Its size and checksum in the manifest made right: only the ids' type is wrong."""
+    import shutil
+
+    root, *_ = built
+    shards = shutil.copytree(root / "shards", tmp_path / "shards")
+    victim = sorted((shards / "train").glob("*.arrow"))[0]
+    table = pa.ipc.open_file(victim).read_all()
+    field = table.schema.field(0)
+    wide = table.cast(pa.schema([pa.field(field.name, pa.list_(pa.uint32(), field.type.list_size))]))
+    with pa.ipc.new_file(victim, wide.schema) as writer:
+        writer.write_table(wide)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    (entry,) = [e for e in manifest["splits"]["train"]["shards"] if e["file"].endswith(victim.name)]
+    entry.update(bytes=victim.stat().st_size, sha256=file_sha256(victim))
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LmforgeError, match=f"{victim.name} does not match its manifest entry"):
+        ShardReader(shards, "train")
+
+
 def test_manifest_from_another_tokenizer_is_rejected(built, tmp_path):
     root, texts, *_ = built
     other = tmp_path / "other.json"
