@@ -100,7 +100,7 @@ def test_rows_view_reads_sliced_columns_and_refuses_nulls():
 
 
 def test_reading_shards_imports_neither_pandas_nor_pyarrow_compute(built):
-    """A third of a second of every training process, for a view of the file it already has."""
+    """About 0.15 CPU-s of every process that reads shards, for a view of the file it already has."""
     root, *_ = built
     loaded = imported_after(f"import sys\nfrom lmforge.data.tokens.shards import ShardReader\n"
                             f"assert len(ShardReader({str(root / 'shards')!r}, 'train')) > 0\n"

@@ -310,6 +310,7 @@ class ShardReader:
     def _open_shard(self, shard: dict[str, Any], verify: str) -> list[np.ndarray]:
         path = self.root / shard["file"]
         fix = "rerun `dvc repro -f tokenize` to rebuild the shards"
+        mismatch = f"shard {path} does not match its manifest entry (rows or dtype); {fix}"
         if not path.is_file():
             raise LmforgeError(f"shard {path} listed in the manifest is missing; {fix}")
         if path.stat().st_size != shard["bytes"]:
@@ -322,7 +323,7 @@ class ShardReader:
             columns = [reader.get_batch(i).column(0) for i in range(reader.num_record_batches)]
             if any(not pa.types.is_fixed_size_list(c.type) or c.values.type != pa.from_numpy_dtype(self.dtype)
                    for c in columns):
-                raise LmforgeError(f"shard {path} does not match its manifest entry (rows or dtype); {fix}")
+                raise LmforgeError(mismatch)
             blocks = [rows_view(column, self.dtype) for column in columns]
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise LmforgeError(f"shard {path} is not a readable Arrow file ({exc}); {fix}") from None
@@ -330,7 +331,7 @@ class ShardReader:
             raise LmforgeError(f"shard {path} holds rows of {blocks[0].shape[1]} ids, {MANIFEST_NAME} says "
                                f"{self.seq_len + 1} (seq_len + 1); {fix}")
         if sum(len(b) for b in blocks) != shard["rows"]:
-            raise LmforgeError(f"shard {path} does not match its manifest entry (rows or dtype); {fix}")
+            raise LmforgeError(mismatch)
         self._sources.append(source)
         return blocks
 
