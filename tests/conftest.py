@@ -90,19 +90,21 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **extra_env: str) -> subp
     return result
 
 
-def registered_versions(root: Path, name: str = paths.FINETUNED_MODEL) -> list[int]:
-    """The versions of registered model `name` in `root`'s local MLflow store, in order."""
+def store_client(root: Path):
+    """An MLflow client on `root`'s embedded store (mlflow.db)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    return sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    return MlflowClient(f"sqlite:///{root}/mlflow.db")
+
+
+def registered_versions(root: Path, name: str = paths.FINETUNED_MODEL) -> list[int]:
+    """The versions of registered model `name` in `root`'s local MLflow store, in order."""
+    return sorted(int(v.version) for v in store_client(root).search_model_versions(f"name = '{name}'"))
 
 
 def stage_runs(root: Path, stage: str) -> list:
     """The MLflow runs of `stage` in `root`'s local store (newest first)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    client = store_client(root)
     experiment = client.get_experiment_by_name("lmforge")
     return [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags["lmforge.stage"] == stage]
 

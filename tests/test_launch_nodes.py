@@ -18,9 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY_PARAMS, copy_repo, run, stage_runs, tool_env, write_params
+from conftest import REPO, TINY_PARAMS, copy_repo, run, stage_runs, store_client, tool_env, write_params
 from lmforge.core.errors import LmforgeError
 from lmforge.train.curves import CurveLog
 from lmforge.train.launch import ENDPOINT_ENV, Nodes, command, node_args, plan
@@ -141,7 +140,7 @@ def test_two_nodes_train_bitwise_as_one_node_of_two_resume_after_one_dies_and_on
     assert "at step 14" in run([sys.executable, "-m", "stages.pretrain"], one_node).stderr
     (again,) = stage_runs(one_node, "pretrain")
     assert again.info.run_id == first.info.run_id
-    steps = {m.step for m in MlflowClient(f"sqlite:///{one_node}/mlflow.db").get_metric_history(
+    steps = {m.step for m in store_client(one_node).get_metric_history(
         first.info.run_id, "pretrain/train_loss")}
     assert steps == set(range(1, 17))
     assert json.loads((one_node / "reports/pretrain/stats.json").read_text())["world_size"] == 1

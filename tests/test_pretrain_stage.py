@@ -14,15 +14,10 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from lmforge.model.export import load_pretrained
 
-from conftest import TINY_PARAMS, run, stage_runs, tool_env, write_params
-
-
-def _client(root: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+from conftest import TINY_PARAMS, run, stage_runs, store_client, tool_env, write_params
 
 
 def _params(root: Path, **sections) -> None:
@@ -57,7 +52,7 @@ def test_hf_export_from_the_stage_matches_our_logits(tiny_repo):
 
 def test_mlflow_run_has_the_loss_at_every_step_and_a_registered_model(tiny_repo, monkeypatch):
     (run_,) = stage_runs(tiny_repo, "pretrain")
-    client = _client(tiny_repo)
+    client = store_client(tiny_repo)
     history = client.get_metric_history(run_.info.run_id, "pretrain/train_loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
     assert sorted(m.step for m in client.get_metric_history(run_.info.run_id, "pretrain/val_loss")) == [3, 6]
@@ -131,7 +126,7 @@ def test_killed_stage_resumes_from_its_checkpoint_in_the_same_run(trained_ready)
     curve = (root / "reports/pretrain/curve.csv").read_text().splitlines()[1:]
     assert [int(line.split(",")[0]) for line in curve] == list(range(1, 17))
     (only,) = stage_runs(root, "pretrain")
-    steps = {m.step for m in _client(root).get_metric_history(only.info.run_id, "pretrain/train_loss")}
+    steps = {m.step for m in store_client(root).get_metric_history(only.info.run_id, "pretrain/train_loss")}
     assert steps == set(range(1, 17))
 
 
