@@ -187,9 +187,10 @@ def _copy_bytecode(source: Path, target: Path) -> None:
         shutil.copy2(compiled, target.parent / "__pycache__" / compiled.name)
 
 
-def make_repo(root: Path, params: dict | None = None, n_docs: int = 200) -> Path:
+def make_repo(root: Path, params: dict | None = None, n_docs: int = 200, store: bool = True) -> Path:
     """A copy of this repository's files (tracked and untracked, not ignored) with a tiny
-    corpus and tiny params, committed to a fresh git repo so `dvc exp run` works too."""
+    corpus and tiny params, committed to a fresh git repo so `dvc exp run` works too; with an empty
+    embedded MLflow store (STORE_TEMPLATE) unless `store` is False: the first run makes one then."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=REPO, capture_output=True, text=True, check=True,
@@ -214,6 +215,8 @@ def make_repo(root: Path, params: dict | None = None, n_docs: int = 200) -> Path
                        ("sft_train", sft[:80]), ("sft_test", sft[80:])):
         (labeled / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (root / "params.yaml").write_text(params_yaml(params or tiny_params()), encoding="utf-8")
+    if store and STORE_TEMPLATE is not None:
+        _copy_store(STORE_TEMPLATE, root)
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], root)
@@ -258,11 +261,38 @@ def copy_repo(source: Path, target: Path, *, ignore: Callable[[str, list[str]], 
     return target
 
 
+# An embedded MLflow store holding the experiment `lmforge` and no run, made once per session by the
+# code a stage's tracking agent runs (ensure_experiment): creating its schema costs a process about a
+# CPU-second, which each of ~20 workspaces paid. The tiny pipeline makes its own (make_repo(store=False)).
+STORE_TEMPLATE: Path | None = None
+
+
+def _empty_store(root: Path) -> None:
+    code = "from pathlib import Path; from lmforge.track.store import ensure_experiment; ensure_experiment(Path.cwd())"
+    run([sys.executable, "-c", code], root)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    global STORE_TEMPLATE
+    STORE_TEMPLATE = built_once(tmp_path_factory, "empty_store", _empty_store)
+    return STORE_TEMPLATE
+
+
+def _copy_store(source: Path, target: Path) -> None:
+    """`source`'s embedded store into `target`, pointed at `target`'s own mlruns/ (as copy_repo does)."""
+    from lmforge.track.store import relocate_local_store
+
+    shutil.copy2(source / "mlflow.db", target / "mlflow.db")
+    relocate_local_store(target / "mlflow.db", (source / "mlruns").resolve().as_uri(),
+                         (target / "mlruns").resolve().as_uri())
+
+
 def _tiny_pipeline(root: Path) -> None:
     """`make run` without its set-up (`-o setup`; this venv's tools): `dvc repro`, then the run saved as
     the DVC experiment `baseline`. Each stage appends the params keys it reads to PARAMS_TRACE
     (tests/test_params_deps.py); what the run printed is kept in REPRO_LOG."""
-    make_repo(root)
+    make_repo(root, store=False)
     result = run(["make", "-o", "setup", "run", f"BIN={Path(sys.executable).parent}"], root,
                  LMFORGE_PARAMS_TRACE=str(root / PARAMS_TRACE))
     (root / REPRO_LOG).write_text(result.stdout + result.stderr, encoding="utf-8")
