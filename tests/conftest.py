@@ -58,9 +58,9 @@ def make_texts(n_docs: int, seed: int = 0, words_per_doc: tuple[int, int] = (20,
 # longest first. `make test` hands each xdist worker one file at a time in collection order
 # (--no-loadscope-reorder), so these start at once and short files fill the end, not one long file
 # running alone. The first builds the session's tiny pipeline while the second, which needs none, runs.
-LONGEST_FIRST = ("test_pretrain_stage.py", "test_deploy.py", "test_flow.py", "test_distributed.py",
-                 "test_flow_faults.py", "test_data_engine.py", "test_faults.py", "test_promote.py",
-                 "test_docs.py", "test_launch_nodes.py")
+LONGEST_FIRST = ("test_pretrain_stage.py", "test_deploy.py", "test_distributed.py", "test_data_engine.py",
+                 "test_flow_faults.py", "test_launch_nodes.py", "test_faults.py", "test_flow.py",
+                 "test_docs.py", "test_promote.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

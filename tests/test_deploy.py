@@ -31,6 +31,7 @@ from conftest import REPO, light_params, make_repo, run, tool_env
 from flows.errors import PipelineError
 from flows.pipeline import _stage_env, pipeline
 from flows.remote import checkout, publish
+from flows.summary import SUMMARY_KEY
 
 STACK = REPO / "deploy" / "local-stack"
 ALL = ["ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate", "promote"]
@@ -166,6 +167,39 @@ def test_stage_runs_nest_under_the_pipeline_run_and_artifacts_land_in_the_bucket
     stored = keys(deployed["env"], "lmforge-artifacts")
     assert any(k.endswith("/MLmodel") for k in stored), stored[:20]  # the registered models
     assert any(k.endswith("/report.md") for k in stored), stored[:20]  # evaluate's report
+
+
+def api_post(env: dict[str, str], path: str, body: dict) -> list[dict]:
+    """A filter query to the stack's Prefect API."""
+    response = httpx.post(f"{env['PREFECT_API_URL']}/{path}", json=body, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+@pytest.mark.stack
+def test_the_run_ran_every_stage_in_a_completed_task_nested_under_its_pipeline_run(deployed):
+    """The flow on a fresh clone, every stage run (tests/test_flow.py runs it on a workspace `make run`
+    built: cache hits, an override, a failure): Prefect's tasks, the parent run, its links and summary."""
+    env, flow_run_id = deployed["env"], deployed["flow_run"]["id"]
+    tasks = api_post(env, "task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    states = {"publish" if t["name"].startswith("publish") else t["name"]: t["state"]["name"] for t in tasks}
+    assert states == {**{name: "Completed" for name in ALL}, "publish": "Completed"}  # the stages ran, none a cache hit
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("lmforge")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    (parent,) = [r for r in runs if r.info.run_name == "pipeline"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["mlflow.source.git.commit"] not in ("", "unknown")
+    assert {parent.data.tags[f"stage.{name}"] for name in ALL} == {"ran"}
+    children = {r.data.tags["lmforge.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert {name: parent.data.tags[f"stage.{name}.run_id"] for name in ALL} == {n: r.info.run_id for n, r in children.items()}
+    assert {r.data.tags["lmforge.prefect_flow_run_id"] for r in children.values()} == {flow_run_id}
+    assert children["pretrain"].data.metrics["pretrain/train_loss"] > 0 and children["evaluate"].data.metrics
+    assert parent.data.metrics["pretrain/steps"] == 6
+    (summary,) = api_post(env, "artifacts/filter", {"artifacts": {"key": {"any_": [SUMMARY_KEY]},
+                                                                  "flow_run_id": {"any_": [flow_run_id]}}})
+    url = (f"{env['MLFLOW_TRACKING_URI']}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
+           "?workflowType=machine_learning")  # a server: its own UI
+    assert f"]({url})" in summary["data"] and "| pretrain | ran |" in summary["data"]
 
 
 @pytest.mark.stack

@@ -1,12 +1,15 @@
-"""The Prefect flow `lmforge-pipeline` end to end on a tiny repository: real DVC, a real Prefect
-server (prefect_test_harness), a real `mlflow server` on loopback (no mocks).
+"""The Prefect flow `lmforge-pipeline` on a tiny repository: real DVC, a real Prefect server
+(prefect_test_harness), MLflow's embedded store (no mocks).
 
-The pipeline runs once (module fixture) and then again: all cached, an override, a failing stage;
-the tests read what those runs left in MLflow, Prefect and the repository. Evaluate runs light
-(conftest.light_params): no test here reads the harness or the from-scratch fine-tune."""
+The flow runs on a copy of the session's tiny pipeline (`make run`: every stage ran, its runs in the
+embedded store): all cached, with an override, with a failing stage; the tests read what those runs
+left in MLflow, Prefect and the repository. A flow running every stage, against an MLflow server, is
+tests/test_deploy.py's nightly run (test_the_run_ran_every_stage_in_a_completed_task_nested_under_its_pipeline_run);
+the fixtures mlflow_started, mlflow_uri and prefect_server are tests/test_flow_faults.py's too."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -19,7 +22,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.dvc_repo import dvc_stages
@@ -31,7 +33,7 @@ from lmforge.core.params import DataParams
 from lmforge.track.runs import stage_run
 from lmforge.track.store import LOGGING_FAILED_MARKER, check_tracking_server
 
-from conftest import light_params, make_repo, tool_env
+from conftest import copy_repo, make_repo, store_client, tool_env
 
 ALL = ["ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate", "promote"]
 OVERRIDE_BATCH = 20  # tokenizer.encode_batch_size (TINY_PARAMS: 50): tokenize reruns, writing the same bytes
@@ -98,18 +100,26 @@ def mlflow_uri(mlflow_started):
 
 @pytest.fixture(scope="module")
 def prefect_server(mlflow_started):
-    # After mlflow_started: the MLflow server boots while the harness starts Prefect's (each takes
-    # seconds to tens of seconds on 2 cores), not one after the other. Ask for it before mlflow_uri.
+    """A Prefect server for a module that also logs to mlflow_uri (tests/test_flow_faults.py). After
+    mlflow_started: the MLflow server boots while the harness starts Prefect's (each takes seconds to
+    tens of seconds on 2 cores), not one after the other. Ask for it before mlflow_uri."""
     with prefect_test_harness(server_startup_timeout=180):
         yield
 
 
 @pytest.fixture(scope="module")
-def env_mlflow(mlflow_uri):
-    """MLFLOW_TRACKING_URI for the flow and the stage processes it starts (restored after)."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", *QUIET)}
-    os.environ.update(MLFLOW_TRACKING_URI=mlflow_uri, **QUIET)
-    yield mlflow_uri
+def prefect_alone():
+    """A Prefect server, for this module's flows (their runs go to the workspace's embedded store)."""
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def quiet_env():
+    """QUIET for the flow and the stage processes it starts (restored after)."""
+    saved = {k: os.environ.get(k) for k in QUIET}
+    os.environ.update(QUIET)
+    yield
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -133,16 +143,16 @@ def _run(root: Path, **kwargs) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, prefect_server, env_mlflow):
-    """The tiny pipeline: from scratch, again (all cached), with an override, with a failing one."""
-    root = make_repo(tmp_path_factory.mktemp("flow_repo"), light_params())
-    first = _run(root)
-    second = _run(root)
+def runs(tmp_path_factory, tiny_repo, prefect_alone, quiet_env):
+    """The tiny pipeline as `make run` left it, then the flow on it: all cached, with an override,
+    with a failing one."""
+    root = copy_repo(tiny_repo, tmp_path_factory.mktemp("flow_repo") / "repo")
+    cached = _run(root)
     override = _run(root, overrides=[f"tokenizer.encode_batch_size={OVERRIDE_BATCH}"])
     lock_before = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     failing = _run(root, overrides=["clean.min_words=100000"])
     lock_after = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    return {"root": root, "first": first, "second": second, "override": override, "failing": failing,
+    return {"root": root, "cached": cached, "override": override, "failing": failing,
             "lock_before": lock_before, "lock_after": lock_after}
 
 
@@ -150,14 +160,16 @@ def _statuses(run: dict) -> dict[str, str]:
     return {r["stage"]: r["status"] for r in run["result"]["stages"]}
 
 
-def _client(uri: str) -> MlflowClient:
-    return MlflowClient(uri)
-
-
-def _pipeline_runs(uri: str) -> dict:
-    client = _client(uri)
+def _pipeline_runs(root: Path) -> dict:
+    client = store_client(root)
     experiment = client.get_experiment_by_name("lmforge")
     return {r.info.run_id: r for r in client.search_runs([experiment.experiment_id], max_results=500)}
+
+
+def _children(by_id: dict, parent_id: str | None) -> dict[str, str]:
+    """stage -> run id of the runs nested under `parent_id` (None: the runs `make run` made, under none)."""
+    return {r.data.tags["lmforge.stage"]: r.info.run_id for r in by_id.values()
+            if r.data.tags.get("mlflow.parentRunId") == parent_id and r.info.run_name != "pipeline"}
 
 
 def test_stage_order_is_read_from_dvc(tmp_path):
@@ -168,65 +180,47 @@ def test_stage_order_is_read_from_dvc(tmp_path):
     assert metrics["pretrain"] == ["reports/pretrain/metrics.json"]
 
 
-def test_first_run_runs_every_stage_nested_under_one_pipeline_run(runs, mlflow_uri):
-    first = runs["first"]
-    assert first["state"].is_completed(), first["error"]
-    assert _statuses(first) == {name: "ran" for name in ALL}
-    by_id = _pipeline_runs(mlflow_uri)
-    parent = by_id[first["result"]["mlflow_run_id"]]
+def test_a_flow_after_make_run_is_all_cache_hits_but_promote(runs):
+    cached = runs["cached"]
+    assert cached["state"].is_completed(), cached["error"]
+    # promote is always_changed (it reads the registry, which DVC cannot see): it runs every time
+    assert _statuses(cached) == {**{name: SKIPPED for name in ALL}, "promote": "ran"}
+    by_id = _pipeline_runs(runs["root"])
+    parent = by_id[cached["result"]["mlflow_run_id"]]
     assert parent.info.run_name == "pipeline" and parent.info.status == "FINISHED"
     assert parent.data.tags["mlflow.source.git.commit"] not in ("", "unknown")
-    assert parent.data.tags["lmforge.prefect_flow_run_id"] == first["flow_run_id"]
-    assert {parent.data.tags[f"stage.{name}"] for name in ALL} == {"ran"}
-    children = {r.data.tags["lmforge.stage"]: r for r in by_id.values()
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert sorted(children) == sorted(ALL)
-    assert all(r.data.tags["lmforge.prefect_flow_run_id"] == first["flow_run_id"] for r in children.values())
-    assert children["pretrain"].data.metrics["pretrain/train_loss"] > 0
-    assert children["evaluate"].data.metrics
-    assert first["result"]["metrics"]["pretrain"]["steps"] == 6
-
-
-def test_second_run_is_all_cache_hits_but_promote(runs, mlflow_uri):
-    second = runs["second"]
-    assert second["state"].is_completed(), second["error"]
-    # promote is always_changed (it reads the registry, which DVC cannot see): it runs every time
-    assert _statuses(second) == {**{name: SKIPPED for name in ALL}, "promote": "ran"}
-    parent = _pipeline_runs(mlflow_uri)[second["result"]["mlflow_run_id"]]
+    assert parent.data.tags["lmforge.prefect_flow_run_id"] == cached["flow_run_id"]
     assert {parent.data.tags[f"stage.{name}"] for name in ALL if name != "promote"} == {SKIPPED}
-    nested = [r.data.tags["lmforge.stage"] for r in _pipeline_runs(mlflow_uri).values()
-              if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert nested == ["promote"]  # a cache hit logs nothing new
+    (promote,) = [by_id[i] for i in _children(by_id, parent.info.run_id).values()]  # a cache hit logs nothing new
+    assert promote.data.tags["lmforge.stage"] == "promote"
+    assert promote.data.tags["lmforge.prefect_flow_run_id"] == cached["flow_run_id"]
 
 
-def test_the_parent_run_links_every_stage_and_carries_the_headline_and_key_params(runs, mlflow_uri):
-    """Fresh and all-cached alike, `stage.<name>.run_id` and the description point at the runs that
-    produced the outputs in the workspace: for the second flow, the first flow's runs (but promote's own)."""
-    by_id = _pipeline_runs(mlflow_uri)
-    first, second, override = (by_id[runs[key]["result"]["mlflow_run_id"]] for key in ("first", "second", "override"))
-    made = {r.data.tags["lmforge.stage"]: r.info.run_id for r in by_id.values()
-            if r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
+def test_the_parent_run_links_every_stage_and_carries_the_headline_and_key_params(runs):
+    """All-cached or rerun, `stage.<name>.run_id` and the description point at the runs that produced
+    the outputs in the workspace: `make run`'s, but for the stages this flow ran."""
+    root = runs["root"]
+    by_id = _pipeline_runs(root)
+    cached, override = (by_id[runs[key]["result"]["mlflow_run_id"]] for key in ("cached", "override"))
+    made = _children(by_id, None)
     assert sorted(made) == sorted(ALL)
-    evaluate = runs["first"]["result"]["metrics"]["evaluate"]
-    promoted_again = {r.data.tags["lmforge.stage"]: r.info.run_id for r in by_id.values()
-                      if r.data.tags.get("mlflow.parentRunId") == second.info.run_id}
-    for parent, linked in ((first, made), (second, {**made, **promoted_again})):
+    evaluate = json.loads((root / "reports" / "metrics.json").read_text())
+    promoted_again = _children(by_id, cached.info.run_id)
+    # The override reran tokenize (and promote, which always runs): those link to its own runs, the
+    # ones DVC found unchanged to `make run`'s.
+    reran = _children(by_id, override.info.run_id)
+    assert sorted(reran) == ["promote", "tokenize"]
+    for parent, linked in ((cached, {**made, **promoted_again}), (override, {**made, **reran})):
         assert {name: parent.data.tags.get(f"stage.{name}.run_id") for name in ALL} == linked
         note = parent.data.tags["mlflow.note.content"]
         assert all(f"(#/experiments/{parent.info.experiment_id}/runs/{linked[name]}?workflowType=machine_learning)" in note
                    for name in ALL)
         assert "| test accuracy |" in note
         assert parent.data.metrics["evaluate/accuracy"] == evaluate["accuracy"]
-        assert parent.data.metrics["evaluate/baselines.majority_accuracy"] == evaluate["baselines.majority_accuracy"]
+        assert parent.data.metrics["evaluate/baselines.majority_accuracy"] == evaluate["baselines"]["majority_accuracy"]
         assert {"pretrain/val_loss", "pretrain/unigram_entropy", "tokenize/train.tokens",
                 "clean/documents_out"} <= set(parent.data.metrics)
         assert parent.data.params["model.preset"] == "tiny" and parent.data.params["finetune.task"] == "classify"
-    # The override reran tokenize (and promote, which always runs): those link to its own runs, the
-    # ones DVC found unchanged to the first flow's.
-    reran = {r.data.tags["lmforge.stage"]: r.info.run_id for r in by_id.values()
-             if r.data.tags.get("mlflow.parentRunId") == override.info.run_id}
-    assert sorted(reran) == ["promote", "tokenize"]
-    assert {name: override.data.tags[f"stage.{name}.run_id"] for name in ALL} == {**made, **reran}
     assert override.data.params["tokenizer.encode_batch_size"] == str(OVERRIDE_BATCH)
 
 
@@ -248,13 +242,13 @@ def test_override_reruns_the_stage_and_downstream_and_is_a_dvc_experiment(runs):
     assert experiment in listed
 
 
-def test_failing_stage_fails_the_flow_with_its_error_and_runs_nothing_after(runs, mlflow_uri):
+def test_failing_stage_fails_the_flow_with_its_error_and_runs_nothing_after(runs):
     failing = runs["failing"]
     assert failing["state"].is_failed()
     assert failing["error"].startswith("[clean] error: all 200 documents were dropped")
     assert runs["lock_after"]["tokenize"] == runs["lock_before"]["tokenize"]  # later stages not run
     assert (runs["root"] / "data/raw/manifest.json").is_file()  # earlier outputs kept
-    parents = [r for r in _pipeline_runs(mlflow_uri).values()
+    parents = [r for r in _pipeline_runs(runs["root"]).values()
                if r.data.tags.get("lmforge.prefect_flow_run_id") == failing["flow_run_id"]
                and r.info.run_name == "pipeline"]
     (parent,) = parents
@@ -273,12 +267,11 @@ def test_cache_hits_end_in_a_state_named_cached_and_stages_that_ran_in_completed
         assert all(t.state.is_completed() for t in task_runs)  # a cache hit is still COMPLETED to Prefect
         return {t.name: t.state.name for t in task_runs}
 
-    assert states(runs["first"]) == {name: "Completed" for name in ALL}
     # `dvc status` said so: DVC not started (promote is always_changed: it ran)
-    assert states(runs["second"]) == {**{name: CACHED for name in ALL}, "promote": "Completed"}
+    assert states(runs["cached"]) == {**{name: CACHED for name in ALL}, "promote": "Completed"}
     # after tokenize ran, DVC itself decided that pretrain was unchanged (`dvc status` had it stale)
     expected = {name: CACHED if status == SKIPPED else "Completed" for name, status in _statuses(runs["override"]).items()}
-    assert states(runs["override"]) == expected and expected["pretrain"] == CACHED
+    assert states(runs["override"]) == expected and expected["pretrain"] == CACHED and expected["tokenize"] == "Completed"
 
 
 def _summary(run: dict) -> str:
@@ -295,23 +288,26 @@ def _summary(run: dict) -> str:
     return artifact.data
 
 
-def test_summary_artifact_leads_with_the_model_against_its_baselines_and_links_mlflow(runs, mlflow_uri):
-    first = runs["first"]
-    markdown = _summary(first)
-    experiment = MlflowClient(mlflow_uri).get_experiment_by_name("lmforge").experiment_id
-    assert first["result"]["mlflow_url"] == (f"{mlflow_uri}/#/experiments/{experiment}/runs/"
-                                             f"{first['result']['mlflow_run_id']}?workflowType=machine_learning")
-    assert f"]({first['result']['mlflow_url']})" in markdown
-    assert f"]({mlflow_uri}/#/experiments/{experiment}/runs?workflowType=machine_learning)" in markdown
+def test_summary_artifact_leads_with_the_model_against_its_baselines_and_links_mlflow(runs):
+    override, root = runs["override"], runs["root"]
+    markdown = _summary(override)
+    experiment = store_client(root).get_experiment_by_name("lmforge").experiment_id
+    # the embedded store: the links are `mlflow ui`'s, with the command that serves it (a server's own
+    # UI: tests/test_deploy.py)
+    runs_url = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    run_url = runs_url.replace("/runs?", f"/runs/{override['result']['mlflow_run_id']}?")
+    serve = f"cd {root.resolve()} && mlflow ui --backend-store-uri sqlite:///mlflow.db"
+    assert override["result"]["mlflow_url"] == f"{run_url} (local store: `{serve}` first)"
+    assert f"MLflow (local store): `{serve}`, then open {runs_url} (this run: {run_url})" in markdown
     headline = markdown[markdown.index("|"):markdown.index("\n\n", markdown.index("|"))].splitlines()
     assert headline[0] == "| figure | model | baseline | from stage |"
     figures = {row.split("|")[1].strip(): row for row in headline[2:]}
     assert "unigram " in figures["val loss (nats/token)"] and "majority class " in figures["test accuracy"]
     assert {"val loss at the end of pretraining", "fine-tuning best val loss"} <= set(figures)
-    assert markdown.index("| figure |") < markdown.index("| pretrain | ran |") < markdown.index("<summary>pretrain")
+    assert markdown.index("| figure |") < markdown.index("| tokenize | ran |") < markdown.index("<summary>tokenize")
+    assert "| pretrain | skipped (cache hit) |" in markdown
     figures_text = "\n".join(line for line in markdown.splitlines() if not line.startswith("MLflow"))  # ids are hex
     assert not re.search(r"\b\d+(\.\d+)?[eE][+-]?\d+\b", figures_text)  # no number with an exponent
-    assert "| pretrain | skipped (cache hit) |" in _summary(runs["second"])
 
 
 def test_unknown_override_key_fails_naming_it(runs):
