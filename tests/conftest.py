@@ -19,6 +19,10 @@ from pathlib import Path
 # import, not in a fixture: Prefect reads PREFECT_API_URL and lmforge.core.paths
 # LMFORGE_CHECKPOINTS_DIR once, when a test module imports them.
 TEAM_STACK = ("LMFORGE_", "AWS_", "MLFLOW_", "DVC_", "PREFECT_API_")
+# Two test processes share the cores (`make test`): torch in each, and in every process a test starts,
+# uses one thread rather than one per core, so they do not oversubscribe the machine. Set before torch
+# is imported; a value in the environment wins, and a test about threads sets its own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 SHELL_TEAM_STACK = {name: os.environ.pop(name) for name in list(os.environ) if name.startswith(TEAM_STACK)}
 
 import pytest  # noqa: E402 - after the environment is cleared
