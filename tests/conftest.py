@@ -194,7 +194,7 @@ def _copy_bytecode(source: Path, target: Path) -> None:
 def make_repo(root: Path, params: dict | None = None, n_docs: int = 200, store: bool = True) -> Path:
     """A copy of this repository's files (tracked and untracked, not ignored) with a tiny
     corpus and tiny params, committed to a fresh git repo so `dvc exp run` works too; with an empty
-    embedded MLflow store (STORE_TEMPLATE) unless `store` is False: the first run makes one then."""
+    embedded MLflow store (made once per session) unless `store` is False: the first run makes one then."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=REPO, capture_output=True, text=True, check=True,
@@ -219,8 +219,8 @@ def make_repo(root: Path, params: dict | None = None, n_docs: int = 200, store: 
                        ("sft_train", sft[:80]), ("sft_test", sft[80:])):
         (labeled / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (root / "params.yaml").write_text(params_yaml(params or tiny_params()), encoding="utf-8")
-    if store and STORE_TEMPLATE is not None:
-        _copy_store(STORE_TEMPLATE, root)
+    if store and _SESSION_TEMP is not None:
+        _copy_store(built_once(_SESSION_TEMP, "empty_store", _empty_store), root)
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], root)
@@ -265,22 +265,22 @@ def copy_repo(source: Path, target: Path, *, ignore: Callable[[str, list[str]], 
     return target
 
 
-# An embedded MLflow store holding the experiment `lmforge` and no run, made once per session by the
-# code a stage's tracking agent runs (ensure_experiment): creating its schema costs a process about a
-# CPU-second, which each of ~20 workspaces paid. The tiny pipeline makes its own (make_repo(store=False)).
-STORE_TEMPLATE: Path | None = None
+# An embedded MLflow store holding the experiment `lmforge` and no run, made once per session (on the
+# first make_repo) by the code a stage's tracking agent runs (ensure_experiment): creating its schema
+# costs a process about a CPU-second, which each of ~20 workspaces paid. The tiny pipeline makes its own.
+_SESSION_TEMP: pytest.TempPathFactory | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_temp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Where make_repo builds the store template (built_once: shared by the xdist workers)."""
+    global _SESSION_TEMP
+    _SESSION_TEMP = tmp_path_factory
 
 
 def _empty_store(root: Path) -> None:
     code = "from pathlib import Path; from lmforge.track.store import ensure_experiment; ensure_experiment(Path.cwd())"
     run([sys.executable, "-c", code], root)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    global STORE_TEMPLATE
-    STORE_TEMPLATE = built_once(tmp_path_factory, "empty_store", _empty_store)
-    return STORE_TEMPLATE
 
 
 def _copy_store(source: Path, target: Path) -> None:
