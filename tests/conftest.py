@@ -106,11 +106,15 @@ def registered_versions(root: Path, name: str = paths.FINETUNED_MODEL) -> list[i
     return sorted(int(v.version) for v in store_client(root).search_model_versions(f"name = '{name}'"))
 
 
+def store_runs(root: Path) -> list:
+    """The runs of the experiment `lmforge` in `root`'s local store (newest first)."""
+    client = store_client(root)
+    return client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
+
+
 def stage_runs(root: Path, stage: str) -> list:
     """The MLflow runs of `stage` in `root`'s local store (newest first)."""
-    client = store_client(root)
-    experiment = client.get_experiment_by_name("lmforge")
-    return [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags["lmforge.stage"] == stage]
+    return [r for r in store_runs(root) if r.data.tags["lmforge.stage"] == stage]
 
 
 # Where tiny_repo's stages recorded the params they read (git- and DVC-ignored).
@@ -220,7 +224,9 @@ def make_repo(root: Path, params: dict | None = None, n_docs: int = 200, store: 
         (labeled / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (root / "params.yaml").write_text(params_yaml(params or tiny_params()), encoding="utf-8")
     if store and _SESSION_TEMP is not None:
-        _copy_store(built_once(_SESSION_TEMP, "empty_store", _empty_store), root)
+        template = built_once(_SESSION_TEMP, "empty_store", _empty_store)
+        shutil.copy2(template / "mlflow.db", root / "mlflow.db")
+        _own_store(template, root)
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], root)
@@ -256,13 +262,18 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
 def copy_repo(source: Path, target: Path, *, ignore: Callable[[str, list[str]], set[str]] | None = None) -> Path:
     """A private copy of a tiny repository; its embedded MLflow store (if copied) made its own: MLflow
     records absolute artifact locations, which would otherwise point into `source`."""
-    from lmforge.track.store import relocate_local_store
-
     shutil.copytree(source, target, symlinks=True, ignore=ignore)
     if (target / "mlflow.db").is_file():
-        relocate_local_store(target / "mlflow.db", (source / "mlruns").resolve().as_uri(),
-                             (target / "mlruns").resolve().as_uri())
+        _own_store(source, target)
     return target
+
+
+def _own_store(source: Path, target: Path) -> None:
+    """The embedded store copied from `source` into `target` pointed at `target`'s own mlruns/."""
+    from lmforge.track.store import relocate_local_store
+
+    relocate_local_store(target / "mlflow.db", (source / "mlruns").resolve().as_uri(),
+                         (target / "mlruns").resolve().as_uri())
 
 
 # An embedded MLflow store holding the experiment `lmforge` and no run, made once per session (on the
@@ -281,15 +292,6 @@ def _session_temp(tmp_path_factory: pytest.TempPathFactory) -> None:
 def _empty_store(root: Path) -> None:
     code = "from pathlib import Path; from lmforge.track.store import ensure_experiment; ensure_experiment(Path.cwd())"
     run([sys.executable, "-c", code], root)
-
-
-def _copy_store(source: Path, target: Path) -> None:
-    """`source`'s embedded store into `target`, pointed at `target`'s own mlruns/ (as copy_repo does)."""
-    from lmforge.track.store import relocate_local_store
-
-    shutil.copy2(source / "mlflow.db", target / "mlflow.db")
-    relocate_local_store(target / "mlflow.db", (source / "mlruns").resolve().as_uri(),
-                         (target / "mlruns").resolve().as_uri())
 
 
 def _tiny_pipeline(root: Path) -> None:

@@ -154,15 +154,20 @@ def test_the_worker_runs_the_deployment_from_its_own_clone(deployed):
     print(f"stack up + deploy + tiny run by the worker: {deployed['seconds']:.0f} s")
 
 
-@pytest.mark.stack
-def test_stage_runs_nest_under_the_pipeline_run_and_artifacts_land_in_the_bucket(deployed):
+def pipeline_runs(deployed) -> tuple:
+    """The stack's experiment `lmforge`, the nightly run's one parent run `pipeline`, the runs nested under it."""
     client = MlflowClient(deployed["env"]["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("lmforge")
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     (parent,) = [r for r in runs if r.info.run_name == "pipeline"]
+    return experiment, parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+@pytest.mark.stack
+def test_stage_runs_nest_under_the_pipeline_run_and_artifacts_land_in_the_bucket(deployed):
+    experiment, parent, children = pipeline_runs(deployed)
     assert parent.data.tags["lmforge.prefect_flow_run_id"] == deployed["flow_run"]["id"]
-    children = sorted(r.data.tags["lmforge.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
-    assert children == sorted(ALL)
+    assert sorted(r.data.tags["lmforge.stage"] for r in children) == sorted(ALL)
     assert experiment.artifact_location.startswith("mlflow-artifacts:")  # served: clients hold no keys
     stored = keys(deployed["env"], "lmforge-artifacts")
     assert any(k.endswith("/MLmodel") for k in stored), stored[:20]  # the registered models
@@ -184,13 +189,10 @@ def test_the_run_ran_every_stage_in_a_completed_task_nested_under_its_pipeline_r
     tasks = api_post(env, "task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
     states = {"publish" if t["name"].startswith("publish") else t["name"]: t["state"]["name"] for t in tasks}
     assert states == {**{name: "Completed" for name in ALL}, "publish": "Completed"}  # the stages ran, none a cache hit
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    experiment = client.get_experiment_by_name("lmforge")
-    runs = client.search_runs([experiment.experiment_id], max_results=100)
-    (parent,) = [r for r in runs if r.info.run_name == "pipeline"]
+    experiment, parent, nested = pipeline_runs(deployed)
     assert parent.info.status == "FINISHED" and parent.data.tags["mlflow.source.git.commit"] not in ("", "unknown")
     assert {parent.data.tags[f"stage.{name}"] for name in ALL} == {"ran"}
-    children = {r.data.tags["lmforge.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {r.data.tags["lmforge.stage"]: r for r in nested}
     assert {name: parent.data.tags[f"stage.{name}.run_id"] for name in ALL} == {n: r.info.run_id for n, r in children.items()}
     assert {r.data.tags["lmforge.prefect_flow_run_id"] for r in children.values()} == {flow_run_id}
     assert children["pretrain"].data.metrics["pretrain/train_loss"] > 0 and children["evaluate"].data.metrics
@@ -253,8 +255,8 @@ def test_the_registered_model_loads_from_a_clean_directory_with_only_the_trackin
 def test_no_storage_secret_reaches_the_worker_or_the_flow_logs(deployed):
     secret = deployed["env"]["AWS_SECRET_ACCESS_KEY"]
     assert secret not in worker_log(deployed)
-    logs = httpx.post(f"{deployed['env']['PREFECT_API_URL']}/logs/filter", timeout=10,
-                      json={"logs": {"flow_run_id": {"any_": [deployed["flow_run"]["id"]]}}, "limit": 200}).json()
+    logs = api_post(deployed["env"], "logs/filter",
+                    {"logs": {"flow_run_id": {"any_": [deployed["flow_run"]["id"]]}}, "limit": 200})
     assert logs and not any(secret in entry["message"] for entry in logs)
 
 

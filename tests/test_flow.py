@@ -33,7 +33,7 @@ from lmforge.core.params import DataParams
 from lmforge.track.runs import stage_run
 from lmforge.track.store import LOGGING_FAILED_MARKER, check_tracking_server
 
-from conftest import copy_repo, make_repo, store_client, tool_env
+from conftest import copy_repo, make_repo, store_client, store_runs, tool_env
 
 ALL = ["ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate", "promote"]
 OVERRIDE_BATCH = 20  # tokenizer.encode_batch_size (TINY_PARAMS: 50): tokenize reruns, writing the same bytes
@@ -161,9 +161,7 @@ def _statuses(run: dict) -> dict[str, str]:
 
 
 def _pipeline_runs(root: Path) -> dict:
-    client = store_client(root)
-    experiment = client.get_experiment_by_name("lmforge")
-    return {r.info.run_id: r for r in client.search_runs([experiment.experiment_id], max_results=500)}
+    return {r.info.run_id: r for r in store_runs(root)}
 
 
 def _children(by_id: dict, parent_id: str | None) -> dict[str, str]:
