@@ -244,58 +244,55 @@ class UserError(NamedTuple):
 
 class WorkerTask:
     """`function` as a task on a worker: a user error is not retried, and the memory the task freed
-    is handed back before the next one.
+    is handed back before the next one (handing_back).
 
     Dask retries a task that raised (TASK_RETRIES), which is right for a worker that died and wrong
     for bad input or params: the same LmforgeError would come back twice more after as many wasted
     runs. It travels back as a UserError result and map_tasks raises it.
-
-    Memory, measured on the clean stage's filter task (30 partitions in a row in one process): RSS
-    crept from ~205 to ~390 MB, as freed Arrow buffers stayed in pyarrow's pool and Python held what
-    a full collection would return; with a full `gc.collect()` and the pool's `release_unused()`
-    after each task it stayed at 190-250 MB, so a worker's peak is that of one partition however
-    many it runs in turn. Both cost ~35 ms against a partition's seconds.
     """
 
     def __init__(self, function: Callable[[T], R]) -> None:
         self.function = function
 
     def __call__(self, item: T) -> R | UserError:
-        try:
-            return self.function(item)
-        except LmforgeError as error:
-            return UserError(error)
-        finally:
-            release_memory()
+        with handing_back():
+            try:
+                return self.function(item)
+            except LmforgeError as error:
+                return UserError(error)
 
 
-def release_memory() -> None:
-    """What a finished task freed, handed back: cycles collected, pyarrow's pool trimmed (WorkerTask)."""
-    gc.collect()
-    pyarrow.default_memory_pool().release_unused()
+@contextmanager
+def handing_back() -> Iterator[None]:
+    """One task's run, then what it freed handed back: its reference cycles collected and pyarrow's
+    pool trimmed, so a process running partition after partition peaks at one partition's memory.
+
+    Memory, measured on the clean stage's filter task (30 partitions in a row in one process): RSS
+    crept from ~205 to ~390 MB, as freed Arrow buffers stayed in pyarrow's pool and Python held what
+    a collection would return; collected and trimmed after each task it stayed at 190-250 MB.
+
+    The heap that was there before the task (a Dask worker's own state and imports, or the driver's
+    and its tracking client) is frozen meanwhile, so the collection walks only what the task made:
+    a full one costs a worker ~40 ms, 5x the whole task for a small partition (bench/task_overhead.py)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.collect()
+        pyarrow.default_memory_pool().release_unused()
+        gc.unfreeze()
 
 
 def run_in_turn(function: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """`function(item)` for every item in this process, one after another, each task's memory
-    handed back before the next as on a worker (release_memory).
-
-    The heap that was there before the tasks (the driver's imports, its tracking client: ~160,000
-    objects, ~80 ms a full collection) is frozen meanwhile, so a collection walks only what the
-    tasks made: a few ms, where the clean stage's twenty tasks of one partition would pay 1.6 s.
-    The md5s of the parts and shards the tasks write are remembered as they are written, for the
-    output tags (hash_in_driver)."""
-    gc.freeze()
-    try:
-        results = []
-        with recording_md5s():
-            for item in items:
-                try:
-                    results.append(function(item))
-                finally:
-                    release_memory()
-        return results
-    finally:
-        gc.unfreeze()
+    handed back before the next as on a worker (handing_back). The md5s of the parts and shards the
+    tasks write are remembered as they are written, for the output tags (hash_in_driver)."""
+    results = []
+    with recording_md5s():
+        for item in items:
+            with handing_back():
+                results.append(function(item))
+    return results
 
 
 def hash_on_workers(client: Any, directory: Path) -> None:
