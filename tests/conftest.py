@@ -4,15 +4,19 @@ the number of xdist workers; every fixture that needs its outputs copies them fr
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import random
 import shutil
+import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 # The team stack's variables, as `eval "$(deploy/local-stack env)"` exports them in a developer's
 # shell (README): a test that means one sets it. Taken out of this process's environment here, at
@@ -287,6 +291,62 @@ def _session_temp(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Where make_repo builds the store template (built_once: shared by the xdist workers)."""
     global _SESSION_TEMP
     _SESSION_TEMP = tmp_path_factory
+
+
+# Prefect's server migrates a fresh database at its first start: about 5 CPU-seconds, which each
+# harness and each fresh PREFECT_HOME of the suite paid. The session's first harness publishes its
+# database (migrated, Prefect's block types in it, no run yet); the later ones start on copies.
+PREFECT_DB = "prefect.db"
+
+
+def _prefect_db_dir() -> Path | None:
+    """Where the session's migrated Prefect database is published (shared by the xdist workers)."""
+    if _SESSION_TEMP is None:
+        return None
+    base = _SESSION_TEMP.getbasetemp()
+    return (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "prefect_db"
+
+
+def seed_prefect_db(target: Path) -> bool:
+    """A copy of the session's migrated Prefect database at `target`, once a harness published one."""
+    directory = _prefect_db_dir()
+    if directory is None or not (directory / ".done").exists():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(directory / PREFECT_DB, target)
+    return True
+
+
+def _publish_prefect_db(database: Path) -> None:
+    directory = _prefect_db_dir()
+    if directory is None or not database.is_file():
+        return
+    directory.mkdir(exist_ok=True)
+    with FileLock(directory / ".lock"):
+        if not (directory / ".done").exists():
+            # SQLite's backup: a consistent copy of a database its server has open
+            with contextlib.closing(sqlite3.connect(database)) as source, \
+                    contextlib.closing(sqlite3.connect(directory / PREFECT_DB)) as copy:
+                source.backup(copy)
+            (directory / ".done").touch()
+
+
+@contextlib.contextmanager
+def prefect_harness() -> Iterator[None]:
+    """Prefect's prefect_test_harness (a server on a temporary SQLite database, this process's client
+    pointed at it), on a copy of the session's migrated database when there is one; else its server
+    migrates a fresh one, published for the next harness."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    directory = Path(tempfile.mkdtemp())
+    database = directory / "prefect-test.db"  # the harness's database in the directory it makes
+    seeded = seed_prefect_db(database)
+    with contextlib.ExitStack() as stack:
+        with mock.patch("prefect.testing.utilities.mkdtemp", return_value=str(directory)):
+            stack.enter_context(prefect_test_harness(server_startup_timeout=180))
+        if not seeded:
+            _publish_prefect_db(database)
+        yield
 
 
 def _empty_store(root: Path) -> None:

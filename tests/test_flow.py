@@ -1,5 +1,5 @@
 """The Prefect flow `lmforge-pipeline` on a tiny repository: real DVC, a real Prefect server
-(prefect_test_harness), MLflow's embedded store (no mocks).
+(prefect_test_harness, through conftest.prefect_harness), MLflow's embedded store (no mocks).
 
 The flow runs on a copy of the session's tiny pipeline (`make run`: every stage ran, its runs in the
 embedded store): all cached, with an override, with a failing stage; the tests read what those runs
@@ -22,7 +22,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.dvc_repo import dvc_stages
 from flows.cli import check_prefect_api
@@ -33,7 +32,7 @@ from lmforge.core.params import DataParams
 from lmforge.track.runs import stage_run
 from lmforge.track.store import LOGGING_FAILED_MARKER, check_tracking_server
 
-from conftest import copy_repo, make_repo, store_client, store_runs, tool_env
+from conftest import copy_repo, make_repo, prefect_harness, store_client, store_runs, tool_env
 
 ALL = ["ingest", "clean", "tokenize", "pretrain", "finetune_data", "finetune", "evaluate", "promote"]
 OVERRIDE_BATCH = 20  # tokenizer.encode_batch_size (TINY_PARAMS: 50): tokenize reruns, writing the same bytes
@@ -103,14 +102,14 @@ def prefect_server(mlflow_started):
     """A Prefect server for a module that also logs to mlflow_uri (tests/test_flow_faults.py). After
     mlflow_started: the MLflow server boots while the harness starts Prefect's (each takes seconds to
     tens of seconds on 2 cores), not one after the other. Ask for it before mlflow_uri."""
-    with prefect_test_harness(server_startup_timeout=180):
+    with prefect_harness():
         yield
 
 
 @pytest.fixture(scope="module")
 def prefect_alone():
     """A Prefect server, for this module's flows (their runs go to the workspace's embedded store)."""
-    with prefect_test_harness(server_startup_timeout=180):
+    with prefect_harness():
         yield
 
 

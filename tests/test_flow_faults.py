@@ -30,7 +30,7 @@ from flows.pipeline import _credentials_masked
 from flows.summary import SUMMARY_KEY
 from lmforge.core.redact import MASK
 
-from conftest import REPO, run, tiny_params, tool_env
+from conftest import PREFECT_DB, REPO, run, seed_prefect_db, tiny_params, tool_env
 from test_flow import QUIET, _run, free_port, mlflow_started, mlflow_uri, prefect_server  # noqa: F401 - shared fixtures
 
 SECRET = "s3cr3t-Pa55"
@@ -349,8 +349,11 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def prefect_home(tmp_path_factory) -> Path:
-    """PREFECT_HOME of the CLI's temporary server: its database is migrated once for the module."""
-    return tmp_path_factory.mktemp("prefect_home")
+    """PREFECT_HOME of the CLI's temporary server: its database migrated once for the module (a copy
+    of the session's, when a harness has made one: conftest.seed_prefect_db)."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    seed_prefect_db(home / PREFECT_DB)
+    return home
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
