@@ -1,6 +1,7 @@
 """A tiny training run for the tests that need a separate process (torchrun ranks, kill-and-resume).
 
-Run as `python tests/train_helper.py OUT ...` or under `python -m torch.distributed.run --nproc_per_node=2`.
+Run as `python tests/train_helper.py OUT ...` or under `python -m torch.distributed.run --nproc_per_node=2`;
+`OUT ... --then OUT2 ...` runs both, one after the other, in the same processes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.train.export import full_state_dict, save_pretrained  # noqa: E402
 from lmforge.model.decoder import ModelConfig, Transformer  # noqa: E402
-from lmforge.train.distributed import apply_compile, destroy, init_distributed, parallelize  # noqa: E402
+from lmforge.train.distributed import DistInfo, apply_compile, destroy, init_distributed, parallelize  # noqa: E402
 from lmforge.train import fp8  # noqa: E402
 from lmforge.core.params import TrainerParams  # noqa: E402
 from lmforge.train.batches import PackedRows  # noqa: E402
@@ -52,7 +53,8 @@ def tiny_config() -> ModelConfig:
     return ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=SEQ_LEN)
 
 
-def main() -> None:
+def parse(argv: list[str]) -> list[argparse.Namespace]:
+    """One namespace per run: `OUT [options] [--then OUT2 [options2]] ...`."""
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--steps", type=int, default=8)
@@ -71,12 +73,33 @@ def main() -> None:
     ap.add_argument("--reduce-precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"],
                     help="--precision fp8: the scaling (CPU: torchao's emulated float8 matmuls)")
-    args = ap.parse_args()
+    groups: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == "--then":
+            groups.append([])
+        else:
+            groups[-1].append(arg)
+    runs = [ap.parse_args(group) for group in groups]
+    if any((run.tp, run.device) != (runs[0].tp, runs[0].device) for run in runs):
+        ap.error("--then: every run needs the first one's --tp and --device (they share one process group)")
+    return runs
 
+
+def main() -> None:
+    """The runs one after another in this process (under torchrun: in one process group, started
+    once; a run in a process of its own would pay the start again, imports and rendezvous)."""
+    runs = parse(sys.argv[1:])
     torch.set_num_threads(1)
     # CUDA: some kernels (SDPA backward) have no deterministic variant; they warn instead of failing.
-    torch.use_deterministic_algorithms(True, warn_only=args.device == "cuda")
-    info = init_distributed(device=args.device, tensor_parallel=args.tp)
+    torch.use_deterministic_algorithms(True, warn_only=runs[0].device == "cuda")
+    info = init_distributed(device=runs[0].device, tensor_parallel=runs[0].tp)
+    for args in runs:
+        train(args, info)
+    destroy()
+
+
+def train(args: argparse.Namespace, info: DistInfo) -> None:
+    """One run into args.out: metrics.jsonl (a line per step), checkpoints/, model/, result.json."""
     torch.manual_seed(0)
     config = tiny_config()
     model = Transformer(config).to(info.device)
@@ -113,7 +136,6 @@ def main() -> None:
     save_pretrained(model, config, args.out / "model")
     if info.is_main:
         (args.out / "result.json").write_text(json.dumps({"step": result.step, "val_loss": result.val_loss}))
-    destroy()
 
 
 if __name__ == "__main__":
