@@ -273,7 +273,7 @@ def handing_back() -> Iterator[None]:
 
     The heap that was there before the task (a Dask worker's own state and imports, or the driver's
     and its tracking client) is frozen meanwhile, so the collection walks only what the task made:
-    a full one costs a worker ~40 ms, 5x the whole task for a small partition (bench/task_overhead.py)."""
+    a full one cost a worker ~40 ms a task, more than a small partition's whole work (bench/task_overhead.py)."""
     gc.freeze()
     try:
         yield
