@@ -79,6 +79,21 @@ def test_two_nodes_train_bitwise_as_one_node_of_two_resume_after_one_dies_and_on
     one_node = copy_repo(trained_ready, tmp_path / "one_node")
     write_params(one_node, **run_params)
     run(LAUNCH + ["--nproc", "2", "stages.pretrain"], one_node, OMP_NUM_THREADS="1")
+    one_node_losses = losses(one_node)
+
+    # One node of two processes logged one MLflow run (rank 0 alone). As if both had died after step 14:
+    # one process resumes their sharded checkpoint and finishes that same run (same params). Right
+    # after the run, while the workspace's tracking agent still waits for more: one agent, not two.
+    (first,) = stage_runs(one_node, "pretrain")
+    assert json.loads((one_node / "reports/pretrain/stats.json").read_text())["world_size"] == 2
+    shutil.rmtree(one_node / "checkpoints/pretrain/step_00000016")
+    assert "at step 14" in run([sys.executable, "-m", "stages.pretrain"], one_node).stderr
+    (again,) = stage_runs(one_node, "pretrain")
+    assert again.info.run_id == first.info.run_id
+    steps = {m.step for m in store_client(one_node).get_metric_history(
+        first.info.run_id, "pretrain/train_loss")}
+    assert steps == set(range(1, 17))
+    assert json.loads((one_node / "reports/pretrain/stats.json").read_text())["world_size"] == 1
 
     head, other = trained_ready, copy_repo(trained_ready, tmp_path / "node1")
     run_params["runtime"]["pretrain"].update(nnodes=2, join_timeout_s=WAIT_S)
@@ -125,25 +140,12 @@ def test_two_nodes_train_bitwise_as_one_node_of_two_resume_after_one_dies_and_on
         kill(stage)
         kill(joiner)
     assert f"at step {saved}" in err
-    assert losses(head) == losses(one_node) and len(losses(head)) == 16  # bitwise, every step
+    assert losses(head) == one_node_losses and len(losses(head)) == 16  # bitwise, every step
     assert json.loads((head / "reports/pretrain/stats.json").read_text())["world_size"] == 2
     assert "pretrain" in yaml.safe_load((head / "dvc.lock").read_text())["stages"]
     # Global rank 0 is the head's; the other node's first process (its local rank 0) wrote nothing of its own.
     for written in ("models/pretrain", "models/pretrain_hf", "reports/pretrain", "mlflow.db", "mlruns", "dvc.lock"):
         assert not (other / written).exists(), written
-
-    # One node of two processes logged one MLflow run (rank 0 alone). As if both had died after step 14:
-    # one process resumes their sharded checkpoint and finishes that same run (same params).
-    (first,) = stage_runs(one_node, "pretrain")
-    assert json.loads((one_node / "reports/pretrain/stats.json").read_text())["world_size"] == 2
-    shutil.rmtree(one_node / "checkpoints/pretrain/step_00000016")
-    assert "at step 14" in run([sys.executable, "-m", "stages.pretrain"], one_node).stderr
-    (again,) = stage_runs(one_node, "pretrain")
-    assert again.info.run_id == first.info.run_id
-    steps = {m.step for m in store_client(one_node).get_metric_history(
-        first.info.run_id, "pretrain/train_loss")}
-    assert steps == set(range(1, 17))
-    assert json.loads((one_node / "reports/pretrain/stats.json").read_text())["world_size"] == 1
 
 
 def test_a_node_that_never_joins_ends_the_head_within_the_wait_with_one_line(tmp_path):
