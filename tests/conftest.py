@@ -373,6 +373,49 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy_repo(built, tmp_path_factory.mktemp("repo") / "repo")
 
 
+# tests/train_helper.py's reference runs, trained once per session for the modules that compare with
+# them (test_distributed, test_fp8, test_trainer): one process, then two FSDP ranks under torchrun,
+# each process training its runs one after another (`--then`), so each pays its start once.
+HELPER = REPO / "tests" / "train_helper.py"
+ONE_PROCESS_RUNS = {  # 12 steps of a global batch of 8 rows (4 rows x 2 micro-steps); fp8: 6 steps
+    "one": ["--steps", "12", "--micro", "4", "--accum", "2"],
+    "one_fp8": ["--steps", "6", "--ckpt-every", "3", "--precision", "fp8", "--micro", "4", "--accum", "2"],
+}
+TWO_RANK_RUNS = {  # the same global batch as 2 ranks x 4 rows; gradients reduced in fp32 or bf16
+    "fsdp_fp32": ["--steps", "12", "--micro", "4", "--accum", "1"],
+    "fsdp_bf16": ["--steps", "12", "--micro", "4", "--accum", "1", "--reduce-precision", "bf16", "--ckpt-every", "12"],
+    "fsdp_fp8": ["--steps", "6", "--ckpt-every", "3", "--precision", "fp8", "--micro", "4", "--accum", "1"],
+}
+
+
+def _helper_command(root: Path, runs: dict[str, list[str]]) -> list[str]:
+    command: list[str] = []
+    for name, args in runs.items():
+        if command:
+            command.append("--then")
+        command += [str(root / name), *args]
+    return command
+
+
+def _helper_runs(root: Path) -> None:
+    env = tool_env(OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    for launch, runs in (([], ONE_PROCESS_RUNS),
+                         (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], TWO_RANK_RUNS)):
+        done = subprocess.run([sys.executable, *launch, str(HELPER), *_helper_command(root, runs)], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def helper_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each reference run's directory (metrics.jsonl, checkpoints/, model/, result.json), by the names
+    of ONE_PROCESS_RUNS and TWO_RANK_RUNS. Read only: copy a run to change it."""
+    root = built_once(tmp_path_factory, "helper_runs", _helper_runs)
+    return {name: root / name for name in (*ONE_PROCESS_RUNS, *TWO_RANK_RUNS)}
+
+
 # What the data stages (ingest, clean, tokenize) leave out of a tiny pipeline's workspace.
 NOT_DATA = {"mlflow.db", "mlruns", "checkpoints", "models", "reports", "dvc.lock", "data/finetune",
             ".dvc/cache", ".dvc/tmp", ".lmforge"}

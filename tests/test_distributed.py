@@ -87,26 +87,13 @@ def _kill_tree(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def one_process(helper_runs: dict[str, Path]) -> Path:
     """The reference run: one process, 12 steps of a global batch of 8 rows (4 rows x 2 micro-steps)."""
-    one = tmp_path_factory.mktemp("one")
-    _run([sys.executable, str(HELPER), str(one), "--steps", "12", "--micro", "4", "--accum", "2"])
-    return one
+    return helper_runs["one"]
 
 
-@pytest.fixture(scope="module")
-def two_fsdp_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two FSDP ranks, 12 steps of 4 rows each (the one-process global batch): gradients reduced in
-    fp32 ("fp32", checkpoints at steps 4, 8 and 12, kept: 8, 12), then in bf16 ("bf16"), one after
-    the other in one torchrun. Tests read them, never write into them."""
-    out = tmp_path_factory.mktemp("fsdp")
-    _torchrun(2, out / "fp32", "--micro", "4", "--accum", "1", "--then", str(out / "bf16"), "--steps", "12",
-              "--micro", "4", "--accum", "1", "--reduce-precision", "bf16", "--ckpt-every", "12")
-    return {"fp32": out / "fp32", "bf16": out / "bf16"}
-
-
-def test_two_fsdp_ranks_train_checkpoint_and_resume_at_world_size_one(tmp_path, one_process, two_fsdp_ranks):
-    two, one = shutil.copytree(two_fsdp_ranks["fp32"], tmp_path / "two"), one_process
+def test_two_fsdp_ranks_train_checkpoint_and_resume_at_world_size_one(tmp_path, one_process, helper_runs):
+    two, one = shutil.copytree(helper_runs["fsdp_fp32"], tmp_path / "two"), one_process
     # Same global batch (8 rows) both ways: 2 ranks x 4 rows, or 1 process x 4 rows x 2 micro-steps.
     ref, fsdp = _losses(one / "metrics.jsonl"), _losses(two / "metrics.jsonl")
     assert sorted(fsdp) == list(range(1, 13))
@@ -217,8 +204,8 @@ def test_fsdp_two_by_tensor_parallel_two_follows_one_process(tmp_path, one_proce
 BF16_REDUCE_TOLERANCE = 1e-3
 
 
-def test_bf16_gradient_reduction_stays_near_the_fp32_curve(one_process, two_fsdp_ranks):
-    ref, got = _follows(one_process, two_fsdp_ranks["bf16"], BF16_REDUCE_TOLERANCE)
+def test_bf16_gradient_reduction_stays_near_the_fp32_curve(one_process, helper_runs):
+    ref, got = _follows(one_process, helper_runs["fsdp_bf16"], BF16_REDUCE_TOLERANCE)
     # The gradients really went over in bf16: the curve is not the fp32 one bit for bit.
     assert any(got[step] != ref[step] for step in got)
 

@@ -163,29 +163,22 @@ def test_fp8_training_follows_the_bf16_loss_curve_with_emulated_float8(one_threa
     assert float8 == pytest.approx(bf16, rel=CPU_CURVE_RTOL)
 
 
-HELPER = Path(__file__).parent / "train_helper.py"
-
-
-def _helper(out: Path, *args: str, nproc: int = 1) -> dict[int, float]:
-    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    done = subprocess.run([sys.executable, *launch, str(HELPER), str(out), "--steps", "6", "--ckpt-every", "3",
-                           "--precision", "fp8", *args], cwd=REPO, env=tool_env(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {row["step"]: row["train_loss"] for row in rows}
 
 
-def test_fp8_under_fsdp_gathers_float8_weights_and_follows_one_process(tmp_path):
+def test_fp8_under_fsdp_gathers_float8_weights_and_follows_one_process(helper_runs):
     """Two FSDP2 ranks (gloo) with tensorwise float8 all-gather and the scale precompute after each
-    step give one process's fp8 curve (same global batch), checkpoint (DCP) and export."""
-    one = _helper(tmp_path / "one", "--micro", "4", "--accum", "2")
-    two = _helper(tmp_path / "two", "--micro", "4", "--accum", "1", nproc=2)
+    step give one process's fp8 curve (same global batch), checkpoint (DCP) and export
+    (conftest.helper_runs: `one_fp8` and `fsdp_fp8`)."""
+    one, two = _losses(helper_runs["one_fp8"]), _losses(helper_runs["fsdp_fp8"])
     assert sorted(two) == list(range(1, 7))
     # Not bitwise: the ranks reduce gradients in another order than one process sums them.
     assert [two[step] for step in sorted(two)] == pytest.approx([one[step] for step in sorted(two)], rel=1e-4)
-    assert sorted(p.name for p in (tmp_path / "two/checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
-    assert (tmp_path / "two/model/model.safetensors").is_file()
+    assert sorted(p.name for p in (helper_runs["fsdp_fp8"] / "checkpoints").glob("step_*")) == [
+        "step_00000003", "step_00000006"]
+    assert (helper_runs["fsdp_fp8"] / "model/model.safetensors").is_file()
 
 
 def test_the_pretrain_stage_builds_its_decoder_with_float8_layers_when_precision_is_fp8(tmp_path):
