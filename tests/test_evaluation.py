@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn import metrics as skm
 
 from lmforge.data.tokens.shards import ShardReader, ShardWriter, SplitSummary, token_dtype, write_shards_manifest
 from lmforge.core.errors import LmforgeError
@@ -38,6 +37,8 @@ Y_PRED = ["ant", "bee", "bee", "bee", "cat", "cat", "cat", "cat", "bee", "ant"]
 
 
 def test_classification_report_matches_sklearn_including_a_never_predicted_class():
+    from sklearn import metrics as skm  # here: collection imports every test module in every xdist worker
+
     report = classification_report(Y_TRUE, Y_PRED, LABELS)
     p, r, f, s = skm.precision_recall_fscore_support(Y_TRUE, Y_PRED, labels=LABELS, zero_division=0)
     assert report["n"] == 10

@@ -4,7 +4,6 @@ import glob
 import json
 import re
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -109,6 +108,8 @@ def test_reading_shards_imports_neither_pandas_nor_pyarrow_compute(built):
 
 
 def test_shards_read_back_with_pyarrow_and_datasets(built):
+    import datasets  # here: collection imports every test module in every xdist worker
+
     root, *_ = built
     files = sorted(glob.glob(str(root / "shards" / "train" / "*.arrow")))
     table = pa.concat_tables(pa.ipc.open_file(f).read_all() for f in files)

@@ -1,7 +1,6 @@
 import os
 
 import pytest
-from transformers import PreTrainedTokenizerFast
 
 from lmforge.data.tokens.tokenizer import encode_plain, load_tokenizer, save_tokenizer, tokenizer_threads, train_tokenizer
 from lmforge.core.errors import LmforgeError
@@ -33,6 +32,8 @@ def test_byte_level_round_trips_any_text():
 
 
 def test_loads_as_pretrained_tokenizer_fast(tmp_path):
+    from transformers import PreTrainedTokenizerFast  # here: collection imports every test module in every xdist worker
+
     tokenizer = train_tokenizer(make_texts(300), PARAMS)
     save_tokenizer(tokenizer, tmp_path / "tokenizer.json")
     fast = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), eos_token="<|endoftext|>")
