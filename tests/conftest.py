@@ -397,10 +397,23 @@ def _helper_command(root: Path, runs: dict[str, list[str]]) -> list[str]:
     return command
 
 
-def _helper_runs(root: Path) -> None:
+def helper_env() -> dict[str, str]:
+    """A train_helper process's environment: one thread, and none of torchrun's variables (a helper
+    started alone must not take itself for a rank of some run)."""
     env = tool_env(OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    return env
+
+
+def helper_losses(run: Path) -> dict[int, float]:
+    """Each step's train loss in a train_helper run's metrics.jsonl (a step a resume wrote again: its latest)."""
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return {row["step"]: row["train_loss"] for row in rows}
+
+
+def _helper_runs(root: Path) -> None:
+    env = helper_env()
     for launch, runs in (([], ONE_PROCESS_RUNS),
                          (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], TWO_RANK_RUNS)):
         done = subprocess.run([sys.executable, *launch, str(HELPER), *_helper_command(root, runs)], cwd=REPO,

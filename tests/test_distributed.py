@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from conftest import HELPER, REPO, helper_env, helper_losses  # noqa: E402
 from train_helper import SyntheticRows, tiny_config  # noqa: E402
 
 from lmforge.core.errors import LmforgeError  # noqa: E402
@@ -33,30 +33,15 @@ from lmforge.core.params import TrainerParams  # noqa: E402
 from lmforge.train.batches import PackedRows  # noqa: E402
 from lmforge.train.trainer import Trainer  # noqa: E402
 
-HELPER = Path(__file__).parent / "train_helper.py"
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
 def _run(args: list[str]) -> None:
-    done = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
+    done = subprocess.run(args, cwd=REPO, env=helper_env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
-def _losses(path: Path) -> dict[int, float]:
-    return {row["step"]: row["train_loss"] for row in map(json.loads, path.read_text().splitlines())}
 
 
 def _follows(reference: Path, out: Path, tolerance: float) -> tuple[dict[int, float], dict[int, float]]:
     """The one-process losses and `out`'s, after checking `out` logged steps 1..12, each within
     `tolerance` (relative) of the one-process loss at the same step."""
-    ref, got = _losses(reference / "metrics.jsonl"), _losses(out / "metrics.jsonl")
+    ref, got = helper_losses(reference), helper_losses(out)
     assert sorted(got) == list(range(1, 13))
     for step, loss in got.items():
         assert loss == pytest.approx(ref[step], rel=tolerance), step
@@ -95,7 +80,7 @@ def one_process(helper_runs: dict[str, Path]) -> Path:
 def test_two_fsdp_ranks_train_checkpoint_and_resume_at_world_size_one(tmp_path, one_process, helper_runs):
     two, one = shutil.copytree(helper_runs["fsdp_fp32"], tmp_path / "two"), one_process
     # Same global batch (8 rows) both ways: 2 ranks x 4 rows, or 1 process x 4 rows x 2 micro-steps.
-    ref, fsdp = _losses(one / "metrics.jsonl"), _losses(two / "metrics.jsonl")
+    ref, fsdp = helper_losses(one), helper_losses(two)
     assert sorted(fsdp) == list(range(1, 13))
     for step, loss in fsdp.items():
         # Not bitwise: the ranks' gradient reduction sums in a different order than one process.
@@ -169,7 +154,7 @@ def test_tensor_parallel_run_killed_mid_run_resumes_on_the_uninterrupted_curve_b
     # A pause after each step (rank 0; rank 1 waits at the next collective) leaves the kill >= 2 s
     # after the first checkpoint (step 4) to land before the run ends.
     with log.open("w") as sink:
-        victim = subprocess.Popen(_torchrun_args(2, out, *TP_TWO, "--delay", "0.3"), cwd=REPO, env=_env(),
+        victim = subprocess.Popen(_torchrun_args(2, out, *TP_TWO, "--delay", "0.3"), cwd=REPO, env=helper_env(),
                                   stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
@@ -188,7 +173,7 @@ def test_tensor_parallel_run_killed_mid_run_resumes_on_the_uninterrupted_curve_b
     resumed = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()[killed_lines:]]
     assert resumed == list(range(saved + 1, 13))
     # Bitwise: same layout, same reduction order, RNG and data position restored on both ranks.
-    assert _losses(out / "metrics.jsonl") == _losses(tp_two / "metrics.jsonl")
+    assert helper_losses(out) == helper_losses(tp_two)
 
 
 def test_fsdp_two_by_tensor_parallel_two_follows_one_process(tmp_path, one_process):

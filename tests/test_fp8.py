@@ -6,7 +6,6 @@ same code with float8 kernels: tests/gpu/test_fp8_training.py)."""
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import tool_env  # noqa: E402
+from conftest import helper_losses, tool_env  # noqa: E402
 from train_helper import SyntheticRows, tiny_config  # noqa: E402
 
 from lmforge.core.errors import LmforgeError  # noqa: E402
@@ -163,16 +162,11 @@ def test_fp8_training_follows_the_bf16_loss_curve_with_emulated_float8(one_threa
     assert float8 == pytest.approx(bf16, rel=CPU_CURVE_RTOL)
 
 
-def _losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["train_loss"] for row in rows}
-
-
 def test_fp8_under_fsdp_gathers_float8_weights_and_follows_one_process(helper_runs):
     """Two FSDP2 ranks (gloo) with tensorwise float8 all-gather and the scale precompute after each
     step give one process's fp8 curve (same global batch), checkpoint (DCP) and export
     (conftest.helper_runs: `one_fp8` and `fsdp_fp8`)."""
-    one, two = _losses(helper_runs["one_fp8"]), _losses(helper_runs["fsdp_fp8"])
+    one, two = helper_losses(helper_runs["one_fp8"]), helper_losses(helper_runs["fsdp_fp8"])
     assert sorted(two) == list(range(1, 7))
     # Not bitwise: the ranks reduce gradients in another order than one process sums them.
     assert [two[step] for step in sorted(two)] == pytest.approx([one[step] for step in sorted(two)], rel=1e-4)

@@ -6,7 +6,6 @@ import copy
 import io
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from conftest import HELPER, REPO, helper_env, helper_losses  # noqa: E402
 from train_helper import SyntheticRows, tiny_config  # noqa: E402
 
 from lmforge.core.errors import LmforgeError  # noqa: E402
@@ -27,8 +27,6 @@ from lmforge.train.batches import PackedRows, RowSampler  # noqa: E402
 from lmforge.train.optim import lr_at  # noqa: E402
 from lmforge.train.trainer import Trainer  # noqa: E402
 
-HELPER = Path(__file__).parent / "train_helper.py"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_trainer(model=None, **kw) -> Trainer:
@@ -177,18 +175,8 @@ def test_a_vocabulary_larger_than_the_embedding_is_an_error():
         make_trainer(model)
 
 
-def _read_losses(path: Path) -> dict[int, float]:
-    out = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        out[row["step"]] = row["train_loss"]  # a resumed run rewrites the steps after its checkpoint
-    return out
-
-
 def _run_helper(out: Path, *args: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    return subprocess.Popen([sys.executable, str(HELPER), str(out), *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, str(HELPER), str(out), *args], cwd=REPO, env=helper_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
@@ -214,7 +202,7 @@ def test_resume_after_kill_continues_the_same_loss_curve(tmp_path, helper_runs):
     lines = metrics.read_text().splitlines()
     first_resumed_step = json.loads(lines[killed_at])["step"]
     assert 1 < first_resumed_step <= killed_at, "the second run started over instead of resuming"
-    expected, got = _read_losses(helper_runs["one"] / "metrics.jsonl"), _read_losses(metrics)
+    expected, got = helper_losses(helper_runs["one"]), helper_losses(tmp_path / "run")
     assert sorted(got) == list(range(1, 13))
     # CPU fp32, one thread, deterministic algorithms: the continued curve is bitwise the same.
     assert got == expected
